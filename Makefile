@@ -1,0 +1,36 @@
+# One venv, torch's CPU wheel first (a plain `torch` requirement would pull a multi-GB CUDA build).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PHOTOS := .cache/test-photos
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+# The face_recognition sdist's photos of Obama and Biden: test data fetched from PyPI, never committed.
+$(PHOTOS)/.done:
+	mkdir -p .cache/sdist $(PHOTOS)
+	$(BIN)/pip download -q --no-deps --no-binary :all: face_recognition==1.3.0 -d .cache/sdist
+	tar -xzf .cache/sdist/face_recognition-1.3.0.tar.gz -C $(PHOTOS) --strip-components=3 face_recognition-1.3.0/tests/test_images
+	touch $@
+
+demo: install
+	$(BIN)/agepipe demo
+
+test: install $(PHOTOS)/.done
+	AGEPIPE_TEST_PHOTOS=$(PHOTOS) $(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python bench/store_bench.py
+	$(BIN)/python bench/embed_bench.py
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache

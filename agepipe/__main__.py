@@ -1,0 +1,3 @@
+from agepipe.cli import main
+
+main()

@@ -1,0 +1,274 @@
+"""The feature store: Parquet shards of embeddings, one folder per feature set.
+
+Layout (DESIGN.md): ``STORE/<feature_set>/<dataset>/part-NNNNN.parquet`` plus
+``STORE/<feature_set>/feature_set.json``. A shard is written under a temporary
+name and renamed when complete, so readers never see half a shard and a rerun
+can trust every ``part-*.parquet`` it finds. ``STORE`` may be any fsspec URL.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+EMBEDDING_DIM = 512
+
+MANIFEST_FIELDS = [
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("subject_id", pa.string()),
+    pa.field("fold", pa.int8()),
+    pa.field("age", pa.float32()),
+    pa.field("age_bin", pa.int8()),
+    pa.field("gender", pa.int8()),
+    pa.field("face_hint", pa.list_(pa.float32(), 4)),
+    pa.field("status", pa.string(), nullable=False),
+]
+MANIFEST_SCHEMA = pa.schema(MANIFEST_FIELDS)
+
+FEATURE_FIELDS = [
+    pa.field("n_faces", pa.int16()),
+    pa.field("det_score", pa.float32()),
+    pa.field("bbox", pa.list_(pa.float32(), 4)),
+    pa.field("landmarks", pa.list_(pa.float32(), 10)),
+    pa.field("embedding", pa.list_(pa.float32(), EMBEDDING_DIM)),
+    pa.field("embedding_norm", pa.float32()),
+]
+SHARD_SCHEMA = pa.schema(MANIFEST_FIELDS + FEATURE_FIELDS)
+
+# Statuses a rerun with --retry-failed tries again: the image may be fine next time.
+TRANSIENT_STATUSES = frozenset({"error", "worker_lost"})
+
+SHARD_GLOB = "part-*.parquet"
+
+
+def fixed_list(values: np.ndarray | None, width: int, valid: np.ndarray | None = None) -> pa.Array:
+    """A fixed_size_list<float32>[width] array from an (n, width) matrix; rows where
+    ``valid`` is False become null."""
+    values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1, width)
+    mask = None if valid is None else pa.array(~np.asarray(valid, dtype=bool))
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width, mask=mask)
+
+
+def list_matrix(column: pa.ChunkedArray | pa.Array, width: int, out: np.ndarray | None = None) -> np.ndarray:
+    """(n, width) float32 from a fixed_size_list column with no nulls, with one copy."""
+    if isinstance(column, pa.Array):
+        column = pa.chunked_array([column])
+    n = len(column)
+    if out is None:
+        out = np.empty((n, width), dtype=np.float32)
+    row = 0
+    for chunk in column.chunks:
+        k = len(chunk)
+        if k:
+            flat = chunk.flatten().to_numpy(zero_copy_only=False)
+            out[row:row + k] = flat.reshape(k, width)
+        row += k
+    return out
+
+
+# --- paths -----------------------------------------------------------------------------
+
+def _fs(store: str):
+    return fsspec.core.url_to_fs(str(store))
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.rstrip("/") for p in parts)
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def dataset_dir(store: str, feature_set: str, dataset: str) -> str:
+    return _join(str(store), feature_set, dataset)
+
+
+# --- identity ---------------------------------------------------------------------------
+
+def feature_set_name(label: str, config: dict) -> str:
+    """``label`` plus a short hash of everything that changes an embedding, e.g.
+    ``buffalo_s-det640-3f9a1c2e``: two configurations never share a folder."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{label}-{digest}"
+
+
+# --- writing ----------------------------------------------------------------------------
+
+def write_shard(table: pa.Table, store: str, feature_set: str, dataset: str, index: int) -> str:
+    """Write one shard atomically: a temporary name in the same folder, then a rename."""
+    table = table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+    fs, root = _fs(dataset_dir(store, feature_set, dataset))
+    fs.makedirs(root, exist_ok=True)
+    final = _join(root, shard_name(index))
+    tmp = _join(root, f".{shard_name(index)}.{uuid.uuid4().hex}.tmp")
+    with fs.open(tmp, "wb") as f:
+        # Embeddings are noise to a compressor; storing them plain keeps reads at memcpy speed.
+        pq.write_table(
+            table, f,
+            compression={name: ("none" if name in ("embedding", "landmarks", "bbox") else "zstd")
+                         for name in SHARD_SCHEMA.names},
+            use_dictionary=["status", "subject_id"],
+            row_group_size=max(len(table), 1),
+        )
+        if hasattr(f, "flush"):
+            f.flush()
+        if hasattr(f, "fileno"):
+            try:
+                os.fsync(f.fileno())
+            except (OSError, ValueError):
+                pass
+    fs.mv(tmp, final)
+    return final
+
+
+def finished_shards(store: str, feature_set: str, dataset: str) -> dict[int, str]:
+    """{shard index: path} of complete shards (temporary files are ignored)."""
+    fs, root = _fs(dataset_dir(store, feature_set, dataset))
+    if not fs.exists(root):
+        return {}
+    found = {}
+    for path in fs.glob(_join(root, SHARD_GLOB)):
+        name = path.rsplit("/", 1)[-1]
+        try:
+            found[int(name[len("part-"):-len(".parquet")])] = path
+        except ValueError:
+            continue
+    return found
+
+
+def shard_is_valid(store: str, path: str, expected_rows: int | None = None) -> bool:
+    """A shard is trusted when its footer reads, its schema matches and it has the rows expected."""
+    fs, _ = _fs(store)
+    try:
+        with fs.open(path, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+            names = meta.schema.to_arrow_schema().names
+    except Exception:
+        return False
+    if names != SHARD_SCHEMA.names:
+        return False
+    return expected_rows is None or meta.num_rows == expected_rows
+
+
+def remove_stale_temporaries(store: str, feature_set: str, dataset: str) -> int:
+    fs, root = _fs(dataset_dir(store, feature_set, dataset))
+    if not fs.exists(root):
+        return 0
+    stale = fs.glob(_join(root, ".part-*.tmp"))
+    for path in stale:
+        fs.rm(path)
+    return len(stale)
+
+
+# --- feature_set.json -------------------------------------------------------------------
+
+def feature_set_json_path(store: str, feature_set: str) -> str:
+    return _join(str(store), feature_set, "feature_set.json")
+
+
+def read_feature_set_info(store: str, feature_set: str) -> dict:
+    fs, path = _fs(feature_set_json_path(store, feature_set))
+    if not fs.exists(path):
+        return {}
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def write_feature_set_info(store: str, feature_set: str, info: dict) -> None:
+    fs, path = _fs(feature_set_json_path(store, feature_set))
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    with fs.open(tmp, "w") as f:
+        json.dump(info, f, indent=2, sort_keys=True, default=str)
+    fs.mv(tmp, path)
+
+
+# --- reading ----------------------------------------------------------------------------
+
+def list_feature_sets(store: str) -> list[str]:
+    fs, root = _fs(store)
+    if not fs.exists(root):
+        return []
+    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)
+                  if fs.exists(_join(p, "feature_set.json")))
+
+
+def list_datasets(store: str, feature_set: str) -> list[str]:
+    fs, root = _fs(_join(str(store), feature_set))
+    if not fs.exists(root):
+        return []
+    return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(root, detail=True)
+                  if e["type"] == "directory")
+
+
+def read_table(store: str, feature_set: str, datasets: list[str] | str | None = None,
+               columns: list[str] | None = None) -> pa.Table:
+    """All shards of the given datasets (all when None) as one table, shards in order.
+    The column ``dataset`` is added."""
+    if isinstance(datasets, str):
+        datasets = [datasets]
+    names = datasets or list_datasets(store, feature_set)
+    fs, _ = _fs(store)
+    tables = []
+    for dataset in names:
+        shards = finished_shards(store, feature_set, dataset)
+        if not shards and datasets:
+            raise FileNotFoundError(
+                f"no shards for dataset {dataset!r} in {dataset_dir(store, feature_set, dataset)}; "
+                f"run `agepipe extract --dataset {dataset}` first")
+        paths = [shards[i] for i in sorted(shards)]
+        if not paths:
+            continue
+        t = pq.read_table(paths, columns=columns, filesystem=fs, schema=SHARD_SCHEMA)
+        tables.append(t.append_column("dataset", pa.array([dataset] * len(t), pa.string())))
+    if not tables:
+        raise FileNotFoundError(f"feature set {feature_set!r} holds no shards under {store}")
+    return pa.concat_tables(tables)
+
+
+@dataclass
+class Features:
+    """Embeddings as one contiguous (n, 512) float32 matrix and their rows' labels."""
+    embeddings: np.ndarray
+    rows: pd.DataFrame
+
+
+LABEL_COLUMNS = ["image_id", "subject_id", "fold", "age", "age_bin", "gender", "det_score", "embedding_norm"]
+
+
+def load_features(store: str, feature_set: str, datasets: list[str] | str | None = None,
+                  folds: list[int] | None = None, min_det_score: float = 0.0) -> Features:
+    """Rows with status "ok" (optionally only the given folds and above a detector score),
+    vectorised: no Python loop per row."""
+    table = read_table(store, feature_set, datasets, columns=LABEL_COLUMNS + ["status", "embedding"])
+    mask = pc.equal(table["status"], "ok")
+    if folds is not None:
+        mask = pc.and_(mask, pc.is_in(table["fold"], pa.array(folds, pa.int8())))
+    if min_det_score > 0:
+        mask = pc.and_(mask, pc.greater_equal(table["det_score"], min_det_score))
+    table = table.filter(mask)
+    embeddings = list_matrix(table["embedding"], EMBEDDING_DIM)
+    rows = table.drop_columns(["embedding", "status"]).to_pandas()
+    return Features(embeddings, rows)
+
+
+def status_counts(store: str, feature_set: str) -> dict[str, dict[str, int]]:
+    """{dataset: {status: rows}} read from the shards themselves."""
+    out = {}
+    for dataset in list_datasets(store, feature_set):
+        if not finished_shards(store, feature_set, dataset):
+            continue
+        t = read_table(store, feature_set, dataset, columns=["status"])
+        counts = pc.value_counts(t["status"]).to_pylist()
+        out[dataset] = {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: c["values"])}
+    return out

@@ -1,0 +1,114 @@
+"""`agepipe embed` on good and bad input: per-image statuses or one clear error, never a traceback."""
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from agepipe.cli import cli
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result
+
+
+@pytest.fixture(scope="module")
+def bad_photos(photos, tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    obama = photos["obama"].read_bytes()
+    (d / "zero.jpg").write_bytes(b"")
+    (d / "truncated.jpg").write_bytes(obama[: len(obama) // 2])
+    (d / "text.jpg").write_text("this is not a photo\n")
+    face = cv2.imread(str(photos["obama"]))
+    cv2.imwrite(str(d / "gray.png"), cv2.cvtColor(face, cv2.COLOR_BGR2GRAY))
+    cv2.imwrite(str(d / "rgba.png"), cv2.cvtColor(face, cv2.COLOR_BGR2BGRA))
+    cv2.imwrite(str(d / "deep16.png"), face.astype(np.uint16) * 257)
+    Image.open(photos["obama"]).convert("CMYK").save(d / "cmyk.jpg")
+    shutil.copy(photos["biden"], d / "biden.jpg")
+    return d
+
+
+def test_bad_and_odd_photos_each_get_a_status(bad_photos, tmp_path):
+    out = tmp_path / "faces.parquet"
+    result = run("embed", bad_photos, "--out", out)
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out).to_pandas()
+    status = {p.rsplit("/", 1)[-1]: s for p, s in zip(table.image, table.status)}
+    assert status["zero.jpg"] == "decode_error"
+    assert status["truncated.jpg"] == "decode_error"
+    assert status["text.jpg"] == "decode_error"
+    for ok in ("gray.png", "rgba.png", "deep16.png", "cmyk.jpg", "biden.jpg"):
+        assert status[ok] == "ok", ok
+    errors = dict(zip(table.image.str.rsplit("/", n=1).str[-1], table.error))
+    assert "0 bytes" in errors["zero.jpg"] and "truncated" in errors["truncated.jpg"]
+    faces = table[table.status == "ok"]
+    emb = np.stack(faces.embedding.to_numpy())
+    assert emb.shape[1] == 512
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    # the odd encodings of one photo all give that photo's face
+    by_name = {p.rsplit("/", 1)[-1]: e for p, e in zip(faces.image, emb)}
+    for name in ("gray.png", "rgba.png", "deep16.png", "cmyk.jpg"):
+        assert float(by_name[name] @ by_name["rgba.png"]) > 0.9, name
+    assert "8 images, 5 faces" in result.output
+    assert "decode_error   3 images" in result.output
+
+
+def test_huge_photo_is_downscaled_and_boxes_stay_in_original_pixels(photos, tmp_path, embedder):
+    small = cv2.imread(str(photos["astronaut"]))
+    big = cv2.resize(small, (10000, 10000), interpolation=cv2.INTER_LINEAR)
+    cv2.imwrite(str(tmp_path / "huge.jpg"), big, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    del big
+    out = tmp_path / "faces.parquet"
+    assert run("embed", tmp_path / "huge.jpg", "--out", out).exit_code == 0
+    row = pq.read_table(out).to_pylist()[0]
+    assert row["status"] == "ok"
+    reference = embedder.faces(small)[0]
+    factor = 10000 / small.shape[0]
+    np.testing.assert_allclose(np.array(row["bbox"]) / factor, reference.bbox, atol=3.0)
+    assert float(np.array(row["embedding"]) @ reference.embedding) > 0.95
+
+
+def test_missing_path_and_empty_folder(tmp_path, photos):
+    out = tmp_path / "faces.parquet"
+    result = run("embed", tmp_path / "nope.jpg", photos["biden"], "--out", out)
+    assert result.exit_code == 0
+    statuses = pq.read_table(out)["status"].to_pylist()
+    assert statuses == ["missing_image", "ok"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run("embed", empty, "--out", out)
+    assert result.exit_code != 0 and "no images found" in result.output
+
+
+def test_corrupt_onnx_file_is_named(tmp_path, photos, buffalo_s):
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "w600k_mbf.onnx").symlink_to(buffalo_s.recognizer)
+    (models / "broken.onnx").write_bytes(b"\x08\x07garbage" * 100)
+    result = run("embed", photos["biden"], "--out", tmp_path / "f.parquet", "--models", models)
+    assert result.exit_code != 0
+    assert "broken.onnx" in result.output and "not a readable ONNX model" in result.output
+
+
+def test_missing_pack_says_where_it_looked_and_how_to_fix(tmp_path, photos, monkeypatch):
+    monkeypatch.setenv("INSIGHTFACE_HOME", str(tmp_path / "insightface"))
+    monkeypatch.setenv("AGEPIPE_MODEL_URL", "http://127.0.0.1:9/buffalo_l.zip")  # nothing listens there
+    result = run("embed", photos["biden"], "--out", tmp_path / "f.parquet", "--models", "buffalo_l")
+    assert result.exit_code != 0
+    assert "buffalo_l" in result.output and "AGEPIPE_MODEL_URL" in result.output
+
+
+def test_cli_runs_as_a_real_process(photos, tmp_path):
+    out = tmp_path / "faces.parquet"
+    proc = subprocess.run([sys.executable, "-m", "agepipe", "embed", str(photos["t1"]), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 images, 6 faces" in proc.stdout
+    assert pq.read_table(out).num_rows == 6
