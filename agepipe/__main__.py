@@ -1,3 +1,4 @@
 from agepipe.cli import main
 
-main()
+if __name__ == "__main__":  # spawned Dask workers import this module again
+    main()

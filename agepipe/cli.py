@@ -187,6 +187,75 @@ def models_fetch(pack, url):
 
 # --- commands: extract ---
 
+@cli.command()
+@click.option("--dataset", "datasets", multiple=True, required=True,
+              help="Dataset(s) with a manifest in the data dir: adience, imdb, wiki, imdb-wiki, sample.")
+@data_dir_option
+@store_option
+@click.option("--gpus", default=None, help="'all' or ids like 0,1: one worker process per GPU.")
+@click.option("--scheduler", default=None, help="Address of a running Dask scheduler, e.g. tcp://host:8786.")
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help="Local worker processes (default: one per core).")
+@click.option("--shard-rows", type=click.IntRange(1), default=1000, show_default=True,
+              help="Manifest rows per shard (one shard = one task = one Parquet file).")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
+              help="Photos per detector batch.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N rows, for a quick try.")
+@click.option("--retry-failed", is_flag=True, help="Redo rows whose status was a transient failure.")
+@click.option("--models", "pack", default="buffalo_s", show_default=True,
+              help="Model pack: buffalo_l, buffalo_s or a folder of ONNX files.")
+@click.option("--det-size", type=click.IntRange(32, 4096), default=640, show_default=True)
+@click.option("--runtime", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Default: cuda with --gpus, else cpu.")
+def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, batch_size, limit, retry_failed,
+            pack, det_size, runtime, device):
+    """Detect, align and embed every manifest row into the feature store.
+
+    Every manifest row becomes exactly one store row with its status. Finished shards are
+    skipped, so rerunning after a crash or Ctrl-C resumes.
+
+    \b
+    Examples:
+      agepipe extract --dataset adience
+      agepipe extract --dataset imdb-wiki --models buffalo_l --gpus all --runtime torch
+      agepipe extract --dataset imdb --scheduler tcp://10.0.0.5:8786 --store s3://bucket/store
+    """
+    from agepipe.features.models import ModelError
+    from agepipe.pipeline.cluster import parse_gpus
+    from agepipe.pipeline.extract import run_extract
+
+    if gpus and scheduler:
+        fail("--gpus starts its own workers; with --scheduler, start GPU workers on the cluster instead")
+    try:
+        gpu_ids = parse_gpus(gpus)
+    except ValueError as e:
+        fail(str(e))
+    device = device or ("cuda" if gpu_ids else "cpu")
+    try:
+        result = run_extract(list(datasets), data_dir, store, pack=pack, det_size=det_size, runtime=runtime,
+                             device=device, shard_rows=shard_rows, limit=limit, retry_failed=retry_failed,
+                             scheduler=scheduler, gpus=gpu_ids, workers=workers, batch_size=batch_size,
+                             progress=sys.stderr.isatty(), echo=click.echo)
+    except (FileNotFoundError, ValueError, ModelError) as e:
+        fail(str(e))
+    stats = result["stats"]
+    click.echo(f"\nthis run: {stats['rows']} rows in {stats['wall_seconds']:.1f} s"
+               + (f" ({stats['images_per_second']:.1f} images/s)" if stats["rows"] else ""))
+    if stats["rows"]:
+        click.echo("  time per stage (summed over workers): " + ", ".join(
+            f"{k} {v:.1f} s" for k, v in stats["stage_seconds"].items()))
+    for dataset, counts in result["counts"].items():
+        click.echo(f"{dataset}: {sum(counts.values())} rows in the store")
+        for status, n in counts.items():
+            click.echo(f"  {status:<16} {n:>8}")
+    if stats["rescued_shards"]:
+        click.echo(f"shards redone photo by photo after failures: {stats['rescued_shards']}")
+    for lost in stats["lost"]:
+        click.echo(f"  {lost['status']}: {lost['image_id']!r}: {lost['error']}", err=True)
+    click.echo(f"feature set: {result['feature_set']}")
+
+
 # --- commands: train, evaluate, predict ---
 
 # --- commands: demo ---

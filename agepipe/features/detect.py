@@ -30,9 +30,9 @@ def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, flo
     width, height = size
     ratio = image.shape[0] / image.shape[1]
     if ratio > height / width:
-        new_h, new_w = height, int(height / ratio)
+        new_h, new_w = height, max(1, int(height / ratio))
     else:
-        new_w, new_h = width, int(width * ratio)
+        new_w, new_h = width, max(1, int(width * ratio))  # a 1-pixel strip must not become 0 pixels
     canvas = np.zeros((height, width, 3), dtype=np.uint8)
     canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))
     return canvas, new_h / image.shape[0]

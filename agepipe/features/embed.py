@@ -53,6 +53,13 @@ def choose_face(det: Detections, image_shape: tuple[int, ...], hint: np.ndarray 
     return int(np.argmax(area - 2.0 * (cx ** 2 + cy ** 2)))
 
 
+def feature_identity(pack: ModelPack, det_size: int, det_thresh: float = DET_THRESH) -> dict:
+    """Everything that changes an embedding, hashed into the feature set's name. The runtime
+    is not part of it: onnxruntime and torch agree to cosine >= 0.999 (recorded, not hashed)."""
+    return {**pack.identity(), "det_size": det_size, "det_thresh": det_thresh, "nms_thresh": NMS_THRESH,
+            "template": ARCFACE_TEMPLATE.round(4).tolist(), "selection": SELECTION_POLICY}
+
+
 class FaceEmbedder:
     """A model pack loaded once: ``faces(image)`` for every face, ``embed_crops`` for aligned ones."""
 
@@ -71,10 +78,7 @@ class FaceEmbedder:
         return self.recognizer.provider
 
     def identity(self) -> dict:
-        """Everything that changes an embedding: hashed into the feature set's name."""
-        return {**self.pack.identity(), "det_size": self.det_size,
-                "det_thresh": self.detector.det_thresh, "nms_thresh": NMS_THRESH,
-                "template": ARCFACE_TEMPLATE.round(4).tolist(), "selection": SELECTION_POLICY}
+        return feature_identity(self.pack, self.det_size, self.detector.det_thresh)
 
     def embed_crops(self, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """(n, 512) L2-normalised embeddings and their raw norms for aligned 112x112 BGR crops."""

@@ -57,7 +57,10 @@ def decode_image(data: bytes, name: str = "<bytes>", max_side: int = MAX_SIDE) -
                 flag, reduce = reduced, factor
                 break
     buf = np.frombuffer(data, dtype=np.uint8)
-    pixels = cv2.imdecode(buf, flag)
+    try:
+        pixels = cv2.imdecode(buf, flag)
+    except cv2.error as e:  # e.g. a header claiming more pixels than OpenCV allows
+        raise ImageError("decode_error", f"{name}: {str(e).strip().splitlines()[-1]}") from None
     if pixels is None:
         raise ImageError("decode_error", f"{name}: not a readable image")
     scale = float(reduce)
@@ -65,7 +68,7 @@ def decode_image(data: bytes, name: str = "<bytes>", max_side: int = MAX_SIDE) -
         scale = max(size) / max(pixels.shape[:2])
     if max(pixels.shape[:2]) > max_side:
         f = max_side / max(pixels.shape[:2])
-        pixels = cv2.resize(pixels, (round(pixels.shape[1] * f), round(pixels.shape[0] * f)),
+        pixels = cv2.resize(pixels, (max(1, round(pixels.shape[1] * f)), max(1, round(pixels.shape[0] * f))),
                             interpolation=cv2.INTER_AREA)
         scale /= f
     return Photo(np.ascontiguousarray(pixels), scale)
@@ -101,9 +104,11 @@ def find_images(paths: list[str]) -> list[str]:
     return found
 
 
-def read_photos(paths: list[str], threads: int = 4, max_side: int = MAX_SIDE):
-    """(path, Photo or ImageError) in input order, decoded by a thread pool so decoding
-    overlaps the caller's inference (OpenCV releases the GIL while it decodes)."""
+def read_photos(paths: list[str], threads: int = 4, max_side: int = MAX_SIDE, prefetch: int = 64):
+    """(path, Photo or ImageError) in input order, decoded ahead by a thread pool so decoding
+    overlaps the caller's inference (OpenCV releases the GIL while it decodes). At most
+    ``prefetch`` photos wait decoded, so memory stays bounded on any number of paths."""
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     def load(path):
@@ -113,4 +118,10 @@ def read_photos(paths: list[str], threads: int = 4, max_side: int = MAX_SIDE):
             return path, e
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        yield from pool.map(load, paths)
+        pending = deque()
+        for path in paths:
+            pending.append(pool.submit(load, path))
+            if len(pending) >= prefetch:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()

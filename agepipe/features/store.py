@@ -104,9 +104,15 @@ def feature_set_name(label: str, config: dict) -> str:
 
 # --- writing ----------------------------------------------------------------------------
 
+def rows_digest(image_ids) -> str:
+    """Which rows a shard holds, so a rerun can tell a finished shard from one cut differently."""
+    return hashlib.sha256("\n".join(image_ids).encode()).hexdigest()[:16]
+
+
 def write_shard(table: pa.Table, store: str, feature_set: str, dataset: str, index: int) -> str:
     """Write one shard atomically: a temporary name in the same folder, then a rename."""
     table = table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+    table = table.replace_schema_metadata({"agepipe.rows": rows_digest(table["image_id"].to_pylist())})
     fs, root = _fs(dataset_dir(store, feature_set, dataset))
     fs.makedirs(root, exist_ok=True)
     final = _join(root, shard_name(index))
@@ -146,18 +152,19 @@ def finished_shards(store: str, feature_set: str, dataset: str) -> dict[int, str
     return found
 
 
-def shard_is_valid(store: str, path: str, expected_rows: int | None = None) -> bool:
-    """A shard is trusted when its footer reads, its schema matches and it has the rows expected."""
+def shard_is_valid(store: str, path: str, digest: str | None = None) -> bool:
+    """A shard is trusted when its footer reads, its schema matches and it holds the rows
+    expected (``digest`` from rows_digest)."""
     fs, _ = _fs(store)
     try:
         with fs.open(path, "rb") as f:
-            meta = pq.ParquetFile(f).metadata
-            names = meta.schema.to_arrow_schema().names
+            schema = pq.ParquetFile(f).schema_arrow
     except Exception:
         return False
-    if names != SHARD_SCHEMA.names:
+    if schema.names != SHARD_SCHEMA.names:
         return False
-    return expected_rows is None or meta.num_rows == expected_rows
+    found = (schema.metadata or {}).get(b"agepipe.rows", b"").decode()
+    return digest is None or found == digest
 
 
 def remove_stale_temporaries(store: str, feature_set: str, dataset: str) -> int:

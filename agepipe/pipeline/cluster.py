@@ -1,0 +1,88 @@
+"""Where extraction runs: this machine's cores, one worker per GPU, or a cluster you already run.
+
+Every mode yields a ``distributed.Client``; workers are separate processes that load the
+models themselves (nothing model-shaped is sent from the client).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class Layout:
+    mode: str                 # "local", "gpus" or "scheduler"
+    workers: int
+    threads_per_worker: int
+    gpus: list[str] | None = None
+
+
+def parse_gpus(spec: str | None) -> list[str] | None:
+    """``all`` -> every visible CUDA device; ``0,1`` -> those ids."""
+    if not spec:
+        return None
+    if spec == "all":
+        import torch
+
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError("--gpus all: torch sees no CUDA device on this machine")
+        return [str(i) for i in range(count)]
+    ids = [s.strip() for s in spec.split(",") if s.strip()]
+    if not ids or not all(i.isdigit() for i in ids):
+        raise ValueError(f"--gpus takes 'all' or device ids like 0,1 (got {spec!r})")
+    return ids
+
+
+def local_layout(workers: int | None = None) -> Layout:
+    cores = os.cpu_count() or 1
+    n = workers or cores
+    return Layout("local", n, 1)
+
+
+def _silence_dashboard_warning():
+    import logging
+
+    logging.getLogger("distributed.dashboard").setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def open_client(scheduler: str | None = None, gpus: list[str] | None = None, workers: int | None = None):
+    """A Client and its Layout for the chosen mode; a cluster we start is closed afterwards."""
+    from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
+
+    _silence_dashboard_warning()
+    if scheduler:
+        client = Client(scheduler, timeout="30s")
+        try:
+            n = len(client.scheduler_info(n_workers=-1)["workers"])
+            yield client, Layout("scheduler", n, 0)
+        finally:
+            client.close()
+        return
+    if gpus:
+        # One worker process per GPU, each seeing only its own device, like dask-cuda's LocalCUDACluster.
+        spec = {f"gpu-{g}": {"cls": Nanny, "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": g}}}
+                for g in gpus}
+        cluster = SpecCluster(workers=spec, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}},
+                              silence_logs=40)
+        layout = Layout("gpus", len(gpus), 1, gpus)
+    else:
+        layout = local_layout(workers)
+        cluster = LocalCluster(n_workers=layout.workers, threads_per_worker=1, processes=True,
+                               dashboard_address=":0", silence_logs=40)
+    try:
+        with Client(cluster) as client:
+            client.wait_for_workers(layout.workers, timeout=120)
+            yield client, layout
+    finally:
+        cluster.close()
+
+
+def dashboard_link(client) -> str | None:
+    try:
+        import bokeh  # noqa: F401  (the dashboard needs it)
+    except ImportError:
+        return None
+    return client.dashboard_link

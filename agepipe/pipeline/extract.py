@@ -1,0 +1,368 @@
+"""`agepipe extract`: manifest -> shards -> Dask tasks -> feature store.
+
+The manifest is cut into shards of ``shard_rows`` consecutive rows (the same manifest
+always gives the same shards). Each shard is one task: decode its photos on a few
+threads, detect in batches, choose one face per photo, align, embed in batches, and
+write the shard atomically. A shard on disk whose rows digest matches is finished, so a
+rerun (after a crash, Ctrl-C or a killed worker) does only what is missing. A shard
+whose task keeps failing is redone one photo per task, so a photo that kills its worker
+costs that photo (status "worker_lost"), never the shard or the run.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from agepipe.features import store as fstore
+
+STAGES = ("decode", "detect", "align", "embed", "write")
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Plain values a worker needs to build its own models (never the models themselves)."""
+    pack: str
+    det_size: int = 640
+    runtime: str = "onnxruntime"
+    device: str = "cpu"
+    threads: int = 0            # onnxruntime intra-op threads per worker; 0 = its default
+    decode_threads: int = 4
+    batch_size: int = 16        # photos per detector batch
+    detector_sha256: str = ""   # what the client hashed: a worker with other files refuses
+    recognizer_sha256: str = ""
+
+
+# --- on the worker ----------------------------------------------------------------------
+
+_EMBEDDERS: dict = {}
+
+
+def worker_embedder(cfg: ExtractConfig):
+    """Models are loaded once per worker process, on the worker."""
+    key = (cfg.pack, cfg.det_size, cfg.runtime, cfg.device, cfg.threads)
+    if key not in _EMBEDDERS:
+        from agepipe.features.embed import FaceEmbedder
+        from agepipe.features.models import ModelError, file_sha256, resolve_pack
+
+        pack = resolve_pack(cfg.pack, download=False)
+        for path, expected in ((pack.detector, cfg.detector_sha256), (pack.recognizer, cfg.recognizer_sha256)):
+            if expected and file_sha256(path) != expected:
+                raise ModelError(f"{path} on this worker differs from the client's (sha256)")
+        _EMBEDDERS[key] = FaceEmbedder(pack, det_size=cfg.det_size, device=cfg.device,
+                                       runtime=cfg.runtime, threads=cfg.threads)
+    return _EMBEDDERS[key]
+
+
+def _blank_features(n: int) -> dict:
+    return {"n_faces": np.zeros(n, np.int16), "det_score": np.full(n, np.nan, np.float32),
+            "bbox": np.zeros((n, 4), np.float32), "landmarks": np.zeros((n, 10), np.float32),
+            "embedding": np.zeros((n, 512), np.float32), "embedding_norm": np.full(n, np.nan, np.float32)}
+
+
+def embed_rows(rows: pa.Table, data_root: str, cfg: ExtractConfig, timings: Counter) -> pa.Table:
+    """The shard table for manifest rows: features for rows whose status is "ok", the
+    manifest's status kept for the others, a status saying why for photos that fail."""
+    from agepipe.features.align import norm_crop
+    from agepipe.features.embed import choose_face
+    from agepipe.features.images import ImageError, read_photos
+
+    embedder = worker_embedder(cfg)
+    n = rows.num_rows
+    status = np.array(rows["status"].to_pylist(), dtype=object)
+    hints = rows["face_hint"].to_pylist()
+    feats = _blank_features(n)
+    todo = [i for i in range(n) if status[i] == "ok"]
+    image_ids = rows["image_id"].to_pylist()
+    paths = [os.path.join(data_root, image_ids[i]) for i in todo]
+
+    def process(batch):
+        t = time.perf_counter()
+        dets = embedder.detector([photo.pixels for _, photo in batch])
+        timings["detect"] += time.perf_counter() - t
+        t = time.perf_counter()
+        crops, chosen = [], []
+        for (i, photo), det in zip(batch, dets):
+            feats["n_faces"][i] = len(det)
+            if not len(det):
+                status[i] = "no_face"
+                continue
+            hint = None if hints[i] is None else np.asarray(hints[i], np.float32) / photo.scale
+            k = choose_face(det, photo.pixels.shape, hint)
+            crops.append(norm_crop(photo.pixels, det.landmarks[k]))
+            chosen.append((i, photo.scale, det, k))
+        timings["align"] += time.perf_counter() - t
+        t = time.perf_counter()
+        emb, norms = embedder.embed_crops(crops)
+        timings["embed"] += time.perf_counter() - t
+        for (i, scale, det, k), e, norm in zip(chosen, emb, norms):
+            feats["det_score"][i] = det.scores[k]
+            feats["bbox"][i] = det.boxes[k] * scale
+            feats["landmarks"][i] = det.landmarks[k].reshape(-1) * scale
+            feats["embedding"][i] = e
+            feats["embedding_norm"][i] = norm
+
+    batch = []
+    photos = iter(read_photos(paths, threads=cfg.decode_threads, prefetch=4 * cfg.batch_size))
+    for i in todo:
+        t = time.perf_counter()
+        _, photo = next(photos)
+        timings["decode"] += time.perf_counter() - t  # time inference waited on decoding
+        if isinstance(photo, ImageError):
+            status[i] = photo.status
+            continue
+        batch.append((i, photo))
+        if len(batch) >= cfg.batch_size:
+            process(batch)
+            batch = []
+    if batch:
+        process(batch)
+    return shard_table(rows, status, feats)
+
+
+def shard_table(rows: pa.Table, status, feats: dict) -> pa.Table:
+    ok = np.asarray(status == "ok", dtype=bool)
+    columns = {name: rows[name] for name in fstore.MANIFEST_SCHEMA.names if name != "status"}
+    return pa.table({
+        **columns,
+        "status": pa.array(list(status), pa.string()),
+        "n_faces": pa.array(feats["n_faces"]),
+        "det_score": pa.array(feats["det_score"], mask=~ok),
+        "bbox": fstore.fixed_list(feats["bbox"], 4, ok),
+        "landmarks": fstore.fixed_list(feats["landmarks"], 10, ok),
+        "embedding": fstore.fixed_list(feats["embedding"], 512, ok),
+        "embedding_norm": pa.array(feats["embedding_norm"], mask=~ok),
+    }, schema=fstore.SHARD_SCHEMA)
+
+
+def extract_shard(task: dict) -> dict:
+    """One Dask task: a shard's rows in, a shard file out; returns counts and stage times."""
+    cfg = ExtractConfig(**task["config"])
+    rows = pa.Table.from_pylist(task["rows"], schema=fstore.MANIFEST_SCHEMA)
+    timings: Counter = Counter()
+    started = time.perf_counter()
+    if task.get("retry_path"):
+        table = _retry_transient(task["store"], task["retry_path"], rows, task["data_root"], cfg, timings)
+    else:
+        table = embed_rows(rows, task["data_root"], cfg, timings)
+    if not task.get("write", True):
+        return {"table": table, "seconds": time.perf_counter() - started}
+    t = time.perf_counter()
+    fstore.write_shard(table, task["store"], task["feature_set"], task["dataset"], task["index"])
+    timings["write"] += time.perf_counter() - t
+    return {"dataset": task["dataset"], "index": task["index"], "rows": table.num_rows,
+            "status": dict(Counter(table["status"].to_pylist())), "timings": dict(timings),
+            "seconds": time.perf_counter() - started, "worker_pid": os.getpid()}
+
+
+def _retry_transient(store: str, path: str, rows: pa.Table, data_root: str, cfg: ExtractConfig,
+                     timings: Counter) -> pa.Table:
+    """Keep a finished shard's rows, redo only those whose status was a transient failure."""
+    fs, _ = fstore._fs(store)
+    with fs.open(path, "rb") as f:
+        existing = pq.read_table(f, schema=fstore.SHARD_SCHEMA)
+    transient = np.isin(np.array(existing["status"].to_pylist(), dtype=object), list(fstore.TRANSIENT_STATUSES))
+    if not transient.any():
+        return existing
+    redo = embed_rows(rows.filter(pa.array(transient)), data_root, cfg, timings)
+    positions = np.concatenate([np.flatnonzero(~transient), np.flatnonzero(transient)])
+    merged = pa.concat_tables([existing.filter(pa.array(~transient)), redo])
+    return merged.take(pa.array(np.argsort(positions, kind="stable")))
+
+
+# --- on the client ----------------------------------------------------------------------
+
+def read_manifest(data_dir: str, dataset: str) -> pa.Table:
+    path = os.path.join(os.path.expanduser(data_dir), dataset, "manifest.parquet")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no manifest at {path}; run `agepipe download --dataset {dataset}` first")
+    table = pq.read_table(path)
+    missing = set(fstore.MANIFEST_SCHEMA.names) - set(table.column_names)
+    if missing:
+        raise ValueError(f"{path}: manifest lacks columns {sorted(missing)}")
+    return table.select(fstore.MANIFEST_SCHEMA.names).cast(fstore.MANIFEST_SCHEMA)
+
+
+def plan_shards(manifest: pa.Table, shard_rows: int) -> list[pa.Table]:
+    return [manifest.slice(start, shard_rows) for start in range(0, manifest.num_rows, shard_rows)]
+
+
+def shard_has_transient(store: str, path: str) -> bool:
+    fs, _ = fstore._fs(store)
+    with fs.open(path, "rb") as f:
+        statuses = pq.read_table(f, columns=["status"])["status"].to_pylist()
+    return bool(fstore.TRANSIENT_STATUSES & set(statuses))
+
+
+@dataclass
+class Plan:
+    tasks: list[dict]
+    skipped: int          # finished shards left alone
+    skipped_rows: int
+
+
+def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature_set: str,
+              cfg: ExtractConfig, shard_rows: int, retry_failed: bool) -> Plan:
+    tasks, skipped, skipped_rows = [], 0, 0
+    for dataset, manifest in manifests.items():
+        fstore.remove_stale_temporaries(store, feature_set, dataset)
+        done = fstore.finished_shards(store, feature_set, dataset)
+        data_root = os.path.join(os.path.expanduser(data_dir), dataset)
+        for index, rows in enumerate(plan_shards(manifest, shard_rows)):
+            task = {"rows": rows.to_pylist(), "data_root": data_root, "store": store,
+                    "feature_set": feature_set, "dataset": dataset, "index": index, "config": asdict(cfg)}
+            path = done.get(index)
+            digest = fstore.rows_digest(rows["image_id"].to_pylist())
+            if path and fstore.shard_is_valid(store, path, digest):
+                if not (retry_failed and shard_has_transient(store, path)):
+                    skipped += 1
+                    skipped_rows += rows.num_rows
+                    continue
+                task["retry_path"] = path
+            tasks.append(task)
+    return Plan(tasks, skipped, skipped_rows)
+
+
+def run_tasks(client, tasks: list[dict], progress: bool, on_result=None) -> list[dict]:
+    """Submit shards, follow them with a progress bar over photos, and fall back to one task
+    per photo for a shard that keeps failing."""
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    total = sum(len(t["rows"]) for t in tasks)
+    bar = tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1)
+    futures = {client.submit(extract_shard, t, key=f"shard-{t['dataset']}-{t['index']:05d}-{time.time_ns()}",
+                             retries=1, pure=False): t for t in tasks}
+    results = []
+    for future in as_completed(futures):
+        task = futures[future]
+        try:
+            result = future.result()
+        except Exception as e:  # KilledWorker, or an error the photo-by-photo pass will pin down
+            result = _rescue_shard(client, task, e)
+        results.append(result)
+        bar.update(result["rows"])
+        if on_result:
+            on_result(result)
+    bar.close()
+    return results
+
+
+def _rescue_shard(client, task: dict, error: Exception) -> dict:
+    """Redo a failed shard one photo per task; a photo whose task fails is recorded as
+    "worker_lost" (its worker died) or "error" (it raised), and a rerun with --retry-failed
+    tries it again."""
+    started = time.perf_counter()
+    singles = [{**task, "rows": [row], "write": False, "retry_path": None} for row in task["rows"]]
+    futures = [client.submit(extract_shard, s, retries=0, pure=False,
+                             key=f"photo-{task['dataset']}-{task['index']}-{i}-{time.time_ns()}")
+               for i, s in enumerate(singles)]
+    from distributed import KilledWorker
+
+    tables, lost = [], []
+    for row, future in zip(task["rows"], futures):
+        try:
+            tables.append(future.result()["table"])
+        except Exception as e:
+            status = "worker_lost" if isinstance(e, KilledWorker) else "error"
+            lost.append({"image_id": row["image_id"], "status": status, "error": f"{type(e).__name__}: {e}"})
+            rows = pa.Table.from_pylist([row], schema=fstore.MANIFEST_SCHEMA)
+            tables.append(shard_table(rows, np.array([status], dtype=object), _blank_features(1)))
+    table = pa.concat_tables(tables)
+    fstore.write_shard(table, task["store"], task["feature_set"], task["dataset"], task["index"])
+    return {"dataset": task["dataset"], "index": task["index"], "rows": table.num_rows,
+            "status": dict(Counter(table["status"].to_pylist())), "timings": {},
+            "seconds": time.perf_counter() - started, "rescued": f"{type(error).__name__}: {error}",
+            "lost": lost}
+
+
+def summarize(results: list[dict], wall: float) -> dict:
+    status: Counter = Counter()
+    timings: Counter = Counter()
+    for r in results:
+        status.update(r["status"])
+        timings.update(r.get("timings", {}))
+    rows = sum(r["rows"] for r in results)
+    return {"rows": rows, "status": dict(sorted(status.items())), "wall_seconds": round(wall, 3),
+            "images_per_second": round(rows / wall, 2) if wall > 0 else None,
+            "stage_seconds": {s: round(timings.get(s, 0.0), 3) for s in STAGES},
+            "rescued_shards": [r["index"] for r in results if "rescued" in r],
+            "lost": [lost for r in results for lost in r.get("lost", [])],
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def feature_set_info(feature_set: str, identity: dict, cfg: ExtractConfig, layout, workers_env: dict) -> dict:
+    import agepipe
+
+    versions = {}
+    for name in ("onnxruntime", "numpy", "pyarrow", "dask", "opencv-python", "torch"):
+        try:
+            from importlib.metadata import version
+            versions[name] = version(name)
+        except Exception:
+            continue
+    return {"name": feature_set, **identity, "runtime": cfg.runtime, "device": cfg.device,
+            "agepipe_version": agepipe.__version__, "versions": versions,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cluster": {"mode": layout.mode, "workers": layout.workers, "worker_env": workers_env}}
+
+
+DATASET_GROUPS = {"imdb-wiki": ["imdb", "wiki"]}
+
+
+def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buffalo_s", det_size: int = 640,
+                runtime: str = "onnxruntime", device: str = "cpu", shard_rows: int = 1000,
+                limit: int | None = None, retry_failed: bool = False, scheduler: str | None = None,
+                gpus: list[str] | None = None, workers: int | None = None, batch_size: int = 16,
+                progress: bool = True, echo=print) -> dict:
+    """Extract the datasets' manifests into the store; returns the feature set's info."""
+    from agepipe.features.embed import feature_identity
+    from agepipe.features.models import resolve_pack
+    from agepipe.pipeline.cluster import dashboard_link, open_client
+
+    names = [n for d in datasets for n in DATASET_GROUPS.get(d, [d])]
+    manifests = {}
+    for name in names:
+        manifest = read_manifest(data_dir, name)
+        manifests[name] = manifest.slice(0, limit) if limit else manifest
+    resolved = resolve_pack(pack)
+    identity = feature_identity(resolved, det_size)
+    feature_set = fstore.feature_set_name(f"{resolved.name}-det{det_size}", identity)
+
+    with open_client(scheduler, gpus, workers) as (client, layout):
+        cores = os.cpu_count() or 1
+        threads = max(1, cores // layout.workers) if layout.mode == "local" else 0
+        cfg = ExtractConfig(pack=pack, det_size=det_size, runtime=runtime, device=device, threads=threads,
+                            batch_size=batch_size, detector_sha256=identity["detector_sha256"],
+                            recognizer_sha256=identity["recognizer_sha256"])
+        workers_env = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        link = dashboard_link(client)
+        echo(f"cluster: {layout.mode}, {layout.workers} worker processes"
+             + (f", GPUs {','.join(layout.gpus)}" if layout.gpus else "")
+             + (f"; dashboard {link}" if link else ""))
+        echo(f"feature set: {feature_set} ({resolved.name}, det size {det_size}, {runtime} on {device})")
+        info = fstore.read_feature_set_info(store, feature_set) or {}
+        info.update(feature_set_info(feature_set, identity, cfg, layout, workers_env))
+        fstore.write_feature_set_info(store, feature_set, info)
+
+        plan = make_plan(manifests, data_dir, store, feature_set, cfg, shard_rows, retry_failed)
+        todo_rows = sum(len(t["rows"]) for t in plan.tasks)
+        echo(f"shards: {len(plan.tasks)} to do ({todo_rows} rows), {plan.skipped} already finished "
+             f"({plan.skipped_rows} rows)")
+        started = time.perf_counter()
+        results = run_tasks(client, plan.tasks, progress)
+        wall = time.perf_counter() - started
+
+    stats = summarize(results, wall)
+    info = fstore.read_feature_set_info(store, feature_set)
+    info["counts"] = fstore.status_counts(store, feature_set)
+    info.setdefault("runs", []).append({"datasets": names, "limit": limit, **stats})
+    info["stats"] = {"images_per_second": stats["images_per_second"], "stage_seconds": stats["stage_seconds"]}
+    fstore.write_feature_set_info(store, feature_set, info)
+    return {"feature_set": feature_set, "stats": stats, "counts": info["counts"]}

@@ -1,0 +1,233 @@
+"""`agepipe extract` end to end on real photos, real models and real Dask worker processes."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from agepipe.cli import cli
+from agepipe.features import store as fstore
+from agepipe.features.detect import Detections
+from agepipe.features.embed import choose_face
+from agepipe.features.images import read_photo
+from tests.pipeline.conftest import write_manifest
+
+
+def extract(data, store, *args):
+    result = CliRunner().invoke(cli, ["extract", "--dataset", "mini", "--data-dir", str(data),
+                                      "--store", str(store), *map(str, args)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    return result
+
+
+def the_feature_set(store):
+    [name] = fstore.list_feature_sets(str(store))
+    return name
+
+
+def store_rows(store):
+    return fstore.read_table(str(store), the_feature_set(store), "mini").to_pandas()
+
+
+def assert_each_manifest_row_once(data, store):
+    manifest = pq.read_table(Path(data) / "mini" / "manifest.parquet").to_pandas()
+    rows = store_rows(store)
+    assert len(rows) == len(manifest)
+    assert sorted(rows.image_id) == sorted(manifest.image_id)  # each exactly once, nothing else
+    return rows
+
+
+def assert_matches_embed(data, rows, embedder):
+    """Each ok row holds the face `agepipe embed` finds and the policy chooses for that photo."""
+    ok = rows[rows.status == "ok"]
+    assert len(ok) == 16
+    for image_id, emb, bbox in zip(ok.image_id, ok.embedding, ok.bbox):
+        photo = read_photo(str(Path(data) / "mini" / image_id))
+        faces = embedder.faces(photo.pixels)
+        det = Detections(np.array([f.bbox for f in faces]), np.array([f.det_score for f in faces]),
+                         np.array([f.landmarks for f in faces]))
+        expected = faces[choose_face(det, photo.pixels.shape)]
+        assert float(np.asarray(emb) @ expected.embedding) >= 0.999, image_id
+        np.testing.assert_allclose(np.asarray(bbox), expected.bbox, atol=1.0)
+
+
+def test_local_cluster_extracts_every_row_once_with_statuses(mini_data, tmp_path, embedder):
+    store = tmp_path / "store"
+    result = extract(mini_data, store, "--shard-rows", 5, "--workers", 2)
+    assert result.exit_code == 0, result.output
+    assert "cluster: local, 2 worker processes" in result.output
+    rows = assert_each_manifest_row_once(mini_data, store)
+    status = dict(zip(rows.image_id, rows.status))
+    assert status["photos/bad.jpg"] == "decode_error"
+    assert status["photos/gone.jpg"] == "missing_image"
+    assert (rows.status == "bad_label").sum() == 1  # the manifest's own status is kept
+    assert rows[rows.image_id.str.contains("t1")].n_faces.max() == 6
+    assert rows[rows.status != "ok"].embedding.isna().all()
+    assert_matches_embed(mini_data, rows, embedder)
+    info = json.loads((store / the_feature_set(store) / "feature_set.json").read_text())
+    assert info["counts"]["mini"]["ok"] == 16
+    assert set(info["stats"]["stage_seconds"]) == {"decode", "detect", "align", "embed", "write"}
+    assert info["detector_sha256"] and info["pack"] == "buffalo_s"
+    # a rerun finds every shard finished and does nothing
+    again = extract(mini_data, store, "--shard-rows", 5, "--workers", 2)
+    assert "0 to do (0 rows), 4 already finished (19 rows)" in again.output
+
+
+def test_interrupted_run_resumes_to_the_same_rows(mini_data, tmp_path):
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert extract(mini_data, whole, "--shard-rows", 4, "--workers", 1).exit_code == 0
+    # an interruption: a first run over the first rows, then a half-written shard left behind
+    assert extract(mini_data, resumed, "--shard-rows", 4, "--workers", 1, "--limit", 9).exit_code == 0
+    name = the_feature_set(resumed)
+    junk = resumed / name / "mini" / ".part-00003.parquet.deadbeef.tmp"
+    junk.write_bytes(b"PAR1 half a shard")
+    result = extract(mini_data, resumed, "--shard-rows", 4, "--workers", 1)
+    assert "3 to do (11 rows), 2 already finished (8 rows)" in result.output  # shard 2 held 1 row, now 4
+    assert not junk.exists()
+    a, b = store_rows(whole), store_rows(resumed)
+    assert list(a.image_id) == list(b.image_id) and list(a.status) == list(b.status)
+    ok = a.status == "ok"
+    np.testing.assert_allclose(np.stack(a.embedding[ok]), np.stack(b.embedding[ok]), atol=1e-6)
+
+
+def test_retry_failed_redoes_only_transient_rows(mini_data, tmp_path):
+    store = tmp_path / "store"
+    assert extract(mini_data, store, "--shard-rows", 10, "--workers", 1).exit_code == 0
+    name = the_feature_set(store)
+    path = store / name / "mini" / "part-00000.parquet"
+    table = pq.read_table(path)
+    status = table["status"].to_pylist()
+    status[2] = "worker_lost"
+    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status))
+    fstore.write_shard(table, str(store), name, "mini", 0)
+    assert "0 to do (0 rows), 2 already finished" in extract(mini_data, store, "--shard-rows", 10, "--workers", 1).output
+    result = extract(mini_data, store, "--shard-rows", 10, "--workers", 1, "--retry-failed")
+    assert "1 to do (10 rows)" in result.output
+    assert pq.read_table(path)["status"].to_pylist()[2] == "ok"
+    assert_each_manifest_row_once(mini_data, store)
+
+
+def test_a_photo_that_breaks_its_task_costs_only_that_photo(mini_data, tmp_path, monkeypatch):
+    """Fault injection: one photo makes its task raise (as an unforeseen model or library
+    failure would). The shard is redone photo by photo; that photo alone gets a status."""
+    from distributed import Client, LocalCluster
+
+    from agepipe.pipeline import extract as ex
+
+    real = ex.embed_rows
+
+    def embed_rows(rows, data_root, cfg, timings):
+        if "photos/0/obama2.jpg" in rows["image_id"].to_pylist():
+            raise RuntimeError("injected failure")
+        return real(rows, data_root, cfg, timings)
+
+    monkeypatch.setattr(ex, "embed_rows", embed_rows)
+    manifest = ex.read_manifest(str(mini_data), "mini").slice(0, 6)
+    pack = "buffalo_s"
+    cfg = ex.ExtractConfig(pack=pack)
+    store = str(tmp_path / "store")
+    plan = ex.make_plan({"mini": manifest}, str(mini_data), store, "fs-test", cfg, 10, False)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        [result] = ex.run_tasks(client, plan.tasks, progress=False)
+    assert result["rescued"].startswith("RuntimeError")
+    assert result["lost"] == [{"image_id": "photos/0/obama2.jpg", "status": "error",
+                               "error": "RuntimeError: injected failure"}]
+    table = fstore.read_table(store, "fs-test", "mini")
+    assert table["status"].to_pylist() == ["ok", "ok", "ok", "error", "ok", "ok"]
+
+
+def test_degenerate_photos_get_a_status_not_a_crash(tmp_path, embedder):
+    import cv2
+
+    strip = tmp_path / "strip.png"
+    cv2.imwrite(str(strip), np.full((1, 9000, 3), 128, np.uint8))  # wider than MAX_SIDE, 1 pixel high
+    photo = read_photo(str(strip))
+    assert photo.pixels.shape[0] == 1 and max(photo.pixels.shape) == 4096
+    assert embedder.faces(photo.pixels) == []
+
+
+def test_gpus_layout_one_worker_per_device(mini_data, tmp_path):
+    store = tmp_path / "store"
+    result = extract(mini_data, store, "--gpus", "0,1", "--device", "cpu", "--limit", 4, "--shard-rows", 2)
+    assert result.exit_code == 0, result.output
+    assert "cluster: gpus, 2 worker processes, GPUs 0,1" in result.output
+    info = json.loads((store / the_feature_set(store) / "feature_set.json").read_text())
+    assert sorted(info["cluster"]["worker_env"].values()) == ["0", "1"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def dask_cluster(tmp_path):
+    """A `dask scheduler` and two `dask worker` processes on loopback, as a user would run them."""
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    procs = [subprocess.Popen([str(bindir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    time.sleep(2)
+    for i in range(2):
+        procs.append(subprocess.Popen([str(bindir / "dask"), "worker", address, "--nthreads", "1",
+                                       "--no-dashboard", "--name", f"w{i}"], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    from distributed import Client
+
+    with Client(address, timeout="60s") as client:
+        client.wait_for_workers(2, timeout=60)
+    yield address
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def test_existing_cluster_through_scheduler(mini_data, tmp_path, dask_cluster, embedder):
+    store = tmp_path / "store"
+    result = extract(mini_data, store, "--scheduler", dask_cluster, "--shard-rows", 5)
+    assert result.exit_code == 0, result.output
+    assert "cluster: scheduler, 2 worker processes" in result.output
+    rows = assert_each_manifest_row_once(mini_data, store)
+    assert_matches_embed(mini_data, rows, embedder)
+
+
+def worker_pids(address):
+    from distributed import Client
+
+    with Client(address, timeout="30s") as client:
+        return list(client.run(os.getpid).values())
+
+
+def test_killed_worker_loses_and_doubles_nothing(mini_data, tmp_path, dask_cluster):
+    store = tmp_path / "store"
+    pids = worker_pids(dask_cluster)
+    cmd = [sys.executable, "-m", "agepipe", "extract", "--dataset", "mini", "--data-dir", str(mini_data),
+           "--store", str(store), "--scheduler", dask_cluster, "--shard-rows", "1"]
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not list(store.glob("*/mini/part-*.parquet")) and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(pids[0], signal.SIGKILL)  # mid-run: some shards written, others not yet
+    output = run.communicate(timeout=300)[0]
+    if run.returncode != 0:  # the run may fail; a rerun must complete it
+        output = subprocess.run(cmd, capture_output=True, text=True, timeout=300).stdout
+    assert "feature set:" in output, output
+    assert_each_manifest_row_once(mini_data, store)
+    assert len(list(store.glob("*/mini/part-*.parquet"))) == 19
