@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 
 import fsspec
+import fsspec.implementations.local
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -218,28 +219,58 @@ def list_datasets(store: str, feature_set: str) -> list[str]:
                   if e["type"] == "directory")
 
 
-def read_table(store: str, feature_set: str, datasets: list[str] | str | None = None,
-               columns: list[str] | None = None) -> pa.Table:
-    """All shards of the given datasets (all when None) as one table, shards in order.
-    The column ``dataset`` is added."""
+def _shard_paths(store: str, feature_set: str, datasets: list[str] | str | None) -> list[tuple[str, str]]:
+    """[(dataset, shard path)] in order; a dataset named explicitly must have shards."""
     if isinstance(datasets, str):
         datasets = [datasets]
-    names = datasets or list_datasets(store, feature_set)
-    fs, _ = _fs(store)
-    tables = []
-    for dataset in names:
+    out = []
+    for dataset in datasets or list_datasets(store, feature_set):
         shards = finished_shards(store, feature_set, dataset)
         if not shards and datasets:
             raise FileNotFoundError(
                 f"no shards for dataset {dataset!r} in {dataset_dir(store, feature_set, dataset)}; "
                 f"run `agepipe extract --dataset {dataset}` first")
-        paths = [shards[i] for i in sorted(shards)]
-        if not paths:
-            continue
-        t = pq.read_table(paths, columns=columns, filesystem=fs, schema=SHARD_SCHEMA)
-        tables.append(t.append_column("dataset", pa.array([dataset] * len(t), pa.string())))
-    if not tables:
+        out += [(dataset, shards[i]) for i in sorted(shards)]
+    if not out:
         raise FileNotFoundError(f"feature set {feature_set!r} holds no shards under {store}")
+    return out
+
+
+def _read_shard(store: str, path: str, columns: list[str] | None) -> pa.Table:
+    """A shard from the Parquet file, or, on a local store, from its memory-mapped Arrow
+    copy: Parquet spends 512 repetition levels a row decoding the embedding list, an Arrow
+    file maps it at page-cache speed. The copy is made on first read and named by the
+    shard's rows digest and mtime, so a rewritten shard never reads a stale copy."""
+    fs, _ = _fs(store)
+    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns, schema=SHARD_SCHEMA)
+    folder, name = os.path.split(path)
+    pf = pq.ParquetFile(path)
+    digest = (pf.schema_arrow.metadata or {}).get(b"agepipe.rows", b"").decode()
+    cache = os.path.join(folder, ".arrow", f"{name[:-len('.parquet')]}-{digest}-{os.stat(path).st_mtime_ns}.arrow")
+    if not os.path.exists(cache):
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        for stale in os.listdir(os.path.dirname(cache)):
+            if stale.startswith(name[:-len(".parquet")] + "-"):
+                os.remove(os.path.join(os.path.dirname(cache), stale))
+        table = pf.read().cast(SHARD_SCHEMA)
+        tmp = f"{cache}.{uuid.uuid4().hex}.tmp"
+        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        os.replace(tmp, cache)
+    table = pa.ipc.open_file(pa.memory_map(cache)).read_all()
+    return table.select(columns) if columns else table
+
+
+def read_table(store: str, feature_set: str, datasets: list[str] | str | None = None,
+               columns: list[str] | None = None) -> pa.Table:
+    """All shards of the given datasets (all when None) as one table, shards in order.
+    The column ``dataset`` is added."""
+    tables = []
+    for dataset, path in _shard_paths(store, feature_set, datasets):
+        t = _read_shard(store, path, columns)
+        tables.append(t.append_column("dataset", pa.array([dataset] * len(t), pa.string())))
     return pa.concat_tables(tables)
 
 
@@ -255,17 +286,30 @@ LABEL_COLUMNS = ["image_id", "subject_id", "fold", "age", "age_bin", "gender", "
 
 def load_features(store: str, feature_set: str, datasets: list[str] | str | None = None,
                   folds: list[int] | None = None, min_det_score: float = 0.0) -> Features:
-    """Rows with status "ok" (optionally only the given folds and above a detector score),
-    vectorised: no Python loop per row."""
+    """Rows with status "ok" (optionally only the given folds and above a detector score).
+    Vectorised, no Python loop per row: each shard's embeddings are copied once, straight
+    into the one output matrix."""
     table = read_table(store, feature_set, datasets, columns=LABEL_COLUMNS + ["status", "embedding"])
     mask = pc.equal(table["status"], "ok")
     if folds is not None:
         mask = pc.and_(mask, pc.is_in(table["fold"], pa.array(folds, pa.int8())))
     if min_det_score > 0:
         mask = pc.and_(mask, pc.greater_equal(table["det_score"], min_det_score))
-    table = table.filter(mask)
-    embeddings = list_matrix(table["embedding"], EMBEDDING_DIM)
-    rows = table.drop_columns(["embedding", "status"]).to_pandas()
+    keep = mask.to_numpy(zero_copy_only=False).astype(bool)
+    embeddings = np.empty((int(keep.sum()), EMBEDDING_DIM), dtype=np.float32)
+    row = start = 0
+    for chunk in table["embedding"].chunks:
+        sel = keep[start:start + len(chunk)]
+        start += len(chunk)
+        k = int(sel.sum())
+        if not k:
+            continue
+        # the child values of a fixed-size list sit at fixed offsets, nulls included
+        values = chunk.values.to_numpy(zero_copy_only=False)
+        values = values[chunk.offset * EMBEDDING_DIM:(chunk.offset + len(chunk)) * EMBEDDING_DIM]
+        np.compress(sel, values.reshape(-1, EMBEDDING_DIM), axis=0, out=embeddings[row:row + k])
+        row += k
+    rows = table.drop_columns(["embedding", "status"]).filter(pa.array(keep)).to_pandas()
     return Features(embeddings, rows)
 
 
