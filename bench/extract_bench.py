@@ -1,0 +1,58 @@
+"""`agepipe extract` against the original project's way: a loop of FaceAnalysis.get per photo.
+
+    python bench/extract_bench.py [--images 200] [--det-size 640]
+
+Same photos, one run, the same work (one face embedded per photo: the loop calls
+get(max_num=1), which keeps insightface's largest-central face, the policy extract uses
+without a face hint). agepipe runs on its default local Dask cluster with 1 and with 2
+worker processes; its time is the extraction itself (cluster start-up listed apart).
+"""
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+
+from agepipe.features import store as fstore
+from agepipe.features.models import resolve_pack
+from agepipe.pipeline.extract import run_extract
+from photos import face_analysis, photo_dataset
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=200)
+    ap.add_argument("--det-size", type=int, default=640)
+    ap.add_argument("--shard-rows", type=int, default=25)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        paths = photo_dataset(d / "data", "bench", args.images)
+        app = face_analysis(resolve_pack("buffalo_s"), args.det_size, d / "pack")
+        app.get(cv2.imread(str(paths[0])))
+        t = time.perf_counter()
+        loop_faces = sum(len(app.get(cv2.imread(str(p)), max_num=1)) for p in paths)
+        t_loop = time.perf_counter() - t
+
+        rows = [("FaceAnalysis.get loop (1 process)", t_loop, None, loop_faces)]
+        for workers in (1, 2):
+            store = d / f"store{workers}"
+            t = time.perf_counter()
+            result = run_extract(["bench"], str(d / "data"), str(store), det_size=args.det_size,
+                                 shard_rows=args.shard_rows, workers=workers, progress=False, echo=lambda *_: None)
+            total = time.perf_counter() - t
+            ok = result["counts"]["bench"].get("ok", 0)
+            rows.append((f"agepipe extract, {workers} worker{'s' * (workers > 1)}",
+                         result["stats"]["wall_seconds"], total, ok))
+        assert len({r[3] for r in rows}) == 1, rows  # the same faces embedded
+    n = args.images
+    print(f"{n} photos, det size {args.det_size}, buffalo_s, CPU, shards of {args.shard_rows}")
+    print("| path | images/s | vs loop | wall incl. cluster start (s) |")
+    print("|---|---|---|---|")
+    for name, seconds, total, _ in rows:
+        print(f"| {name} | {n / seconds:.1f} | {t_loop / seconds:.2f}x | {total if total is None else round(total, 1)} |")
+
+
+if __name__ == "__main__":
+    main()
