@@ -185,6 +185,55 @@ def models_fetch(pack, url):
 
 # --- commands: download ---
 
+@cli.command()
+@click.option("--dataset", required=True, help="adience, imdb, wiki, imdb-wiki (both), or sample (the offline demo set).")
+@data_dir_option
+@click.option("--source", default=None, metavar="DIR_OR_URL",
+              help="Take the files from here instead of the official site: a folder of files you "
+                   "already have, a file:// URL, or an http(s) mirror (official file names).")
+@click.option("--workers", type=click.IntRange(1, 32), default=4, show_default=True,
+              help="Files fetched at once.")
+@click.option("--no-extract", is_flag=True, help="Only download and verify: no unpacking, no manifest.")
+def download(dataset, data_dir, source, workers, no_extract):
+    """Fetch a dataset, verify it, unpack it and write DATA/<dataset>/manifest.parquet.
+
+    Downloads resume where they stopped and are retried on flaky links; each file's sha256 is
+    recorded on first download (DATA/<dataset>/.checksums.json) and checked on every later run.
+    Archives are unpacked safely (nothing outside their folder) and atomically. The manifest has
+    one row per image of the metadata, with a status saying why a row cannot be used; a summary
+    of rows per status, fold and class is printed. Rerunning is cheap and safe.
+
+    \b
+    Examples:
+      agepipe download --dataset adience
+      agepipe download --dataset imdb-wiki --data-dir /big/disk/agepipe
+      agepipe download --dataset adience --source ~/Downloads/adience
+      agepipe download --dataset wiki --source https://mirror.example.org/imdb-wiki/
+    """
+    from pathlib import Path
+
+    from agepipe.datasets import REGISTRY, expand, prepare
+    from agepipe.datasets.download import DownloadError
+    from agepipe.datasets.manifest import MetadataError, summarize
+
+    try:
+        names = expand(dataset)
+    except KeyError as e:
+        fail(e.args[0])
+    for name in names:
+        try:
+            result = prepare(name, data_dir, source=source, workers=workers, extract=not no_extract)
+        except (DownloadError, MetadataError) as e:
+            fail(str(e))
+        if result is None:
+            click.echo(f"{name}: files verified in {Path(data_dir).expanduser() / name} (--no-extract: "
+                       "not unpacked, no manifest)")
+            continue
+        path, frame = result
+        click.echo(summarize(frame, name, REGISTRY[name].published_rows))
+        click.echo(f"  manifest: {path}")
+
+
 # --- commands: extract ---
 
 @cli.command()
@@ -257,6 +306,177 @@ def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, bat
 
 
 # --- commands: train, evaluate, predict ---
+
+@cli.command()
+@store_option
+@click.option("--feature-set", default=None, help="Feature set in the store (may be omitted when there is one).")
+@click.option("--dataset", "datasets", multiple=True, required=True,
+              help="Dataset(s) in the feature set to train on, e.g. adience or imdb; repeatable.")
+@click.option("--task", type=click.Choice(["age", "age101", "gender"]), required=True,
+              help="age: Adience's 8 classes; age101: one-year classes 0-100; gender: female/male.")
+@click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
+              help="Run folder (default runs/TASK-DATASETS-foldK, or ...-cv with --cv).")
+@click.option("--test-fold", type=click.IntRange(0, 4), default=0, show_default=True,
+              help="Fold held out as the test set; validation is carved from the others by subject.")
+@click.option("--cv", is_flag=True, help="Train on every fold (times --seeds) and report mean +- std.")
+@click.option("--seeds", type=click.IntRange(1), default=1, show_default=True, help="Seeds per fold with --cv.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of a single run.")
+@click.option("--init", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Start from another run's weights (pre-train on imdb, fine-tune on adience).")
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Most epochs (paper: 30).")
+@click.option("--batch-size", type=click.IntRange(2), default=None, help="Paper: 128 age, 512 gender.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None, help="AdamW learning rate.")
+@click.option("--weight-decay", type=click.FloatRange(0), default=None)
+@click.option("--gamma", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Learning-rate decay per epoch.")
+@click.option("--patience", type=click.IntRange(1), default=None,
+              help="Epochs without a lower validation loss before stopping (paper: 5).")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Dropout rate (paper: 0.05; 0 removes dropout and MC dropout with it).")
+@click.option("--no-batch-norm", is_flag=True, help="Ablation: no BatchNorm in the IC layers.")
+@click.option("--no-skip", is_flag=True, help="Ablation: no skip connections in the residual blocks.")
+@click.option("--blocks", type=click.IntRange(0, 8), default=None, help="Downsampling stages (paper: 2 age, 4 gender).")
+@click.option("--residuals-per-block", type=click.IntRange(0), default=None, help="Paper: 1.")
+@click.option("--min-det-score", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Leave out faces the detector was less sure of.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--mc-samples", type=click.IntRange(0), default=32, show_default=True,
+              help="MC-dropout passes for the test metrics (0: none).")
+def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, init, epochs, batch_size, lr,
+          weight_decay, gamma, patience, dropout, no_batch_norm, no_skip, blocks, residuals_per_block,
+          min_det_score, device, mc_samples):
+    """Train the MLP of Kim 2021 on cached embeddings from the feature store.
+
+    The paper's architecture and hyper-parameters are the defaults. A run folder gets
+    config.json + model.safetensors, history.json, metrics.json and report.md with plots.
+
+    \b
+    Examples:
+      agepipe train --dataset adience --task age
+      agepipe train --dataset adience --task age --cv --seeds 5
+      agepipe train --dataset imdb --dataset wiki --task age101 --out runs/pre
+      agepipe train --dataset adience --task age --init runs/pre
+    """
+    from agepipe.train.checkpoint import CheckpointError
+    from agepipe.train.loop import train as train_model
+
+    out = out or os.path.join("runs", f"{task}-{'+'.join(datasets)}-" + ("cv" if cv else f"fold{test_fold}"))
+    model_overrides = {"dropout": dropout, "num_blocks": blocks, "residuals_per_block": residuals_per_block,
+                       "batch_norm": False if no_batch_norm else None, "skip": False if no_skip else None}
+    train_overrides = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+                       "gamma": gamma, "patience": patience, "seed": seed}
+    try:
+        result = train_model(store, list(datasets), task, out, feature_set=feature_set, test_fold=test_fold,
+                             cv=cv, seeds=seeds, init=init, device=device, min_det_score=min_det_score,
+                             mc_samples=mc_samples, model_overrides=model_overrides,
+                             train_overrides=train_overrides, progress=sys.stderr.isatty())
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        raise click.ClickException(str(e)) from None
+    if cv:
+        click.echo(f"{len(result['runs'])} runs -> {out}/cv.md")
+        for key, s in result["summary"].items():
+            if key.startswith(("test_", "val_")):
+                click.echo(f"  {key:<24} {s['mean']:.4f} +- {s['std']:.4f}")
+        return
+    _echo_metrics(result, out)
+
+
+def _echo_metrics(metrics: dict, run: str):
+    test = metrics["test"]
+    sizes = metrics.get("split_sizes")
+    click.echo(f"run {run}: best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')}"
+               if "best_epoch" in metrics else f"run {run}")
+    for key in ("accuracy", "one_off_accuracy", "mae_years", "cross_entropy", "ece"):
+        if key in test:
+            mc = test.get("mc", {}).get(key)
+            click.echo(f"  test {key:<18} {test[key]:.4f}" + (f"   MC dropout {mc:.4f}" if mc is not None else ""))
+    if "mc" in test:
+        click.echo(f"  test mean predictive entropy {test['mc']['mean_predictive_entropy']:.4f} nats, "
+                   f"mutual information {test['mc']['mean_mutual_information']:.4f} nats")
+    click.echo(f"  val accuracy {metrics['val']['accuracy']:.4f}" + (f" (rows {sizes})" if sizes else ""))
+    if metrics.get("warning"):
+        click.echo(f"warning: {metrics['warning']}", err=True)
+    click.echo(f"report: {os.path.join(run, 'report.md')}")
+
+
+@cli.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False))
+@click.option("--store", envvar="AGEPIPE_STORE", default=None,
+              help="Feature store root, if not the one the run was trained from (env AGEPIPE_STORE).")
+@click.option("--mc-samples", type=click.IntRange(0), default=32, show_default=True,
+              help="MC-dropout passes (0: deterministic only).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def evaluate(run, store, mc_samples, device):
+    """Score RUN on its test fold again; write metrics.json and report.md with plots.
+
+    Accuracy, 1-off accuracy and MAE (age), cross-entropy, calibration (ECE and a
+    reliability diagram), the confusion matrix, and MC-dropout uncertainty: predictive
+    entropy, mutual information and accuracy as the most uncertain predictions are set aside.
+    """
+    from agepipe.train.checkpoint import CheckpointError
+    from agepipe.train.evaluate import evaluate_run
+
+    try:
+        metrics = evaluate_run(run, store, mc_samples, device)
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
+        raise click.ClickException(str(e)) from None
+    _echo_metrics(metrics, run)
+
+
+@cli.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("--age-model", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Run folder of an age or age101 model.")
+@click.option("--gender-model", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Run folder of a gender model.")
+@click.option("--mc-samples", type=click.IntRange(0), default=32, show_default=True,
+              help="MC-dropout passes per face (0: one deterministic pass).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: one object per photo.")
+@click.option("--annotate", type=click.Path(), default=None,
+              help="Write the photo with boxes and labels here (a folder when several photos).")
+@click.option("--models", "pack", default=None,
+              help="Face models (default: the pack of the runs' feature set, else buffalo_s).")
+@click.option("--det-size", type=click.IntRange(32, 4096), default=None,
+              help="Detector input size (default: the runs' feature set's, else 640).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the MLPs run (the face models run on the CPU).")
+def predict(images, age_model, gender_model, mc_samples, as_json, annotate, pack, det_size, device):
+    """Age and gender, with uncertainty, for every face in IMAGES (files or folders).
+
+    \b
+    Example:
+      agepipe predict photo.jpg --age-model runs/age --gender-model runs/gender --annotate out.jpg
+    """
+    import json
+
+    from agepipe.features.images import find_images
+    from agepipe.features.models import ModelError
+    from agepipe.train.checkpoint import CheckpointError
+    from agepipe.train.predict import Predictor, predict_images, summary_line
+
+    paths = find_images(list(images))
+    if not paths:
+        raise click.ClickException(f"no images found in {', '.join(images)}")
+    try:
+        predictor = Predictor(age_model, gender_model, pack, det_size, mc_samples, device)
+        results = predict_images(paths, predictor, annotate)
+    except (ValueError, CheckpointError, ModelError) as e:
+        raise click.ClickException(str(e)) from None
+    for result in results:
+        if as_json:
+            click.echo(json.dumps(result))
+        elif "error" in result:
+            click.echo(f"{result['image']}: {result['error']}")
+        else:
+            click.echo(f"{result['image']}: {len(result['faces'])} face(s)"
+                       + (f", annotated -> {result['annotated']}" if "annotated" in result else ""))
+            for i, face in enumerate(result["faces"]):
+                click.echo(f"  face {i}: {summary_line(face)}")
+    failed = [r for r in results if "error" in r]
+    if failed:
+        click.echo(f"{len(failed)} of {len(results)} images could not be read", err=True)
+        sys.exit(1)
+
 
 # --- commands: demo ---
 

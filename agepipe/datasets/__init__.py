@@ -1,0 +1,77 @@
+"""The datasets agepipe knows, and `prepare`, the one call that turns one into a manifest.
+
+Architecture, in the img2dataset way: ``download.py`` gets files (resume, verify, safe unpack) and
+knows nothing about faces; each dataset module (``adience.py``, ``imdb_wiki.py``) knows its
+files and how its metadata becomes manifest rows; ``manifest.py`` holds what they share (age
+classes, folds, the Parquet writer, the summary). A ``Dataset`` ties one of each together, and
+``REGISTRY`` maps the names users type to them: adding a dataset is one module and one entry.
+
+    prepare(name, data_dir, source=None, workers=4, extract=True) -> Path | None
+        fetches DATA/<name>/'s files, unpacks them, writes DATA/<name>/manifest.parquet.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+
+from agepipe.datasets import adience, imdb_wiki, sample
+from agepipe.datasets.download import RemoteFile, fetch
+from agepipe.datasets.manifest import MANIFEST_FILE, write_manifest
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str                                       # also its folder: DATA/<name>/
+    files: tuple[RemoteFile, ...]
+    build_manifest: Callable[[Path], pd.DataFrame]  # DATA/<name> -> manifest rows
+    auth: tuple[str, str] | None = None             # HTTP basic auth, answered when asked
+    published_rows: dict[int, int] | int | None = None   # per fold, or in all, for the summary
+    default_source: Callable[[Path], str] | None = None  # DATA/<name> -> a local source, when no URL serves it
+
+
+REGISTRY: dict[str, Dataset] = {
+    "adience": Dataset("adience", adience.FILES, adience.build_manifest, auth=adience.AUTH,
+                       published_rows=adience.PUBLISHED_ROWS),
+    **{name: Dataset(name, imdb_wiki.files(name), partial(imdb_wiki.build_manifest, name=name),
+                     published_rows=imdb_wiki.PUBLISHED_ROWS[name])
+       for name in imdb_wiki.NAMES},
+    "sample": Dataset("sample", sample.files(), sample.build_manifest, default_source=sample.local_source),
+}
+GROUPS = {"imdb-wiki": ("imdb", "wiki")}
+
+
+def register(dataset: Dataset) -> None:
+    REGISTRY[dataset.name] = dataset
+
+
+def expand(choice: str) -> list[str]:
+    """The dataset names a user's choice stands for ("imdb-wiki" is both)."""
+    names = list(GROUPS.get(choice, (choice,)))
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise KeyError(f"unknown dataset {unknown[0]!r}; known: {', '.join(choices())}")
+    return names
+
+
+def choices() -> list[str]:
+    return sorted(REGISTRY) + sorted(GROUPS)
+
+
+def prepare(name: str, data_dir: str | Path, source: str | None = None, workers: int = 4,
+            extract: bool = True, **fetch_options) -> tuple[Path, pd.DataFrame] | None:
+    """Fetch, verify and unpack dataset ``name`` into DATA/<name>/ and write its manifest.
+    Returns (manifest path, manifest rows), or None when ``extract`` is False (files only)."""
+    dataset = REGISTRY[name]
+    root = Path(data_dir).expanduser() / name
+    if source is None and dataset.default_source is not None:
+        source = dataset.default_source(root)
+    fetch(list(dataset.files), root, source=source, auth=dataset.auth, workers=workers,
+          extract=extract, **fetch_options)
+    if not extract:
+        return None
+    frame = dataset.build_manifest(root)
+    return write_manifest(frame, root / MANIFEST_FILE), frame

@@ -1,0 +1,561 @@
+"""Fetch a dataset's files: resumable, verified downloads and safe unpacking.
+
+    fetch(files, dest_dir, source=None, auth=None, workers=4, extract=True) -> list[Path]
+    safe_extract(archive, target) -> list[Path]
+
+How a file arrives in ``dest_dir``:
+
+* From its official URL, or from ``source``: a folder, a ``file://`` URL or an HTTP(S) mirror that
+  holds the files under their official names. A local file is hard-linked when it can be (no
+  copy, no extra space), else copied.
+* Bytes go to ``NAME.part``; a rerun, or a retry after a dropped connection, asks for the rest
+  with an HTTP ``Range`` request, so bytes already on disk are not fetched again. A server that
+  ignores ``Range`` is tolerated (the part is rewritten from its first byte). Failed attempts are
+  retried with exponential backoff; ``.part`` is renamed to ``NAME`` only when complete.
+* HTTP basic auth is answered only when a server asks for it (401), so credentials are never
+  sent to a mirror that does not want them. ``http://user:password@host/...`` sources work too.
+* Verification: ``RemoteFile.sha256`` when a trustworthy checksum is known; otherwise the sha256
+  recorded on first download in ``dest_dir/.checksums.json`` is checked on every later use.
+  ``unverified_md5`` (a checksum listed by a third party) only warns when it differs.
+* Archives are unpacked by ``safe_extract`` into a temporary folder beside the target and moved
+  into place when complete; a marker file then records the archive, so an interrupted
+  extraction is redone, never trusted.
+"""
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import http.client
+import json
+import logging
+import lzma
+import os
+import shutil
+import socket
+import tarfile
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm import tqdm
+
+from agepipe import __version__
+
+log = logging.getLogger(__name__)
+
+CHECKSUMS_FILE = ".checksums.json"
+CHUNK = 1 << 20
+MAX_BACKOFF_S = 60.0
+# Retrying cannot help these: the request itself is wrong or refused.
+_FATAL_HTTP = {400, 401, 403, 404, 405, 410, 451}
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a dataset, by its official name and URL."""
+    name: str                   # file name in dest_dir and under a --source folder or mirror
+    url: str                    # the official location
+    size: int = 0               # about how many bytes (0: unknown); used for the free-space check
+    sha256: str | None = None   # a checksum we trust; None: record on first download
+    unverified_md5: str | None = None   # listed by a third party: a mismatch only warns
+    extract: bool = False       # a tar archive to unpack into dest_dir
+
+
+class DownloadError(Exception):
+    """A file could not be fetched, verified or unpacked; the message names it."""
+
+
+class ChecksumError(DownloadError):
+    pass
+
+
+class UnsafeArchiveError(DownloadError):
+    pass
+
+
+class NotEnoughSpace(DownloadError):
+    pass
+
+
+class _Retryable(Exception):
+    """A failure worth another attempt (dropped connection, short body, 5xx)."""
+
+
+class _Stopped(Exception):
+    """Another thread asked the workers to stop (Ctrl-C)."""
+
+
+def _check(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise _Stopped()
+
+
+# --- public API -------------------------------------------------------------------------
+
+def fetch(files: list[RemoteFile], dest_dir: str | os.PathLike, source: str | None = None,
+          auth: tuple[str, str] | None = None, workers: int = 4, extract: bool = True,
+          retries: int = 5, backoff: float = 1.0, timeout: float = 60.0) -> list[Path]:
+    """Bring ``files`` into ``dest_dir``, verified, archives unpacked there when ``extract``.
+
+    ``source``: None (official URLs), a folder, a ``file://`` URL or an HTTP(S) base URL.
+    ``auth``: (user, password) answered to an HTTP 401. ``retries``: failed attempts in a row
+    (without new bytes) before giving up on a file; waits grow from ``backoff`` seconds.
+    Returns the files' paths in order. Raises DownloadError naming every file that failed;
+    the others are complete, so a rerun fetches only what is missing.
+    """
+    dest_dir = Path(dest_dir).expanduser()
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    source, auth = _split_credentials(source, auth)
+    locations = [_location(f, source) for f in files]
+    _check_free_space(files, locations, dest_dir, extract)
+
+    stop = threading.Event()
+
+    def one(index: int) -> Path:
+        f = files[index]
+        try:
+            path = _get(f, locations[index], dest_dir, auth, retries, backoff, timeout, index, stop)
+            if extract and f.extract:
+                safe_extract(path, dest_dir, _stop=stop, _position=index)
+        except OSError as e:        # e.g. a full disk: the message alone would not name the file
+            raise DownloadError(f"{f.name}: {e}") from e
+        return path
+
+    errors = []
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="fetch") as pool:
+        futures = [pool.submit(one, i) for i in range(len(files))]
+        try:
+            for future in futures:
+                try:
+                    future.result()
+                except DownloadError as e:
+                    errors.append(e)
+        except BaseException:
+            # Ctrl-C (or a bug): workers stop at their next chunk instead of finishing gigabytes.
+            stop.set()
+            raise
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise DownloadError(f"{len(errors)} files failed:\n" + "\n".join(f"  {e}" for e in errors))
+    return [dest_dir / f.name for f in files]
+
+
+def safe_extract(archive: str | os.PathLike, target: str | os.PathLike, *,
+                 _stop: threading.Event | None = None, _position: int = 0) -> list[Path]:
+    """Unpack a tar archive (any compression) into ``target``; returns its top-level paths.
+
+    Refuses absolute paths, ``..``, links or hard links that resolve outside the archive's
+    folder, and device files, naming the member; nothing is then left behind. Members are
+    unpacked into ``target/.NAME.extracting`` and moved into ``target`` when all are done;
+    ``target/.NAME.extracted`` records that, so a rerun skips a finished extraction and redoes
+    an interrupted one (top-level entries of an unfinished run are replaced).
+    """
+    archive, target = Path(archive), Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    marker = target / f".{archive.name}.extracted"
+    stat = archive.stat()
+    identity = {"archive": archive.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    done = _read_json(marker)
+    if done and all(done.get(k) == v for k, v in identity.items()) and \
+            all((target / name).exists() for name in done.get("entries", [])):
+        return [target / name for name in done["entries"]]
+
+    work = target / f".{archive.name}.extracting"
+    if work.exists():
+        log.info("removing the unfinished extraction %s", work)
+        _remove(work)
+    work.mkdir()
+    try:
+        members = _extract_members(archive, work, _stop, _position)
+        entries = sorted(os.listdir(work))
+        for name in entries:
+            _remove(target / name)
+            os.replace(work / name, target / name)
+        work.rmdir()
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _write_json(marker, {**identity, "entries": entries, "members": members})
+    return [target / name for name in entries]
+
+
+# --- where a file comes from --------------------------------------------------------------
+
+def _split_credentials(source: str | None, auth):
+    """Credentials written into a source URL take precedence and are removed from it."""
+    if not source or "://" not in source:
+        return source, auth
+    parts = urllib.parse.urlsplit(source)
+    if parts.username is None:
+        return source, auth
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    user = urllib.parse.unquote(parts.username)
+    password = urllib.parse.unquote(parts.password or "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), (user, password)
+
+
+def _location(f: RemoteFile, source: str | None) -> str | Path:
+    """An http(s) URL (str) or a local file (Path)."""
+    if source is None:
+        return f.url
+    scheme = urllib.parse.urlsplit(source).scheme.lower()
+    if scheme in ("http", "https"):
+        return source.rstrip("/") + "/" + urllib.parse.quote(f.name)
+    if scheme == "file":
+        folder = Path(urllib.request.url2pathname(urllib.parse.urlsplit(source).path))
+    elif scheme and len(scheme) > 1:
+        raise DownloadError(f"--source {source}: only folders, file://, http:// and https:// are supported")
+    else:
+        folder = Path(source).expanduser()
+    if not folder.is_dir():
+        raise DownloadError(f"--source {source}: no such folder")
+    return folder / f.name
+
+
+def _check_free_space(files, locations, dest_dir: Path, extract: bool) -> None:
+    """Fail before starting when the files still to fetch (and unpack) cannot fit."""
+    need = 0
+    for f, where in zip(files, locations):
+        final, part = dest_dir / f.name, dest_dir / (f.name + ".part")
+        if not final.exists():
+            linkable = isinstance(where, Path) and where.exists() and \
+                where.stat().st_dev == dest_dir.stat().st_dev
+            if not linkable:
+                need += max(0, f.size - (part.stat().st_size if part.exists() else 0))
+        # Archives of JPEGs barely compress: unpacking needs about the archive's size again.
+        if extract and f.extract and not (dest_dir / f".{f.name}.extracted").exists():
+            need += f.size
+    free = shutil.disk_usage(dest_dir).free
+    if need > free:
+        raise NotEnoughSpace(f"{dest_dir}: about {_gb(need)} needed, {_gb(free)} free")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+# --- getting one file ---------------------------------------------------------------------
+
+def _get(f: RemoteFile, where: str | Path, dest_dir: Path, auth, retries: int, backoff: float,
+         timeout: float, position: int, stop: threading.Event) -> Path:
+    final = dest_dir / f.name
+    if final.exists():
+        _verify(f, final, dest_dir, where, fresh=False, position=position, stop=stop)
+        return final
+    if not (isinstance(where, Path) and _try_hardlink(where, final)):
+        part = dest_dir / (f.name + ".part")
+        _fill_part(where, part, f.name, auth, retries, backoff, timeout, position, stop)
+        os.replace(part, final)
+    _verify(f, final, dest_dir, where, fresh=True, position=position, stop=stop)
+    return final
+
+
+def _fill_part(where: str | Path, part: Path, name: str, auth, retries: int, backoff: float,
+               timeout: float, position: int, stop: threading.Event) -> None:
+    """Complete ``part``, resuming after every failure; ``retries`` failures in a row without a
+    new byte end it."""
+    failures = 0
+    while True:
+        before = part.stat().st_size if part.exists() else 0
+        try:
+            if isinstance(where, Path):
+                return _copy_from(where, part, name, position, stop)
+            return _download(where, part, name, auth, timeout, position, stop)
+        except _Retryable as e:
+            after = part.stat().st_size if part.exists() else 0
+            failures = 0 if after > before else failures + 1
+            if failures > retries:
+                raise DownloadError(f"{name}: giving up after {retries} retries: {e}") from None
+            wait = min(MAX_BACKOFF_S, backoff * 2 ** max(0, failures - 1))
+            log.warning("%s: %s; retrying in %.1f s from byte %d", name, e, wait, after)
+            if stop.wait(wait):
+                raise _Stopped() from None
+
+
+def _try_hardlink(src: Path, final: Path) -> bool:
+    if not src.is_file():
+        raise DownloadError(f"{final.name}: not found in the source folder {src.parent}")
+    try:
+        os.link(src, final)
+        return True
+    except OSError:         # another filesystem, or links not allowed: copy instead
+        return False
+
+
+def _copy_from(src: Path, part: Path, name: str, position: int, stop: threading.Event) -> None:
+    total = src.stat().st_size
+    start = part.stat().st_size if part.exists() else 0
+    if start > total:
+        start = 0
+    with open(src, "rb") as stream:
+        stream.seek(start)
+        _write_stream(stream, part, start, total, name, position, stop)
+
+
+class _RangeNotSatisfiable(Exception):
+    def __init__(self, total: int | None):
+        self.total = total
+
+
+def _download(url: str, part: Path, name: str, auth, timeout: float, position: int,
+              stop: threading.Event) -> None:
+    offset = part.stat().st_size if part.exists() else 0
+    try:
+        response = _open(url, offset, auth, timeout, name)
+    except _RangeNotSatisfiable as e:
+        if e.total == offset:           # a previous run got every byte but stopped before the rename
+            return
+        part.unlink()
+        raise _Retryable(f"the part holds {offset} bytes but the file has {e.total}; starting over") from None
+    with response:
+        start, total = _content_range(response, offset, name)
+        free = shutil.disk_usage(part.parent).free
+        if total is not None and total - start > free:
+            raise NotEnoughSpace(f"{name}: {_gb(total - start)} still to fetch, {_gb(free)} free in {part.parent}")
+        try:
+            _write_stream(response, part, start, total, name, position, stop)
+        except (ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException) as e:
+            raise _Retryable(f"connection lost ({e.__class__.__name__})") from None
+
+
+def _open(url: str, offset: int, auth, timeout: float, name: str):
+    """The response for ``url`` from byte ``offset``, answering a 401 with ``auth`` once."""
+    request = urllib.request.Request(url, headers={"User-Agent": f"agepipe/{__version__}"})
+    if offset:
+        request.add_header("Range", f"bytes={offset}-")
+    sent_auth = False
+    while True:
+        try:
+            return urllib.request.urlopen(request, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            e.close()
+            if e.code == 401 and auth and not sent_auth:
+                token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+                # Unredirected: a redirect to another host does not carry the credentials.
+                request.add_unredirected_header("Authorization", f"Basic {token}")
+                sent_auth = True
+                continue
+            if e.code == 416 and offset:
+                total = (e.headers.get("Content-Range") or "").rpartition("/")[2].strip()
+                raise _RangeNotSatisfiable(int(total) if total.isdigit() else None) from None
+            if e.code == 401:
+                why = "credentials refused" if sent_auth else "the server asks for credentials"
+                raise DownloadError(f"{name}: {url}: HTTP 401, {why}") from None
+            if e.code in (408, 429) or e.code >= 500:
+                raise _Retryable(f"HTTP {e.code} {e.reason}") from None
+            raise DownloadError(f"{name}: {url}: HTTP {e.code} {e.reason}") from None
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
+                TimeoutError, socket.timeout) as e:
+            raise _Retryable(f"{e.__class__.__name__}: {getattr(e, 'reason', e)}") from None
+
+
+def _content_range(response, offset: int, name: str) -> tuple[int, int | None]:
+    """(the first byte the body holds, the file's size or None)."""
+    if response.status == 206:
+        spec = response.headers.get("Content-Range", "")
+        try:
+            first_last, _, total = spec.removeprefix("bytes ").partition("/")
+            first = int(first_last.partition("-")[0])
+            size = None if total.strip() == "*" else int(total)
+        except ValueError:
+            raise _Retryable(f"unreadable Content-Range {spec!r}") from None
+        if first > offset:
+            raise _Retryable(f"asked for byte {offset}, got bytes from {first}")
+        return first, size
+    if offset:
+        log.warning("%s: the server ignored the Range request; fetching again from the first byte", name)
+    length = response.headers.get("Content-Length", "")
+    return 0, int(length) if length.isdigit() else None
+
+
+def _write_stream(stream, part: Path, start: int, total: int | None, name: str, position: int,
+                  stop: threading.Event) -> None:
+    """Write ``stream`` into ``part`` from byte ``start``; a short body is a retryable failure."""
+    written = start
+    with open(part, "r+b" if part.exists() else "wb") as out, \
+            tqdm(total=total, initial=start, desc=name, position=position, unit="B",
+                 unit_scale=True, unit_divisor=1024, leave=False, disable=None) as bar:
+        out.truncate(start)
+        out.seek(start)
+        # read1 returns what has arrived: on a slow link Ctrl-C is not held up by a full chunk.
+        read = getattr(stream, "read1", stream.read)
+        while chunk := read(CHUNK):
+            _check(stop)
+            out.write(chunk)
+            written += len(chunk)
+            bar.update(len(chunk))
+        out.flush()
+        os.fsync(out.fileno())
+    if total is not None and written < total:
+        raise _Retryable(f"connection closed at byte {written} of {total}")
+
+
+# --- verification ---------------------------------------------------------------------------
+
+_records_lock = threading.Lock()
+
+
+def _verify(f: RemoteFile, path: Path, dest_dir: Path, where, fresh: bool, position: int = 0,
+            stop: threading.Event | None = None) -> None:
+    check_md5 = fresh and f.unverified_md5 is not None
+    sha256, md5 = _hash(path, check_md5, position, stop)
+    if f.sha256:
+        expected, what = f.sha256.lower(), "the known sha256"
+    else:
+        with _records_lock:
+            record = (_read_json(dest_dir / CHECKSUMS_FILE) or {}).get(f.name)
+            if record is None:
+                record = {"sha256": sha256, "size": path.stat().st_size, "source": str(where),
+                          "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                _update_json(dest_dir / CHECKSUMS_FILE, f.name, record)
+        expected = record["sha256"]
+        what = f"the sha256 recorded on first download ({dest_dir / CHECKSUMS_FILE}, {record.get('recorded_at')})"
+    if sha256 != expected:
+        if fresh:
+            path.unlink()
+            raise ChecksumError(f"{f.name} from {where}: sha256 {sha256} does not match {what} {expected}; "
+                                "the download was deleted")
+        raise ChecksumError(f"{path}: sha256 {sha256} does not match {what} {expected}; "
+                            "the file changed on disk: delete it to fetch it again")
+    if check_md5 and md5 != f.unverified_md5.lower():
+        log.warning("%s: md5 %s differs from %s, which a third party lists (unverified); "
+                    "the sha256 is recorded and checked from now on", f.name, md5, f.unverified_md5)
+
+
+def _hash(path: Path, with_md5: bool, position: int, stop: threading.Event | None) -> tuple[str, str | None]:
+    sha256 = hashlib.sha256()
+    md5 = hashlib.md5(usedforsecurity=False) if with_md5 else None
+    with open(path, "rb") as stream, tqdm(total=path.stat().st_size, desc=f"{path.name} sha256", unit="B",
+                                          position=position, unit_scale=True, unit_divisor=1024, leave=False,
+                                          disable=None) as bar:
+        while chunk := stream.read(CHUNK * 4):
+            _check(stop)
+            sha256.update(chunk)
+            if md5 is not None:
+                md5.update(chunk)
+            bar.update(len(chunk))
+    return sha256.hexdigest(), md5.hexdigest() if md5 is not None else None
+
+
+# --- extraction -----------------------------------------------------------------------------
+
+_FILTER_ERROR = getattr(tarfile, "FilterError", ())     # () catches nothing on older Pythons
+_DAMAGED = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
+
+
+def _extract_members(archive: Path, work: Path, stop: threading.Event | None, position: int) -> int:
+    root = os.path.realpath(work)
+    # Python's own "data" filter (3.12, backported to 3.10.12/3.11.4) is a second line of defence.
+    data_filter = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    try:
+        tar = tarfile.open(archive, "r:*")
+    except (tarfile.TarError, OSError) as e:
+        raise DownloadError(f"{archive}: not a readable tar archive ({e})") from None
+    count = 0
+    resolved: dict[str, str] = {}
+    with tar, tqdm(desc=f"{archive.name} unpack", unit=" files", position=position, leave=False,
+                   disable=None) as bar:
+        try:
+            while (member := tar.next()) is not None:
+                _check(stop)
+                _check_member(member, root, archive, resolved)
+                try:
+                    # Folder modes are left alone: a read-only folder would refuse its own files.
+                    tar.extract(member, work, set_attrs=not member.isdir(), **data_filter)
+                except _FILTER_ERROR as e:
+                    raise UnsafeArchiveError(f"{archive}: refusing member {member.name!r}: {e}") from None
+                tar.members.clear()     # 460k TarInfo objects are memory nobody reads again
+                count += 1
+                bar.update()
+        except _DAMAGED as e:
+            raise DownloadError(f"{archive}: damaged archive after {count} members "
+                                f"({e.__class__.__name__}: {e})") from None
+    return count
+
+
+def _check_member(member: tarfile.TarInfo, root: str, archive: Path, resolved: dict[str, str]) -> None:
+    """Refuse a member that could write outside ``root``. ``resolved`` caches folders' real
+    paths; only a symbolic link can change them, so unpacking one empties the cache."""
+    def refuse(why: str):
+        raise UnsafeArchiveError(f"{archive}: refusing member {member.name!r}: {why}; nothing was unpacked")
+
+    name = member.name
+    if not name or "\x00" in name:
+        refuse("empty name")
+    if _is_absolute(name):
+        refuse("absolute path")
+    if ".." in _parts(name):
+        refuse("'..' in its path")
+    if member.isdev():
+        refuse("device file or FIFO")
+    if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
+        refuse(f"unsupported member type {member.type!r}")
+    dest = os.path.join(root, name)
+    # Resolved on disk: a link unpacked earlier could otherwise carry a later member outside.
+    folder = os.path.dirname(dest)
+    if folder not in resolved:
+        resolved[folder] = os.path.realpath(folder)
+    real = os.path.realpath(dest) if os.path.islink(dest) else \
+        os.path.join(resolved[folder], os.path.basename(dest))
+    if not _inside(real, root):
+        refuse("it would land outside the target folder")
+    if member.issym():
+        resolved.clear()
+        link = member.linkname
+        if not link or _is_absolute(link):
+            refuse(f"symbolic link to the absolute path {link!r}")
+        if not _inside(os.path.realpath(os.path.join(os.path.dirname(dest), link)), root):
+            refuse(f"symbolic link to {link!r} leaves the target folder")
+    if member.islnk():
+        link = member.linkname
+        if not link or _is_absolute(link) or ".." in _parts(link) or \
+                not _inside(os.path.realpath(os.path.join(root, link)), root):
+            refuse(f"hard link to {link!r} leaves the target folder")
+
+
+def _is_absolute(name: str) -> bool:
+    return name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":")
+
+
+def _parts(name: str) -> list[str]:
+    return name.replace("\\", "/").split("/")
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + os.sep)
+
+
+# --- small file helpers ---------------------------------------------------------------------
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _update_json(path: Path, key: str, value) -> None:
+    data = _read_json(path) or {}
+    data[key] = value
+    _write_json(path, data)

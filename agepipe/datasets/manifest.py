@@ -1,0 +1,175 @@
+"""What every dataset's manifest shares: Adience's age classes, subject-hash folds, image paths
+that stay inside the dataset, the atomic Parquet writer and the printed summary.
+
+Statuses any dataset may give a row (each dataset module documents its own as well):
+    ok             usable; an unknown age or gender is NaN / -1, not a status
+    missing_image  the image is not on disk after extraction
+    bad_path       the metadata names a path that would leave the dataset folder
+    duplicate      a usable row whose image an earlier row already lists; every repeat's
+                   image_id gets "#2", "#3", ... so image_id stays unique
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from agepipe.features.store import MANIFEST_SCHEMA, fixed_list
+
+MANIFEST_FILE = "manifest.parquet"
+N_FOLDS = 5
+
+AGE_CLASSES = ("0-2", "4-6", "8-12", "15-20", "25-32", "38-43", "48-53", "60-100")
+CLASS_MIDPOINTS = np.array([1.0, 5.0, 10.0, 17.5, 28.5, 40.5, 50.5, 80.0])
+# Ties (an age exactly between two midpoints: 3, 7.5, 13.75, 23, 34.5, 45.5, 65.25) go to the class
+# that comes first in this order, the order of the midpoint list in Kim 2021's code
+# (tae898/age-gender): 3 -> 4-6, 23 -> 25-32, 34.5 -> 25-32, 65.25 -> 60-100, ...
+_TIE_ORDER = np.array([4, 5, 1, 7, 3, 6, 2, 0])
+
+GENDER_NAMES = {0: "female", 1: "male", -1: "unknown"}
+
+
+class MetadataError(ValueError):
+    """A metadata file cannot be read at all; the message names the file (and row)."""
+
+
+def age_bin(ages) -> np.ndarray:
+    """Adience class 0-7 of the midpoint nearest each age; -1 where the age is NaN."""
+    ages = np.asarray(ages, dtype=np.float64).reshape(-1)
+    known = np.isfinite(ages)
+    distance = np.abs(ages[known, None] - CLASS_MIDPOINTS[_TIE_ORDER][None, :])
+    out = np.full(len(ages), -1, dtype=np.int8)
+    out[known] = _TIE_ORDER[np.argmin(distance, axis=1)]
+    return out
+
+
+def subject_fold(subject_ids, n_folds: int = N_FOLDS) -> np.ndarray:
+    """A fold 0..n_folds-1 from a stable hash of each subject id (the same on every machine and
+    Python run, unlike hash()), so one person's images never straddle folds."""
+    def fold(subject: str) -> int:
+        digest = hashlib.blake2b(subject.encode("utf-8"), digest_size=8).digest()
+        return int.from_bytes(digest, "big") % n_folds
+    ids = [str(s) for s in subject_ids]
+    folds = {s: fold(s) for s in set(ids)}
+    return np.array([folds[s] for s in ids], dtype=np.int8)
+
+
+def is_safe_relpath(path: str) -> bool:
+    """A relative path that stays inside the dataset folder."""
+    if not path or "\x00" in path or path.startswith(("/", "\\")) or (len(path) > 1 and path[1] == ":"):
+        return False
+    return all(part not in ("", ".", "..") for part in path.replace("\\", "/").split("/"))
+
+
+def mark_duplicates(image_ids: list[str], status: np.ndarray) -> list[str]:
+    """Later occurrences of an image_id get status "duplicate" (unless already failed) and a
+    "#k" suffix, so every row keeps a unique image_id. Returns the new ids."""
+    seen: dict[str, int] = {}
+    out = []
+    for i, image_id in enumerate(image_ids):
+        k = seen.get(image_id, 0) + 1
+        seen[image_id] = k
+        if k > 1:
+            image_id = f"{image_id}#{k}"
+            if status[i] == "ok":
+                status[i] = "duplicate"
+        out.append(image_id)
+    return out
+
+
+def files_on_disk(root: Path, folder: str) -> set[str]:
+    """Relative paths (from ``root``) of every file under ``root/folder``: one walk instead of a
+    stat per manifest row."""
+    found = set()
+    base = root / folder
+    for dirpath, _, filenames in os.walk(base):
+        rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        found.update(f"{rel}/{name}" for name in filenames)
+    return found
+
+
+def first_failure(*checks: tuple[np.ndarray, str], n: int) -> np.ndarray:
+    """Status per row: the name of the first check whose mask is True, else "ok"."""
+    status = np.full(n, "ok", dtype=object)
+    undecided = np.ones(n, dtype=bool)
+    for mask, name in checks:
+        hit = undecided & np.asarray(mask, dtype=bool)
+        status[hit] = name
+        undecided &= ~hit
+    return status
+
+
+def write_manifest(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write DESIGN.md's manifest columns (typed by store.MANIFEST_SCHEMA) followed by any extra
+    columns of ``frame``, to a temporary name and then renamed. ``face_hint`` holds 4-value
+    sequences or None."""
+    path = Path(path)
+    missing = [c for c in MANIFEST_SCHEMA.names if c not in frame.columns]
+    if missing:
+        raise ValueError(f"manifest for {path} lacks columns {missing}")
+    if not frame["image_id"].is_unique:
+        dup = frame["image_id"][frame["image_id"].duplicated()].iloc[0]
+        raise ValueError(f"manifest for {path}: image_id {dup!r} is not unique")
+    hints = frame["face_hint"].to_numpy()
+    valid = np.array([h is not None for h in hints], dtype=bool)
+    matrix = np.zeros((len(frame), 4), dtype=np.float32)
+    if valid.any():
+        matrix[valid] = np.stack([np.asarray(h, dtype=np.float32).reshape(4) for h in hints[valid]])
+    columns = {}
+    for field in MANIFEST_SCHEMA:
+        if field.name == "face_hint":
+            columns[field.name] = fixed_list(matrix, 4, valid)
+        else:
+            # from_pandas=False: an unknown age stays NaN, as the contract says, not null.
+            columns[field.name] = pa.array(frame[field.name].to_numpy(), type=field.type, from_pandas=False)
+    table = pa.table(columns, schema=MANIFEST_SCHEMA)
+    extras = [c for c in frame.columns if c not in MANIFEST_SCHEMA.names]
+    if extras:
+        extra = pa.Table.from_pandas(frame[extras], preserve_index=False)
+        for name in extras:
+            table = table.append_column(extra.schema.field(name), extra[name])
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
+    return pq.read_table(path).to_pandas()
+
+
+def summarize(frame: pd.DataFrame, name: str, published: dict[int, int] | int | None = None) -> str:
+    """Rows per status, per fold, and per age class and gender among usable rows."""
+    n = len(frame)
+    lines = [f"{name}: {n:,} rows"]
+    if isinstance(published, int) and published != n:
+        lines[0] += f" (published total: {published:,}; this metadata differs)"
+    lines.append("  status:")
+    for status, count in frame["status"].value_counts().sort_index().items():
+        lines.append(f"    {status:<22}{count:>9,}")
+    lines.append("  fold:")
+    for fold, count in frame["fold"].value_counts().sort_index().items():
+        note = ""
+        if isinstance(published, dict) and published.get(int(fold)) not in (None, count):
+            note = f"   (published: {published[int(fold)]:,})"
+        lines.append(f"    {int(fold):<22}{count:>9,}{note}")
+    ok = frame[frame["status"] == "ok"]
+    lines.append("  age class (status ok):")
+    bins = ok["age_bin"].value_counts()
+    for b, label in [(i, AGE_CLASSES[i]) for i in range(len(AGE_CLASSES))] + [(-1, "unknown")]:
+        lines.append(f"    {label:<22}{int(bins.get(b, 0)):>9,}")
+    lines.append("  gender (status ok):")
+    genders = ok["gender"].value_counts()
+    for g in (0, 1, -1):
+        lines.append(f"    {GENDER_NAMES[g]:<22}{int(genders.get(g, 0)):>9,}")
+    return "\n".join(lines)

@@ -1,0 +1,80 @@
+"""Adience: messy fold files become a manifest where every line has a row and a status."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from agepipe.datasets import adience, prepare
+from agepipe.datasets.manifest import MetadataError, age_bin, read_manifest
+from agepipe.features.store import MANIFEST_SCHEMA
+from tests.datasets.builders import adience_files, adience_fold_text, adience_rows, write_files
+
+
+@pytest.mark.parametrize("label, age, bad", [
+    ("(25, 32)", 28.5, False), ("(38, 42)", 40.0, False), ("(8, 23)", 15.5, False), ("(27, 32)", 29.5, False),
+    (" (60, 100) ", 80.0, False), ("35", 35.0, False), ("3", 3.0, False), ("None", math.nan, False),
+    ("", math.nan, False), ("(25, )", math.nan, True), ("(32, 25)", math.nan, True), ("(60, 200)", math.nan, True),
+    ("abc", math.nan, True), ("-3", math.nan, True), ("140", math.nan, True),
+])
+def test_parse_age(label, age, bad):
+    got, got_bad = adience.parse_age(label)
+    assert got_bad == bad and (got == age or math.isnan(got) and math.isnan(age))
+
+
+def test_age_classes_follow_the_nearest_midpoint_with_kim_2021_ties():
+    # Exact ties: 3 -> 4-6, 7.5 -> 4-6, 13.75 -> 15-20, 23 -> 25-32, 34.5 -> 25-32, 45.5 -> 38-43, 65.25 -> 60-100.
+    ages = [0, 1, 2, 3, 4, 6, 7.5, 8, 13, 13.75, 14, 15.5, 23, 24, 33, 34.5, 35, 45.5, 46, 60, 65, 65.25, 100, math.nan]
+    want = [0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 3, 4, 4, 4, 4, 5, 5, 6, 6, 6, 7, 7, -1]
+    assert age_bin(ages).tolist() == want
+
+
+def test_manifest_accounts_for_every_line_with_the_right_labels(tmp_path):
+    root = tmp_path / "adience"
+    prepare("adience", tmp_path, source=str(write_files(tmp_path / "mine", adience_files())))
+    frame = read_manifest(root / "manifest.parquet")
+
+    for fold in range(5):
+        text = adience_fold_text(fold)
+        lines = [line for line in text.replace("\r\n", "\n").split("\n")[1:] if line.strip()]
+        assert (frame["fold"] == fold).sum() == len(lines) == len(adience_rows(fold))
+        got = frame[frame["fold"] == fold].reset_index(drop=True)
+        for i, row in enumerate(adience_rows(fold)):
+            r = got.iloc[i]
+            where = f"{r['source_line']} {row.fields}"
+            assert r["status"] == row.status, where
+            assert (np.isnan(r["age"]) and np.isnan(row.age)) or r["age"] == pytest.approx(row.age), where
+            assert r["age_bin"] == row.age_bin and r["gender"] == row.gender, where
+            assert r["age_label"] == (row.fields[3] if len(row.fields) > 3 else ""), where
+
+    ok = frame[frame["status"] == "ok"]
+    assert all((root / i).is_file() for i in ok["image_id"])
+    assert frame["image_id"].is_unique
+    assert "aligned/7153718@N04/landmark_aligned_face.2282.11597935265_29bcdfa4a5_o.jpg" in set(ok["image_id"])
+    assert "fold_0_data.txt#L12" in set(frame["image_id"])              # the line that names no image
+    assert frame["face_hint"].isna().all()
+    # Folds come from the files, and a user never crosses folds.
+    assert frame.dropna(subset=["subject_id"]).groupby("subject_id")["fold"].nunique().max() == 1
+
+
+def test_written_manifest_has_the_contract_schema_first(tmp_path):
+    prepare("adience", tmp_path, source=str(write_files(tmp_path / "mine", adience_files())))
+    schema = pq.read_schema(tmp_path / "adience" / "manifest.parquet")
+    assert schema.names[:len(MANIFEST_SCHEMA)] == MANIFEST_SCHEMA.names
+    for field in MANIFEST_SCHEMA:
+        assert schema.field(field.name).type == field.type, field.name
+    assert {"age_label", "gender_label", "source_line", "face_x", "fiducial_score"} <= set(schema.names)
+    age = pq.read_table(tmp_path / "adience" / "manifest.parquet", columns=["age"])["age"]
+    assert age.null_count == 0 and np.isnan(age.to_numpy()).sum() > 0      # unknown ages are NaN
+
+
+def test_a_file_that_is_not_a_fold_file_is_named(tmp_path):
+    root = tmp_path / "adience"
+    root.mkdir()
+    for k in range(5):
+        (root / f"fold_{k}_data.txt").write_text(adience_fold_text(k))
+    (root / "fold_3_data.txt").write_text("userid\timage\n1\t2\n")
+    with pytest.raises(MetadataError, match=r"fold_3_data.txt: line 1 is not an Adience fold header"):
+        adience.build_manifest(root)

@@ -1,0 +1,104 @@
+"""`agepipe download`: from a folder, from a loopback mirror that demands the published
+credentials, for IMDB and WIKI together, and once as a real subprocess."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+from click.testing import CliRunner
+
+from agepipe.cli import cli
+from agepipe.datasets.manifest import read_manifest
+from tests.datasets.builders import adience_files, adience_rows, imdb_wiki_files, make_tar, write_files
+
+FOLD_LINES = {0: 17, 1: 8, 2: 1, 3: 1, 4: 2}     # rows of the fixture's fold files
+
+
+def run(*args, env=None):
+    result = CliRunner().invoke(cli, ["download", *args], env=env, catch_exceptions=False)
+    return result
+
+
+def check_adience(data_dir, output):
+    frame = read_manifest(data_dir / "adience" / "manifest.parquet")
+    for fold in range(5):
+        assert (frame["fold"] == fold).sum() == len(adience_rows(fold)) == FOLD_LINES[fold]
+    assert frame["status"].notna().all()
+    counts = frame["status"].value_counts()
+    for status, n in counts.items():                   # the summary accounts for every row
+        assert f"{status:<22}{n:>9,}" in output
+    assert f"adience: {len(frame):,} rows" in output and "(published: 4,484)" in output
+    assert "25-32" in output and "female" in output
+    return frame
+
+
+def test_download_from_a_folder_of_the_real_file_names(tmp_path):
+    source = write_files(tmp_path / "Downloads", adience_files())
+    result = run("--dataset", "adience", "--source", str(source), "--data-dir", str(tmp_path / "data"))
+    assert result.exit_code == 0, result.output
+    check_adience(tmp_path / "data", result.output)
+    assert (tmp_path / "data" / "adience" / "faces").is_dir()
+
+
+def test_download_from_a_mirror_that_demands_the_published_credentials(tmp_path, server):
+    for name, data in adience_files().items():
+        server.files[f"/adiencedb/{name}"] = data
+    server.auth = ("adiencedb", "adience")
+    data_dir = tmp_path / "data"
+    result = run("--dataset", "adience", "--source", f"{server.url}/adiencedb/", "--workers", "3",
+                 env={"AGEPIPE_DATA": str(data_dir)})
+    assert result.exit_code == 0, result.output
+    first = check_adience(data_dir, result.output)
+
+    served = len(server.log)
+    again = run("--dataset", "adience", "--source", f"{server.url}/adiencedb/", "--data-dir", str(data_dir))
+    assert again.exit_code == 0, again.output
+    assert len(server.log) == served                    # verified files are not fetched again
+    pd.testing.assert_frame_equal(first, read_manifest(data_dir / "adience" / "manifest.parquet"))
+
+
+def test_imdb_wiki_means_both(tmp_path, server):
+    for name in ("imdb", "wiki"):
+        for file, data in imdb_wiki_files(name).items():
+            server.files[f"/static/{file}"] = data
+    result = run("--dataset", "imdb-wiki", "--source", f"{server.url}/static", "--data-dir", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    for name in ("imdb", "wiki"):
+        frame = read_manifest(tmp_path / name / "manifest.parquet")
+        assert len(frame) == 14 and (frame["status"] == "ok").sum() == 4
+        assert f"{name}: 14 rows (published total:" in result.output
+        assert (tmp_path / name / f"{name}_crop" / f"{name}.mat").is_file()
+
+
+def test_no_extract_only_fetches(tmp_path):
+    source = write_files(tmp_path / "Downloads", adience_files())
+    result = run("--dataset", "adience", "--source", str(source), "--data-dir", str(tmp_path / "data"),
+                 "--no-extract")
+    assert result.exit_code == 0, result.output
+    root = tmp_path / "data" / "adience"
+    assert (root / "aligned.tar.gz").is_file() and not (root / "aligned").exists()
+    assert not (root / "manifest.parquet").exists() and "--no-extract" in result.output
+
+
+def test_errors_are_one_clear_line(tmp_path, server):
+    bad = run("--dataset", "celeba", "--data-dir", str(tmp_path))
+    assert bad.exit_code != 0 and "unknown dataset 'celeba'; known: adience, imdb, wiki, imdb-wiki" in bad.output
+    server.files["/static/wiki_crop.tar"] = make_tar({"wiki_crop/../../../escape.jpg": b"x"})
+    hostile = run("--dataset", "wiki", "--source", f"{server.url}/static", "--data-dir", str(tmp_path / "d"))
+    assert hostile.exit_code == 1
+    # The tar lists the folders first: the first of them is the member named.
+    assert "wiki_crop.tar: refusing member 'wiki_crop/..': '..' in its path" in hostile.output
+    assert not (tmp_path / "escape.jpg").exists()
+
+
+def test_real_subprocess(tmp_path):
+    source = write_files(tmp_path / "Downloads", adience_files())
+    env = {**os.environ, "AGEPIPE_DATA": str(tmp_path / "data")}
+    proc = subprocess.run([sys.executable, "-c", "from agepipe.cli import main; main()", "download",
+                           "--dataset", "adience", "--source", source.as_uri()],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    check_adience(tmp_path / "data", proc.stdout)
+    assert "third party lists (unverified)" in proc.stderr     # the fixture is not the real file

@@ -1,0 +1,99 @@
+"""IMDB-WIKI: the MATLAB metadata in its real layout, dates that break naive conversion, and
+subject-hash folds."""
+from __future__ import annotations
+
+import math
+from datetime import date
+
+import numpy as np
+import pytest
+import scipy.io
+
+from agepipe.datasets import imdb_wiki, prepare
+from agepipe.datasets.manifest import MetadataError, read_manifest, subject_fold
+from tests.datasets.builders import imdb_wiki_files, mat_rows, write_files, write_mat
+
+
+def test_fixture_mat_has_the_real_layout(tmp_path):
+    path = tmp_path / "imdb.mat"
+    write_mat(path, "imdb", mat_rows("imdb"))
+    mat = scipy.io.loadmat(path)
+    record = mat["imdb"][0, 0]
+    assert mat["imdb"].shape == (1, 1)
+    n = len(mat_rows("imdb"))
+    for field in ("dob", "photo_taken", "full_path", "gender", "name", "face_location", "face_score",
+                  "second_face_score", "celeb_id"):
+        assert record[field].shape == (1, n), field
+    assert record["full_path"].dtype == object and record["full_path"][0, 0].shape == (1,)
+    assert record["face_location"][0, 0].shape == (1, 4)
+    assert record["name"][0, n - 1].shape == (0,)           # an empty name is an empty cell
+
+
+def test_age_at_photo_follows_the_original_convention_and_survives_bad_dates():
+    d = lambda y, m, day: date(y, m, day).toordinal() + 366     # noqa: E731  MATLAB datenum
+    dob = np.array([d(1981, 5, 5), d(1981, 6, 30), d(1981, 7, 1), d(1981, 12, 31), 0, 1, 366.9, np.nan,
+                    np.inf, -5, 1e12, d(1990, 1, 1)])
+    taken = np.array([2009, 2009, 2009, 2009, 2009, 2009, 2009, 2009, 2009, 2009, 2009, 0])
+    age, bad = imdb_wiki.age_at_photo(dob, taken)
+    assert age[:4].tolist() == [28, 28, 27, 27]
+    assert bad.tolist() == [False] * 4 + [True] * 8
+    assert np.isnan(age[4:]).all()
+
+
+def test_folds_are_a_stable_hash_of_the_subject():
+    subjects = ["6488", "11516", "Fred Astaire", "6488", ""]
+    folds = subject_fold(subjects)
+    assert folds.dtype == np.int8 and folds[0] == folds[3] and set(folds) <= set(range(5))
+    # Pinned: a change here reshuffles every user's IMDB-WIKI folds.
+    assert folds.tolist() == subject_fold(subjects).tolist() == [0, 3, 1, 0, 1]
+    spread = np.bincount(subject_fold([str(i) for i in range(5000)]), minlength=5)
+    assert spread.min() > 900
+
+
+@pytest.mark.parametrize("name", ["imdb", "wiki"])
+def test_manifest_accounts_for_every_entry(tmp_path, name):
+    source = write_files(tmp_path / "mine", imdb_wiki_files(name))
+    path, frame = prepare(name, tmp_path / "data", source=str(source))
+    assert path == tmp_path / "data" / name / "manifest.parquet"
+    frame = read_manifest(path)
+    rows = mat_rows(name)
+    assert len(frame) == len(rows)
+    for r, (_, got) in zip(rows, frame.iterrows()):
+        assert got["status"] == r.status, r.full_path
+        want_age = r.age if r.status not in ("bad_date", "bad_age") else math.nan
+        assert (math.isnan(got["age"]) and math.isnan(want_age)) or got["age"] == want_age, r.full_path
+        assert got["gender"] == {1.0: 1, 0.0: 0}.get(r.gender, -1), r.full_path
+        if r.status == "no_face_in_metadata":
+            assert got["face_hint"] is None
+        else:
+            assert list(got["face_hint"]) == list(r.location), r.full_path
+        if name == "imdb":
+            assert got["subject_id"] == (str(r.celeb_id) if r.celeb_id > 0 else got["image_id"])
+        else:
+            assert got["subject_id"] == (r.name or got["image_id"])
+    assert frame["image_id"].iloc[0] == "imdb_crop/01/nm0000001_rm124825600_1899-5-10_1968.jpg".replace("imdb", name)
+    assert frame["image_id"].iloc[-2].endswith("#2")                   # the duplicate
+    ok = frame[frame["status"] == "ok"]
+    assert all((tmp_path / "data" / name / i).is_file() for i in ok["image_id"])
+    assert frame.groupby("subject_id")["fold"].nunique().max() == 1
+    assert frame["second_face_score"].notna().sum() == 1
+    assert ("celeb_id" in frame) == (name == "imdb")
+
+
+def test_unreadable_metadata_is_named(tmp_path):
+    root = tmp_path / "wiki"
+    (root / "wiki_crop").mkdir(parents=True)
+    scipy.io.savemat(root / "wiki_crop" / "wiki.mat", {"other": np.zeros((1, 3))})
+    with pytest.raises(MetadataError, match=r"wiki.mat: no 1x1 struct named 'wiki' \(variables: \['other'\]\)"):
+        imdb_wiki.build_manifest(root, "wiki")
+    (root / "wiki_crop" / "wiki.mat").write_bytes(b"not matlab at all")
+    with pytest.raises(MetadataError, match="wiki.mat: not a readable MATLAB file"):
+        imdb_wiki.build_manifest(root, "wiki")
+    rows = mat_rows("wiki")
+    write_mat(root / "wiki_crop" / "wiki.mat", "wiki", rows)
+    mat = scipy.io.loadmat(root / "wiki_crop" / "wiki.mat")
+    record = mat["wiki"][0, 0]
+    record["dob"] = record["dob"][:, :3]
+    scipy.io.savemat(root / "wiki_crop" / "wiki.mat", {"wiki": mat["wiki"]})
+    with pytest.raises(MetadataError, match=r"full_path has 14 entries but \{'dob': 3\}"):
+        imdb_wiki.build_manifest(root, "wiki")
