@@ -1,0 +1,70 @@
+"""Model packs: buffalo_l downloaded from a (loopback) mirror and checked, folders, clear errors."""
+import io
+import threading
+import zipfile
+
+import pytest
+
+from agepipe.features.models import ModelError, resolve_pack
+from tests.datasets.loopback import FlakyServer
+
+
+@pytest.fixture
+def mirror(buffalo_s):
+    """A loopback server holding a buffalo_l.zip laid out like insightface's (a folder inside)."""
+    data = io.BytesIO()
+    with zipfile.ZipFile(data, "w") as zf:
+        zf.write(buffalo_s.detector, "buffalo_l/det_10g.onnx")
+        zf.write(buffalo_s.recognizer, "buffalo_l/w600k_r50.onnx")
+        zf.writestr("buffalo_l/../../escape.onnx", b"a name that must not choose a path")
+    srv = FlakyServer()
+    srv.files["/models/buffalo_l.zip"] = data.getvalue()
+    srv.script["/models/buffalo_l.zip"] = [("drop", 100_000)]  # the first try breaks off mid-file
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_buffalo_l_downloads_once_from_a_mirror_and_is_checked(mirror, tmp_path, monkeypatch, buffalo_s):
+    monkeypatch.setenv("INSIGHTFACE_HOME", str(tmp_path / "insightface"))
+    pack = resolve_pack("buffalo_l", model_url=f"{mirror.url}/models/buffalo_l.zip")
+    folder = tmp_path / "insightface" / "models" / "buffalo_l"
+    assert pack.detector == folder / "det_10g.onnx" and pack.recognizer == folder / "w600k_r50.onnx"
+    assert pack.detector.read_bytes() == buffalo_s.detector.read_bytes()
+    assert not list(tmp_path.rglob("escape.onnx"))
+    assert (folder / ".agepipe-sha256.json").exists()
+    requests = len(mirror.log)
+    assert resolve_pack("buffalo_l", model_url=f"{mirror.url}/models/buffalo_l.zip") == pack
+    assert len(mirror.log) == requests  # found in the cache: nothing fetched again
+    with open(pack.recognizer, "r+b") as f:  # a corrupted or swapped file is caught
+        f.seek(1000)
+        f.write(b"\x00" * 16)
+    with pytest.raises(ModelError, match="differs from the one recorded"):
+        resolve_pack("buffalo_l")
+
+
+def test_buffalo_l_without_network_says_how_to_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("INSIGHTFACE_HOME", str(tmp_path))
+    with pytest.raises(ModelError, match="agepipe models fetch buffalo_l"):
+        resolve_pack("buffalo_l", download=False)
+
+
+def test_folder_pack_finds_detector_and_recognizer_by_shape(tmp_path, buffalo_s):
+    (tmp_path / "a.onnx").symlink_to(buffalo_s.recognizer)
+    (tmp_path / "b.onnx").symlink_to(buffalo_s.detector)
+    pack = resolve_pack(str(tmp_path))
+    assert pack.detector.name == "b.onnx" and pack.recognizer.name == "a.onnx"
+    (tmp_path / "b.onnx").unlink()
+    with pytest.raises(ModelError, match="no detector"):
+        resolve_pack(str(tmp_path))
+
+
+def test_unknown_pack_and_cuda_without_provider():
+    with pytest.raises(ModelError, match="unknown model pack"):
+        resolve_pack("buffalo_xl")
+    from agepipe.features.models import choose_providers
+
+    with pytest.raises(ModelError, match="onnxruntime-gpu"):
+        choose_providers("cuda")
