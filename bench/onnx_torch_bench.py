@@ -36,7 +36,7 @@ def main():
     args = parser.parse_args()
     cases = [("w600k_mbf", args.rec_batch, 112), ("scrfd_500m_bnkps", args.det_batch, args.det_size)]
     label = f"torch-{args.device}{' fp16' if args.half else ''}"
-    print(f"| model | batch | onnxruntime-CPU items/s | {label} items/s | ratio |")
+    print(f"| model | batch | onnxruntime-CPU items/s | {label} items/s | torch / onnxruntime |")
     print("| --- | --- | --- | --- | --- |")
     for name, batch, size in cases:
         x = np.random.default_rng(0).uniform(-1, 1, (batch, 3, size, size)).astype(np.float32)

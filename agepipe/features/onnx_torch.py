@@ -77,7 +77,7 @@ def gemm(a, x, w, c=None):
 def reshape(a, x, shape):
     shape = _ints(shape)
     if not a.get("allowzero", 0):  # 0 copies the input's dimension
-        pass
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
     return x.reshape(shape)
 
 
@@ -117,7 +117,7 @@ def slice_(a, x, starts=None, ends=None, axes=None, steps=None):
 
 def cast(a, x):
     to = DTYPES[a["to"]]
-    # "float" in the graph means the module's float dtype: a float stays fp16 after .half().
+    # Float-to-float casts keep the tensor's dtype, so a .half() module stays fp16; others are exact.
     return x if to.is_floating_point and x.is_floating_point() else x.to(to)
 
 
@@ -238,6 +238,10 @@ def _constant(node, source):
     raise NotImplementedError(f"{source}: Constant node {node.name!r} with {attr.name} is not supported")
 
 
+def _op_name(node):
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+
+
 def _load(model):
     """The ModelProto and a name for error messages; a broken file raises ValueError naming it."""
     if isinstance(model, onnx.ModelProto):
@@ -250,15 +254,14 @@ def _load(model):
 
 
 class OnnxModule(nn.Module):
-    """An ONNX graph run with torch ops; forward(*inputs) returns the graph outputs as a tuple."""
+    """An ONNX graph run with torch ops; forward(*inputs) returns the graph outputs as a tuple.
+    Float inputs are cast to the module's float dtype; moving them to its device is the caller's job."""
 
     def __init__(self, model: str | os.PathLike | onnx.ModelProto):
         super().__init__()
         model, self.source = _load(model)
         graph = model.graph
-        unsupported = sorted({f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
-                              for n in graph.node
-                              if n.domain not in ("", "ai.onnx") or n.op_type not in OPS and n.op_type != "Constant"})
+        unsupported = sorted({_op_name(n) for n in graph.node} - set(OPS) - {"Constant"})
         if unsupported:
             raise NotImplementedError(f"{self.source}: ONNX op(s) not supported by agepipe's torch runtime: "
                                       + ", ".join(unsupported))

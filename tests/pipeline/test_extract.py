@@ -231,3 +231,16 @@ def test_killed_worker_loses_and_doubles_nothing(mini_data, tmp_path, dask_clust
     assert "feature set:" in output, output
     assert_each_manifest_row_once(mini_data, store)
     assert len(list(store.glob("*/mini/part-*.parquet"))) == 19
+
+
+def test_torch_runtime_matches_onnxruntime(mini_data, tmp_path):
+    """--runtime torch runs the same ONNX graphs in torch (on CPU here; fp16 on CUDA)."""
+    ort_store, torch_store = tmp_path / "ort", tmp_path / "torch"
+    assert extract(mini_data, ort_store, "--limit", 6, "--workers", 1).exit_code == 0
+    result = extract(mini_data, torch_store, "--limit", 6, "--workers", 1, "--runtime", "torch")
+    assert result.exit_code == 0, result.output
+    assert "torch on cpu" in result.output
+    a, b = store_rows(ort_store), store_rows(torch_store)
+    assert list(a.status) == list(b.status) and (a.status == "ok").sum() == 6
+    cos = (np.stack(a.embedding) * np.stack(b.embedding)).sum(axis=1)
+    assert cos.min() >= 0.999, cos
