@@ -84,7 +84,7 @@ def test_no_extract_only_fetches(tmp_path):
 
 def test_errors_are_one_clear_line(tmp_path, server):
     bad = run("--dataset", "celeba", "--data-dir", str(tmp_path))
-    assert bad.exit_code != 0 and "unknown dataset 'celeba'; known: adience, imdb, wiki, imdb-wiki" in bad.output
+    assert bad.exit_code != 0 and "unknown dataset 'celeba'; known: adience, imdb, sample, wiki, imdb-wiki" in bad.output
     server.files["/static/wiki_crop.tar"] = make_tar({"wiki_crop/../../../escape.jpg": b"x"})
     hostile = run("--dataset", "wiki", "--source", f"{server.url}/static", "--data-dir", str(tmp_path / "d"))
     assert hostile.exit_code == 1
