@@ -98,9 +98,16 @@ def test_corrupt_onnx_file_is_named(tmp_path, photos, buffalo_s):
 
 
 def test_missing_pack_says_where_it_looked_and_how_to_fix(tmp_path, photos, monkeypatch):
+    import threading
+
+    from tests.datasets.loopback import FlakyServer
+
+    empty_mirror = FlakyServer()  # answers 404 to everything
+    threading.Thread(target=empty_mirror.serve_forever, daemon=True).start()
     monkeypatch.setenv("INSIGHTFACE_HOME", str(tmp_path / "insightface"))
-    monkeypatch.setenv("AGEPIPE_MODEL_URL", "http://127.0.0.1:9/buffalo_l.zip")  # nothing listens there
+    monkeypatch.setenv("AGEPIPE_MODEL_URL", f"{empty_mirror.url}/buffalo_l.zip")
     result = run("embed", photos["biden"], "--out", tmp_path / "f.parquet", "--models", "buffalo_l")
+    empty_mirror.shutdown()
     assert result.exit_code != 0
     assert "buffalo_l" in result.output and "AGEPIPE_MODEL_URL" in result.output
 
