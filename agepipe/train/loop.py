@@ -1,0 +1,343 @@
+"""Fitting the MLP on in-memory tensors: AdamW, exponential LR decay, early stopping; and
+the runs built on it (one split, or cross-validation over the five folds).
+
+A batch is a slice of a seeded ``torch.randperm`` used to index the embedding tensor, so an
+epoch is a few hundred tensor ops rather than a Python call per sample. Losses and
+accuracies accumulate on the device and are read once per epoch; on a GPU the whole step is
+one CUDA graph replay.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.torch_version import TorchVersion
+from tqdm import tqdm
+
+import agepipe
+from agepipe.features import store as feature_store
+from agepipe.pipeline.extract import DATASET_GROUPS
+from agepipe.train.checkpoint import init_from, model_config_from, read_config, save_checkpoint, write_json
+from agepipe.train.data import (NUM_CLASSES, VAL_FRACTION, Split, TaskData, check_task, load_task_data,
+                                make_split, resolve_feature_set, true_ages)
+from agepipe.train.evaluate import evaluate_split, logits_of
+from agepipe.train.model import ModelConfig, ResMLP, autocast, paper_config, resolve_device
+from agepipe.train.report import write_cv_table, write_report
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float
+    weight_decay: float
+    gamma: float  # the learning rate is multiplied by gamma after every epoch
+    batch_size: int
+    epochs: int = 30
+    patience: int = 5  # epochs without a lower validation loss before stopping
+    seed: int = 0
+    amp: bool = True  # bfloat16 autocast on GPU; CPUs train in float32
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# The hyper-parameters Kim 2021 chose by search (tae898/age-gender).
+PAPER_TRAIN = {
+    "age": TrainConfig(lr=0.0011670, weight_decay=0.00012337, gamma=0.39479, batch_size=128),
+    "age101": TrainConfig(lr=0.0011670, weight_decay=0.00012337, gamma=0.39479, batch_size=128),
+    "gender": TrainConfig(lr=0.024398, weight_decay=0.0047354, gamma=0.066204, batch_size=512),
+}
+
+
+def seed_everything(seed: int) -> None:
+    """Weights and dropout masks come from torch's global generators."""
+    torch.manual_seed(seed)
+
+
+def _val_scores(model, x, y, amp) -> tuple[float, float]:
+    if len(y) == 0:
+        return math.nan, math.nan
+    logits = logits_of(model, x, amp)
+    loss = F.cross_entropy(logits, y).item()
+    acc = (logits.argmax(1) == y).float().mean().item()
+    return loss, acc
+
+
+class TrainStep:
+    """One AdamW step on the rows ``idx`` of (x, y). The epoch's summed loss and hits stay on
+    the device until ``take``, so a GPU never waits on the host between steps."""
+
+    def __init__(self, model: ResMLP, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                 amp: bool):
+        self.model, self.optimizer, self.x, self.y, self.amp = model, optimizer, x, y, amp
+        self.loss_sum = torch.zeros((), device=x.device)
+        self.correct = torch.zeros((), dtype=torch.long, device=x.device)
+
+    def run(self, idx: torch.Tensor) -> None:
+        xb, yb = self.x[idx], self.y[idx]
+        with autocast(self.x.device, self.amp):
+            logits = self.model(xb)
+        loss = F.cross_entropy(logits.float(), yb)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.loss_sum += loss.detach() * len(idx)
+        self.correct += (logits.detach().argmax(1) == yb).sum()
+
+    def __call__(self, idx: torch.Tensor) -> None:
+        self.run(idx)
+
+    def take(self) -> tuple[float, int]:
+        """The sums since the last call, and zero them."""
+        out = self.loss_sum.item(), int(self.correct.item())
+        self.loss_sum.zero_()
+        self.correct.zero_()
+        return out
+
+
+class GraphedTrainStep(TrainStep):
+    """The same step captured once as a CUDA graph and replayed. A model this small keeps a
+    GPU busy for microseconds per kernel, so eager training is bound by launching ~100
+    kernels from Python per step; a replay is one launch. The batch is gathered inside the
+    graph from a fixed index buffer, and the learning rate is a device tensor the scheduler
+    updates in place, so every replay sees the current epoch's rate."""
+
+    def __init__(self, model, optimizer, x, y, amp, first_batch: torch.Tensor):
+        super().__init__(model, optimizer, x, y, amp)
+        self.idx = first_batch.clone()
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "capturable=True but running without capture": only here
+            for _ in range(3):  # lazy initialisation (optimizer state, cuBLAS workspaces) outside the graph
+                self.run(self.idx)
+        torch.cuda.current_stream().wait_stream(side)
+        # Undo the warm-up: training starts from the initial weights and a fresh optimizer.
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                v.copy_(initial[k])
+            for state in optimizer.state.values():
+                for t in state.values():
+                    if torch.is_tensor(t):
+                        t.zero_()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.run(self.idx)
+        self.loss_sum.zero_()
+        self.correct.zero_()
+
+    def __call__(self, idx: torch.Tensor) -> None:
+        self.idx.copy_(idx)
+        self.graph.replay()
+
+
+def make_optimizer(model: ResMLP, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW as one fused kernel: on CPU the default per-tensor update costs as much as the
+    forward pass of this model. The rate is a tensor so a captured step reads its current value."""
+    lr = torch.tensor(cfg.lr, device=device)
+    if device.type == "cuda":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=True,
+                                 capturable=True)
+    if TorchVersion(torch.__version__) >= (2, 4):
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=True)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def fit(model: ResMLP, x: torch.Tensor, y: torch.Tensor, train_idx: torch.Tensor, val_idx: torch.Tensor,
+        cfg: TrainConfig, progress: bool = False) -> dict:
+    """Train in place; restore the weights of the epoch with the lowest validation loss.
+    ``x``/``y`` hold every row on the model's device; the index tensors select the splits.
+    Each epoch is a fresh permutation cut into full batches (the few rows left over sit that
+    epoch out), so every step has the same shape. Returns the history, one dict per epoch."""
+    device = x.device
+    n = len(train_idx)
+    if n < 2:
+        raise ValueError(f"the training split has {n} rows; nothing to fit")
+    batch = min(cfg.batch_size, n)
+    steps = n // batch
+    val_x, val_y = x[val_idx.to(device)], y[val_idx.to(device)]
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.gamma)
+    # Batch order has its own generator so it does not depend on how many dropout masks came before.
+    order = torch.Generator().manual_seed(cfg.seed)
+    model.train()
+    if device.type == "cuda":
+        step = GraphedTrainStep(model, optimizer, x, y, cfg.amp, train_idx[:batch].to(device))
+    else:
+        step = TrainStep(model, optimizer, x, y, cfg.amp)
+    history, best, best_loss, waited = [], None, math.inf, 0
+    epochs = tqdm(range(1, cfg.epochs + 1), desc="epochs", unit="epoch", disable=not progress, leave=False)
+    for epoch in epochs:
+        start = time.perf_counter()
+        model.train()
+        perm = train_idx[torch.randperm(n, generator=order)].to(device)
+        for b in range(steps):
+            step(perm[b * batch:(b + 1) * batch])
+        loss_sum, correct = step.take()
+        lr = float(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+        val_loss, val_acc = _val_scores(model, val_x, val_y, cfg.amp)
+        history.append({"epoch": epoch, "lr": lr, "train_loss": loss_sum / (steps * batch),
+                        "train_accuracy": correct / (steps * batch), "val_loss": val_loss,
+                        "val_accuracy": val_acc, "seconds": time.perf_counter() - start})
+        epochs.set_postfix(train_loss=f"{history[-1]['train_loss']:.4f}", val_loss=f"{val_loss:.4f}")
+        if math.isnan(val_loss):
+            continue  # no validation rows: train all epochs, keep the last weights
+        if val_loss < best_loss:
+            best_loss, waited = val_loss, 0
+            best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            waited += 1
+            if waited >= cfg.patience:
+                break
+    if best is not None:
+        model.load_state_dict(best)
+    model.eval()
+    best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"] if best is not None else len(history)
+    return {"history": history, "best_epoch": best_epoch,
+            "stopped_early": len(history) < cfg.epochs}
+
+
+# --- runs: one split, or the five folds -------------------------------------------------
+
+def run_config(task: str, train_cfg: TrainConfig, data_record: dict, init: str | None) -> dict:
+    return {"task": task, "train": train_cfg.to_dict(), "data": data_record,
+            "init": str(init) if init else None,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": {"agepipe": agepipe.__version__, "torch": torch.__version__}}
+
+
+def train_run(data: TaskData, split: Split, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path,
+              data_record: dict, init: str | None = None, mc_samples: int = 32, report: bool = True,
+              progress: bool = False) -> dict:
+    """Fit one model on ``split``, save the run folder (checkpoint, history, metrics and,
+    when ``report``, report.md with plots) and return its metrics."""
+    out = Path(out)
+    seed_everything(train_cfg.seed)
+    model = ResMLP(model_cfg)
+    fresh = init_from(model, init) if init else []
+    device = data.x.device
+    model.to(device)
+    index = {k: torch.from_numpy(v) for k, v in vars(split).items()}
+    start = time.perf_counter()
+    result = fit(model, data.x, data.y, index["train"], index["val"], train_cfg, progress)
+    seconds = time.perf_counter() - start
+    record = {**data_record, "split_sizes": split.sizes(), "dropped": data.dropped}
+    config = run_config(data.task, train_cfg, record, init)
+    if init:
+        config["init_fresh"] = fresh  # tensors not taken from the init run (a head for other classes)
+    save_checkpoint(out, model, config)
+    write_json(out / "history.json", result)
+    metrics = {"task": data.task, "best_epoch": result["best_epoch"], "epochs_run": len(result["history"]),
+               "train_seconds": seconds}
+    for name, mc in (("val", 0), ("test", mc_samples)):
+        idx = index[name].to(device)
+        rows = data.rows.iloc[getattr(split, name)]
+        ages = true_ages(data.task, rows, data.y[idx].cpu().numpy())
+        metrics[name] = evaluate_split(model, data.x[idx], data.y[idx], data.task, ages, mc, train_cfg.amp)
+    write_json(out / "metrics.json", metrics)
+    if report:
+        write_report(out)
+    return metrics
+
+
+def data_record(store: str, feature_set: str, datasets: list[str], test_fold: int | None,
+                min_det_score: float, val_fraction: float = VAL_FRACTION) -> dict:
+    """Enough to rebuild the same rows and split later (`agepipe evaluate`)."""
+    if "://" not in str(store):  # a local folder: absolute, so evaluate works from any directory
+        store = os.path.abspath(os.path.expanduser(store))
+    return {"store": str(store), "feature_set": feature_set, "datasets": list(datasets),
+            "test_fold": test_fold, "val_fraction": val_fraction, "min_det_score": min_det_score,
+            "features": feature_models(store, feature_set)}
+
+
+FEATURE_KEYS = ("pack", "det_size", "detector_sha256", "recognizer_sha256")
+
+
+def feature_models(store: str, feature_set: str) -> dict:
+    """The face models behind the embeddings, so `agepipe predict` can use (and check) the same ones."""
+    info = feature_store.read_feature_set_info(store, feature_set)
+    return {k: info[k] for k in FEATURE_KEYS if k in info}
+
+
+def model_config_for(task: str, init: str | None = None, **overrides) -> ModelConfig:
+    """The paper's preset, or the init run's architecture with this task's classes; then overrides."""
+    classes = NUM_CLASSES[task]
+    if init:
+        base = model_config_from(read_config(init)["model"], Path(init) / "config.json")
+        base = dataclasses.replace(base, num_classes=classes)
+    else:
+        base = paper_config(task, classes)
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def train_config_for(task: str, **overrides) -> TrainConfig:
+    return dataclasses.replace(PAPER_TRAIN[task], **{k: v for k, v in overrides.items() if v is not None})
+
+
+def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path,
+                   record: dict, seeds: int = 1, init: str | None = None, mc_samples: int = 32,
+                   progress: bool = True) -> dict:
+    """Every fold as the test set, for seeds 0..seeds-1: runs in OUT/fold{k}-seed{s}/,
+    then cv.json and cv.md with mean +- std over all runs (the paper's table)."""
+    out = Path(out)
+    folds = sorted(int(f) for f in data.rows["fold"].dropna().unique())
+    if folds != list(range(5)):
+        raise ValueError(f"cross-validation needs rows in folds 0-4; these rows have folds {folds}")
+    runs = []
+    jobs = [(k, s) for s in range(seeds) for k in folds]
+    for k, s in tqdm(jobs, desc="cross-validation", unit="run", disable=not progress):
+        split = make_split(data.rows, k, record["val_fraction"])
+        metrics = train_run(data, split, model_cfg, dataclasses.replace(train_cfg, seed=s),
+                            out / f"fold{k}-seed{s}", {**record, "test_fold": k}, init, mc_samples,
+                            report=False)
+        runs.append({"fold": k, "seed": s, "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"],
+                     "train_seconds": metrics["train_seconds"], **summary_values(metrics)})
+    cv = {"task": data.task, "folds": folds, "seeds": seeds, "runs": runs,
+          "summary": {key: {"mean": float(np.mean([r[key] for r in runs])),
+                            "std": float(np.std([r[key] for r in runs]))}
+                      for key in runs[0] if key not in ("fold", "seed")}}
+    write_json(out / "cv.json", cv)
+    write_cv_table(out / "cv.md", cv)
+    return cv
+
+
+CV_METRICS = ("accuracy", "one_off_accuracy", "mae_years", "cross_entropy", "ece")
+
+
+def summary_values(metrics: dict) -> dict:
+    """The numbers of one run that the cross-validation table aggregates."""
+    test, mc = metrics["test"], metrics["test"].get("mc", {})
+    out = {f"test_{k}": test[k] for k in CV_METRICS if k in test}
+    out.update({f"test_mc_{k}": mc[k] for k in CV_METRICS if k in mc})
+    out["val_accuracy"] = metrics["val"]["accuracy"]
+    return out
+
+
+def train(store: str, datasets: list[str], task: str, out: str | Path, *, feature_set: str | None = None,
+          test_fold: int | None = 0, cv: bool = False, seeds: int = 1, init: str | None = None,
+          device: str = "auto", min_det_score: float = 0.0, mc_samples: int = 32,
+          model_overrides: dict | None = None, train_overrides: dict | None = None,
+          report: bool = True, progress: bool = True) -> dict:
+    """`agepipe train`: the store's rows for ``task`` into memory once, then one run
+    (test fold ``test_fold``) or, with ``cv``, every fold times ``seeds`` (no per-run
+    reports then: `agepipe evaluate` draws one for any run folder)."""
+    check_task(task)
+    datasets = [name for d in datasets for name in DATASET_GROUPS.get(d, [d])]  # imdb-wiki: imdb and wiki
+    feature_set = resolve_feature_set(store, feature_set)
+    data = load_task_data(store, feature_set, datasets, task, min_det_score, resolve_device(device))
+    model_cfg = model_config_for(task, init, **(model_overrides or {}))
+    train_cfg = train_config_for(task, **(train_overrides or {}))
+    record = data_record(store, feature_set, datasets, test_fold, min_det_score)
+    if cv:
+        return cross_validate(data, model_cfg, train_cfg, out, record, seeds, init, mc_samples, progress)
+    split = make_split(data.rows, test_fold, record["val_fraction"])
+    return train_run(data, split, model_cfg, train_cfg, out, record, init, mc_samples, report, progress)

@@ -1,0 +1,141 @@
+"""The MLP of Kim 2021 (tae898/age-gender): residual blocks of "IC" layers on an embedding.
+
+An IC layer (Independent Component, arXiv 1905.05928) is BatchNorm then Dropout. A stage is
+``residuals_per_block`` residual blocks at width d followed by a downsample block to d/2;
+a final Linear maps to the classes. The paper presets reproduce the original exactly,
+including its quirk that the very first residual block takes the raw (already
+L2-normalised) embedding without a leading IC layer.
+
+Switches remove BatchNorm (``batch_norm=False``), dropout (``dropout=0``) or the skip
+connection (``skip=False``): the paper's ablation variants.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_classes: int
+    num_blocks: int = 2
+    residuals_per_block: int = 1
+    dropout: float = 0.05
+    batch_norm: bool = True
+    skip: bool = True
+    in_features: int = 512
+    first_ic: bool = False  # the original has no IC layer before the very first Linear
+
+    def __post_init__(self):
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
+        if self.num_blocks < 0 or self.residuals_per_block < 0:
+            raise ValueError("num_blocks and residuals_per_block must be >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.in_features >> self.num_blocks < 1:
+            raise ValueError(f"{self.num_blocks} halvings of {self.in_features} features leave none")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# The paper's architectures (Kim 2021, table of chosen hyper-parameters).
+PAPER_BLOCKS = {"age": 2, "age101": 2, "gender": 4}
+
+
+def paper_config(task: str, num_classes: int) -> ModelConfig:
+    return ModelConfig(num_classes=num_classes, num_blocks=PAPER_BLOCKS[task], residuals_per_block=1,
+                       dropout=0.05)
+
+
+def ic_layer(features: int, cfg: ModelConfig) -> nn.Module:
+    layers = []
+    if cfg.batch_norm:
+        layers.append(nn.BatchNorm1d(features))
+    if cfg.dropout > 0:
+        layers.append(nn.Dropout(cfg.dropout))
+    return nn.Sequential(*layers) if layers else nn.Identity()
+
+
+class Residual(nn.Module):
+    """y = ReLU(W2 IC(ReLU(W1 IC(x))) + x)."""
+
+    def __init__(self, features: int, cfg: ModelConfig, leading_ic: bool = True):
+        super().__init__()
+        self.ic1 = ic_layer(features, cfg) if leading_ic else nn.Identity()
+        self.linear1 = nn.Linear(features, features)
+        self.ic2 = ic_layer(features, cfg)
+        self.linear2 = nn.Linear(features, features)
+        self.skip = cfg.skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear2(self.ic2(torch.relu(self.linear1(self.ic1(x)))))
+        return torch.relu(out + x if self.skip else out)
+
+
+class DownSample(nn.Module):
+    """IC, Linear d -> d/2, ReLU."""
+
+    def __init__(self, features: int, cfg: ModelConfig):
+        super().__init__()
+        self.ic = ic_layer(features, cfg)
+        self.linear = nn.Linear(features, features // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.linear(self.ic(x)))
+
+
+class ResMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        layers = []
+        width = cfg.in_features
+        for i in range(cfg.num_blocks):
+            for j in range(cfg.residuals_per_block):
+                layers.append(Residual(width, cfg, leading_ic=cfg.first_ic or (i, j) != (0, 0)))
+            layers.append(DownSample(width, cfg))
+            width //= 2
+        self.blocks = nn.Sequential(*layers)
+        self.head = nn.Linear(width, cfg.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(x))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def mc_dropout_mode(model: nn.Module) -> nn.Module:
+    """BatchNorm uses its running statistics while Dropout keeps sampling masks."""
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.train()
+    return model
+
+
+def has_dropout(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules())
+
+
+def autocast(device: torch.device, enabled: bool = True):
+    """bfloat16 mixed precision on GPUs (no loss scaling needed); CPUs stay in float32.
+    No cast cache: each weight is used once per forward, and a cache cannot live in a CUDA graph."""
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+    return contextlib.nullcontext()
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but torch sees no CUDA GPU")
+    return device

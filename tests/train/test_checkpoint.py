@@ -1,0 +1,101 @@
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from agepipe.train.checkpoint import CheckpointError, init_from, load_checkpoint, save_checkpoint
+from agepipe.train.model import ModelConfig, ResMLP, paper_config
+
+
+def saved_run(tmp_path, cfg=None):
+    torch.manual_seed(0)
+    model = ResMLP(cfg or paper_config("age", 8))
+    model.train()
+    model(torch.randn(64, 512))  # move the BatchNorm running statistics off their defaults
+    run = tmp_path / "run"
+    save_checkpoint(run, model.eval(), {"task": "age"})
+    return model, run
+
+
+def test_round_trip_gives_the_same_function(tmp_path):
+    model, run = saved_run(tmp_path)
+    loaded, config = load_checkpoint(run)
+    x = torch.randn(10, 512)
+    assert torch.equal(loaded(x), model(x))
+    assert config["task"] == "age" and config["model"]["num_blocks"] == 2
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "model.safetensors"]
+
+
+class WritesAFile:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pickle_in_place_of_the_weights_is_refused_without_running_it(tmp_path):
+    _, run = saved_run(tmp_path)
+    marker = tmp_path / "pwned"
+    (run / "model.safetensors").write_bytes(pickle.dumps({"state_dict": WritesAFile(str(marker))}))
+    with pytest.raises(CheckpointError, match="model.safetensors: not a readable safetensors file"):
+        load_checkpoint(run)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("config, message", [
+    ("{not json", "not valid JSON"),
+    ('{"arch": {"type": "ResMLP"}}', "not an agepipe run config"),
+    ('{"format": "agepipe-run", "version": 99, "model": {}}', "version 99"),
+    ('{"format": "agepipe-run", "version": 1, "model": {"num_classes": 8, "act": "gelu"}}',
+     r"unknown model settings \['act'\]"),
+    ('{"format": "agepipe-run", "version": 1, "model": {"num_classes": "8"}}', "num_classes='8' is not a int"),
+    ('{"format": "agepipe-run", "version": 1, "model": {"num_classes": 8, "skip": 1}}', "skip=1 is not a bool"),
+])
+def test_malformed_or_foreign_configs_name_the_problem(tmp_path, config, message):
+    _, run = saved_run(tmp_path)
+    (run / "config.json").write_text(config)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(run)
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
+    _, run = saved_run(tmp_path)
+    tensors = ResMLP(paper_config("gender", 2)).state_dict()
+    save_file(dict(tensors), str(run / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="do not fit the model") as e:
+        load_checkpoint(run)
+    assert "head.weight: (2, 32) torch.float32, model needs (8, 128)" in str(e.value)
+    assert str(e.value).endswith("more")  # the rest (unexpected blocks.4 ...) are counted
+
+
+def test_missing_run_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json: no such file"):
+        load_checkpoint(tmp_path / "nothing")
+
+
+def test_init_from_takes_the_body_and_a_fresh_head_for_other_classes(tmp_path):
+    pretrained, run = saved_run(tmp_path, paper_config("age101", 101))
+    model = ResMLP(paper_config("age", 8))
+    head_before = model.head.weight.clone()
+    fresh = init_from(model, run)
+    assert fresh == ["head.bias", "head.weight"]
+    assert torch.equal(model.blocks[0].linear1.weight, pretrained.blocks[0].linear1.weight)
+    assert torch.equal(model.blocks[3].ic[0].running_var, pretrained.blocks[3].ic[0].running_var)
+    assert torch.equal(model.head.weight, head_before)
+    with pytest.raises(CheckpointError, match="more than the number of classes"):
+        init_from(ResMLP(ModelConfig(num_classes=8, dropout=0.2)), run)
+
+
+def test_config_is_plain_json_and_weights_carry_no_code(tmp_path):
+    _, run = saved_run(tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    assert config["format"] == "agepipe-run"
+    header_len = int.from_bytes((run / "model.safetensors").read_bytes()[:8], "little")
+    header = json.loads((run / "model.safetensors").read_bytes()[8:8 + header_len])
+    assert header["__metadata__"] == {"format": "pt"}
+    assert {k for k in header if k != "__metadata__"} == set(ResMLP(paper_config("age", 8)).state_dict())
+    assert not [p for p in os.listdir(run) if p.startswith(".")]  # no temporaries left

@@ -1,0 +1,56 @@
+import json
+
+from click.testing import CliRunner
+
+from agepipe.cli import cli
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_train_then_evaluate_from_the_command_line(gaussian_store, tmp_path):
+    store, _ = gaussian_store
+    run = tmp_path / "run"
+    result = invoke("train", "--store", store, "--dataset", "adience", "--task", "age", "--out", run,
+                    "--epochs", "2", "--mc-samples", "4", "--test-fold", "3")
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output and "MC dropout" in result.output
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["test_fold"] == 3 and config["train"]["epochs"] == 2
+    (run / "report.md").unlink()
+    result = invoke("evaluate", run, "--mc-samples", "0")
+    assert result.exit_code == 0, result.output
+    assert "MC dropout" not in result.output and (run / "report.md").exists()
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert "mc" not in metrics["test"] and metrics["best_epoch"] <= 2
+
+
+def test_ablation_switches_reach_the_model(gaussian_store, tmp_path):
+    store, _ = gaussian_store
+    result = invoke("train", "--store", store, "--dataset", "adience", "--task", "gender", "--out", tmp_path,
+                    "--epochs", "1", "--no-batch-norm", "--no-skip", "--dropout", "0", "--blocks", "3")
+    assert result.exit_code == 0, result.output
+    model = json.loads((tmp_path / "config.json").read_text())["model"]
+    assert model == {**model, "batch_norm": False, "skip": False, "dropout": 0.0, "num_blocks": 3,
+                     "num_classes": 2}
+    assert "mc" not in json.loads((tmp_path / "metrics.json").read_text())["test"]
+
+
+def test_cv_from_the_command_line(gaussian_store, tmp_path):
+    store, _ = gaussian_store
+    result = invoke("train", "--store", store, "--dataset", "adience", "--task", "age", "--cv", "--out", tmp_path,
+                    "--epochs", "1", "--mc-samples", "2")
+    assert result.exit_code == 0, result.output
+    assert "5 runs" in result.output and "test_accuracy" in result.output
+    assert len(json.loads((tmp_path / "cv.json").read_text())["runs"]) == 5
+
+
+def test_clear_errors(gaussian_store, tmp_path):
+    store, _ = gaussian_store
+    result = invoke("train", "--store", store, "--dataset", "imdb", "--task", "age", "--out", tmp_path / "x")
+    assert result.exit_code == 1 and "no shards for dataset 'imdb'" in result.output
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "config.json").write_text('{"arch": "ResMLP"}')
+    result = invoke("evaluate", tmp_path / "foreign")
+    assert result.exit_code == 1 and "not an agepipe run config" in result.output

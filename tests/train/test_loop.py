@@ -1,0 +1,165 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from agepipe.train.checkpoint import load_checkpoint
+from agepipe.train.evaluate import evaluate_run, mc_dropout
+from agepipe.train.loop import train
+from tests.train.synthetic_store import FEATURE_SET, Mixture, adience_like, write_store
+
+
+@pytest.fixture(scope="module")
+def trained(gaussian_store, tmp_path_factory):
+    store, mixture = gaussian_store
+    run = tmp_path_factory.mktemp("runs") / "age"
+    metrics = train(store, ["adience"], "age", run, test_fold=0, mc_samples=16, progress=False)
+    return run, metrics, mixture
+
+
+def test_training_comes_within_3_points_of_the_bayes_accuracy(trained):
+    run, metrics, mixture = trained
+    bayes = mixture.bayes_accuracy()
+    assert 0.8 < bayes < 0.92
+    model, _ = load_checkpoint(run)
+    x, y = mixture.sample(20_000, seed=7)  # fresh rows: a standard error of 0.25 points
+    with torch.no_grad():
+        accuracy = (model(torch.from_numpy(x)).argmax(1).numpy() == y).mean()
+    assert accuracy >= bayes - 0.03, (accuracy, bayes)
+    assert metrics["test"]["accuracy"] >= bayes - 0.06  # ~800 test rows: a noisier estimate
+
+
+def test_the_run_folder_holds_checkpoint_metrics_and_report(trained):
+    run, metrics, _ = trained
+    names = {p.name for p in run.iterdir()}
+    assert {"config.json", "model.safetensors", "history.json", "metrics.json", "report.md",
+            "learning_curves.png", "confusion_matrix.png", "reliability.png", "risk_coverage.png"} <= names
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["lr"] == 0.0011670 and config["train"]["batch_size"] == 128
+    assert config["data"]["features"] == {"pack": "buffalo_s", "det_size": 640}
+    sizes = config["data"]["split_sizes"]
+    assert sum(sizes.values()) == 4000 and sizes["val"] > 0
+    history = json.loads((run / "history.json").read_text())["history"]
+    assert history[1]["lr"] == pytest.approx(0.0011670 * 0.39479)
+    test = metrics["test"]
+    assert {"accuracy", "one_off_accuracy", "mae_years", "cross_entropy", "ece"} <= set(test)
+    assert test["mc"]["samples"] == 16 and test["one_off_accuracy"] >= test["accuracy"]
+    assert np.array(test["confusion_matrix"]).sum() == sizes["test"]
+    report = (run / "report.md").read_text()
+    assert "| accuracy |" in report and "![reliability diagram](reliability.png)" in report
+    assert (run / "reliability.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_mc_dropout_is_less_certain_far_from_the_training_data(trained):
+    run, _, mixture = trained
+    model, _ = load_checkpoint(run)
+    torch.manual_seed(0)
+    near, _ = mixture.sample(500, seed=11)
+    far, _ = mixture.sample(500, seed=12, shift=6.0)
+    sphere = np.random.default_rng(13).standard_normal((500, 512))
+    sphere = (sphere / np.linalg.norm(sphere, axis=1, keepdims=True)).astype(np.float32)
+    h_near = mc_dropout(model, torch.from_numpy(near), 16).predictive_entropy.mean()
+    for ood in (far, sphere):
+        h_far = mc_dropout(model, torch.from_numpy(ood), 16).predictive_entropy.mean()
+        assert h_far > h_near + 0.1, (h_far, h_near)
+
+
+def test_evaluate_rebuilds_the_same_test_split(trained):
+    run, metrics, _ = trained
+    again = evaluate_run(run, mc_samples=8, device="cpu")
+    assert again["test"]["accuracy"] == metrics["test"]["accuracy"]
+    assert again["test"]["n"] == metrics["test"]["n"]
+    assert again["test"]["mc"]["samples"] == 8
+    assert "warning" not in again
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    mixture = Mixture.make(seed=5)
+    x, y = mixture.sample(1200, seed=6)
+    return write_store(tmp_path_factory.mktemp("small"), x, adience_like(y, subjects=60))
+
+
+def test_the_same_seed_gives_the_same_metrics(small_store, tmp_path):
+    def run(name, seed):
+        return train(small_store, ["adience"], "age", tmp_path / name, mc_samples=8, report=False, progress=False,
+                     train_overrides={"epochs": 3, "seed": seed})
+    a, b, c = run("a", 0), run("b", 0), run("c", 1)
+    for m in (a, b, c):
+        m.pop("train_seconds")
+    assert a == b
+    assert a["test"]["cross_entropy"] != c["test"]["cross_entropy"]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path):
+    # Labels that are noise: the validation loss only rises once the model starts to memorise.
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1000, 512)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    store = write_store(tmp_path / "store", x, adience_like(rng.integers(0, 8, 1000), subjects=50))
+    metrics = train(store, ["adience"], "age", tmp_path / "run", mc_samples=0, report=False, progress=False,
+                    train_overrides={"gamma": 1.0, "lr": 0.01, "patience": 2})
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    losses = [h["val_loss"] for h in history["history"]]
+    assert history["stopped_early"] and len(losses) == history["best_epoch"] + 2
+    assert history["best_epoch"] == 1 + int(np.argmin(losses))
+    assert metrics["val"]["cross_entropy"] == pytest.approx(min(losses), rel=1e-5)
+
+
+def test_cross_validation_runs_every_fold_and_aggregates(small_store, tmp_path):
+    cv = train(small_store, ["adience"], "age", tmp_path, cv=True, seeds=2, mc_samples=4, progress=False,
+               train_overrides={"epochs": 2})
+    assert sorted((r["fold"], r["seed"]) for r in cv["runs"]) == [(k, s) for k in range(5) for s in range(2)]
+    accs = [r["test_accuracy"] for r in cv["runs"]]
+    assert cv["summary"]["test_accuracy"]["mean"] == pytest.approx(np.mean(accs))
+    assert cv["summary"]["test_accuracy"]["std"] == pytest.approx(np.std(accs))
+    assert {"test_one_off_accuracy", "test_mae_years", "test_mc_accuracy", "val_accuracy"} <= set(cv["summary"])
+    for k in range(5):
+        config = json.loads((tmp_path / f"fold{k}-seed1" / "config.json").read_text())
+        assert config["data"]["test_fold"] == k and config["train"]["seed"] == 1
+    table = (tmp_path / "cv.md").read_text()
+    assert "| test_accuracy | " in table and " +- " in table
+    assert json.loads((tmp_path / "cv.json").read_text())["seeds"] == 2
+
+
+def test_init_pretrains_on_one_dataset_and_fine_tunes_on_another(tmp_path):
+    mixture = Mixture.make(seed=8)
+    x, y = mixture.sample(1500, seed=1)
+    ages = np.array([1, 5, 10, 17.5, 28.5, 40.5, 50.5, 80])[y] + np.random.default_rng(0).normal(0, 1, len(y))
+    store = write_store(tmp_path / "store", x, {"age": ages, "subject_id": [f"c{i % 300}" for i in range(len(y))],
+                                                "fold": np.arange(len(y)) % 300 % 5}, dataset="imdb")
+    x2, y2 = mixture.sample(600, seed=2)
+    write_store(tmp_path / "store", x2, adience_like(y2, subjects=40), dataset="adience")
+    train(store, ["imdb"], "age101", tmp_path / "pre", mc_samples=0, report=False, progress=False,
+          train_overrides={"epochs": 3})
+    fine = train(store, ["adience"], "age", tmp_path / "fine", init=str(tmp_path / "pre"), mc_samples=0,
+                 report=False, progress=False, train_overrides={"epochs": 3})
+    config = json.loads((tmp_path / "fine" / "config.json").read_text())
+    assert config["init"] == str(tmp_path / "pre") and config["init_fresh"] == ["head.bias", "head.weight"]
+    assert config["model"]["num_classes"] == 8 and config["data"]["datasets"] == ["adience"]
+    assert fine["test"]["n"] == config["data"]["split_sizes"]["test"]
+    assert FEATURE_SET == config["data"]["feature_set"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_cuda_graph_step_trains_like_the_eager_step():
+    from agepipe.train.loop import PAPER_TRAIN, GraphedTrainStep, TrainStep, make_optimizer
+    from agepipe.train.model import ModelConfig, ResMLP
+
+    x = torch.nn.functional.normalize(torch.randn(4096, 512, device="cuda"), dim=1)
+    y = torch.randint(0, 8, (4096,), device="cuda")
+    order = torch.randperm(4096, device="cuda")
+    weights = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        model = ResMLP(ModelConfig(num_classes=8, dropout=0.0)).cuda().train()  # no dropout: same arithmetic
+        optimizer = make_optimizer(model, PAPER_TRAIN["age"], torch.device("cuda"))
+        step = (GraphedTrainStep(model, optimizer, x, y, False, order[:128]) if graphed
+                else TrainStep(model, optimizer, x, y, False))
+        for b in range(32):
+            step(order[b * 128:(b + 1) * 128])
+        weights.append((model.head.weight.detach().clone(), step.take()))
+    assert torch.allclose(weights[0][0], weights[1][0], atol=1e-4)
+    assert weights[0][1][0] == pytest.approx(weights[1][1][0], rel=1e-4)

@@ -1,0 +1,70 @@
+import pytest
+import torch
+from torch import nn
+
+from agepipe.train.model import ModelConfig, ResMLP, count_parameters, mc_dropout_mode, paper_config
+
+
+@pytest.mark.parametrize("task,classes,expected", [("age", 8, 825_736), ("age101", 101, 837_733),
+                                                   ("gender", 2, 877_602)])
+def test_paper_presets_have_the_originals_parameter_counts(task, classes, expected):
+    assert count_parameters(ResMLP(paper_config(task, classes))) == expected
+
+
+def test_paper_age_model_shapes():
+    model = ResMLP(paper_config("age", 8))
+    widths = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)]
+    assert widths == [512, 512, 256, 256, 256, 128, 8]
+    assert model(torch.randn(4, 512)).shape == (4, 8)
+    gender = ResMLP(paper_config("gender", 2))
+    assert [m.out_features for m in gender.modules() if isinstance(m, nn.Linear)][-3:] == [64, 32, 2]
+
+
+def test_only_the_very_first_residual_block_lacks_its_leading_ic_layer():
+    model = ResMLP(ModelConfig(num_classes=8, num_blocks=2, residuals_per_block=2))
+    residuals = [m for m in model.blocks if hasattr(m, "ic1")]
+    assert isinstance(residuals[0].ic1, nn.Identity)
+    assert all(isinstance(r.ic1[0], nn.BatchNorm1d) and isinstance(r.ic1[1], nn.Dropout) for r in residuals[1:])
+    # One leading IC layer (BatchNorm 512: 1,024 parameters) more when asked for.
+    with_first = ResMLP(ModelConfig(num_classes=8, num_blocks=2, residuals_per_block=2, first_ic=True))
+    assert count_parameters(with_first) - count_parameters(model) == 1024
+
+
+def test_ablation_switches_remove_what_they_name():
+    def kinds(cfg):
+        return {type(m) for m in ResMLP(cfg).modules()}
+    assert nn.BatchNorm1d not in kinds(ModelConfig(num_classes=8, batch_norm=False))
+    assert nn.Dropout not in kinds(ModelConfig(num_classes=8, dropout=0.0))
+    assert not kinds(ModelConfig(num_classes=8, batch_norm=False, dropout=0.0)) & {nn.BatchNorm1d, nn.Dropout}
+    # BatchNorm has 2 parameters per feature; the paper age model normalises 2 x 512 + 3 x 256 features.
+    assert count_parameters(ResMLP(ModelConfig(num_classes=8, batch_norm=False))) == 825_736 - 2 * 1792
+
+
+def test_skip_switch_changes_the_function_not_the_weights():
+    torch.manual_seed(0)
+    with_skip = ResMLP(ModelConfig(num_classes=8, skip=True)).eval()
+    without = ResMLP(ModelConfig(num_classes=8, skip=False)).eval()
+    without.load_state_dict(with_skip.state_dict())
+    x = torch.randn(16, 512)
+    block, plain = with_skip.blocks[0], without.blocks[0]
+    inner = block.linear2(block.ic2(torch.relu(block.linear1(x))))
+    assert torch.allclose(block(x), torch.relu(inner + x))
+    assert torch.allclose(plain(x), torch.relu(inner))
+
+
+def test_mc_dropout_mode_keeps_batchnorm_frozen_and_dropout_sampling():
+    model = ResMLP(ModelConfig(num_classes=8, dropout=0.5))
+    mc_dropout_mode(model)
+    assert all(not m.training for m in model.modules() if isinstance(m, nn.BatchNorm1d))
+    assert all(m.training for m in model.modules() if isinstance(m, nn.Dropout))
+    x = torch.randn(8, 512)
+    before = model.blocks[1].ic[0].running_mean.clone()
+    assert not torch.equal(model(x), model(x))
+    assert torch.equal(model.blocks[1].ic[0].running_mean, before)
+
+
+@pytest.mark.parametrize("bad", [dict(num_classes=1), dict(num_classes=8, dropout=1.0),
+                                 dict(num_classes=8, num_blocks=10)])
+def test_bad_configs_are_refused(bad):
+    with pytest.raises(ValueError):
+        ModelConfig(**bad)

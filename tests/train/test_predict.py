@@ -1,0 +1,87 @@
+"""`agepipe predict` on real photos with the offline buffalo_s face models. The MLPs are
+trained for an epoch on a synthetic store: what is checked is the wiring (faces, shapes,
+probabilities, uncertainty, annotation), not the ages."""
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from agepipe.cli import cli
+from agepipe.train.checkpoint import CheckpointError, load_checkpoint
+from agepipe.train.loop import train
+from agepipe.train.predict import Predictor
+
+
+@pytest.fixture(scope="module")
+def runs(gaussian_store, tmp_path_factory):
+    store, _ = gaussian_store
+    out = tmp_path_factory.mktemp("predict-runs")
+    for task in ("age", "gender"):
+        train(store, ["adience"], task, out / task, mc_samples=0, report=False, progress=False,
+              train_overrides={"epochs": 1})
+    return out / "age", out / "gender"
+
+
+def test_predict_json_and_annotation(runs, photos, tmp_path):
+    age, gender = runs
+    annotated = tmp_path / "out.jpg"
+    result = CliRunner().invoke(cli, ["predict", str(photos["t1"]), "--age-model", str(age), "--gender-model",
+                                      str(gender), "--mc-samples", "8", "--json", "--annotate", str(annotated),
+                                      "--json-out", str(tmp_path / "all.json")])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output.strip().splitlines()[-1])
+    assert json.loads((tmp_path / "all.json").read_text()) == [record]
+    faces = record["faces"]
+    assert len(faces) == 6  # insightface's t1.jpg
+    image = cv2.imread(str(photos["t1"]))
+    for face in faces:
+        x1, y1, x2, y2 = face["bbox"]
+        assert 0 <= x1 < x2 <= image.shape[1] + 5 and 0 <= y1 < y2 <= image.shape[0] + 5
+        assert sum(face["age"]["probs"].values()) == pytest.approx(1, abs=1e-3)
+        assert 1 <= face["age"]["expected_age"] <= 80
+        assert 0 <= face["gender"]["p_male"] <= 1
+        assert face["age"]["predictive_entropy"] >= 0 and face["gender"]["mutual_information"] >= 0
+    drawn = cv2.imread(str(annotated))
+    assert drawn.shape == image.shape and not np.array_equal(drawn, image)
+
+
+def test_deterministic_prediction_is_the_model_on_the_face_embedding(runs, photos, embedder):
+    age, _ = runs
+    predictor = Predictor(str(age), None, mc_samples=0)
+    image = cv2.imread(str(photos["astronaut"]))
+    faces = predictor.faces(image)
+    assert len(faces) == 1 and "gender" not in faces[0]
+    model, _ = load_checkpoint(age)
+    embedding = torch.from_numpy(embedder.faces(image)[0].embedding[None])
+    with torch.no_grad():
+        expected = torch.softmax(model(embedding), -1)[0].numpy()
+    assert np.allclose(list(faces[0]["age"]["probs"].values()), expected, atol=1e-4)
+    assert faces[0]["age"]["mutual_information"] is None
+
+
+def test_unreadable_photos_are_reported_and_the_rest_predicted(runs, photos, tmp_path):
+    age, gender = runs
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    result = CliRunner().invoke(cli, ["predict", str(broken), str(photos["astronaut"]), "--age-model", str(age),
+                                      "--mc-samples", "4"])
+    assert result.exit_code == 1
+    assert "broken.jpg: " in result.output and "astronaut.png: 1 face(s)" in result.output
+    assert "1 of 2 images could not be read" in result.output
+
+
+def test_runs_must_match_their_kind_and_the_face_models(runs, tmp_path):
+    age, gender = runs
+    with pytest.raises(CheckpointError, match="task gender; --age-model needs one for age or age101"):
+        Predictor(str(gender), None)
+    config = json.loads((age / "config.json").read_text())
+    config["data"]["features"]["recognizer_sha256"] = "0" * 64
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(config))
+    (other / "model.safetensors").write_bytes((age / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="recogniser sha256 000000000000"):
+        Predictor(str(other), None)
