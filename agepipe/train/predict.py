@@ -119,8 +119,9 @@ def annotate(image: np.ndarray, faces: list[dict]) -> np.ndarray:
         label = []
         if "age" in face:
             label.append(f"{face['age']['expected_age']:.0f}y")
-        if "gender" in face:
-            label.append("M" if face["gender"]["p_male"] >= 0.5 else "F")
+        if "gender" in face:  # the sex seen and how sure the model is of it
+            p = face["gender"]["p_male"]
+            label.append(f"{'M' if p >= 0.5 else 'F'} {max(p, 1 - p):.2f}")
         text = " ".join(label)
         cv2.rectangle(out, (x1, y1), (x2, y2), (0, 200, 0), thick)
         scale = 0.5 * thick
