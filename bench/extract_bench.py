@@ -25,6 +25,7 @@ def main():
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--det-size", type=int, default=640)
     ap.add_argument("--shard-rows", type=int, default=25)
+    ap.add_argument("--plot", type=Path, default=None, help="also draw images/s per path into this PNG")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
@@ -51,7 +52,27 @@ def main():
     print("| path | images/s | vs loop | wall incl. cluster start (s) |")
     print("|---|---|---|---|")
     for name, seconds, total, _ in rows:
-        print(f"| {name} | {n / seconds:.1f} | {t_loop / seconds:.2f}x | {total if total is None else round(total, 1)} |")
+        print(f"| {name} | {n / seconds:.1f} | {t_loop / seconds:.2f}x | {'-' if total is None else round(total, 1)} |")
+    if args.plot:
+        plot(rows, n, args.plot)
+
+
+def plot(rows, n, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 2.2))
+    names = [r[0] for r in rows][::-1]
+    rates = [n / r[1] for r in rows][::-1]
+    ax.barh(names, rates, color=["#4c72b0"] * (len(rows) - 1) + ["#999999"])
+    for y, rate in enumerate(rates):
+        ax.text(rate, y, f" {rate:.1f}", va="center")
+    ax.set_xlabel("images/s (buffalo_s, det 640, CPU)")
+    ax.set_xlim(0, max(rates) * 1.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

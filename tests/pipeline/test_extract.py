@@ -46,10 +46,10 @@ def assert_each_manifest_row_once(data, store):
     return rows
 
 
-def assert_matches_embed(data, rows, embedder):
+def assert_matches_embed(data, rows, embedder, expected_ok=16):
     """Each ok row holds the face `agepipe embed` finds and the policy chooses for that photo."""
     ok = rows[rows.status == "ok"]
-    assert len(ok) == 16
+    assert len(ok) == expected_ok
     for image_id, emb, bbox in zip(ok.image_id, ok.embedding, ok.bbox):
         photo = read_photo(str(Path(data) / "mini" / image_id))
         faces = embedder.faces(photo.pixels)
@@ -156,13 +156,15 @@ def test_degenerate_photos_get_a_status_not_a_crash(tmp_path, embedder):
     assert embedder.faces(photo.pixels) == []
 
 
-def test_gpus_layout_one_worker_per_device(mini_data, tmp_path):
+def test_gpus_layout_one_worker_per_device(mini_data, tmp_path, embedder):
     store = tmp_path / "store"
     result = extract(mini_data, store, "--gpus", "0,1", "--device", "cpu", "--limit", 4, "--shard-rows", 2)
     assert result.exit_code == 0, result.output
     assert "cluster: gpus, 2 worker processes, GPUs 0,1" in result.output
     info = json.loads((store / the_feature_set(store) / "feature_set.json").read_text())
     assert sorted(info["cluster"]["worker_env"].values()) == ["0", "1"]
+    rows = fstore.read_table(str(store), the_feature_set(store), "mini").to_pandas()
+    assert_matches_embed(mini_data, rows, embedder, expected_ok=4)
 
 
 def free_port():
