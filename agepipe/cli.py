@@ -30,12 +30,15 @@ def cli():
     """Age and gender classifiers on frozen ArcFace embeddings.
 
     \b
-    download  -> fetch a dataset and build its manifest
-    extract   -> faces and embeddings into the Parquet feature store (Dask)
-    train     -> fit the MLP of Kim 2021 from the store
-    evaluate  -> metrics, calibration and MC-dropout uncertainty
-    predict   -> age and gender for faces in photos
-    demo      -> the whole chain on a small offline sample
+    demo      the whole chain on a small offline sample: start here
+    download  fetch a dataset, verify and unpack it, build its manifest
+    extract   faces and embeddings of a manifest into the Parquet feature store (Dask)
+    features  what the feature store holds
+    train     fit the MLP of Kim 2021 from the store (one split, or --cv)
+    evaluate  metrics, calibration and MC-dropout uncertainty of a run
+    predict   age and gender with uncertainty for the faces in photos
+    embed     every face of some photos into one Parquet file
+    models    fetch or check a face-model pack
     """
 
 
@@ -172,14 +175,13 @@ def models():
 @click.option("--url", default=None, help="Download from this URL instead (a mirror); env AGEPIPE_MODEL_URL.")
 def models_fetch(pack, url):
     """Download a pack into insightface's model cache and check it (sha256)."""
-    from agepipe.features.models import ModelError, resolve_pack
+    from agepipe.features.models import ModelError, file_sha256, resolve_pack
 
     try:
         p = resolve_pack(pack, model_url=url)
     except ModelError as e:
         fail(str(e))
     for path in (p.detector, p.recognizer):
-        from agepipe.features.models import file_sha256
         click.echo(f"{path}  sha256 {file_sha256(path)}")
 
 
