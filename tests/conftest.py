@@ -53,3 +53,17 @@ def buffalo_s_dir(buffalo_s, tmp_path_factory) -> Path:
     for f in (buffalo_s.detector, buffalo_s.recognizer):
         (folder / f.name).symlink_to(f)
     return folder
+
+
+def chosen_face(embedder, pixels):
+    """The face of a photo that extraction's policy keeps (no dataset box): all faces as
+    `agepipe embed` finds them, then choose_face."""
+    import numpy as np
+
+    from agepipe.features.detect import Detections
+    from agepipe.features.embed import choose_face
+
+    faces = embedder.faces(pixels)
+    det = Detections(np.array([f.bbox for f in faces]), np.array([f.det_score for f in faces]),
+                     np.array([f.landmarks for f in faces]))
+    return faces[choose_face(det, pixels.shape)]

@@ -48,9 +48,15 @@ def register(dataset: Dataset) -> None:
     REGISTRY[dataset.name] = dataset
 
 
+def expand_groups(names) -> list[str]:
+    """Each group ("imdb-wiki") replaced by its datasets; any other name kept as it is (a
+    manifest or a store may hold datasets agepipe does not download)."""
+    return [n for name in names for n in GROUPS.get(name, (name,))]
+
+
 def expand(choice: str) -> list[str]:
-    """The dataset names a user's choice stands for ("imdb-wiki" is both)."""
-    names = list(GROUPS.get(choice, (choice,)))
+    """The dataset names a user's choice stands for ("imdb-wiki" is both), all known ones."""
+    names = expand_groups([choice])
     unknown = [n for n in names if n not in REGISTRY]
     if unknown:
         raise KeyError(f"unknown dataset {unknown[0]!r}; known: {', '.join(choices())}")

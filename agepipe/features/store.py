@@ -59,23 +59,6 @@ def fixed_list(values: np.ndarray | None, width: int, valid: np.ndarray | None =
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width, mask=mask)
 
 
-def list_matrix(column: pa.ChunkedArray | pa.Array, width: int, out: np.ndarray | None = None) -> np.ndarray:
-    """(n, width) float32 from a fixed_size_list column with no nulls, with one copy."""
-    if isinstance(column, pa.Array):
-        column = pa.chunked_array([column])
-    n = len(column)
-    if out is None:
-        out = np.empty((n, width), dtype=np.float32)
-    row = 0
-    for chunk in column.chunks:
-        k = len(chunk)
-        if k:
-            flat = chunk.flatten().to_numpy(zero_copy_only=False)
-            out[row:row + k] = flat.reshape(k, width)
-        row += k
-    return out
-
-
 # --- paths -----------------------------------------------------------------------------
 
 def _fs(store: str):
@@ -236,15 +219,23 @@ def _shard_paths(store: str, feature_set: str, datasets: list[str] | str | None)
     return out
 
 
-def _read_shard(store: str, path: str, columns: list[str] | None) -> pa.Table:
-    """A shard from the Parquet file, or, on a local store, from its memory-mapped Arrow
-    copy: Parquet spends 512 repetition levels a row decoding the embedding list, an Arrow
-    file maps it at page-cache speed. The copy is made on first read and named by the
-    shard's rows digest and mtime, so a rewritten shard never reads a stale copy."""
+def read_shard_file(store: str, path: str, columns: list[str] | None = None) -> pa.Table:
+    """One shard's Parquet file (``path`` as finished_shards gives it), straight from the store."""
     fs, _ = _fs(store)
-    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        with fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns, schema=SHARD_SCHEMA)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns, schema=SHARD_SCHEMA)
+
+
+def _read_shard(store: str, path: str, columns: list[str] | None) -> pa.Table:
+    """A shard's columns. Embeddings on a local store come from the shard's memory-mapped
+    Arrow copy: Parquet spends 512 repetition levels a row decoding the embedding list, an
+    Arrow file maps it at page-cache speed. The copy is made on first read and named by the
+    shard's rows digest and mtime, so a rewritten shard never reads a stale copy. Other
+    columns are cheap to read from Parquet and make no copy."""
+    fs, _ = _fs(store)
+    wants_embedding = columns is None or "embedding" in columns
+    if not wants_embedding or not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        return read_shard_file(store, path, columns)
     folder, name = os.path.split(path)
     pf = pq.ParquetFile(path)
     digest = (pf.schema_arrow.metadata or {}).get(b"agepipe.rows", b"").decode()

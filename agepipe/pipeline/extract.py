@@ -15,6 +15,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -164,9 +165,7 @@ def extract_shard(task: dict) -> dict:
 def _retry_transient(store: str, path: str, rows: pa.Table, data_root: str, cfg: ExtractConfig,
                      timings: Counter) -> pa.Table:
     """Keep a finished shard's rows, redo only those whose status was a transient failure."""
-    fs, _ = fstore._fs(store)
-    with fs.open(path, "rb") as f:
-        existing = pq.read_table(f, schema=fstore.SHARD_SCHEMA)
+    existing = fstore.read_shard_file(store, path)
     transient = np.isin(np.array(existing["status"].to_pylist(), dtype=object), list(fstore.TRANSIENT_STATUSES))
     if not transient.any():
         return existing
@@ -179,8 +178,10 @@ def _retry_transient(store: str, path: str, rows: pa.Table, data_root: str, cfg:
 # --- on the client ----------------------------------------------------------------------
 
 def read_manifest(data_dir: str, dataset: str) -> pa.Table:
-    path = os.path.join(os.path.expanduser(data_dir), dataset, "manifest.parquet")
-    if not os.path.exists(path):
+    from agepipe.datasets.manifest import MANIFEST_FILE
+
+    path = Path(data_dir).expanduser() / dataset / MANIFEST_FILE
+    if not path.exists():
         raise FileNotFoundError(f"no manifest at {path}; run `agepipe download --dataset {dataset}` first")
     table = pq.read_table(path)
     missing = set(fstore.MANIFEST_SCHEMA.names) - set(table.column_names)
@@ -194,9 +195,7 @@ def plan_shards(manifest: pa.Table, shard_rows: int) -> list[pa.Table]:
 
 
 def shard_has_transient(store: str, path: str) -> bool:
-    fs, _ = fstore._fs(store)
-    with fs.open(path, "rb") as f:
-        statuses = pq.read_table(f, columns=["status"])["status"].to_pylist()
+    statuses = fstore.read_shard_file(store, path, columns=["status"])["status"].to_pylist()
     return bool(fstore.TRANSIENT_STATUSES & set(statuses))
 
 
@@ -313,8 +312,6 @@ def feature_set_info(feature_set: str, identity: dict, cfg: ExtractConfig, layou
             "cluster": {"mode": layout.mode, "workers": layout.workers, "worker_env": workers_env}}
 
 
-DATASET_GROUPS = {"imdb-wiki": ["imdb", "wiki"]}
-
 
 def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buffalo_s", det_size: int = 640,
                 runtime: str = "onnxruntime", device: str = "cpu", shard_rows: int = 1000,
@@ -322,11 +319,12 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
                 gpus: list[str] | None = None, workers: int | None = None, batch_size: int = 16,
                 progress: bool = True, echo=print) -> dict:
     """Extract the datasets' manifests into the store; returns the feature set's info."""
+    from agepipe.datasets import expand_groups
     from agepipe.features.embed import feature_identity
     from agepipe.features.models import resolve_pack
     from agepipe.pipeline.cluster import dashboard_link, open_client
 
-    names = [n for d in datasets for n in DATASET_GROUPS.get(d, [d])]
+    names = expand_groups(datasets)
     manifests = {}
     for name in names:
         manifest = read_manifest(data_dir, name)

@@ -23,8 +23,8 @@ from torch.torch_version import TorchVersion
 from tqdm import tqdm
 
 import agepipe
+from agepipe.datasets import expand_groups
 from agepipe.features import store as feature_store
-from agepipe.pipeline.extract import DATASET_GROUPS
 from agepipe.train.checkpoint import init_from, model_config_from, read_config, save_checkpoint, write_json
 from agepipe.train.data import (NUM_CLASSES, VAL_FRACTION, Split, TaskData, check_task, load_task_data,
                                 make_split, resolve_feature_set, true_ages)
@@ -331,7 +331,7 @@ def train(store: str, datasets: list[str], task: str, out: str | Path, *, featur
     (test fold ``test_fold``) or, with ``cv``, every fold times ``seeds`` (no per-run
     reports then: `agepipe evaluate` draws one for any run folder)."""
     check_task(task)
-    datasets = [name for d in datasets for name in DATASET_GROUPS.get(d, [d])]  # imdb-wiki: imdb and wiki
+    datasets = expand_groups(datasets)  # imdb-wiki: imdb and wiki
     feature_set = resolve_feature_set(store, feature_set)
     data = load_task_data(store, feature_set, datasets, task, min_det_score, resolve_device(device))
     model_cfg = model_config_for(task, init, **(model_overrides or {}))

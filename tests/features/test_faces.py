@@ -5,6 +5,7 @@ import pytest
 
 from agepipe.features.embed import box_iou, choose_face
 from agepipe.features.images import read_image
+from tests.conftest import chosen_face
 
 REFERENCE_PHOTOS = ["t1", "astronaut", "obama", "obama2", "obama3", "biden", "yaoming"]
 
@@ -52,12 +53,7 @@ def test_t1_has_six_faces(photos, embedder):
 
 
 def one_embedding(embedder, path):
-    image = read_image(str(path))
-    faces = embedder.faces(image)
-    from agepipe.features.detect import Detections
-    det = Detections(np.array([f.bbox for f in faces]), np.array([f.det_score for f in faces]),
-                     np.array([f.landmarks for f in faces]))
-    return faces[choose_face(det, image.shape)].embedding
+    return chosen_face(embedder, read_image(str(path))).embedding
 
 
 def test_same_person_more_similar_than_different_people(photos, embedder):

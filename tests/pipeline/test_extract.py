@@ -16,9 +16,8 @@ from click.testing import CliRunner
 
 from agepipe.cli import cli
 from agepipe.features import store as fstore
-from agepipe.features.detect import Detections
-from agepipe.features.embed import choose_face
 from agepipe.features.images import read_photo
+from tests.conftest import chosen_face
 from tests.pipeline.conftest import write_manifest
 
 
@@ -52,10 +51,7 @@ def assert_matches_embed(data, rows, embedder, expected_ok=16):
     assert len(ok) == expected_ok
     for image_id, emb, bbox in zip(ok.image_id, ok.embedding, ok.bbox):
         photo = read_photo(str(Path(data) / "mini" / image_id))
-        faces = embedder.faces(photo.pixels)
-        det = Detections(np.array([f.bbox for f in faces]), np.array([f.det_score for f in faces]),
-                         np.array([f.landmarks for f in faces]))
-        expected = faces[choose_face(det, photo.pixels.shape)]
+        expected = chosen_face(embedder, photo.pixels)
         assert float(np.asarray(emb) @ expected.embedding) >= 0.999, image_id
         np.testing.assert_allclose(np.asarray(bbox), expected.bbox, atol=1.0)
 
