@@ -189,3 +189,16 @@ def test_extract_and_embed_count_and_keep_rescued_faces(photos, embedder, buffal
     assert shard["status"].to_pylist() == ["ok", "no_face", "ok"]
     assert shard["n_faces"].to_pylist() == [1, 0, 6]
     np.testing.assert_allclose(shard["bbox"][0].as_py(), table["bbox"][0].as_py(), atol=1e-3)
+
+
+def test_lfw_patches_faces_found_and_none_invented(embedder):
+    """scikit-image's LFW subset: 25x25 px patches, 100 filled by a face (the first pass finds
+    none of them) and 100 without one (no pass may find a face there)."""
+    import cv2
+    from skimage.data import lfw_subset
+
+    patches = [cv2.cvtColor((p * 255).round().astype(np.uint8), cv2.COLOR_GRAY2BGR) for p in lfw_subset()]
+    faces, others = patches[:100], patches[100:]
+    assert sum(len(d) for d in embedder.detector(faces, rescue=False)) == 0
+    assert sum(len(d) > 0 for d in embedder.detector(faces)) >= 95
+    assert sum(len(d) for d in embedder.detector(others)) == 0
