@@ -70,7 +70,7 @@ def tight_crop(image: np.ndarray, box: np.ndarray, share: float, position: tuple
     return crop, box - np.array([x0, y0, x0, y0], np.float32)
 
 
-def score(detector: Detector, crops, rescue: bool) -> tuple[int, int, int, float]:
+def score(detector: Detector, crops, rescue: bool) -> tuple[int, int, int, str]:
     """Over the crops: found, right face, box IoU >= CLOSE_IOU, median IoU."""
     ious = []
     for i in range(0, len(crops), 16):
@@ -80,7 +80,8 @@ def score(detector: Detector, crops, rescue: bool) -> tuple[int, int, int, float
                 k = choose_face(det, crop.shape)
                 ious.append(float(box_iou(det.boxes[k:k + 1], box)[0]))
     ious = np.array(ious)
-    return len(ious), int((ious >= RIGHT_FACE_IOU).sum()), int((ious >= CLOSE_IOU).sum()), float(np.median(ious))
+    median = f"{np.median(ious):.3f}" if len(ious) else "-"
+    return len(ious), int((ious >= RIGHT_FACE_IOU).sum()), int((ious >= CLOSE_IOU).sum()), median
 
 
 def lfw_patches() -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -114,7 +115,7 @@ def main():
         found, right, tight, iou = score(detector, crops, rescue=True)
         n = len(crops)
         print(f"| {share:.0%} | {n} | {plain} ({plain / n:.0%}) | {found} ({found / n:.0%}) | "
-              f"{right} ({right / n:.0%}) | {tight} ({plain_tight}) | {iou:.3f} ({plain_iou:.3f}) |")
+              f"{right} ({right / n:.0%}) | {tight} ({plain_tight}) | {iou} ({plain_iou}) |")
 
     print()
     print("| photos | photos | faces, no rescue | faces, rescue |")

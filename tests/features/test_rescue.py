@@ -155,8 +155,9 @@ def test_rescue_runs_once_on_just_the_photos_without_a_face(photos, embedder, co
 
 
 def test_extract_and_embed_count_and_keep_rescued_faces(photos, embedder, buffalo_s, tmp_path):
-    """The one detection path serves `agepipe embed` (embed_files) and `agepipe extract`
-    (a shard through extract_shard), whose summary counts the rescued photos."""
+    """The one detection path serves `agepipe predict` (FaceEmbedder.faces), `agepipe embed`
+    (embed_files) and `agepipe extract` (a shard through extract_shard), whose summary counts
+    the rescued photos."""
     import cv2
     import pyarrow.parquet as pq
 
@@ -166,6 +167,7 @@ def test_extract_and_embed_count_and_keep_rescued_faces(photos, embedder, buffal
     image = read_image(str(photos["obama"]))
     box = embedder.detector([image])[0].boxes[0]
     crop, offset = tight_crop(image, box, 0.9)
+    assert len(embedder.faces(crop)) == 1
     data = tmp_path / "data"
     data.mkdir()
     cv2.imwrite(str(data / "crop.png"), crop)
