@@ -1,6 +1,7 @@
 """Faces that fill the frame: SCRFD without and with agepipe's face rescue.
 
     python bench/tight_crops.py [--det-size 640] [--shares 0.56,0.63,0.71,0.77,0.83,0.9] [--data-dir DATA]
+                                [--pad 0.5] [--value 0]
 
 Crops like dataset face crops (Adience's aligned faces, IMDB-WIKI's 40% margins): every
 face >= 60 px in the packaged photos (insightface's t1.jpg, scikit-image's astronaut,
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agepipe.features import detect
 from agepipe.features.detect import Detector
 from agepipe.features.embed import box_iou, choose_face
 from agepipe.features.images import read_image
@@ -98,12 +100,15 @@ def main():
     ap.add_argument("--det-size", type=int, default=640)
     ap.add_argument("--shares", default="0.56,0.63,0.71,0.77,0.83,0.9")
     ap.add_argument("--data-dir", default=None, help="where `agepipe download --dataset sample` put the sample")
+    ap.add_argument("--pad", type=float, default=detect.RESCUE_PAD, help="try another rescue padding")
+    ap.add_argument("--value", type=int, default=detect.RESCUE_VALUE, help="try another padding grey level")
     args = ap.parse_args()
+    detect.RESCUE_PAD, detect.RESCUE_VALUE = args.pad, args.value
     pack = resolve_pack("buffalo_s")
     detector = Detector(load_net(pack.detector, "onnxruntime", "cpu", 0), args.det_size)
     faces = big_faces(detector)
-    print(f"buffalo_s, det size {args.det_size}, {len(faces)} faces >= {MIN_FACE} px, "
-          f"{len(POSITIONS)} crops each; right face: the face kept (choose_face) has IoU >= {RIGHT_FACE_IOU} "
+    print(f"buffalo_s, det size {args.det_size}, rescue pad {args.pad} value {args.value}, "
+          f"{len(faces)} faces >= {MIN_FACE} px, {len(POSITIONS)} crops each; right face: the face kept (choose_face) has IoU >= {RIGHT_FACE_IOU} "
           "with the face's box from the full photo, mapped into the crop")
     print()
     print("| face's share of the crop side | crops | found, no rescue | found, rescue | right face, rescue "

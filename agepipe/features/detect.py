@@ -4,7 +4,7 @@ Each image is letterboxed (aspect kept, top-left aligned, zero padded) into the 
 det_size canvas so a whole batch goes through the network in one call; decoding and NMS
 follow insightface's SCRFD exactly, so boxes and scores match its per-image detection.
 
-Face rescue: SCRFD misses a face that fills most of the frame (at 83% of the side, 42 of 45
+Face rescue: SCRFD misses a face that fills most of the frame (at 83% of the side, 43 of 45
 dataset-style crops). A photo with no face is detected once more, shrunk by 1 + 2 * RESCUE_PAD
 and centred on a det_size canvas of RESCUE_VALUE, as if padded by RESCUE_PAD of its longer
 side on every edge; the faces found are mapped back to the photo's pixels. The policy is
