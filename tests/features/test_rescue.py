@@ -120,17 +120,21 @@ def test_tight_crops_found_after_rescue_as_the_right_face(share, big_faces, embe
                       embedder.embed_crops([norm_crop(image, det.landmarks[k])])[0][0]))
     plain = embedder.detector(crops, rescue=False)
     assert sum(len(d) == 0 for d in plain) >= len(crops) * 0.8  # the problem is real at this share
+    ious = []
     for crop, before, after, (box, landmarks, embedding) in zip(
             crops, plain, embedder.detector(crops), truth):
         assert len(after) >= 1
         assert after.rescued == (len(before) == 0)
         k = choose_face(after, crop.shape)
-        assert box_iou(after.boxes[k:k + 1], box)[0] >= 0.85
+        ious.append(box_iou(after.boxes[k:k + 1], box)[0])
+        # a small face's box moves a few pixels on any crop, rescued or not (bench/tight_crops.py)
+        assert ious[-1] >= 0.85
         # landmarks in the crop's own pixels: near the full photo's (a wrong map is off by tens of %)
         error = np.linalg.norm(after.landmarks[k] - landmarks, axis=1) / (box[3] - box[1])
         assert error.mean() <= 0.05 and error.max() <= 0.1
         found = embedder.embed_crops([norm_crop(crop, after.landmarks[k])])[0][0]
         assert float(found @ embedding) >= 0.85
+    assert np.median(ious) >= 0.9
 
 
 def test_rescue_runs_once_on_just_the_photos_without_a_face(photos, embedder, counted):
