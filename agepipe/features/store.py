@@ -53,10 +53,40 @@ SHARD_GLOB = "part-*.parquet"
 
 def fixed_list(values: np.ndarray | None, width: int, valid: np.ndarray | None = None) -> pa.Array:
     """A fixed_size_list<float32>[width] array from an (n, width) matrix; rows where
-    ``valid`` is False become null."""
-    values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1, width)
-    mask = None if valid is None else pa.array(~np.asarray(valid, dtype=bool))
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width, mask=mask)
+    ``valid`` is False hold NaN, never null: pyarrow before 26 cannot read a Parquet
+    fixed_size_list column with a null entry."""
+    values = np.array(values, dtype=np.float32).reshape(-1, width)
+    if valid is not None:
+        values[~np.asarray(valid, dtype=bool)] = np.nan
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width)
+
+
+def list_values(chunk: pa.FixedSizeListArray) -> np.ndarray:
+    """A fixed-size list array's rows as an (n, width) float32 matrix, null rows and null
+    items as NaN (stores and manifests that agepipe 0.1.0 wrote hold nulls)."""
+    width = chunk.type.list_size
+    values = chunk.values.slice(chunk.offset * width, len(chunk) * width)
+    out = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, width)
+    if chunk.null_count:
+        out = out.copy() if not out.flags.writeable else out
+        out[chunk.is_null().to_numpy(zero_copy_only=False)] = np.nan
+    return out
+
+
+def without_nulls(table: pa.Table) -> pa.Table:
+    """``table`` with every null inside a fixed_size_list column replaced by NaN."""
+    for i, field in enumerate(table.schema):
+        if not pa.types.is_fixed_size_list(field.type):
+            continue
+        column = table.column(i)
+        if column.null_count == 0 and all(c.values.null_count == 0 for c in column.chunks):
+            continue
+        width = field.type.list_size
+        chunks = [pa.FixedSizeListArray.from_arrays(pa.array(list_values(c).reshape(-1)), width)
+                  for c in column.chunks]
+        table = table.set_column(i, pa.field(field.name, pa.list_(pa.float32(), width)),
+                                 pa.chunked_array(chunks, pa.list_(pa.float32(), width)))
+    return table
 
 
 # --- paths -----------------------------------------------------------------------------
@@ -95,7 +125,7 @@ def rows_digest(image_ids) -> str:
 
 def write_shard(table: pa.Table, store: str, feature_set: str, dataset: str, index: int) -> str:
     """Write one shard atomically: a temporary name in the same folder, then a rename."""
-    table = table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+    table = without_nulls(table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
     table = table.replace_schema_metadata({"agepipe.rows": rows_digest(table["image_id"].to_pylist())})
     fs, root = _fs(dataset_dir(store, feature_set, dataset))
     fs.makedirs(root, exist_ok=True)

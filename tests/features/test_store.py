@@ -1,0 +1,100 @@
+"""The feature store's contracts: no nulls inside fixed-size lists, old files still read."""
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from agepipe.datasets.manifest import write_manifest
+from agepipe.features import store as fstore
+from agepipe.pipeline.extract import read_manifest
+
+FS = "fs-test"
+
+
+def shard_rows(n: int, start: int = 0, seed: int = 0, ok_every: int = 3, nulls: bool = False) -> pa.Table:
+    """A shard's table: every ``ok_every``-th row has no face. With ``nulls`` the lists of
+    those rows are null, as agepipe 0.1.0 wrote them; else NaN-filled."""
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((n, fstore.EMBEDDING_DIM)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    ok = np.arange(n) % ok_every != 0
+    def lists(values, width):
+        if nulls:
+            return pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(values, np.float32).reshape(-1)), width,
+                                                     mask=pa.array(~ok))
+        return fstore.fixed_list(values, width, ok)
+    return pa.table({
+        "image_id": [f"img/{start + i:05d}.jpg" for i in range(n)],
+        "subject_id": [f"s{(start + i) // 3}" for i in range(n)],
+        "fold": pa.array((np.arange(n) + start) % 5, pa.int8()),
+        "age": pa.array(np.full(n, 30.0), pa.float32()),
+        "age_bin": pa.array(np.full(n, 4), pa.int8()),
+        "gender": pa.array(np.arange(n) % 2, pa.int8()),
+        "face_hint": pa.nulls(n, pa.list_(pa.float32(), 4)) if nulls else fstore.fixed_list(np.zeros((n, 4)), 4, np.zeros(n, bool)),
+        "status": np.where(ok, "ok", "no_face").tolist(),
+        "n_faces": pa.array(ok.astype(np.int16)),
+        "det_score": pa.array(np.where(ok, 0.9, np.nan), pa.float32()),
+        "bbox": lists(np.tile([1, 2, 3, 4], (n, 1)), 4),
+        "landmarks": lists(np.ones((n, 10)), 10),
+        "embedding": lists(emb, fstore.EMBEDDING_DIM),
+        "embedding_norm": pa.array(np.where(ok, 20.0, np.nan), pa.float32()),
+    }), emb, ok
+
+
+def assert_no_nulls_in_lists(path):
+    table = pq.read_table(path)
+    lists = [f.name for f in table.schema if pa.types.is_fixed_size_list(f.type)]
+    assert lists
+    for name in lists:
+        column = table[name]
+        assert column.null_count == 0, name
+        assert all(chunk.values.null_count == 0 for chunk in column.chunks), name
+    meta = pq.ParquetFile(path).metadata
+    for j in range(meta.num_columns):
+        col = meta.row_group(0).column(j)
+        if col.path_in_schema.split(".")[0] in lists and col.statistics is not None:
+            assert col.statistics.null_count == 0, col.path_in_schema
+
+
+def test_rows_without_a_value_hold_nan_never_null(tmp_path):
+    table, emb, ok = shard_rows(12, nulls=True)  # even a table with nulls is written without
+    path = fstore.write_shard(table, str(tmp_path), FS, "d", 0)
+    assert_no_nulls_in_lists(path)
+    back = pq.read_table(path)
+    emb_back = np.stack(back["embedding"].to_numpy(zero_copy_only=False))
+    assert np.isnan(emb_back[~ok]).all() and np.array_equal(emb_back[ok], emb[ok])
+    assert back["status"].to_pylist() == np.where(ok, "ok", "no_face").tolist()
+    feats = fstore.load_features(str(tmp_path), FS, "d")
+    assert np.array_equal(feats.embeddings, emb[ok])
+
+
+def test_manifest_face_hint_is_nan_filled_and_old_manifests_read(tmp_path):
+    frame = pd.DataFrame({"image_id": ["a.jpg", "b.jpg"], "subject_id": ["x", "y"], "fold": [0, 1],
+                          "age": [30.0, np.nan], "age_bin": [4, -1], "gender": [1, -1],
+                          "face_hint": [None, [1.0, 2.0, 30.0, 40.0]], "status": ["ok", "ok"]})
+    path = write_manifest(frame, tmp_path / "new" / "manifest.parquet")
+    assert_no_nulls_in_lists(path)
+    hints = read_manifest(str(tmp_path), "new")["face_hint"].to_pylist()
+    assert np.isnan(hints[0]).all() and hints[1] == [1.0, 2.0, 30.0, 40.0]
+    # a manifest as agepipe 0.1.0 wrote it: a null face_hint
+    old = pa.Table.from_pandas(frame, preserve_index=False).cast(fstore.MANIFEST_SCHEMA)
+    (tmp_path / "old").mkdir()
+    pq.write_table(old, tmp_path / "old" / "manifest.parquet")
+    assert pq.read_table(tmp_path / "old" / "manifest.parquet")["face_hint"].null_count == 1
+    assert read_manifest(str(tmp_path), "old")["face_hint"].to_pylist()[1] == [1.0, 2.0, 30.0, 40.0]
+
+
+def test_a_store_written_with_nulls_still_loads(tmp_path):
+    """A store as agepipe 0.1.0 wrote it: part-NNNNN.parquet with null lists, no index."""
+    root = tmp_path / FS / "d"
+    root.mkdir(parents=True)
+    parts = [shard_rows(7, start=0, seed=1, nulls=True), shard_rows(5, start=7, seed=2, nulls=True)]
+    for i, (table, _, _) in enumerate(parts):
+        pq.write_table(table.cast(fstore.SHARD_SCHEMA), root / f"part-{i:05d}.parquet")
+    assert pq.read_table(root / "part-00000.parquet")["embedding"].null_count > 0
+    feats = fstore.load_features(str(tmp_path), FS, "d")
+    expected = np.concatenate([emb[ok] for _, emb, ok in parts])
+    assert np.array_equal(feats.embeddings, expected)
+    assert list(feats.rows.image_id) == [f"img/{i:05d}.jpg" for i in (1, 2, 4, 5, 8, 9, 11)]
+    assert fstore.status_counts(str(tmp_path), FS) == {"d": {"no_face": 3 + 2, "ok": 4 + 3}}
