@@ -98,3 +98,134 @@ def test_a_store_written_with_nulls_still_loads(tmp_path):
     assert np.array_equal(feats.embeddings, expected)
     assert list(feats.rows.image_id) == [f"img/{i:05d}.jpg" for i in (1, 2, 4, 5, 8, 9, 11)]
     assert fstore.status_counts(str(tmp_path), FS) == {"d": {"no_face": 3 + 2, "ok": 4 + 3}}
+
+
+# --- exactly once: the index --------------------------------------------------------------
+
+def write_cut(root, table, shard_rows, dataset="d"):
+    """Shards of ``shard_rows`` rows, committed as the dataset's content."""
+    entries = []
+    for i, start in enumerate(range(0, table.num_rows, shard_rows)):
+        part = table.slice(start, shard_rows)
+        path = fstore.write_shard(part, str(root), FS, dataset, i)
+        entries.append(fstore.ShardEntry(path.rsplit("/", 1)[-1], start, part.num_rows,
+                                         fstore.rows_digest(part["image_id"].to_pylist())))
+    index = fstore.read_index(str(root), FS, dataset)
+    return fstore.commit_shards(str(root), FS, dataset, entries, "m", index.generation if index else None)
+
+
+def test_a_new_cut_replaces_the_old_one_whole(tmp_path):
+    table, emb, ok = shard_rows(40)
+    write_cut(tmp_path, table.slice(0, 30), 16)  # a first run with --limit 30 --shard-rows 16
+    assert fstore.status_counts(str(tmp_path), FS)["d"] == {"no_face": 10, "ok": 20}
+    old = set(fstore.shard_files(str(tmp_path), FS, "d"))
+    write_cut(tmp_path, table, 1000)             # then the whole manifest in one shard
+    feats = fstore.load_features(str(tmp_path), FS, "d")
+    assert np.array_equal(feats.embeddings, emb[ok])
+    assert list(feats.rows.image_id) == [f"img/{i:05d}.jpg" for i in np.flatnonzero(ok)]
+    [new] = fstore.shard_files(str(tmp_path), FS, "d")
+    assert new not in old and sorted(p.name for p in (tmp_path / FS / "d").glob("part-*")) == [new.rsplit("/", 1)[-1]]
+    assert sum(fstore.status_counts(str(tmp_path), FS)["d"].values()) == 40
+
+
+def test_a_deleted_or_damaged_shard_is_refused_naming_what_to_run(tmp_path):
+    table, _, _ = shard_rows(30)
+    write_cut(tmp_path, table, 10)
+    first, second, _ = fstore.shard_files(str(tmp_path), FS, "d")
+    (tmp_path / FS / "d" / second.rsplit("/", 1)[-1]).unlink()
+    with pytest.raises(fstore.StoreError, match=r"d: shard part-00001-\w+\.parquet listed in _index\.json is "
+                                                r"missing; run `agepipe extract --dataset d`"):
+        fstore.load_features(str(tmp_path), FS, "d")
+    write_cut(tmp_path, table, 10)
+    path = fstore.shard_files(str(tmp_path), FS, "d")[0]
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])  # truncated
+    with pytest.raises(fstore.StoreError, match=re_escape(path) + ": cannot read this shard"):
+        fstore.load_features(str(tmp_path), FS, "d")
+    open(path, "wb").write(b"not parquet at all" * 100)  # garbage
+    with pytest.raises(fstore.StoreError, match=re_escape(path)):
+        fstore.status_counts(str(tmp_path), FS)
+
+
+def re_escape(text):
+    import re
+
+    return re.escape(text)
+
+
+def test_an_index_whose_shards_overlap_or_leave_rows_out_is_refused(tmp_path):
+    table, _, _ = shard_rows(20)
+    index = write_cut(tmp_path, table, 10)
+    a, b = index.shards
+    import dataclasses
+    import json
+
+    path = tmp_path / FS / "d" / "_index.json"
+    raw = json.loads(path.read_text())
+    raw["shards"][1]["start"] = 5
+    path.write_text(json.dumps(raw))
+    with pytest.raises(fstore.StoreError, match="shards overlap at row 5.*agepipe extract --dataset d"):
+        fstore.load_features(str(tmp_path), FS, "d")
+    raw["shards"][1]["start"] = 12
+    path.write_text(json.dumps(raw))
+    with pytest.raises(fstore.StoreError, match="leave out manifest rows at row 10"):
+        fstore.load_features(str(tmp_path), FS, "d")
+    # a shard swapped for one with other rows under a listed name
+    raw["shards"][1] = dataclasses.asdict(dataclasses.replace(b, file=a.file, start=10))
+    path.write_text(json.dumps(raw))
+    with pytest.raises(fstore.StoreError, match="holds other rows than _index.json lists"):
+        fstore.load_features(str(tmp_path), FS, "d")
+
+
+def test_a_store_without_index_holding_a_row_twice_is_refused(tmp_path):
+    """agepipe 0.1.0's README sequence left two cuts side by side; such a store is refused."""
+    root = tmp_path / FS / "d"
+    root.mkdir(parents=True)
+    table, _, _ = shard_rows(20)
+    pq.write_table(table.slice(0, 16).cast(fstore.SHARD_SCHEMA), root / "part-00000.parquet")
+    pq.write_table(table.slice(16, 4).cast(fstore.SHARD_SCHEMA), root / "part-00001.parquet")
+    assert len(fstore.load_features(str(tmp_path), FS, "d").rows) == 13
+    pq.write_table(table.cast(fstore.SHARD_SCHEMA), root / "part-00002.parquet")
+    with pytest.raises(fstore.StoreError, match=r"'img/00000.jpg' is in two shards.*agepipe extract --dataset d"):
+        fstore.load_features(str(tmp_path), FS, "d")
+
+
+def test_one_writer_at_a_time_and_no_commit_over_an_index_it_did_not_read(tmp_path):
+    with fstore.writer_lock(str(tmp_path), FS, "d"):
+        with pytest.raises(fstore.StoreError, match="another `agepipe extract` is writing"):
+            with fstore.writer_lock(str(tmp_path), FS, "d"):
+                pass
+    with fstore.writer_lock(str(tmp_path), FS, "d"):  # released
+        pass
+    table, _, _ = shard_rows(10)
+    first = write_cut(tmp_path, table, 5)
+    second = write_cut(tmp_path, table, 10)
+    with pytest.raises(fstore.StoreError, match="changed while this run worked"):
+        fstore.commit_shards(str(tmp_path), FS, "d", first.shards, "m", first.generation)
+    assert fstore.read_index(str(tmp_path), FS, "d") == second
+
+
+def test_a_read_only_store_loads_and_reading_writes_nothing(tmp_path):
+    """chmod -R a-w, then read. (As root the modes do not stop a write, so the test also
+    checks that no file or folder changed: agepipe 0.1.0 left an .arrow/ copy here.)"""
+    import stat
+
+    table, emb, ok = shard_rows(25)
+    write_cut(tmp_path, table, 10)
+
+    def tree():
+        return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in [tmp_path, *tmp_path.rglob("*")])
+
+    before = tree()
+    paths = [tmp_path, *tmp_path.rglob("*")]
+    for p in paths:
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        assert np.array_equal(fstore.load_features(str(tmp_path), FS, "d").embeddings, emb[ok])
+        assert np.array_equal(fstore.load_features(str(tmp_path), FS, "d", folds=[1, 2]).embeddings,
+                              emb[ok & np.isin(np.arange(25) % 5, [1, 2])])
+        assert fstore.status_counts(str(tmp_path), FS)["d"]["ok"] == int(ok.sum())
+    finally:
+        for p in paths:
+            p.chmod(p.stat().st_mode | stat.S_IWUSR)
+    assert tree() == before
