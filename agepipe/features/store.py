@@ -25,6 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from agepipe.features.plain_column import read_float_lists
+
 EMBEDDING_DIM = 512
 
 MANIFEST_FIELDS = [
@@ -136,16 +138,23 @@ def feature_set_name(label: str, config: dict) -> str:
 
 # --- writing ----------------------------------------------------------------------------
 
-def rows_digest(image_ids) -> str:
-    """Which rows a shard holds, so a rerun can tell a finished shard from one cut differently."""
-    return hashlib.sha256("\n".join(image_ids).encode()).hexdigest()[:16]
+# The manifest columns a shard copies unchanged: what identifies the rows it was made from.
+ROW_KEY = ["image_id", "subject_id", "fold", "age", "gender"]
+
+
+def rows_digest(rows: pa.Table) -> str:
+    """Which manifest rows a shard holds (ids and labels), so a rerun can tell a finished
+    shard from one cut differently, or from rows whose labels changed since."""
+    columns = [rows[name].to_pylist() for name in ROW_KEY]
+    text = "\n".join("\t".join(map(str, values)) for values in zip(*columns))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def write_shard(table: pa.Table, store: str, feature_set: str, dataset: str, index: int) -> str:
     """Write one shard atomically (a temporary name in the same folder, then a rename) under a
     name of its own; it counts once an index commit lists it. Returns its path."""
     table = without_nulls(table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
-    table = table.replace_schema_metadata({"agepipe.rows": rows_digest(table["image_id"].to_pylist())})
+    table = table.replace_schema_metadata({"agepipe.rows": rows_digest(table)})
     fs, root = _fs(dataset_dir(store, feature_set, dataset))
     fs.makedirs(root, exist_ok=True)
     final = _join(root, shard_name(index))
@@ -158,6 +167,7 @@ def write_shard(table: pa.Table, store: str, feature_set: str, dataset: str, ind
                          for name in SHARD_SCHEMA.names},
             use_dictionary=["status", "subject_id"],
             row_group_size=max(len(table), 1),
+            data_page_size=1 << 30,  # one page per column: plain_column reads it with one header
         )
         if hasattr(f, "flush"):
             f.flush()
@@ -407,12 +417,10 @@ def read_shard_file(store: str, path: str, columns: list[str] | None = None,
     return table.select(wanted.names).cast(wanted)
 
 
-def read_table(store: str, feature_set: str, datasets: list[str] | str | None = None,
-               columns: list[str] | None = None) -> pa.Table:
-    """All shards of the given datasets (all when None) as one table, shards in order.
-    The column ``dataset`` is added. A store without an index (agepipe 0.1.0) must not
-    hold an image in two shards."""
-    tables, seen = [], {}
+def _read_shards(store: str, feature_set: str, datasets, columns: list[str] | None):
+    """[(dataset, path, table)] of every listed shard. A store without an index (agepipe
+    0.1.0) must not hold an image in two shards."""
+    out, seen = [], {}
     for dataset, path, entry in _shard_paths(store, feature_set, datasets):
         t = read_shard_file(store, path, columns, entry)
         if entry is None:
@@ -422,8 +430,38 @@ def read_table(store: str, feature_set: str, datasets: list[str] | str | None = 
                 if seen.setdefault((dataset, image_id), path) != path:
                     raise StoreError(f"{path.rsplit('/', 1)[0]}: {image_id!r} is in two shards "
                                      f"({_name(seen[dataset, image_id])}, {_name(path)}); {_rerun(dataset)}")
-        tables.append(t.append_column("dataset", pa.array([dataset] * len(t), pa.string())))
-    return pa.concat_tables(tables)
+        out.append((dataset, path, t))
+    return out
+
+
+def read_table(store: str, feature_set: str, datasets: list[str] | str | None = None,
+               columns: list[str] | None = None) -> pa.Table:
+    """All shards of the given datasets (all when None) as one table, shards in order.
+    The column ``dataset`` is added."""
+    return pa.concat_tables([t.append_column("dataset", pa.array([d] * len(t), pa.string()))
+                             for d, _, t in _read_shards(store, feature_set, datasets, columns)])
+
+
+def read_embeddings(store: str, path: str, out: np.ndarray | None = None) -> np.ndarray:
+    """A shard's embeddings as an (n, 512) float32 matrix (into ``out`` when given), rows
+    without one NaN. Shards as this version writes them are copied page by page
+    (plain_column); others (agepipe 0.1.0's, with nulls) go through pyarrow's reader."""
+    fs, _ = _fs(store)
+    try:
+        with fs.open(path, "rb") as f:
+            metadata = pq.ParquetFile(f).metadata
+            found = read_float_lists(f, metadata, "embedding", EMBEDDING_DIM, out)
+            if found is None:
+                column = pq.ParquetFile(f).read(columns=["embedding"]).column(0)
+                found = np.concatenate([list_values(c) for c in column.chunks]) if column.num_chunks else \
+                    np.empty((0, EMBEDDING_DIM), np.float32)
+                if out is not None:
+                    out[...] = found
+                    found = out
+    except (OSError, pa.ArrowException, ValueError) as e:
+        raise StoreError(f"{path}: cannot read this shard's embeddings ({e}); delete it and "
+                         f"run `agepipe extract` for its dataset again") from None
+    return found
 
 
 @dataclass
@@ -439,33 +477,30 @@ LABEL_COLUMNS = ["image_id", "subject_id", "fold", "age", "age_bin", "gender", "
 def load_features(store: str, feature_set: str, datasets: list[str] | str | None = None,
                   folds: list[int] | None = None, min_det_score: float = 0.0) -> Features:
     """Rows with status "ok" (optionally only the given folds and above a detector score).
-    Vectorised, no Python loop per row: each shard's embeddings are copied once, straight
-    into the one output matrix."""
-    table = read_table(store, feature_set, datasets, columns=LABEL_COLUMNS + ["status", "embedding"])
-    mask = pc.equal(table["status"], "ok")
-    if folds is not None:
-        mask = pc.and_(mask, pc.is_in(table["fold"], pa.array(folds, pa.int8())))
-    if min_det_score > 0:
-        mask = pc.and_(mask, pc.greater_equal(table["det_score"], min_det_score))
-    keep = mask.to_numpy(zero_copy_only=False).astype(bool)
-    embeddings = np.empty((int(keep.sum()), EMBEDDING_DIM), dtype=np.float32)
-    row = start = 0
-    for chunk in table["embedding"].chunks:
-        sel = keep[start:start + len(chunk)]
-        start += len(chunk)
-        k = int(sel.sum())
-        if not k:
-            continue
-        # the child values of a fixed-size list sit at fixed offsets, nulls included
-        values = chunk.values.to_numpy(zero_copy_only=False)
-        values = values[chunk.offset * EMBEDDING_DIM:(chunk.offset + len(chunk)) * EMBEDDING_DIM]
-        if k == len(chunk):  # the common case: a plain copy runs at memcpy speed
-            embeddings[row:row + k] = values.reshape(-1, EMBEDDING_DIM)
-        else:
-            np.compress(sel, values.reshape(-1, EMBEDDING_DIM), axis=0, out=embeddings[row:row + k])
+    No Python loop per row: each shard's embedding pages are copied once, straight into
+    the one output matrix."""
+    shards = _read_shards(store, feature_set, datasets, LABEL_COLUMNS + ["status"])
+    keeps = []
+    for _, _, table in shards:
+        mask = pc.equal(table["status"], "ok")
+        if folds is not None:
+            mask = pc.and_(mask, pc.is_in(table["fold"], pa.array(folds, pa.int8())))
+        if min_det_score > 0:
+            mask = pc.and_(mask, pc.greater_equal(table["det_score"], min_det_score))
+        keeps.append(mask.to_numpy(zero_copy_only=False).astype(bool))
+    embeddings = np.empty((sum(int(k.sum()) for k in keeps), EMBEDDING_DIM), dtype=np.float32)
+    row = 0
+    for (_, path, _), keep in zip(shards, keeps):
+        k = int(keep.sum())
+        if k == len(keep) and k:  # the common case: straight into the output, no copy
+            read_embeddings(store, path, embeddings[row:row + k])
+        elif k:
+            np.compress(keep, read_embeddings(store, path), axis=0, out=embeddings[row:row + k])
         row += k
-    rows = table.drop_columns(["embedding", "status"]).filter(pa.array(keep)).to_pandas()
-    return Features(embeddings, rows)
+    rows = pa.concat_tables([
+        t.filter(pa.array(keep)).append_column("dataset", pa.array([d] * int(keep.sum()), pa.string()))
+        for (d, _, t), keep in zip(shards, keeps)])
+    return Features(embeddings, rows.drop_columns(["status"]).to_pandas())
 
 
 def status_counts(store: str, feature_set: str) -> dict[str, dict[str, int]]:

@@ -249,7 +249,7 @@ def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature
         shards = []
         start = 0
         for index_no, rows in enumerate(plan_shards(manifest, shard_rows)):
-            digest = fstore.rows_digest(rows["image_id"].to_pylist())
+            digest = fstore.rows_digest(rows)
             found = sorted(on_disk.get(digest, []), key=lambda p: p.rsplit("/", 1)[-1] not in listed)
             path = found[0] if found else None
             shards.append((start, rows.num_rows, digest, path))

@@ -109,7 +109,7 @@ def write_cut(root, table, shard_rows, dataset="d"):
         part = table.slice(start, shard_rows)
         path = fstore.write_shard(part, str(root), FS, dataset, i)
         entries.append(fstore.ShardEntry(path.rsplit("/", 1)[-1], start, part.num_rows,
-                                         fstore.rows_digest(part["image_id"].to_pylist())))
+                                         fstore.rows_digest(part)))
     index = fstore.read_index(str(root), FS, dataset)
     return fstore.commit_shards(str(root), FS, dataset, entries, "m", index.generation if index else None)
 
