@@ -98,7 +98,10 @@ def without_nulls(table: pa.Table) -> pa.Table:
 # --- paths -----------------------------------------------------------------------------
 
 def _fs(store: str):
-    return fsspec.core.url_to_fs(str(store))
+    fs, path = fsspec.core.url_to_fs(str(store))
+    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        fs.invalidate_cache()  # object stores cache listings; workers in other processes write
+    return fs, path
 
 
 def _join(*parts: str) -> str:
