@@ -79,7 +79,7 @@ def main():
         t_first, first = min(firsts, key=lambda r: r[0])
         t_store, feats = best_of(lambda: fstore.load_features(copy, "fs", "bench"))
         assert np.array_equal(a, feats.embeddings) and np.array_equal(a, first.embeddings)
-        side_files = sorted(str(p.relative_to(d)) for p in Path(d).rglob("*.arrow"))
+        side_files = [p for p in Path(d).rglob("*.arrow") if p.is_file()]
     gb = emb.nbytes / 1e9
     shards = -(-args.rows // args.shard_rows)
     print(f"agepipe {agepipe.__version__} from {Path(agepipe.__file__).parent}; "
