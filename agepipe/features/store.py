@@ -130,6 +130,10 @@ def _rerun(dataset: str) -> str:
     return f"run `agepipe extract --dataset {dataset}` to redo it"
 
 
+def _dataset_of(shard_path: str) -> str:
+    return shard_path.rstrip("/").rsplit("/", 2)[-2]
+
+
 # --- identity ---------------------------------------------------------------------------
 
 def feature_set_name(label: str, config: dict) -> str:
@@ -409,13 +413,11 @@ def read_shard_file(store: str, path: str, columns: list[str] | None = None,
             pf = pq.ParquetFile(source, pre_buffer=not local)
             table = pf.read(columns=columns)
     except (OSError, pa.ArrowException) as e:
-        raise StoreError(f"{path}: cannot read this shard ({e}); delete it and "
-                         f"run `agepipe extract` for its dataset again") from None
+        raise StoreError(f"{path}: cannot read this shard ({e}); {_rerun(_dataset_of(path))}") from None
     if entry is not None:
         digest = (pf.schema_arrow.metadata or {}).get(b"agepipe.rows", b"").decode()
         if digest != entry.digest or pf.metadata.num_rows != entry.rows:
-            raise StoreError(f"{path}: holds other rows than {INDEX_FILE} lists; run `agepipe extract` "
-                             "for its dataset again")
+            raise StoreError(f"{path}: holds other rows than {INDEX_FILE} lists; {_rerun(_dataset_of(path))}")
     wanted = SHARD_SCHEMA if columns is None else pa.schema([SHARD_SCHEMA.field(c) for c in columns])
     return table.select(wanted.names).cast(wanted)
 
@@ -462,8 +464,8 @@ def read_embeddings(store: str, path: str, out: np.ndarray | None = None) -> np.
                     out[...] = found
                     found = out
     except (OSError, pa.ArrowException, ValueError) as e:
-        raise StoreError(f"{path}: cannot read this shard's embeddings ({e}); delete it and "
-                         f"run `agepipe extract` for its dataset again") from None
+        raise StoreError(f"{path}: cannot read this shard's embeddings ({e}); "
+                         f"{_rerun(_dataset_of(path))}") from None
     return found
 
 

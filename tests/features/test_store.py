@@ -140,7 +140,8 @@ def test_a_deleted_or_damaged_shard_is_refused_naming_what_to_run(tmp_path):
     path = fstore.shard_files(str(tmp_path), FS, "d")[0]
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) // 2])  # truncated
-    with pytest.raises(fstore.StoreError, match=re_escape(path) + ": cannot read this shard"):
+    with pytest.raises(fstore.StoreError, match=re_escape(path) + r": cannot read this shard .*"
+                                                "run `agepipe extract --dataset d` to redo it"):
         fstore.load_features(str(tmp_path), FS, "d")
     open(path, "wb").write(b"not parquet at all" * 100)  # garbage
     with pytest.raises(fstore.StoreError, match=re_escape(path)):
@@ -229,3 +230,22 @@ def test_a_read_only_store_loads_and_reading_writes_nothing(tmp_path):
         for p in paths:
             p.chmod(p.stat().st_mode | stat.S_IWUSR)
     assert tree() == before
+
+
+def test_the_cli_says_which_shard_is_broken_without_a_traceback(tmp_path):
+    from click.testing import CliRunner
+
+    from agepipe.cli import cli
+
+    table, _, _ = shard_rows(30)
+    write_cut(tmp_path, table, 10)
+    fstore.write_feature_set_info(str(tmp_path), FS, {"pack": "buffalo_s", "det_size": 640})
+    path = fstore.shard_files(str(tmp_path), FS, "d")[1]
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 3])
+    for args in (["features", "show", FS], ["features", "list"],
+                 ["train", "--feature-set", FS, "--dataset", "d", "--task", "gender", "--out", str(tmp_path / "run")]):
+        result = CliRunner().invoke(cli, [*args, "--store", str(tmp_path)])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.output)
+        assert f"Error: {path}: cannot read this shard" in result.output, args
+        assert "run `agepipe extract --dataset d` to redo it" in result.output and "Traceback" not in result.output
