@@ -279,7 +279,8 @@ def commit_plan(plan: Plan, store: str, feature_set: str) -> None:
             if index_no in redone:
                 fresh = [p for p in on_disk.get(digest, []) if p != redone[index_no]]
                 if not fresh:
-                    raise RuntimeError(f"shard {index_no} of {dataset} was not written; nothing committed")
+                    raise fstore.StoreError(f"shard {index_no} of {dataset} was not written, so nothing was "
+                                            f"committed; rerun `agepipe extract --dataset {dataset}`")
                 path = fresh[0]
             entries.append(fstore.ShardEntry(path.rsplit("/", 1)[-1], start, rows, digest))
         fstore.commit_shards(store, feature_set, dataset, entries, cut.manifest_sha256, cut.generation)
