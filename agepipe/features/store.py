@@ -303,7 +303,10 @@ def commit_shards(store: str, feature_set: str, dataset: str, shards: list[Shard
     temporary name and renamed over the old one, then every shard it does not list is
     deleted. ``expected_generation`` is the index the caller planned from (None: none)."""
     fs, path = _fs(index_path(store, feature_set, dataset))
-    current = read_index(store, feature_set, dataset) if fs.exists(path) else None
+    try:
+        current = read_index(store, feature_set, dataset)
+    except StoreError:
+        current = None  # a damaged index: make_plan planned without it too
     if (current.generation if current else None) != expected_generation:
         raise StoreError(f"{path} changed while this run worked (another writer?); rerun "
                          f"`agepipe extract --dataset {dataset}`")

@@ -30,12 +30,22 @@ def s3(monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.mkdir("bucket")
+    fs.endpoint = endpoint
     yield fs
     s3fs.S3FileSystem.clear_instance_cache()
+    reset_auth(endpoint, "inf")
     server.stop()
 
 
-def test_extract_into_s3_resumes_and_reads_back(s3, tmp_path):
+def reset_auth(endpoint, after_requests):
+    """moto checks credentials against its IAM after this many more requests ("inf": never)."""
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=after_requests.encode(),
+                                                  method="POST")).read()
+
+
+def test_extract_into_s3_resumes_and_reads_back(s3, tmp_path, monkeypatch):
     data = tmp_path / "data"
     run("download", "--dataset", "sample", "--data-dir", data)
     common = ("extract", "--dataset", "sample", "--data-dir", data, "--store", "s3://bucket/store",
@@ -66,3 +76,26 @@ def test_extract_into_s3_resumes_and_reads_back(s3, tmp_path):
     names = sorted(p.split("/", 3)[-1] for p in s3.find("bucket/store"))
     assert names == sorted(["feature_set.json", "sample/_index.json",
                             *(p.split("/", 3)[-1] for p in shards)])
+
+    # a reader whose credentials may only read the bucket
+    import boto3
+
+    iam = boto3.client("iam")
+    iam.create_user(UserName="reader")
+    iam.put_user_policy(UserName="reader", PolicyName="read-only", PolicyDocument=json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"],
+                       "Resource": ["arn:aws:s3:::bucket", "arn:aws:s3:::bucket/*"]}]}))
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    reset_auth(s3.endpoint, "0")
+    s3fs.S3FileSystem.clear_instance_cache()
+    reader = s3fs.S3FileSystem(skip_instance_cache=True)
+    with pytest.raises(PermissionError):
+        reader.pipe("bucket/store/probe", b"a write")
+    assert f"{name}  sample: 54 rows" in run("features", "list", "--store", "s3://bucket/store")
+    run("train", "--store", "s3://bucket/store", "--dataset", "sample", "--task", "gender",
+        "--out", tmp_path / "runs" / "read-only", "--epochs", 1)
+    assert json.loads((tmp_path / "runs" / "read-only" / "config.json").read_text())["data"]["split_sizes"] == \
+        record["data"]["split_sizes"]
