@@ -106,8 +106,8 @@ def first_failure(*checks: tuple[np.ndarray, str], n: int) -> np.ndarray:
 
 
 def write_manifest(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write DESIGN.md's manifest columns (typed by store.MANIFEST_SCHEMA) followed by any extra
-    columns of ``frame``, to a temporary name and then renamed. ``face_hint`` holds 4-value
+    """Write the manifest's contract columns (typed by store.MANIFEST_SCHEMA) followed by any
+    extra columns of ``frame``, to a temporary name and then renamed. ``face_hint`` holds 4-value
     sequences or None."""
     path = Path(path)
     missing = [c for c in MANIFEST_SCHEMA.names if c not in frame.columns]

