@@ -20,8 +20,6 @@ $(VENV)/.installed: pyproject.toml
 lowest: $(LOWEST)/.installed
 
 # torch's floor has no CPU wheel on PyPI: this venv holds its CUDA build (about 4.5 GB), which runs on CPUs.
-# insightface 0.7.3 brings opencv-python-headless (through albumentations): opencv-python's files
-# go in last, so cv2 is the floor's.
 $(LOWEST)/.installed: pyproject.toml .ci/lowest_constraints.py
 	rm -rf $(LOWEST)
 	mkdir -p .cache
@@ -30,7 +28,6 @@ $(LOWEST)/.installed: pyproject.toml .ci/lowest_constraints.py
 	$(LOWEST)/bin/pip install -q --upgrade pip
 	$(LOWEST)/bin/pip install -q -c .cache/lowest-constraints.txt torch
 	$(LOWEST)/bin/pip install -q -c .cache/lowest-constraints.txt -e ".[test]"
-	$(LOWEST)/bin/pip install -q --no-deps --force-reinstall -c .cache/lowest-constraints.txt opencv-python
 	touch $@
 
 # The face_recognition sdist's photos of Obama and Biden: test data fetched from PyPI, never committed.
