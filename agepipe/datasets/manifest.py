@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from agepipe.atomic import atomic_path
 from agepipe.features.store import MANIFEST_SCHEMA, fixed_list
 
 MANIFEST_FILE = "manifest.parquet"
@@ -134,13 +134,9 @@ def write_manifest(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
         extra = pa.Table.from_pandas(frame[extras], preserve_index=False)
         for name in extras:
             table = table.append_column(extra.schema.field(name), extra[name])
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
