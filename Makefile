@@ -27,7 +27,7 @@ $(LOWEST)/.installed: pyproject.toml .ci/lowest_constraints.py
 	$(PYTHON) -m venv $(LOWEST)
 	$(LOWEST)/bin/pip install -q --upgrade pip
 	$(LOWEST)/bin/pip install -q -c .cache/lowest-constraints.txt torch
-	$(LOWEST)/bin/pip install -q -c .cache/lowest-constraints.txt -e ".[test]"
+	$(LOWEST)/bin/pip install -q -c .cache/lowest-constraints.txt -e ".[test-base]"
 	touch $@
 
 # The face_recognition sdist's photos of Obama and Biden: test data fetched from PyPI, never committed.

@@ -141,7 +141,10 @@ def features_list(store):
         click.echo(f"no feature sets in {store}")
         return
     for name in names:
-        counts = fstore.status_counts(store, name)
+        try:
+            counts = fstore.status_counts(store, name)
+        except fstore.StoreError as e:
+            fail(str(e))
         parts = [f"{ds}: {sum(c.values())} rows ({c.get('ok', 0)} ok)" for ds, c in counts.items()]
         click.echo(f"{name}  " + ("; ".join(parts) or "no shards yet"))
 
@@ -163,7 +166,11 @@ def features_show(name, store):
     for key in ("pack", "det_size", "runtime", "created", "agepipe_version"):
         if key in info:
             click.echo(f"  {key}: {info[key]}")
-    for dataset, counts in fstore.status_counts(store, name).items():
+    try:
+        counts_by_dataset = fstore.status_counts(store, name)
+    except fstore.StoreError as e:
+        fail(str(e))
+    for dataset, counts in counts_by_dataset.items():
         total = sum(counts.values())
         click.echo(f"  {dataset}: {total} rows")
         for status, n in counts.items():

@@ -1,17 +1,21 @@
 """The feature store: Parquet shards of embeddings, one folder per feature set.
 
-Layout (DESIGN.md): ``STORE/<feature_set>/<dataset>/part-NNNNN.parquet`` plus
-``STORE/<feature_set>/feature_set.json``. A shard is written under a temporary
-name and renamed when complete, so readers never see half a shard and a rerun
-can trust every ``part-*.parquet`` it finds. ``STORE`` may be any fsspec URL.
+Layout (DESIGN.md): ``STORE/<feature_set>/<dataset>/part-NNNNN-<id>.parquet``, the
+dataset's ``_index.json`` and ``STORE/<feature_set>/feature_set.json``. A shard is written
+under a temporary name, then renamed to a name no other write uses; it becomes part of
+the dataset when a commit replaces the index (also by rename) with one that lists it, and
+the shards the new index leaves out are then deleted. Readers follow the index only, so
+they see one cut of the manifest, each row once, whatever runs came before. ``STORE`` may
+be any fsspec URL. Reading writes nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import fsspec
 import fsspec.implementations.local
@@ -20,6 +24,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from agepipe.features.plain_column import read_float_lists
 
 EMBEDDING_DIM = 512
 
@@ -53,28 +59,79 @@ SHARD_GLOB = "part-*.parquet"
 
 def fixed_list(values: np.ndarray | None, width: int, valid: np.ndarray | None = None) -> pa.Array:
     """A fixed_size_list<float32>[width] array from an (n, width) matrix; rows where
-    ``valid`` is False become null."""
-    values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1, width)
-    mask = None if valid is None else pa.array(~np.asarray(valid, dtype=bool))
-    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width, mask=mask)
+    ``valid`` is False hold NaN, never null: pyarrow before 26 cannot read a Parquet
+    fixed_size_list column with a null entry."""
+    values = np.array(values, dtype=np.float32).reshape(-1, width)
+    if valid is not None:
+        values[~np.asarray(valid, dtype=bool)] = np.nan
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width)
+
+
+def list_values(chunk: pa.FixedSizeListArray) -> np.ndarray:
+    """A fixed-size list array's rows as an (n, width) float32 matrix, null rows and null
+    items as NaN (stores and manifests that agepipe 0.1.0 wrote hold nulls)."""
+    width = chunk.type.list_size
+    values = chunk.values.slice(chunk.offset * width, len(chunk) * width)
+    out = values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, width)
+    if chunk.null_count:
+        out = out.copy() if not out.flags.writeable else out
+        out[chunk.is_null().to_numpy(zero_copy_only=False)] = np.nan
+    return out
+
+
+def without_nulls(table: pa.Table) -> pa.Table:
+    """``table`` with every null inside a fixed_size_list column replaced by NaN."""
+    for i, field in enumerate(table.schema):
+        if not pa.types.is_fixed_size_list(field.type):
+            continue
+        column = table.column(i)
+        if column.null_count == 0 and all(c.values.null_count == 0 for c in column.chunks):
+            continue
+        width = field.type.list_size
+        chunks = [pa.FixedSizeListArray.from_arrays(pa.array(list_values(c).reshape(-1)), width)
+                  for c in column.chunks]
+        table = table.set_column(i, pa.field(field.name, pa.list_(pa.float32(), width)),
+                                 pa.chunked_array(chunks, pa.list_(pa.float32(), width)))
+    return table
 
 
 # --- paths -----------------------------------------------------------------------------
 
 def _fs(store: str):
-    return fsspec.core.url_to_fs(str(store))
+    fs, path = fsspec.core.url_to_fs(str(store))
+    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        fs.invalidate_cache()  # object stores cache listings; workers in other processes write
+    return fs, path
 
 
 def _join(*parts: str) -> str:
     return "/".join(p.rstrip("/") for p in parts)
 
 
+def _name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
 def shard_name(index: int) -> str:
-    return f"part-{index:05d}.parquet"
+    """A name no other write uses: a new cut or a --retry-failed rewrite never replaces a file
+    that the committed index lists."""
+    return f"part-{index:05d}-{uuid.uuid4().hex[:8]}.parquet"
 
 
 def dataset_dir(store: str, feature_set: str, dataset: str) -> str:
     return _join(str(store), feature_set, dataset)
+
+
+class StoreError(ValueError):
+    """A store that cannot be read as it is; the message names the file or folder and what to run."""
+
+
+def _rerun(dataset: str) -> str:
+    return f"run `agepipe extract --dataset {dataset}` to redo it"
+
+
+def _dataset_of(shard_path: str) -> str:
+    return shard_path.rstrip("/").rsplit("/", 2)[-2]
 
 
 # --- identity ---------------------------------------------------------------------------
@@ -88,19 +145,27 @@ def feature_set_name(label: str, config: dict) -> str:
 
 # --- writing ----------------------------------------------------------------------------
 
-def rows_digest(image_ids) -> str:
-    """Which rows a shard holds, so a rerun can tell a finished shard from one cut differently."""
-    return hashlib.sha256("\n".join(image_ids).encode()).hexdigest()[:16]
+# The manifest columns a shard copies unchanged: what identifies the rows it was made from.
+ROW_KEY = ["image_id", "subject_id", "fold", "age", "gender"]
+
+
+def rows_digest(rows: pa.Table) -> str:
+    """Which manifest rows a shard holds (ids and labels), so a rerun can tell a finished
+    shard from one cut differently, or from rows whose labels changed since."""
+    columns = [rows[name].to_pylist() for name in ROW_KEY]
+    text = "\n".join("\t".join(map(str, values)) for values in zip(*columns))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def write_shard(table: pa.Table, store: str, feature_set: str, dataset: str, index: int) -> str:
-    """Write one shard atomically: a temporary name in the same folder, then a rename."""
-    table = table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
-    table = table.replace_schema_metadata({"agepipe.rows": rows_digest(table["image_id"].to_pylist())})
+    """Write one shard atomically (a temporary name in the same folder, then a rename) under a
+    name of its own; it counts once an index commit lists it. Returns its path."""
+    table = without_nulls(table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
+    table = table.replace_schema_metadata({"agepipe.rows": rows_digest(table)})
     fs, root = _fs(dataset_dir(store, feature_set, dataset))
     fs.makedirs(root, exist_ok=True)
     final = _join(root, shard_name(index))
-    tmp = _join(root, f".{shard_name(index)}.{uuid.uuid4().hex}.tmp")
+    tmp = _join(root, f".{_name(final)}.tmp")
     with fs.open(tmp, "wb") as f:
         # Embeddings are noise to a compressor; storing them plain keeps reads at memcpy speed.
         pq.write_table(
@@ -109,6 +174,7 @@ def write_shard(table: pa.Table, store: str, feature_set: str, dataset: str, ind
                          for name in SHARD_SCHEMA.names},
             use_dictionary=["status", "subject_id"],
             row_group_size=max(len(table), 1),
+            data_page_size=1 << 30,  # one page per column: plain_column reads it with one header
         )
         if hasattr(f, "flush"):
             f.flush()
@@ -121,34 +187,31 @@ def write_shard(table: pa.Table, store: str, feature_set: str, dataset: str, ind
     return final
 
 
-def finished_shards(store: str, feature_set: str, dataset: str) -> dict[int, str]:
-    """{shard index: path} of complete shards (temporary files are ignored)."""
-    fs, root = _fs(dataset_dir(store, feature_set, dataset))
-    if not fs.exists(root):
-        return {}
-    found = {}
-    for path in fs.glob(_join(root, SHARD_GLOB)):
-        name = path.rsplit("/", 1)[-1]
-        try:
-            found[int(name[len("part-"):-len(".parquet")])] = path
-        except ValueError:
-            continue
-    return found
-
-
-def shard_is_valid(store: str, path: str, digest: str | None = None) -> bool:
-    """A shard is trusted when its footer reads, its schema matches and it holds the rows
-    expected (``digest`` from rows_digest)."""
+def shard_digest(store: str, path: str) -> str | None:
+    """The rows digest of a complete shard with the current schema; None for anything else."""
     fs, _ = _fs(store)
     try:
         with fs.open(path, "rb") as f:
             schema = pq.ParquetFile(f).schema_arrow
     except Exception:
-        return False
+        return None
     if schema.names != SHARD_SCHEMA.names:
-        return False
-    found = (schema.metadata or {}).get(b"agepipe.rows", b"").decode()
-    return digest is None or found == digest
+        return None
+    return (schema.metadata or {}).get(b"agepipe.rows", b"").decode() or None
+
+
+def shards_on_disk(store: str, feature_set: str, dataset: str) -> dict[str, list[str]]:
+    """{rows digest: [paths]} of every readable shard in the dataset folder, listed or not:
+    a crashed run's finished shards are found again by the rows they hold."""
+    fs, root = _fs(dataset_dir(store, feature_set, dataset))
+    if not fs.exists(root):
+        return {}
+    found: dict[str, list[str]] = {}
+    for path in sorted(fs.glob(_join(root, SHARD_GLOB))):
+        digest = shard_digest(store, path)
+        if digest:
+            found.setdefault(digest, []).append(path)
+    return found
 
 
 def remove_stale_temporaries(store: str, feature_set: str, dataset: str) -> int:
@@ -159,6 +222,107 @@ def remove_stale_temporaries(store: str, feature_set: str, dataset: str) -> int:
     for path in stale:
         fs.rm(path)
     return len(stale)
+
+
+@contextlib.contextmanager
+def writer_lock(store: str, feature_set: str, dataset: str):
+    """One writer per feature set and dataset: an flock on a local store (released by the
+    kernel if the process dies). Object stores have no lock; there the commit's generation
+    check keeps a second writer from replacing an index it did not read."""
+    fs, root = _fs(dataset_dir(store, feature_set, dataset))
+    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        yield
+        return
+    import fcntl
+
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, LOCK_FILE), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"another `agepipe extract` is writing {root}; let it finish, then rerun") from None
+        yield
+
+
+# --- the index: which shards hold the dataset ---------------------------------------------
+
+INDEX_FILE = "_index.json"  # "_": pyarrow.dataset and pandas skip it when reading the folder
+LOCK_FILE = ".lock"
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """One listed shard: its file name, the manifest rows [start, start + rows) it holds and
+    their digest."""
+    file: str
+    start: int
+    rows: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class Index:
+    shards: list[ShardEntry]
+    rows: int                 # manifest rows the shards cover (a --limit run covers fewer)
+    manifest_sha256: str
+    generation: str           # changes with every commit
+
+
+def index_path(store: str, feature_set: str, dataset: str) -> str:
+    return _join(dataset_dir(store, feature_set, dataset), INDEX_FILE)
+
+
+def read_index(store: str, feature_set: str, dataset: str) -> Index | None:
+    """The committed index, None for a folder without one (a store agepipe 0.1.0 wrote)."""
+    fs, path = _fs(index_path(store, feature_set, dataset))
+    if not fs.exists(path):
+        return None
+    try:
+        with fs.open(path, "r") as f:
+            raw = json.load(f)
+        index = Index([ShardEntry(**e) for e in raw["shards"]], int(raw["rows"]),
+                      str(raw["manifest_sha256"]), str(raw["generation"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise StoreError(f"{path}: not a readable shard index ({e}); {_rerun(dataset)}") from None
+    expected = 0
+    for entry in sorted(index.shards, key=lambda e: e.start):
+        if entry.start != expected:
+            what = "overlap" if entry.start < expected else "leave out manifest rows"
+            raise StoreError(f"{path}: the listed shards {what} at row {min(entry.start, expected)}; "
+                             f"{_rerun(dataset)}")
+        expected += entry.rows
+    if expected != index.rows:
+        raise StoreError(f"{path}: the listed shards hold {expected} rows, the index says {index.rows}; "
+                         f"{_rerun(dataset)}")
+    return index
+
+
+def commit_shards(store: str, feature_set: str, dataset: str, shards: list[ShardEntry],
+                  manifest_sha256: str = "", expected_generation: str | None = None) -> Index:
+    """Make ``shards`` the dataset's content in one step: the index is written under a
+    temporary name and renamed over the old one, then every shard it does not list is
+    deleted. ``expected_generation`` is the index the caller planned from (None: none)."""
+    fs, path = _fs(index_path(store, feature_set, dataset))
+    current = read_index(store, feature_set, dataset) if fs.exists(path) else None
+    if (current.generation if current else None) != expected_generation:
+        raise StoreError(f"{path} changed while this run worked (another writer?); rerun "
+                         f"`agepipe extract --dataset {dataset}`")
+    index = Index(sorted(shards, key=lambda e: e.start), sum(e.rows for e in shards), manifest_sha256,
+                  uuid.uuid4().hex)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = _join(path.rsplit("/", 1)[0], f".{INDEX_FILE}.{uuid.uuid4().hex}.tmp")
+    with fs.open(tmp, "w") as f:
+        json.dump({"shards": [asdict(e) for e in index.shards], "rows": index.rows,
+                   "manifest_sha256": manifest_sha256, "generation": index.generation}, f, indent=1)
+    fs.mv(tmp, path)
+    listed = {e.file for e in index.shards}
+    root = path.rsplit("/", 1)[0]
+    for old in fs.glob(_join(root, SHARD_GLOB)):
+        if _name(old) not in listed:
+            fs.rm(old)
+    if fs.exists(_join(root, ".arrow")):  # agepipe 0.1.0's read copies
+        fs.rm(_join(root, ".arrow"), recursive=True)
+    return index
 
 
 # --- feature_set.json -------------------------------------------------------------------
@@ -190,89 +354,119 @@ def list_feature_sets(store: str) -> list[str]:
     fs, root = _fs(store)
     if not fs.exists(root):
         return []
-    return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)
-                  if fs.exists(_join(p, "feature_set.json")))
+    return sorted(_name(p) for p in fs.ls(root, detail=False) if fs.exists(_join(p, "feature_set.json")))
 
 
 def list_datasets(store: str, feature_set: str) -> list[str]:
     fs, root = _fs(_join(str(store), feature_set))
     if not fs.exists(root):
         return []
-    return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(root, detail=True)
-                  if e["type"] == "directory")
+    return sorted(_name(e["name"]) for e in fs.ls(root, detail=True) if e["type"] == "directory")
 
 
-def _shard_paths(store: str, feature_set: str, datasets: list[str] | str | None) -> list[tuple[str, str]]:
-    """[(dataset, shard path)] in order; a dataset named explicitly must have shards."""
+def shard_files(store: str, feature_set: str, dataset: str) -> list[str]:
+    """The dataset's shards in row order: those its index lists (what other readers should
+    read), or for a store without an index every ``part-*.parquet``."""
+    return [path for path, _ in _listed(store, feature_set, dataset)]
+
+
+def _listed(store: str, feature_set: str, dataset: str) -> list[tuple[str, ShardEntry | None]]:
+    index = read_index(store, feature_set, dataset)
+    fs, root = _fs(dataset_dir(store, feature_set, dataset))
+    if index is None:
+        return [(p, None) for p in sorted(fs.glob(_join(root, SHARD_GLOB)))]
+    out = []
+    for entry in index.shards:
+        path = _join(root, entry.file)
+        if not fs.exists(path):
+            raise StoreError(f"{root}: shard {entry.file} listed in {INDEX_FILE} is missing; {_rerun(dataset)}")
+        out.append((path, entry))
+    return out
+
+
+def _shard_paths(store: str, feature_set: str, datasets: list[str] | str | None):
+    """[(dataset, shard path, index entry or None)] in order; a dataset named explicitly must
+    have shards."""
     if isinstance(datasets, str):
         datasets = [datasets]
     out = []
     for dataset in datasets or list_datasets(store, feature_set):
-        shards = finished_shards(store, feature_set, dataset)
+        shards = _listed(store, feature_set, dataset)
         if not shards and datasets:
             raise FileNotFoundError(
                 f"no shards for dataset {dataset!r} in {dataset_dir(store, feature_set, dataset)}; "
                 f"run `agepipe extract --dataset {dataset}` first")
-        out += [(dataset, shards[i]) for i in sorted(shards)]
+        out += [(dataset, path, entry) for path, entry in shards]
     if not out:
         raise FileNotFoundError(f"feature set {feature_set!r} holds no shards under {store}")
     return out
 
 
-def read_shard_file(store: str, path: str, columns: list[str] | None = None) -> pa.Table:
-    """One shard's Parquet file (``path`` as finished_shards gives it), straight from the store."""
+def read_shard_file(store: str, path: str, columns: list[str] | None = None,
+                    entry: ShardEntry | None = None) -> pa.Table:
+    """One shard's columns straight from the store (no copy, nothing written); with ``entry``
+    the shard must hold the rows the index lists. Any unreadable file raises StoreError."""
     fs, _ = _fs(store)
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns, schema=SHARD_SCHEMA)
+    local = isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+    try:
+        with (contextlib.nullcontext(path) if local else fs.open(path, "rb")) as source:
+            pf = pq.ParquetFile(source, pre_buffer=not local)
+            table = pf.read(columns=columns)
+    except (OSError, pa.ArrowException) as e:
+        raise StoreError(f"{path}: cannot read this shard ({e}); {_rerun(_dataset_of(path))}") from None
+    if entry is not None:
+        digest = (pf.schema_arrow.metadata or {}).get(b"agepipe.rows", b"").decode()
+        if digest != entry.digest or pf.metadata.num_rows != entry.rows:
+            raise StoreError(f"{path}: holds other rows than {INDEX_FILE} lists; {_rerun(_dataset_of(path))}")
+    wanted = SHARD_SCHEMA if columns is None else pa.schema([SHARD_SCHEMA.field(c) for c in columns])
+    return table.select(wanted.names).cast(wanted)
 
 
-def _read_shard(store: str, path: str, columns: list[str] | None) -> pa.Table:
-    """A shard's columns. Embeddings on a local store come from the shard's memory-mapped
-    Arrow copy: Parquet spends 512 repetition levels a row decoding the embedding list, an
-    Arrow file maps it at page-cache speed. The copy is made on first read and named by the
-    shard's rows digest and mtime, so a rewritten shard never reads a stale copy. Other
-    columns are cheap to read from Parquet and make no copy."""
-    fs, _ = _fs(store)
-    wants_embedding = columns is None or "embedding" in columns
-    if not wants_embedding or not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        return read_shard_file(store, path, columns)
-    folder, name = os.path.split(path)
-    pf = pq.ParquetFile(path)
-    digest = (pf.schema_arrow.metadata or {}).get(b"agepipe.rows", b"").decode()
-    cache = os.path.join(folder, ".arrow", f"{name[:-len('.parquet')]}-{digest}-{os.stat(path).st_mtime_ns}.arrow")
-    if not os.path.exists(cache):
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        for stale in os.listdir(os.path.dirname(cache)):
-            if stale.startswith(name[:-len(".parquet")] + "-"):
-                os.remove(os.path.join(os.path.dirname(cache), stale))
-        table = pf.read().cast(SHARD_SCHEMA)
-        tmp = f"{cache}.{uuid.uuid4().hex}.tmp"
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-        os.replace(tmp, cache)
-    table = pa.ipc.open_file(_map_populated(cache)).read_all()
-    return table.select(columns) if columns else table
-
-
-def _map_populated(path: str) -> pa.Buffer:
-    """The file memory-mapped with its pages mapped in one call (MAP_POPULATE where Linux
-    has it): a page fault per 4 KiB would cost more than the copy that follows."""
-    import mmap
-
-    with open(path, "rb") as f:
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        return pa.py_buffer(mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ))
+def _read_shards(store: str, feature_set: str, datasets, columns: list[str] | None):
+    """[(dataset, path, table)] of every listed shard. A store without an index (agepipe
+    0.1.0) must not hold an image in two shards."""
+    out, seen = [], {}
+    for dataset, path, entry in _shard_paths(store, feature_set, datasets):
+        t = read_shard_file(store, path, columns, entry)
+        if entry is None:
+            ids = t["image_id"] if columns is None or "image_id" in columns else \
+                read_shard_file(store, path, ["image_id"])["image_id"]
+            for image_id in dict.fromkeys(ids.to_pylist()):
+                if seen.setdefault((dataset, image_id), path) != path:
+                    raise StoreError(f"{path.rsplit('/', 1)[0]}: {image_id!r} is in two shards "
+                                     f"({_name(seen[dataset, image_id])}, {_name(path)}); {_rerun(dataset)}")
+        out.append((dataset, path, t))
+    return out
 
 
 def read_table(store: str, feature_set: str, datasets: list[str] | str | None = None,
                columns: list[str] | None = None) -> pa.Table:
     """All shards of the given datasets (all when None) as one table, shards in order.
     The column ``dataset`` is added."""
-    tables = []
-    for dataset, path in _shard_paths(store, feature_set, datasets):
-        t = _read_shard(store, path, columns)
-        tables.append(t.append_column("dataset", pa.array([dataset] * len(t), pa.string())))
-    return pa.concat_tables(tables)
+    return pa.concat_tables([t.append_column("dataset", pa.array([d] * len(t), pa.string()))
+                             for d, _, t in _read_shards(store, feature_set, datasets, columns)])
+
+
+def read_embeddings(store: str, path: str, out: np.ndarray | None = None) -> np.ndarray:
+    """A shard's embeddings as an (n, 512) float32 matrix (into ``out`` when given), rows
+    without one NaN. Shards as this version writes them are copied page by page
+    (plain_column); others (agepipe 0.1.0's, with nulls) go through pyarrow's reader."""
+    fs, _ = _fs(store)
+    try:
+        with fs.open(path, "rb") as f:
+            metadata = pq.ParquetFile(f).metadata
+            found = read_float_lists(f, metadata, "embedding", EMBEDDING_DIM, out)
+            if found is None:
+                column = pq.ParquetFile(f).read(columns=["embedding"]).column(0)
+                found = np.concatenate([list_values(c) for c in column.chunks]) if column.num_chunks else \
+                    np.empty((0, EMBEDDING_DIM), np.float32)
+                if out is not None:
+                    out[...] = found
+                    found = out
+    except (OSError, pa.ArrowException, ValueError) as e:
+        raise StoreError(f"{path}: cannot read this shard's embeddings ({e}); "
+                         f"{_rerun(_dataset_of(path))}") from None
+    return found
 
 
 @dataclass
@@ -288,40 +482,37 @@ LABEL_COLUMNS = ["image_id", "subject_id", "fold", "age", "age_bin", "gender", "
 def load_features(store: str, feature_set: str, datasets: list[str] | str | None = None,
                   folds: list[int] | None = None, min_det_score: float = 0.0) -> Features:
     """Rows with status "ok" (optionally only the given folds and above a detector score).
-    Vectorised, no Python loop per row: each shard's embeddings are copied once, straight
-    into the one output matrix."""
-    table = read_table(store, feature_set, datasets, columns=LABEL_COLUMNS + ["status", "embedding"])
-    mask = pc.equal(table["status"], "ok")
-    if folds is not None:
-        mask = pc.and_(mask, pc.is_in(table["fold"], pa.array(folds, pa.int8())))
-    if min_det_score > 0:
-        mask = pc.and_(mask, pc.greater_equal(table["det_score"], min_det_score))
-    keep = mask.to_numpy(zero_copy_only=False).astype(bool)
-    embeddings = np.empty((int(keep.sum()), EMBEDDING_DIM), dtype=np.float32)
-    row = start = 0
-    for chunk in table["embedding"].chunks:
-        sel = keep[start:start + len(chunk)]
-        start += len(chunk)
-        k = int(sel.sum())
-        if not k:
-            continue
-        # the child values of a fixed-size list sit at fixed offsets, nulls included
-        values = chunk.values.to_numpy(zero_copy_only=False)
-        values = values[chunk.offset * EMBEDDING_DIM:(chunk.offset + len(chunk)) * EMBEDDING_DIM]
-        if k == len(chunk):  # the common case: a plain copy runs at memcpy speed
-            embeddings[row:row + k] = values.reshape(-1, EMBEDDING_DIM)
-        else:
-            np.compress(sel, values.reshape(-1, EMBEDDING_DIM), axis=0, out=embeddings[row:row + k])
+    No Python loop per row: each shard's embedding pages are copied once, straight into
+    the one output matrix."""
+    shards = _read_shards(store, feature_set, datasets, LABEL_COLUMNS + ["status"])
+    keeps = []
+    for _, _, table in shards:
+        mask = pc.equal(table["status"], "ok")
+        if folds is not None:
+            mask = pc.and_(mask, pc.is_in(table["fold"], pa.array(folds, pa.int8())))
+        if min_det_score > 0:
+            mask = pc.and_(mask, pc.greater_equal(table["det_score"], min_det_score))
+        keeps.append(mask.to_numpy(zero_copy_only=False).astype(bool))
+    embeddings = np.empty((sum(int(k.sum()) for k in keeps), EMBEDDING_DIM), dtype=np.float32)
+    row = 0
+    for (_, path, _), keep in zip(shards, keeps):
+        k = int(keep.sum())
+        if k == len(keep) and k:  # the common case: straight into the output, no copy
+            read_embeddings(store, path, embeddings[row:row + k])
+        elif k:
+            np.compress(keep, read_embeddings(store, path), axis=0, out=embeddings[row:row + k])
         row += k
-    rows = table.drop_columns(["embedding", "status"]).filter(pa.array(keep)).to_pandas()
-    return Features(embeddings, rows)
+    rows = pa.concat_tables([
+        t.filter(pa.array(keep)).append_column("dataset", pa.array([d] * int(keep.sum()), pa.string()))
+        for (d, _, t), keep in zip(shards, keeps)])
+    return Features(embeddings, rows.drop_columns(["status"]).to_pandas())
 
 
 def status_counts(store: str, feature_set: str) -> dict[str, dict[str, int]]:
     """{dataset: {status: rows}} read from the shards themselves."""
     out = {}
     for dataset in list_datasets(store, feature_set):
-        if not finished_shards(store, feature_set, dataset):
+        if not _listed(store, feature_set, dataset):
             continue
         t = read_table(store, feature_set, dataset, columns=["status"])
         counts = pc.value_counts(t["status"]).to_pylist()

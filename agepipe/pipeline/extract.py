@@ -4,13 +4,17 @@ The manifest is cut into shards of ``shard_rows`` consecutive rows (the same man
 always gives the same shards). Each shard is one task: decode its photos on a few
 threads, detect in batches, choose one face per photo, align, embed in batches, and
 write the shard atomically. A shard on disk whose rows digest matches is finished, so a
-rerun (after a crash, Ctrl-C or a killed worker) does only what is missing. A shard
+rerun (after a crash, Ctrl-C or a killed worker) does only what is missing. When every
+shard is written, one commit makes this cut the dataset's content (store.commit_shards):
+an earlier cut of other shard sizes or --limit is replaced, never mixed in. A shard
 whose task keeps failing is redone one photo per task, so a photo that kills its worker
 costs that photo (status "worker_lost"), never the shard or the run.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
+import hashlib
 import os
 import time
 from collections import Counter
@@ -191,6 +195,17 @@ def manifest_table(data_dir: str, dataset: str) -> pa.Table:
     return table.select(fstore.MANIFEST_SCHEMA.names).cast(fstore.MANIFEST_SCHEMA)
 
 
+def manifest_sha256(data_dir: str, dataset: str) -> str:
+    """The manifest file's sha256, recorded in the index: which manifest the shards were cut from."""
+    from agepipe.datasets.manifest import MANIFEST_FILE
+
+    digest = hashlib.sha256()
+    with open(Path(data_dir).expanduser() / dataset / MANIFEST_FILE, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def plan_shards(manifest: pa.Table, shard_rows: int) -> list[pa.Table]:
     return [manifest.slice(start, shard_rows) for start in range(0, manifest.num_rows, shard_rows)]
 
@@ -201,32 +216,75 @@ def shard_has_transient(store: str, path: str) -> bool:
 
 
 @dataclass
+class Cut:
+    """One dataset's shards as this run cuts them: (start, rows, digest, finished path or None)."""
+    shards: list[tuple[int, int, str, str | None]]
+    manifest_sha256: str
+    generation: str | None    # the index planned from, so a commit notices another writer
+
+
+@dataclass
 class Plan:
     tasks: list[dict]
     skipped: int          # finished shards left alone
     skipped_rows: int
+    cuts: dict[str, Cut]
 
 
 def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature_set: str,
-              cfg: ExtractConfig, shard_rows: int, retry_failed: bool) -> Plan:
-    tasks, skipped, skipped_rows = [], 0, 0
+              cfg: ExtractConfig, shard_rows: int, retry_failed: bool,
+              manifest_sha256: dict[str, str] | None = None) -> Plan:
+    """Tasks for the shards not yet on disk. A shard counts as finished when a complete file
+    holding exactly its rows exists, listed in the index or left by a run that crashed
+    before its commit."""
+    tasks, skipped, skipped_rows, cuts = [], 0, 0, {}
     for dataset, manifest in manifests.items():
         fstore.remove_stale_temporaries(store, feature_set, dataset)
-        done = fstore.finished_shards(store, feature_set, dataset)
+        try:
+            index = fstore.read_index(store, feature_set, dataset)
+        except fstore.StoreError:
+            index = None  # a damaged index is rebuilt from the shards on disk
+        on_disk = fstore.shards_on_disk(store, feature_set, dataset)
+        listed = {e.file for e in index.shards} if index else set()
         data_root = os.path.join(os.path.expanduser(data_dir), dataset)
-        for index, rows in enumerate(plan_shards(manifest, shard_rows)):
+        shards = []
+        start = 0
+        for index_no, rows in enumerate(plan_shards(manifest, shard_rows)):
+            digest = fstore.rows_digest(rows)
+            found = sorted(on_disk.get(digest, []), key=lambda p: p.rsplit("/", 1)[-1] not in listed)
+            path = found[0] if found else None
+            shards.append((start, rows.num_rows, digest, path))
+            start += rows.num_rows
             task = {"rows": rows.to_pylist(), "data_root": data_root, "store": store,
-                    "feature_set": feature_set, "dataset": dataset, "index": index, "config": asdict(cfg)}
-            path = done.get(index)
-            digest = fstore.rows_digest(rows["image_id"].to_pylist())
-            if path and fstore.shard_is_valid(store, path, digest):
+                    "feature_set": feature_set, "dataset": dataset, "index": index_no, "config": asdict(cfg)}
+            if path:
                 if not (retry_failed and shard_has_transient(store, path)):
                     skipped += 1
                     skipped_rows += rows.num_rows
                     continue
                 task["retry_path"] = path
             tasks.append(task)
-    return Plan(tasks, skipped, skipped_rows)
+        cuts[dataset] = Cut(shards, (manifest_sha256 or {}).get(dataset, ""), index.generation if index else None)
+    return Plan(tasks, skipped, skipped_rows, cuts)
+
+
+def commit_plan(plan: Plan, store: str, feature_set: str) -> None:
+    """After every task has written its shard: list this cut's shards in each dataset's index
+    (replacing the old cut in one rename) and delete the shards it leaves out. A shard redone
+    by this run is the file with its rows that the plan did not already know."""
+    for dataset, cut in plan.cuts.items():
+        on_disk = fstore.shards_on_disk(store, feature_set, dataset)
+        entries = []
+        redone = {t["index"]: t.get("retry_path") for t in plan.tasks if t["dataset"] == dataset}
+        for index_no, (start, rows, digest, path) in enumerate(cut.shards):
+            if index_no in redone:
+                fresh = [p for p in on_disk.get(digest, []) if p != redone[index_no]]
+                if not fresh:
+                    raise fstore.StoreError(f"shard {index_no} of {dataset} was not written, so nothing was "
+                                            f"committed; rerun `agepipe extract --dataset {dataset}`")
+                path = fresh[0]
+            entries.append(fstore.ShardEntry(path.rsplit("/", 1)[-1], start, rows, digest))
+        fstore.commit_shards(store, feature_set, dataset, entries, cut.manifest_sha256, cut.generation)
 
 
 def run_tasks(client, tasks: list[dict], progress: bool, on_result=None) -> list[dict]:
@@ -351,13 +409,18 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
         info.update(feature_set_info(feature_set, identity, cfg, layout, workers_env))
         fstore.write_feature_set_info(store, feature_set, info)
 
-        plan = make_plan(manifests, data_dir, store, feature_set, cfg, shard_rows, retry_failed)
-        todo_rows = sum(len(t["rows"]) for t in plan.tasks)
-        echo(f"shards: {len(plan.tasks)} to do ({todo_rows} rows), {plan.skipped} already finished "
-             f"({plan.skipped_rows} rows)")
-        started = time.perf_counter()
-        results = run_tasks(client, plan.tasks, progress)
-        wall = time.perf_counter() - started
+        with contextlib.ExitStack() as locks:
+            for name in names:
+                locks.enter_context(fstore.writer_lock(store, feature_set, name))
+            plan = make_plan(manifests, data_dir, store, feature_set, cfg, shard_rows, retry_failed,
+                             {name: manifest_sha256(data_dir, name) for name in names})
+            todo_rows = sum(len(t["rows"]) for t in plan.tasks)
+            echo(f"shards: {len(plan.tasks)} to do ({todo_rows} rows), {plan.skipped} already finished "
+                 f"({plan.skipped_rows} rows)")
+            started = time.perf_counter()
+            results = run_tasks(client, plan.tasks, progress)
+            wall = time.perf_counter() - started
+            commit_plan(plan, store, feature_set)
 
     stats = run_stats(results, wall)
     info = fstore.read_feature_set_info(store, feature_set)

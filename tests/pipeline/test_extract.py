@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,7 @@ def test_local_cluster_extracts_every_row_once_with_statuses(mini_data, tmp_path
     assert status["photos/gone.jpg"] == "missing_image"
     assert (rows.status == "bad_label").sum() == 1  # the manifest's own status is kept
     assert rows[rows.image_id.str.contains("t1")].n_faces.max() == 6
-    assert rows[rows.status != "ok"].embedding.isna().all()
+    assert all(np.isnan(e).all() for e in rows[rows.status != "ok"].embedding)  # NaN-filled, never null
     assert_matches_embed(mini_data, rows, embedder)
     info = json.loads((store / the_feature_set(store) / "feature_set.json").read_text())
     assert info["counts"]["mini"]["ok"] == 16
@@ -99,16 +100,20 @@ def test_retry_failed_redoes_only_transient_rows(mini_data, tmp_path):
     store = tmp_path / "store"
     assert extract(mini_data, store, "--shard-rows", 10, "--workers", 1).exit_code == 0
     name = the_feature_set(store)
-    path = store / name / "mini" / "part-00000.parquet"
-    table = pq.read_table(path)
+    index = fstore.read_index(str(store), name, "mini")
+    table = pq.read_table(fstore.shard_files(str(store), name, "mini")[0])
     status = table["status"].to_pylist()
     status[2] = "worker_lost"
     table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status))
-    fstore.write_shard(table, str(store), name, "mini", 0)
+    lost = fstore.write_shard(table, str(store), name, "mini", 0)
+    fstore.commit_shards(str(store), name, "mini", [replace(index.shards[0], file=Path(lost).name), index.shards[1]],
+                         index.manifest_sha256, index.generation)
     assert "0 to do (0 rows), 2 already finished" in extract(mini_data, store, "--shard-rows", 10, "--workers", 1).output
     result = extract(mini_data, store, "--shard-rows", 10, "--workers", 1, "--retry-failed")
     assert "1 to do (10 rows)" in result.output
-    assert pq.read_table(path)["status"].to_pylist()[2] == "ok"
+    first = fstore.shard_files(str(store), name, "mini")[0]
+    assert first != lost and pq.read_table(first)["status"].to_pylist()[2] == "ok"
+    assert len(list((store / name / "mini").glob("part-*.parquet"))) == 2  # the rewritten one is gone
     assert_each_manifest_row_once(mini_data, store)
 
 

@@ -1,0 +1,251 @@
+"""The feature store's contracts: no nulls inside fixed-size lists, old files still read."""
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from agepipe.datasets.manifest import write_manifest
+from agepipe.features import store as fstore
+from agepipe.pipeline.extract import read_manifest
+
+FS = "fs-test"
+
+
+def shard_rows(n: int, start: int = 0, seed: int = 0, ok_every: int = 3, nulls: bool = False) -> pa.Table:
+    """A shard's table: every ``ok_every``-th row has no face. With ``nulls`` the lists of
+    those rows are null, as agepipe 0.1.0 wrote them; else NaN-filled."""
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((n, fstore.EMBEDDING_DIM)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    ok = np.arange(n) % ok_every != 0
+    def lists(values, width):
+        if nulls:
+            return pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(values, np.float32).reshape(-1)), width,
+                                                     mask=pa.array(~ok))
+        return fstore.fixed_list(values, width, ok)
+    return pa.table({
+        "image_id": [f"img/{start + i:05d}.jpg" for i in range(n)],
+        "subject_id": [f"s{(start + i) // 3}" for i in range(n)],
+        "fold": pa.array((np.arange(n) + start) % 5, pa.int8()),
+        "age": pa.array(np.full(n, 30.0), pa.float32()),
+        "age_bin": pa.array(np.full(n, 4), pa.int8()),
+        "gender": pa.array(np.arange(n) % 2, pa.int8()),
+        "face_hint": pa.nulls(n, pa.list_(pa.float32(), 4)) if nulls else fstore.fixed_list(np.zeros((n, 4)), 4, np.zeros(n, bool)),
+        "status": np.where(ok, "ok", "no_face").tolist(),
+        "n_faces": pa.array(ok.astype(np.int16)),
+        "det_score": pa.array(np.where(ok, 0.9, np.nan), pa.float32()),
+        "bbox": lists(np.tile([1, 2, 3, 4], (n, 1)), 4),
+        "landmarks": lists(np.ones((n, 10)), 10),
+        "embedding": lists(emb, fstore.EMBEDDING_DIM),
+        "embedding_norm": pa.array(np.where(ok, 20.0, np.nan), pa.float32()),
+    }), emb, ok
+
+
+def assert_no_nulls_in_lists(path):
+    table = pq.read_table(path)
+    lists = [f.name for f in table.schema if pa.types.is_fixed_size_list(f.type)]
+    assert lists
+    for name in lists:
+        column = table[name]
+        assert column.null_count == 0, name
+        assert all(chunk.values.null_count == 0 for chunk in column.chunks), name
+    meta = pq.ParquetFile(path).metadata
+    for j in range(meta.num_columns):
+        col = meta.row_group(0).column(j)
+        if col.path_in_schema.split(".")[0] in lists and col.statistics is not None:
+            assert col.statistics.null_count == 0, col.path_in_schema
+
+
+def test_rows_without_a_value_hold_nan_never_null(tmp_path):
+    table, emb, ok = shard_rows(12, nulls=True)  # even a table with nulls is written without
+    path = fstore.write_shard(table, str(tmp_path), FS, "d", 0)
+    assert_no_nulls_in_lists(path)
+    back = pq.read_table(path)
+    emb_back = np.stack(back["embedding"].to_numpy(zero_copy_only=False))
+    assert np.isnan(emb_back[~ok]).all() and np.array_equal(emb_back[ok], emb[ok])
+    assert back["status"].to_pylist() == np.where(ok, "ok", "no_face").tolist()
+    feats = fstore.load_features(str(tmp_path), FS, "d")
+    assert np.array_equal(feats.embeddings, emb[ok])
+
+
+def test_manifest_face_hint_is_nan_filled_and_old_manifests_read(tmp_path):
+    frame = pd.DataFrame({"image_id": ["a.jpg", "b.jpg"], "subject_id": ["x", "y"], "fold": [0, 1],
+                          "age": [30.0, np.nan], "age_bin": [4, -1], "gender": [1, -1],
+                          "face_hint": [None, [1.0, 2.0, 30.0, 40.0]], "status": ["ok", "ok"]})
+    path = write_manifest(frame, tmp_path / "new" / "manifest.parquet")
+    assert_no_nulls_in_lists(path)
+    hints = read_manifest(str(tmp_path), "new")["face_hint"].to_pylist()
+    assert np.isnan(hints[0]).all() and hints[1] == [1.0, 2.0, 30.0, 40.0]
+    # a manifest as agepipe 0.1.0 wrote it: a null face_hint
+    old = pa.Table.from_pandas(frame, preserve_index=False).cast(fstore.MANIFEST_SCHEMA)
+    (tmp_path / "old").mkdir()
+    pq.write_table(old, tmp_path / "old" / "manifest.parquet")
+    assert pq.read_table(tmp_path / "old" / "manifest.parquet")["face_hint"].null_count == 1
+    assert read_manifest(str(tmp_path), "old")["face_hint"].to_pylist()[1] == [1.0, 2.0, 30.0, 40.0]
+
+
+def test_a_store_written_with_nulls_still_loads(tmp_path):
+    """A store as agepipe 0.1.0 wrote it: part-NNNNN.parquet with null lists, no index."""
+    root = tmp_path / FS / "d"
+    root.mkdir(parents=True)
+    parts = [shard_rows(7, start=0, seed=1, nulls=True), shard_rows(5, start=7, seed=2, nulls=True)]
+    for i, (table, _, _) in enumerate(parts):
+        pq.write_table(table.cast(fstore.SHARD_SCHEMA), root / f"part-{i:05d}.parquet")
+    assert pq.read_table(root / "part-00000.parquet")["embedding"].null_count > 0
+    feats = fstore.load_features(str(tmp_path), FS, "d")
+    expected = np.concatenate([emb[ok] for _, emb, ok in parts])
+    assert np.array_equal(feats.embeddings, expected)
+    assert list(feats.rows.image_id) == [f"img/{i:05d}.jpg" for i in (1, 2, 4, 5, 8, 9, 11)]
+    assert fstore.status_counts(str(tmp_path), FS) == {"d": {"no_face": 3 + 2, "ok": 4 + 3}}
+
+
+# --- exactly once: the index --------------------------------------------------------------
+
+def write_cut(root, table, shard_rows, dataset="d"):
+    """Shards of ``shard_rows`` rows, committed as the dataset's content."""
+    entries = []
+    for i, start in enumerate(range(0, table.num_rows, shard_rows)):
+        part = table.slice(start, shard_rows)
+        path = fstore.write_shard(part, str(root), FS, dataset, i)
+        entries.append(fstore.ShardEntry(path.rsplit("/", 1)[-1], start, part.num_rows,
+                                         fstore.rows_digest(part)))
+    index = fstore.read_index(str(root), FS, dataset)
+    return fstore.commit_shards(str(root), FS, dataset, entries, "m", index.generation if index else None)
+
+
+def test_a_new_cut_replaces_the_old_one_whole(tmp_path):
+    table, emb, ok = shard_rows(40)
+    write_cut(tmp_path, table.slice(0, 30), 16)  # a first run with --limit 30 --shard-rows 16
+    assert fstore.status_counts(str(tmp_path), FS)["d"] == {"no_face": 10, "ok": 20}
+    old = set(fstore.shard_files(str(tmp_path), FS, "d"))
+    write_cut(tmp_path, table, 1000)             # then the whole manifest in one shard
+    feats = fstore.load_features(str(tmp_path), FS, "d")
+    assert np.array_equal(feats.embeddings, emb[ok])
+    assert list(feats.rows.image_id) == [f"img/{i:05d}.jpg" for i in np.flatnonzero(ok)]
+    [new] = fstore.shard_files(str(tmp_path), FS, "d")
+    assert new not in old and sorted(p.name for p in (tmp_path / FS / "d").glob("part-*")) == [new.rsplit("/", 1)[-1]]
+    assert sum(fstore.status_counts(str(tmp_path), FS)["d"].values()) == 40
+
+
+def test_a_deleted_or_damaged_shard_is_refused_naming_what_to_run(tmp_path):
+    table, _, _ = shard_rows(30)
+    write_cut(tmp_path, table, 10)
+    first, second, _ = fstore.shard_files(str(tmp_path), FS, "d")
+    (tmp_path / FS / "d" / second.rsplit("/", 1)[-1]).unlink()
+    with pytest.raises(fstore.StoreError, match=r"d: shard part-00001-\w+\.parquet listed in _index\.json is "
+                                                r"missing; run `agepipe extract --dataset d`"):
+        fstore.load_features(str(tmp_path), FS, "d")
+    write_cut(tmp_path, table, 10)
+    path = fstore.shard_files(str(tmp_path), FS, "d")[0]
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])  # truncated
+    with pytest.raises(fstore.StoreError, match=re_escape(path) + r": cannot read this shard .*"
+                                                "run `agepipe extract --dataset d` to redo it"):
+        fstore.load_features(str(tmp_path), FS, "d")
+    open(path, "wb").write(b"not parquet at all" * 100)  # garbage
+    with pytest.raises(fstore.StoreError, match=re_escape(path)):
+        fstore.status_counts(str(tmp_path), FS)
+
+
+def re_escape(text):
+    import re
+
+    return re.escape(text)
+
+
+def test_an_index_whose_shards_overlap_or_leave_rows_out_is_refused(tmp_path):
+    table, _, _ = shard_rows(20)
+    index = write_cut(tmp_path, table, 10)
+    a, b = index.shards
+    import dataclasses
+    import json
+
+    path = tmp_path / FS / "d" / "_index.json"
+    raw = json.loads(path.read_text())
+    raw["shards"][1]["start"] = 5
+    path.write_text(json.dumps(raw))
+    with pytest.raises(fstore.StoreError, match="shards overlap at row 5.*agepipe extract --dataset d"):
+        fstore.load_features(str(tmp_path), FS, "d")
+    raw["shards"][1]["start"] = 12
+    path.write_text(json.dumps(raw))
+    with pytest.raises(fstore.StoreError, match="leave out manifest rows at row 10"):
+        fstore.load_features(str(tmp_path), FS, "d")
+    # a shard swapped for one with other rows under a listed name
+    raw["shards"][1] = dataclasses.asdict(dataclasses.replace(b, file=a.file, start=10))
+    path.write_text(json.dumps(raw))
+    with pytest.raises(fstore.StoreError, match="holds other rows than _index.json lists"):
+        fstore.load_features(str(tmp_path), FS, "d")
+
+
+def test_a_store_without_index_holding_a_row_twice_is_refused(tmp_path):
+    """agepipe 0.1.0's README sequence left two cuts side by side; such a store is refused."""
+    root = tmp_path / FS / "d"
+    root.mkdir(parents=True)
+    table, _, _ = shard_rows(20)
+    pq.write_table(table.slice(0, 16).cast(fstore.SHARD_SCHEMA), root / "part-00000.parquet")
+    pq.write_table(table.slice(16, 4).cast(fstore.SHARD_SCHEMA), root / "part-00001.parquet")
+    assert len(fstore.load_features(str(tmp_path), FS, "d").rows) == 13
+    pq.write_table(table.cast(fstore.SHARD_SCHEMA), root / "part-00002.parquet")
+    with pytest.raises(fstore.StoreError, match=r"'img/00000.jpg' is in two shards.*agepipe extract --dataset d"):
+        fstore.load_features(str(tmp_path), FS, "d")
+
+
+def test_one_writer_at_a_time_and_no_commit_over_an_index_it_did_not_read(tmp_path):
+    with fstore.writer_lock(str(tmp_path), FS, "d"):
+        with pytest.raises(fstore.StoreError, match="another `agepipe extract` is writing"):
+            with fstore.writer_lock(str(tmp_path), FS, "d"):
+                pass
+    with fstore.writer_lock(str(tmp_path), FS, "d"):  # released
+        pass
+    table, _, _ = shard_rows(10)
+    first = write_cut(tmp_path, table, 5)
+    second = write_cut(tmp_path, table, 10)
+    with pytest.raises(fstore.StoreError, match="changed while this run worked"):
+        fstore.commit_shards(str(tmp_path), FS, "d", first.shards, "m", first.generation)
+    assert fstore.read_index(str(tmp_path), FS, "d") == second
+
+
+def test_a_read_only_store_loads_and_reading_writes_nothing(tmp_path):
+    """chmod -R a-w, then read. (As root the modes do not stop a write, so the test also
+    checks that no file or folder changed: agepipe 0.1.0 left an .arrow/ copy here.)"""
+    import stat
+
+    table, emb, ok = shard_rows(25)
+    write_cut(tmp_path, table, 10)
+
+    def tree():
+        return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in [tmp_path, *tmp_path.rglob("*")])
+
+    before = tree()
+    paths = [tmp_path, *tmp_path.rglob("*")]
+    for p in paths:
+        p.chmod(p.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+    try:
+        assert np.array_equal(fstore.load_features(str(tmp_path), FS, "d").embeddings, emb[ok])
+        assert np.array_equal(fstore.load_features(str(tmp_path), FS, "d", folds=[1, 2]).embeddings,
+                              emb[ok & np.isin(np.arange(25) % 5, [1, 2])])
+        assert fstore.status_counts(str(tmp_path), FS)["d"]["ok"] == int(ok.sum())
+    finally:
+        for p in paths:
+            p.chmod(p.stat().st_mode | stat.S_IWUSR)
+    assert tree() == before
+
+
+def test_the_cli_says_which_shard_is_broken_without_a_traceback(tmp_path):
+    from click.testing import CliRunner
+
+    from agepipe.cli import cli
+
+    table, _, _ = shard_rows(30)
+    write_cut(tmp_path, table, 10)
+    fstore.write_feature_set_info(str(tmp_path), FS, {"pack": "buffalo_s", "det_size": 640})
+    path = fstore.shard_files(str(tmp_path), FS, "d")[1]
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 3])
+    for args in (["features", "show", FS], ["features", "list"],
+                 ["train", "--feature-set", FS, "--dataset", "d", "--task", "gender", "--out", str(tmp_path / "run")]):
+        result = CliRunner().invoke(cli, [*args, "--store", str(tmp_path)])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.output)
+        assert f"Error: {path}: cannot read this shard" in result.output, args
+        assert "run `agepipe extract --dataset d` to redo it" in result.output and "Traceback" not in result.output
