@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PHOTOS := .cache/test-photos
+# The lowest-versions environment: every runtime dependency at pyproject.toml's floor.
+LOWEST := .venv-lowest
 
-.PHONY: install demo test bench clean
+.PHONY: install lowest demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -13,6 +15,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+lowest: $(LOWEST)/.installed
+
+# torch's floor has no CPU wheel on PyPI: this venv holds its CUDA build (about 4.5 GB), which runs on CPUs.
+$(LOWEST)/.installed: pyproject.toml .ci/lowest_constraints.py
+	rm -rf $(LOWEST)
+	mkdir -p .cache
+	$(PYTHON) .ci/lowest_constraints.py > .cache/lowest-constraints.txt
+	$(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/pip install -q --upgrade pip
+	$(LOWEST)/bin/pip install -q -c .cache/lowest-constraints.txt torch
+	$(LOWEST)/bin/pip install -q -c .cache/lowest-constraints.txt -e ".[test-base]"
 	touch $@
 
 # The face_recognition sdist's photos of Obama and Biden: test data fetched from PyPI, never committed.
@@ -33,4 +48,4 @@ bench: install
 	$(BIN)/python bench/embed_bench.py
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache
+	rm -rf $(VENV) $(LOWEST) .cache .pytest_cache

@@ -79,9 +79,10 @@ def load_embedder(pack, det_size, device, runtime):
 def write_parquet_atomic(table, out: str):
     import pyarrow.parquet as pq
 
-    tmp = f"{out}.{os.getpid()}.tmp"
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
+    from agepipe.atomic import atomic_path
+
+    with atomic_path(out) as tmp:
+        pq.write_table(table, tmp)
 
 
 @cli.command()

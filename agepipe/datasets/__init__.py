@@ -44,10 +44,6 @@ REGISTRY: dict[str, Dataset] = {
 GROUPS = {"imdb-wiki": ("imdb", "wiki")}
 
 
-def register(dataset: Dataset) -> None:
-    REGISTRY[dataset.name] = dataset
-
-
 def expand_groups(names) -> list[str]:
     """Each group ("imdb-wiki") replaced by its datasets; any other name kept as it is (a
     manifest or a store may hold datasets agepipe does not download)."""

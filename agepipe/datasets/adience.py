@@ -1,8 +1,9 @@
 """Adience (Eidinger, Enbar and Hassner 2014): the aligned faces and the five official folds.
 
 Files, from the dataset's page (HTTP basic auth adiencedb / adience, as the page publishes):
-aligned.tar.gz (``aligned/{user_id}/landmark_aligned_face.{face_id}.{original_image}``),
-faces.tar.gz (``faces/...``, the unaligned crops) and fold_0_data.txt .. fold_4_data.txt.
+aligned.tar.gz (``aligned/{user_id}/landmark_aligned_face.{face_id}.{original_image}``) and
+fold_0_data.txt .. fold_4_data.txt. The page's faces.tar.gz (1.5 GB of unaligned crops) is not
+fetched: no manifest row uses it.
 
 Manifest: one row per non-blank line after the header of each fold file, so the rows of fold k
 are the rows of fold_k_data.txt (published: 19,370 = 4,484 / 3,730 / 3,894 / 3,446 / 3,816).
@@ -48,7 +49,6 @@ PUBLISHED_ROWS = {0: 4484, 1: 3730, 2: 3894, 3: 3446, 4: 3816}
 FILES = (
     RemoteFile("aligned.tar.gz", BASE_URL + "aligned.tar.gz", size=2_000_000_000,
                unverified_md5="bf8336d576433f0143828925eadbe23f", extract=True),
-    RemoteFile("faces.tar.gz", BASE_URL + "faces.tar.gz", size=1_500_000_000, extract=True),
 ) + tuple(RemoteFile(name, BASE_URL + name, size=2_000_000, unverified_md5=md5)
           for name, md5 in zip(FOLD_FILES, ("dda2131b5a4934a67f0acfda8b50a65b", "bb558fff6aba953b5b05403d74dfd8a8",
                                             "a156e37bf4292a61ee5e11a06cfc6c5f", "7c9f7dab8fb034affe8a08e97da24266",

@@ -68,7 +68,8 @@ def read_mat(path: Path, name: str) -> dict[str, np.ndarray]:
         mat = scipy.io.loadmat(path, squeeze_me=False, struct_as_record=True)
     except FileNotFoundError:
         raise MetadataError(f"{path}: metadata file missing") from None
-    except (scipy.io.matlab.MatReadError, OSError, ValueError, NotImplementedError, TypeError) as e:
+    # IndexError: scipy 1.10 on a file shorter than a MATLAB header.
+    except (scipy.io.matlab.MatReadError, OSError, ValueError, NotImplementedError, TypeError, IndexError) as e:
         raise MetadataError(f"{path}: not a readable MATLAB file ({e})") from None
     struct = mat.get(name)
     if not isinstance(struct, np.ndarray) or struct.dtype.names is None or struct.size != 1:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from agepipe.atomic import atomic_path
 from agepipe.features.store import MANIFEST_SCHEMA, fixed_list
 
 MANIFEST_FILE = "manifest.parquet"
@@ -106,8 +106,8 @@ def first_failure(*checks: tuple[np.ndarray, str], n: int) -> np.ndarray:
 
 
 def write_manifest(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write DESIGN.md's manifest columns (typed by store.MANIFEST_SCHEMA) followed by any extra
-    columns of ``frame``, to a temporary name and then renamed. ``face_hint`` holds 4-value
+    """Write the manifest's contract columns (typed by store.MANIFEST_SCHEMA) followed by any
+    extra columns of ``frame``, to a temporary name and then renamed. ``face_hint`` holds 4-value
     sequences or None."""
     path = Path(path)
     missing = [c for c in MANIFEST_SCHEMA.names if c not in frame.columns]
@@ -134,13 +134,9 @@ def write_manifest(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
         extra = pa.Table.from_pandas(frame[extras], preserve_index=False)
         for name in extras:
             table = table.append_column(extra.schema.field(name), extra[name])
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from agepipe.atomic import atomic_path
 from agepipe.datasets.download import RemoteFile
 from agepipe.datasets.manifest import age_bin, files_on_disk, subject_fold
 
@@ -105,13 +106,11 @@ def build_archive(folder: Path) -> Path:
     writer.writerows(rows)
     members.append((f"{FOLDER}/labels.csv", text.getvalue().encode()))
     path = folder / ARCHIVE
-    tmp = path.with_suffix(".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in sorted(members):
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(data), 0, 0o644
             tar.addfile(info, io.BytesIO(data))
-    tmp.replace(path)
     return path
 
 

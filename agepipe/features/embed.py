@@ -16,6 +16,7 @@ import numpy as np
 from agepipe.features.align import ARCFACE_TEMPLATE, norm_crop
 from agepipe.features.detect import DET_THRESH, NMS_THRESH, Detections, Detector, rescue_identity
 from agepipe.features.models import ModelPack, load_net, recognizer_normalisation, resolve_pack
+from agepipe.features.store import EMBEDDING_DIM
 
 SELECTION_POLICY = "best-iou-with-hint-else-largest-central-v1"
 RECOGNITION_BATCH = 64
@@ -26,7 +27,7 @@ class Face:
     bbox: np.ndarray        # (4,) x1, y1, x2, y2 in original pixels
     landmarks: np.ndarray   # (5, 2) in original pixels
     det_score: float
-    embedding: np.ndarray   # (512,) L2-normalised
+    embedding: np.ndarray   # (EMBEDDING_DIM,) L2-normalised
     embedding_norm: float
 
 
@@ -81,9 +82,9 @@ class FaceEmbedder:
         return feature_identity(self.pack, self.det_size, self.detector.det_thresh)
 
     def embed_crops(self, crops: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """(n, 512) L2-normalised embeddings and their raw norms for aligned 112x112 BGR crops."""
+        """(n, EMBEDDING_DIM) L2-normalised embeddings and their raw norms for aligned 112x112 BGR crops."""
         if not crops:
-            return np.zeros((0, 512), np.float32), np.zeros(0, np.float32)
+            return np.zeros((0, EMBEDDING_DIM), np.float32), np.zeros(0, np.float32)
         out = []
         for i in range(0, len(crops), RECOGNITION_BATCH):
             blob = cv2.dnn.blobFromImages(crops[i:i + RECOGNITION_BATCH], 1.0 / self.rec_std, (112, 112),
@@ -141,7 +142,7 @@ def embed_files(paths: list[str], embedder: FaceEmbedder, batch_size: int = 16, 
         rows["det_score"].append(face.det_score if face else None)
         rows["bbox"].append(face.bbox if face else np.zeros(4, np.float32))
         rows["landmarks"].append(face.landmarks.reshape(-1) if face else np.zeros(10, np.float32))
-        rows["embedding"].append(face.embedding if face else np.zeros(512, np.float32))
+        rows["embedding"].append(face.embedding if face else np.zeros(EMBEDDING_DIM, np.float32))
         rows["embedding_norm"].append(face.embedding_norm if face else None)
 
     def flush(batch):
@@ -175,6 +176,6 @@ def embed_files(paths: list[str], embedder: FaceEmbedder, batch_size: int = 16, 
         "det_score": pa.array(rows["det_score"], pa.float32()),
         "bbox": fixed_list(np.array(rows["bbox"]), 4, ok),
         "landmarks": fixed_list(np.array(rows["landmarks"]), 10, ok),
-        "embedding": fixed_list(np.array(rows["embedding"]), 512, ok),
+        "embedding": fixed_list(np.array(rows["embedding"]), EMBEDDING_DIM, ok),
         "embedding_norm": pa.array(rows["embedding_norm"], pa.float32()),
     })

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from agepipe import atomic
+
 BUFFALO_S_FILES = ("scrfd_500m_bnkps.onnx", "w600k_mbf.onnx")
 BUFFALO_L_FILES = ("det_10g.onnx", "w600k_r50.onnx")
 MODEL_ZOO_URL = "https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_l.zip"
@@ -145,9 +147,7 @@ def _download_buffalo_l(url: str, folder: Path) -> None:
         for member in zf.namelist():
             base = os.path.basename(member)
             if base in BUFFALO_L_FILES:  # flat names only: nothing in the zip chooses a path
-                tmp = folder / f".{base}.tmp"
-                tmp.write_bytes(zf.read(member))
-                tmp.replace(folder / base)
+                atomic.write_bytes(folder / base, zf.read(member))
     missing = [f for f in BUFFALO_L_FILES if not (folder / f).exists()]
     if missing:
         raise ModelError(f"{archive}: does not contain {', '.join(missing)}")

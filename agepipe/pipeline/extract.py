@@ -68,7 +68,7 @@ def worker_embedder(cfg: ExtractConfig):
 def _blank_features(n: int) -> dict:
     return {"n_faces": np.zeros(n, np.int16), "det_score": np.full(n, np.nan, np.float32),
             "bbox": np.zeros((n, 4), np.float32), "landmarks": np.zeros((n, 10), np.float32),
-            "embedding": np.zeros((n, 512), np.float32), "embedding_norm": np.full(n, np.nan, np.float32)}
+            "embedding": np.zeros((n, fstore.EMBEDDING_DIM), np.float32), "embedding_norm": np.full(n, np.nan, np.float32)}
 
 
 def embed_rows(rows: pa.Table, data_root: str, cfg: ExtractConfig, timings: Counter) -> pa.Table:
@@ -142,7 +142,7 @@ def shard_table(rows: pa.Table, status, feats: dict) -> pa.Table:
         "det_score": pa.array(feats["det_score"], mask=~ok),
         "bbox": fstore.fixed_list(feats["bbox"], 4, ok),
         "landmarks": fstore.fixed_list(feats["landmarks"], 10, ok),
-        "embedding": fstore.fixed_list(feats["embedding"], 512, ok),
+        "embedding": fstore.fixed_list(feats["embedding"], fstore.EMBEDDING_DIM, ok),
         "embedding_norm": pa.array(feats["embedding_norm"], mask=~ok),
     }, schema=fstore.SHARD_SCHEMA)
 
@@ -183,7 +183,8 @@ def _retry_transient(store: str, path: str, rows: pa.Table, data_root: str, cfg:
 
 # --- on the client ----------------------------------------------------------------------
 
-def read_manifest(data_dir: str, dataset: str) -> pa.Table:
+def manifest_table(data_dir: str, dataset: str) -> pa.Table:
+    """The manifest's contract columns, checked and cast, for planning shards."""
     from agepipe.datasets.manifest import MANIFEST_FILE
 
     path = Path(data_dir).expanduser() / dataset / MANIFEST_FILE
@@ -341,7 +342,8 @@ def _rescue_shard(client, task: dict, error: Exception) -> dict:
             "lost": lost}
 
 
-def summarize(results: list[dict], wall: float) -> dict:
+def run_stats(results: list[dict], wall: float) -> dict:
+    """One run's statuses, stage timings and throughput, as feature_set.json's "runs" record them."""
     status: Counter = Counter()
     timings: Counter = Counter()
     for r in results:
@@ -388,7 +390,7 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
     names = expand_groups(datasets)
     manifests = {}
     for name in names:
-        manifest = read_manifest(data_dir, name)
+        manifest = manifest_table(data_dir, name)
         manifests[name] = manifest.slice(0, limit) if limit else manifest
     resolved = resolve_pack(pack)
     identity = feature_identity(resolved, det_size)
@@ -423,7 +425,7 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
             wall = time.perf_counter() - started
             commit_plan(plan, store, feature_set)
 
-    stats = summarize(results, wall)
+    stats = run_stats(results, wall)
     info = fstore.read_feature_set_info(store, feature_set)
     info["counts"] = fstore.status_counts(store, feature_set)
     info.setdefault("runs", []).append({"datasets": names, "limit": limit, **stats})

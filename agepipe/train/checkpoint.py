@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import uuid
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from agepipe.atomic import atomic_path
 from agepipe.train.model import ModelConfig, ResMLP
 
 FORMAT = "agepipe-run"
@@ -32,11 +31,9 @@ class CheckpointError(Exception):
 def write_json(path: str | Path, obj) -> None:
     """Atomically: a temporary file in the same folder, then a rename."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=False, allow_nan=True)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def save_checkpoint(run_dir: str | Path, model: ResMLP, config: dict) -> Path:
@@ -44,11 +41,10 @@ def save_checkpoint(run_dir: str | Path, model: ResMLP, config: dict) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    tmp = run_dir / f".{WEIGHTS}.{uuid.uuid4().hex}.tmp"
     # One metadata key only: safetensors orders several in its header at random, and the same
     # training run should give the same file, byte for byte.
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, run_dir / WEIGHTS)
+    with atomic_path(run_dir / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     write_json(run_dir / CONFIG, {"format": FORMAT, "version": VERSION, **config,
                                   "model": model.config.to_dict()})
     return run_dir

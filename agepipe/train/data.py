@@ -1,6 +1,6 @@
 """From the feature store to labelled tensors and subject-disjoint splits.
 
-Everything is vectorised: the embeddings become one (n, 512) tensor (on the GPU when
+Everything is vectorised: the embeddings become one (n, EMBEDDING_DIM) tensor (on the GPU when
 training there) and a split is three index arrays into it, so the training loop never
 touches a Python object per sample.
 
@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from agepipe.features import store as feature_store
+from agepipe.features import store as fstore
 
 TASKS = ("age", "age101", "gender")
 NUM_CLASSES = {"age": 8, "age101": 101, "gender": 2}
@@ -84,7 +84,7 @@ def true_ages(task: str, rows: pd.DataFrame, y: np.ndarray) -> np.ndarray | None
 class TaskData:
     """Rows with a known label for one task, as tensors on one device."""
     task: str
-    x: torch.Tensor          # (n, 512) float32
+    x: torch.Tensor          # (n, EMBEDDING_DIM) float32
     y: torch.Tensor          # (n,) int64
     rows: pd.DataFrame       # the same n rows, index 0..n-1
     dropped: dict[str, int]  # rows left out and why
@@ -92,7 +92,7 @@ class TaskData:
 
 def resolve_feature_set(store: str, feature_set: str | None) -> str:
     """The given feature set, or the store's only one."""
-    found = feature_store.list_feature_sets(store)
+    found = fstore.list_feature_sets(store)
     if feature_set:
         if feature_set not in found:
             raise FileNotFoundError(f"feature set {feature_set!r} not in {store} "
@@ -108,7 +108,7 @@ def load_task_data(store: str, feature_set: str, datasets: list[str], task: str,
                    min_det_score: float = 0.0, device: str | torch.device = "cpu") -> TaskData:
     """Rows with status "ok", a known label and det_score >= min_det_score."""
     check_task(task)
-    feats = feature_store.load_features(store, feature_set, datasets, min_det_score=min_det_score)
+    feats = fstore.load_features(store, feature_set, datasets, min_det_score=min_det_score)
     y = labels(task, feats.rows)
     known = y >= 0
     rows = feats.rows.loc[known].reset_index(drop=True)

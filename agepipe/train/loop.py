@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import agepipe
 from agepipe.datasets import expand_groups
-from agepipe.features import store as feature_store
+from agepipe.features import store as fstore
 from agepipe.train.checkpoint import init_from, model_config_from, read_config, save_checkpoint, write_json
 from agepipe.train.data import (NUM_CLASSES, VAL_FRACTION, Split, TaskData, check_task, load_task_data,
                                 make_split, resolve_feature_set, true_ages)
@@ -264,7 +264,7 @@ FEATURE_KEYS = ("pack", "det_size", "detector_sha256", "recognizer_sha256")
 
 def feature_models(store: str, feature_set: str) -> dict:
     """The face models behind the embeddings, so `agepipe predict` can use (and check) the same ones."""
-    info = feature_store.read_feature_set_info(store, feature_set)
+    info = fstore.read_feature_set_info(store, feature_set)
     return {k: info[k] for k in FEATURE_KEYS if k in info}
 
 

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from agepipe.features.store import EMBEDDING_DIM
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -26,7 +28,7 @@ class ModelConfig:
     dropout: float = 0.05
     batch_norm: bool = True
     skip: bool = True
-    in_features: int = 512
+    in_features: int = EMBEDDING_DIM
     first_ic: bool = False  # the original has no IC layer before the very first Linear
 
     def __post_init__(self):

@@ -6,14 +6,13 @@ and a recogniser with another hash is refused (its embeddings live in another sp
 """
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
+from agepipe import atomic
 from agepipe.features.embed import FaceEmbedder
 from agepipe.features.images import ImageError, read_image
 from agepipe.train.checkpoint import CheckpointError, load_checkpoint
@@ -139,9 +138,7 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
     ok, buf = cv2.imencode(path.suffix or ".jpg", image)
     if not ok:
         raise ValueError(f"{path}: cannot encode an image with suffix {path.suffix!r}")
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, path)
+    atomic.write_bytes(path, buf.tobytes())
 
 
 def annotation_path(annotate_to: str, image: str, several: bool) -> Path:

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from agepipe.atomic import atomic_path, write_text
 from agepipe.train.data import class_names
 
 PLOTS = {"learning_curves.png": "learning curves", "confusion_matrix.png": "confusion matrix",
@@ -38,9 +37,8 @@ def _fmt(v) -> str:
 
 def _save(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -78,7 +76,7 @@ def write_report(run_dir: str | Path) -> Path:
               f"; area under the risk-coverage curve {_fmt(rc['aurc'])}.", ""]
     lines += [f"![{title}]({name})" for name, title in PLOTS.items() if (run_dir / name).exists()]
     path = run_dir / "report.md"
-    _write_text(path, "\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -92,13 +90,7 @@ def write_cv_table(path: Path, cv: dict) -> None:
               "| --- | --- | --- | " + " | ".join("---" for _ in keys) + " |"]
     lines += [f"| {r['fold']} | {r['seed']} | {r['best_epoch']} | " + " | ".join(_fmt(r[k]) for k in keys) + " |"
               for r in cv["runs"]]
-    _write_text(path, "\n".join(lines) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def plot_learning_curves(history: dict, path: Path) -> None:

@@ -1,6 +1,6 @@
 """Tiny dataset files in the real layouts, and the manifest rows each line must become.
 
-Adience: fold files with every messy case the real ones hold, aligned.tar.gz / faces.tar.gz.
+Adience: fold files with every messy case the real ones hold, and aligned.tar.gz.
 IMDB-WIKI: imdb_crop.tar / wiki_crop.tar holding a .mat written with the real struct layout.
 """
 from __future__ import annotations
@@ -129,7 +129,7 @@ def adience_rows(fold: int) -> list[AdienceRow]:
 
 def adience_files() -> dict[str, bytes]:
     """{file name: bytes} of the official Adience files, in their real layouts."""
-    aligned, faces = {}, {}
+    aligned = {}
     seed = 0
     for fold in ADIENCE_FOLDS:
         for r in adience_rows(fold):
@@ -138,8 +138,7 @@ def adience_files() -> dict[str, bytes]:
             user, image, face = r.fields[:3]
             seed += 1
             aligned[f"aligned/{user}/landmark_aligned_face.{face}.{image}"] = jpeg(seed)
-            faces[f"faces/{user}/coarse_tilt_aligned_face.{face}.{image}"] = jpeg(seed + 1000)
-    files = {"aligned.tar.gz": make_tar(aligned, "w:gz"), "faces.tar.gz": make_tar(faces, "w:gz")}
+    files = {"aligned.tar.gz": make_tar(aligned, "w:gz")}
     files.update({f"fold_{k}_data.txt": adience_fold_text(k).encode() for k in range(5)})
     return files
 

@@ -34,23 +34,26 @@ def check_adience(data_dir, output):
     return frame
 
 
-def test_download_from_a_folder_of_the_real_file_names(tmp_path):
+def test_download_from_a_folder_of_the_real_file_names_without_faces_tar(tmp_path):
     source = write_files(tmp_path / "Downloads", adience_files())
+    assert sorted(p.name for p in source.iterdir()) == ["aligned.tar.gz", *(f"fold_{k}_data.txt" for k in range(5))]
     result = run("--dataset", "adience", "--source", str(source), "--data-dir", str(tmp_path / "data"))
     assert result.exit_code == 0, result.output
     check_adience(tmp_path / "data", result.output)
-    assert (tmp_path / "data" / "adience" / "faces").is_dir()
+    assert (tmp_path / "data" / "adience" / "aligned").is_dir()
 
 
 def test_download_from_a_mirror_that_demands_the_published_credentials(tmp_path, server):
     for name, data in adience_files().items():
         server.files[f"/adiencedb/{name}"] = data
+    server.files["/adiencedb/faces.tar.gz"] = make_tar({"faces/1/a.jpg": b"x"}, "w:gz")   # the page has it too
     server.auth = ("adiencedb", "adience")
     data_dir = tmp_path / "data"
     result = run("--dataset", "adience", "--source", f"{server.url}/adiencedb/", "--workers", "3",
                  env={"AGEPIPE_DATA": str(data_dir)})
     assert result.exit_code == 0, result.output
     first = check_adience(data_dir, result.output)
+    assert "/adiencedb/faces.tar.gz" not in {s.path for s in server.log}   # nothing uses the unaligned crops
 
     served = len(server.log)
     again = run("--dataset", "adience", "--source", f"{server.url}/adiencedb/", "--data-dir", str(data_dir))

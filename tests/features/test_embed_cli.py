@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from agepipe.cli import cli
+from agepipe.features.store import EMBEDDING_DIM
 
 
 def run(*args):
@@ -50,7 +51,7 @@ def test_bad_and_odd_photos_each_get_a_status(bad_photos, tmp_path):
     assert "0 bytes" in errors["zero.jpg"] and "truncated" in errors["truncated.jpg"]
     faces = table[table.status == "ok"]
     emb = np.stack(faces.embedding.to_numpy())
-    assert emb.shape[1] == 512
+    assert emb.shape[1] == EMBEDDING_DIM
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     # the odd encodings of one photo all give that photo's face
     by_name = {p.rsplit("/", 1)[-1]: e for p, e in zip(faces.image, emb)}

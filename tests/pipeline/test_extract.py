@@ -132,7 +132,7 @@ def test_a_photo_that_breaks_its_task_costs_only_that_photo(mini_data, tmp_path,
         return real(rows, data_root, cfg, timings)
 
     monkeypatch.setattr(ex, "embed_rows", embed_rows)
-    manifest = ex.read_manifest(str(mini_data), "mini").slice(0, 6)
+    manifest = ex.manifest_table(str(mini_data), "mini").slice(0, 6)
     pack = "buffalo_s"
     cfg = ex.ExtractConfig(pack=pack)
     store = str(tmp_path / "store")

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from agepipe.features import store
+from agepipe.features import store as fstore
 from agepipe.train.data import AGE_BIN_MIDPOINTS
 
 FEATURE_SET = "synthetic-det640-00000000"
@@ -19,12 +19,12 @@ FEATURE_SET = "synthetic-det640-00000000"
 class Mixture:
     """Class-conditional Gaussians, then projected onto the unit sphere. The class means are
     unit vectors in a ``rank``-dimensional subspace; the noise has standard deviation 1 in
-    that subspace and ``perp`` across the other 512 - rank dimensions (real embeddings have
+    that subspace and ``perp`` across the other EMBEDDING_DIM - rank dimensions (real embeddings have
     a low intrinsic dimension too). The covariance is shared and isotropic on the subspace
     that holds the means, so the Bayes classifier is argmax_c mean_c . x, and projecting
     onto the sphere (a positive scaling) leaves that argmax unchanged."""
-    means: np.ndarray   # (classes, 512)
-    basis: np.ndarray   # (512, 512) orthonormal; the first ``rank`` columns span the means
+    means: np.ndarray   # (classes, EMBEDDING_DIM)
+    basis: np.ndarray   # (EMBEDDING_DIM, EMBEDDING_DIM) orthonormal; the first ``rank`` columns span the means
     rank: int
     signal: float
     perp: float
@@ -32,7 +32,7 @@ class Mixture:
     @classmethod
     def make(cls, classes: int = 8, rank: int = 16, signal: float = 2.8, perp: float = 0.1, seed: int = 0):
         rng = np.random.default_rng(seed)
-        basis = np.linalg.qr(rng.standard_normal((512, 512)))[0]
+        basis = np.linalg.qr(rng.standard_normal((fstore.EMBEDDING_DIM, fstore.EMBEDDING_DIM)))[0]
         m = rng.standard_normal((classes, rank))
         means = (m / np.linalg.norm(m, axis=1, keepdims=True)) @ basis[:, :rank].T
         return cls(means, basis, rank, signal, perp)
@@ -43,7 +43,7 @@ class Mixture:
         rng = np.random.default_rng(seed)
         y = rng.integers(0, len(self.means), n)
         # Noise covariance perp^2 I + (1 - perp^2) P, P the projection on the first ``rank`` columns.
-        noise = self.perp * rng.standard_normal((n, 512))
+        noise = self.perp * rng.standard_normal((n, fstore.EMBEDDING_DIM))
         noise += np.sqrt(1 - self.perp ** 2) * rng.standard_normal((n, self.rank)) @ self.basis[:, :self.rank].T
         x = self.signal * self.means[y] + noise
         x += shift * self.basis[:, -1]
@@ -74,14 +74,14 @@ def write_store(root, embeddings: np.ndarray, rows: dict | pd.DataFrame, dataset
         "status": pa.array(status, pa.string()),
         "n_faces": pa.array(ok.astype(np.int16), pa.int16()),
         "det_score": pa.array(col("det_score", np.where(ok, 0.9, np.nan)), pa.float32()),
-        "bbox": store.fixed_list(np.tile([10, 10, 110, 130], (n, 1)), 4, ok),
-        "landmarks": store.fixed_list(np.zeros((n, 10)), 10, ok),
-        "embedding": store.fixed_list(embeddings, store.EMBEDDING_DIM, ok),
+        "bbox": fstore.fixed_list(np.tile([10, 10, 110, 130], (n, 1)), 4, ok),
+        "landmarks": fstore.fixed_list(np.zeros((n, 10)), 10, ok),
+        "embedding": fstore.fixed_list(embeddings, fstore.EMBEDDING_DIM, ok),
         "embedding_norm": pa.array(np.where(ok, 20.0, np.nan), pa.float32()),
     })
     for index, start in enumerate(range(0, n, shard_rows)):
-        store.write_shard(table.slice(start, shard_rows), str(root), feature_set, dataset, index)
-    store.write_feature_set_info(str(root), feature_set, info or {"pack": "buffalo_s", "det_size": 640})
+        fstore.write_shard(table.slice(start, shard_rows), str(root), feature_set, dataset, index)
+    fstore.write_feature_set_info(str(root), feature_set, info or {"pack": "buffalo_s", "det_size": 640})
     return str(root)
 
 

@@ -2,6 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from agepipe.features.store import EMBEDDING_DIM
 from agepipe.train.data import labels, load_task_data, make_split, resolve_feature_set
 from tests.train.synthetic_store import FEATURE_SET, write_store
 
@@ -20,7 +21,7 @@ def test_labels_per_task():
 
 def test_load_keeps_ok_rows_with_a_label_above_the_det_score(tmp_path):
     n = 10
-    x = np.eye(n, 512, dtype=np.float32)
+    x = np.eye(n, EMBEDDING_DIM, dtype=np.float32)
     rows = {"status": np.array(["ok"] * 7 + ["no_face", "decode_error", "ok"], dtype=object),
             "gender": np.array([0, 1, -1, 1, 0, 1, 0, 1, 1, 0]),
             "det_score": np.array([0.9, 0.9, 0.9, 0.3, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9])}
@@ -34,7 +35,7 @@ def test_load_keeps_ok_rows_with_a_label_above_the_det_score(tmp_path):
 
 
 def test_feature_set_may_be_omitted_only_when_the_store_has_one(tmp_path):
-    x = np.ones((3, 512), np.float32)
+    x = np.ones((3, EMBEDDING_DIM), np.float32)
     write_store(tmp_path, x, {"gender": [0, 1, 0]})
     assert resolve_feature_set(str(tmp_path), None) == FEATURE_SET
     write_store(tmp_path, x, {"gender": [0, 1, 0]}, feature_set="other-00000000")

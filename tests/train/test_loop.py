@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from agepipe.features.store import EMBEDDING_DIM
 from agepipe.train.checkpoint import load_checkpoint
 from agepipe.train.evaluate import evaluate_run, mc_dropout
 from agepipe.train.loop import train
@@ -57,7 +58,7 @@ def test_mc_dropout_is_less_certain_far_from_the_training_data(trained):
     torch.manual_seed(0)
     near, _ = mixture.sample(500, seed=11)
     far, _ = mixture.sample(500, seed=12, shift=6.0)
-    sphere = np.random.default_rng(13).standard_normal((500, 512))
+    sphere = np.random.default_rng(13).standard_normal((500, EMBEDDING_DIM))
     sphere = (sphere / np.linalg.norm(sphere, axis=1, keepdims=True)).astype(np.float32)
     h_near = mc_dropout(model, torch.from_numpy(near), 16).predictive_entropy.mean()
     for ood in (far, sphere):
@@ -96,7 +97,7 @@ def test_the_same_seed_gives_the_same_metrics(small_store, tmp_path):
 def test_early_stopping_keeps_the_best_epoch(tmp_path):
     # Labels that are noise: the validation loss only rises once the model starts to memorise.
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((1000, 512)).astype(np.float32)
+    x = rng.standard_normal((1000, EMBEDDING_DIM)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     store = write_store(tmp_path / "store", x, adience_like(rng.integers(0, 8, 1000), subjects=50))
     metrics = train(store, ["adience"], "age", tmp_path / "run", mc_samples=0, report=False, progress=False,
@@ -148,7 +149,7 @@ def test_the_cuda_graph_step_trains_like_the_eager_step():
     from agepipe.train.loop import PAPER_TRAIN, GraphedTrainStep, TrainStep, make_optimizer
     from agepipe.train.model import ModelConfig, ResMLP
 
-    x = torch.nn.functional.normalize(torch.randn(4096, 512, device="cuda"), dim=1)
+    x = torch.nn.functional.normalize(torch.randn(4096, EMBEDDING_DIM, device="cuda"), dim=1)
     y = torch.randint(0, 8, (4096,), device="cuda")
     order = torch.randperm(4096, device="cuda")
     weights = []
