@@ -47,7 +47,7 @@ _EMBEDDERS: dict = {}
 
 def worker_embedder(cfg: ExtractConfig):
     """Models are loaded once per worker process, on the worker."""
-    key = (cfg.pack, cfg.det_size, cfg.runtime, cfg.device, cfg.threads)
+    key = (cfg.pack, cfg.det_size, cfg.runtime, cfg.device, cfg.threads, cfg.batch_size, cfg.decode_threads)
     if key not in _EMBEDDERS:
         from agepipe.features.embed import FaceEmbedder
         from agepipe.features.models import ModelError, file_sha256, resolve_pack
@@ -56,8 +56,14 @@ def worker_embedder(cfg: ExtractConfig):
         for path, expected in ((pack.detector, cfg.detector_sha256), (pack.recognizer, cfg.recognizer_sha256)):
             if expected and file_sha256(path) != expected:
                 raise ModelError(f"{path} on this worker differs from the client's (sha256)")
-        _EMBEDDERS[key] = FaceEmbedder(pack, det_size=cfg.det_size, device=cfg.device,
-                                       runtime=cfg.runtime, threads=cfg.threads)
+        if cfg.runtime == "torch":  # the device-resident pipeline (features/gpu.py), on CUDA or the CPU
+            from agepipe.features.gpu import DevicePipeline
+
+            _EMBEDDERS[key] = DevicePipeline(pack, det_size=cfg.det_size, device=cfg.device,
+                                             batch_size=cfg.batch_size, decode_threads=cfg.decode_threads)
+        else:
+            _EMBEDDERS[key] = FaceEmbedder(pack, det_size=cfg.det_size, device=cfg.device,
+                                           runtime=cfg.runtime, threads=cfg.threads)
     return _EMBEDDERS[key]
 
 
@@ -82,6 +88,9 @@ def embed_rows(rows: pa.Table, data_root: str, cfg: ExtractConfig, timings: Coun
     todo = [i for i in range(n) if status[i] == "ok"]
     image_ids = rows["image_id"].to_pylist()
     paths = [os.path.join(data_root, image_ids[i]) for i in todo]
+    if cfg.runtime == "torch":
+        _embed_on_device(embedder, paths, [hints[i] for i in todo], np.array(todo, np.int64), status, feats, timings)
+        return shard_table(rows, status, feats)
 
     def process(batch):
         t = time.perf_counter()
@@ -125,6 +134,22 @@ def embed_rows(rows: pa.Table, data_root: str, cfg: ExtractConfig, timings: Coun
     if batch:
         process(batch)
     return shard_table(rows, status, feats)
+
+
+def _embed_on_device(pipeline, paths, hints, todo: np.ndarray, status, feats: dict, timings: Counter):
+    """Fill status and features for rows ``todo`` from the device-resident pipeline."""
+    from agepipe.features.gpu import unpack
+
+    errors, packed = pipeline.extract(paths, hints, timings)
+    decoded = np.array([e is None for e in errors], dtype=bool)
+    status[todo[~decoded]] = [e for e in errors if e is not None]
+    found = unpack(packed)
+    feats["n_faces"][todo[decoded]] = found["n_faces"][decoded]
+    face = decoded & (found["n_faces"] > 0)
+    status[todo[decoded & ~face]] = "no_face"
+    for name, column in found.items():
+        if name != "n_faces":
+            feats[name][todo[face]] = column[face]
 
 
 def shard_table(rows: pa.Table, status, feats: dict) -> pa.Table:
