@@ -40,6 +40,12 @@ class ExtractConfig:
     recognizer_sha256: str = ""
 
 
+def default_batch_size(runtime: str, device: str) -> int:
+    """Photos per batch: large on a GPU (the device pipeline's detector and recogniser run whole
+    batches), small on CPUs (onnxruntime gains little from more)."""
+    return 256 if runtime == "torch" and device == "cuda" else 16
+
+
 # --- on the worker ----------------------------------------------------------------------
 
 _EMBEDDERS: dict = {}
@@ -341,7 +347,7 @@ def feature_set_info(feature_set: str, identity: dict, cfg: ExtractConfig, layou
 def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buffalo_s", det_size: int = 640,
                 runtime: str = "onnxruntime", device: str = "cpu", shard_rows: int = 1000,
                 limit: int | None = None, retry_failed: bool = False, scheduler: str | None = None,
-                gpus: list[str] | None = None, workers: int | None = None, batch_size: int = 16,
+                gpus: list[str] | None = None, workers: int | None = None, batch_size: int | None = None,
                 progress: bool = True, echo=print) -> dict:
     """Extract the datasets' manifests into the store; returns the feature set's info."""
     from agepipe.datasets import expand_groups
@@ -362,7 +368,9 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
         cores = os.cpu_count() or 1
         threads = max(1, cores // layout.workers) if layout.mode == "local" else 0
         cfg = ExtractConfig(pack=pack, det_size=det_size, runtime=runtime, device=device, threads=threads,
-                            batch_size=batch_size, detector_sha256=identity["detector_sha256"],
+                            decode_threads=layout.decode_threads,
+                            batch_size=batch_size or default_batch_size(runtime, device),
+                            detector_sha256=identity["detector_sha256"],
                             recognizer_sha256=identity["recognizer_sha256"])
         workers_env = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
         link = dashboard_link(client)
