@@ -20,6 +20,7 @@ resize does not match cv2.resize (DESIGN); the crop reproduces cv2.warpAffine's 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import time
 from collections import Counter
@@ -157,6 +158,7 @@ class _Slot:
         self.meta = torch.empty(batch, META, dtype=torch.float64, pin_memory=pin)
         self.out = torch.empty(batch, ROW, dtype=torch.float32, pin_memory=pin)
         self.flat = torch.empty(batch * BYTES_PER_PHOTO, dtype=torch.uint8, pin_memory=pin)
+        self.canvas_np, self.meta_np, self.flat_np = self.canvas.numpy(), self.meta.numpy(), self.flat.numpy()
         self.device = device
         self.uploaded = self.computed = None  # CUDA events of the last batch through this slot
         if device.type == "cuda":
@@ -169,7 +171,7 @@ class _Slot:
         pin = self.device.type == "cuda"
         bigger = torch.empty(max(nbytes, 2 * len(self.flat)), dtype=torch.uint8, pin_memory=pin)
         bigger[:len(self.flat)] = self.flat
-        self.flat = bigger
+        self.flat, self.flat_np = bigger, bigger.numpy()
         if pin:
             self.flat_dev = torch.empty_like(bigger, device=self.device)
 
@@ -206,7 +208,8 @@ class DevicePipeline:
         self.centers, self.strides = centers.to(self.device), strides.to(self.device)
         self.template = torch.from_numpy(ARCFACE_TEMPLATE).to(self.device)
         self.slots = [_Slot(batch_size, self.size, self.device) for _ in range(2)]
-        self.pool = ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="decode")
+        self.threads = max(1, decode_threads)
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
         self.lock = threading.Lock()  # one shard at a time on the device; the other may be writing
         if self.cuda:
             self.copy_stream, self.stream = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
@@ -223,8 +226,8 @@ class DevicePipeline:
             return
         pixels = photo.pixels
         slot = batch.slot
-        meta = slot.meta[position].numpy()
-        meta[3] = letterbox_into(pixels, slot.canvas[position].numpy())
+        meta = slot.meta_np[position]
+        meta[3] = letterbox_into(pixels, slot.canvas_np[position])
         meta[1:3] = pixels.shape[:2]
         meta[4] = photo.scale
         meta[5:9] = np.nan if hint is None else np.asarray(hint, np.float64) / photo.scale
@@ -233,7 +236,7 @@ class DevicePipeline:
             batch.used += pixels.size
         meta[0] = offset
         if fits:
-            slot.flat[offset:offset + pixels.size].numpy()[:] = pixels.reshape(-1)
+            slot.flat_np[offset:offset + pixels.size] = pixels.reshape(-1)
         else:
             batch.overflow.append((offset, pixels))
 
@@ -241,7 +244,13 @@ class DevicePipeline:
         if slot.uploaded is not None:
             slot.uploaded.synchronize()  # the copy engine is done reading this slot's host memory
         batch = _Batch(slot, rows)
-        return batch, [self.pool.submit(self._decode, batch, j, paths[r], hints[r]) for j, r in enumerate(rows)]
+        todo = itertools.count()  # each thread takes the next photo: one task per thread, not per photo
+
+        def work():
+            while (j := next(todo)) < len(rows):
+                self._decode(batch, j, paths[rows[j]], hints[rows[j]])
+
+        return batch, [self.pool.submit(work) for _ in range(min(self.threads, len(rows)))]
 
     # --- device side ------------------------------------------------------------------------
 
@@ -310,16 +319,16 @@ class DevicePipeline:
         if batch.overflow:  # rare: this batch's photos need a bigger flat slot
             slot.grow(batch.used)
             for offset, pixels in batch.overflow:
-                slot.flat[offset:offset + pixels.size].numpy()[:] = pixels.reshape(-1)
+                slot.flat_np[offset:offset + pixels.size] = pixels.reshape(-1)
         events = ([torch.cuda.Event(enable_timing=True) for _ in range(4)] if self.cuda else [0.0] * 4)
         batch.events = events
         if not self.cuda:
             events[0] = time.perf_counter()
-            batch.inputs = (slot.canvas[:n], slot.meta[:n], slot.flat[:batch.used])
+            batch.inputs = tuple(t.to(self.device) for t in (slot.canvas[:n], slot.meta[:n], slot.flat[:batch.used]))
             batch.raw = self._raw(batch.inputs[0])
             rows = self._finish(batch.raw, batch.inputs[1], batch.inputs[2], CANDIDATES, NMS_ROUNDS, events)
             events[3] = time.perf_counter()
-            batch.outputs = self._redone(batch, rows.numpy())  # now: the threads reuse this slot next
+            batch.outputs = self._redone(batch, rows)  # now: the threads reuse this slot next
             return
         with torch.cuda.stream(self.copy_stream):
             if slot.computed is not None:
@@ -352,8 +361,8 @@ class DevicePipeline:
             timings[stage] += seconds
         return self._redone(batch, batch.outputs) if self.cuda else batch.outputs
 
-    def _redone(self, batch: _Batch, rows) -> np.ndarray:
-        rows = np.array(rows)
+    def _redone(self, batch: _Batch, rows: torch.Tensor) -> np.ndarray:
+        rows = rows.numpy().copy()
         redo = np.flatnonzero(rows[:, -1] > 0)
         if len(redo):
             rows[redo] = self._exact(batch, redo, int(rows[redo, -2].max()))
