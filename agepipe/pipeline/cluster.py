@@ -74,7 +74,7 @@ def open_client(scheduler: str | None = None, gpus: list[str] | None = None, wor
         # One worker process per GPU, each seeing only its own device, like dask-cuda's LocalCUDACluster.
         # Two task threads: one shard writes its Parquet while the next has the device (a lock in
         # features/gpu.py keeps the device to one shard at a time).
-        spec = {f"gpu-{g}": {"cls": Nanny, "options": {"nthreads": 2, "host": LOOPBACK,
+        spec = {f"gpu-{g}": {"cls": Nanny, "options": {"nthreads": 2, "host": LOOPBACK, "silence_logs": 40,
                                                        "env": {"CUDA_VISIBLE_DEVICES": g}}}
                 for g in gpus}
         cluster = SpecCluster(workers=spec, silence_logs=40, scheduler={

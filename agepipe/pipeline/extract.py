@@ -73,6 +73,10 @@ def worker_embedder(cfg: ExtractConfig):
     return _EMBEDDERS[key]
 
 
+def load_models(cfg: ExtractConfig) -> None:
+    worker_embedder(cfg)
+
+
 def _blank_features(n: int) -> dict:
     return {"n_faces": np.zeros(n, np.int16), "det_score": np.full(n, np.nan, np.float32),
             "bbox": np.zeros((n, 4), np.float32), "landmarks": np.zeros((n, 10), np.float32),
@@ -386,6 +390,8 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
         todo_rows = sum(len(t["rows"]) for t in plan.tasks)
         echo(f"shards: {len(plan.tasks)} to do ({todo_rows} rows), {plan.skipped} already finished "
              f"({plan.skipped_rows} rows)")
+        if plan.tasks:  # every worker loads its models first: a setup error stops the run before any shard
+            client.run(load_models, cfg)
         started = time.perf_counter()
         results = run_tasks(client, plan.tasks, progress)
         wall = time.perf_counter() - started
