@@ -297,6 +297,7 @@ def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, bat
     if stats["rows"]:
         click.echo("  time per stage (summed over workers): " + ", ".join(
             f"{k} {v:.1f} s" for k, v in stats["stage_seconds"].items()))
+        click.echo(f"  photos whose face only face rescue found: {stats['faces_rescued']}")
     for dataset, counts in result["counts"].items():
         click.echo(f"{dataset}: {sum(counts.values())} rows in the store")
         for status, n in counts.items():

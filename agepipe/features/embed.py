@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 
 from agepipe.features.align import ARCFACE_TEMPLATE, norm_crop
-from agepipe.features.detect import DET_THRESH, NMS_THRESH, Detections, Detector
+from agepipe.features.detect import DET_THRESH, NMS_THRESH, Detections, Detector, rescue_identity
 from agepipe.features.models import ModelPack, load_net, recognizer_normalisation, resolve_pack
 
 SELECTION_POLICY = "best-iou-with-hint-else-largest-central-v1"
@@ -57,15 +57,15 @@ def feature_identity(pack: ModelPack, det_size: int, det_thresh: float = DET_THR
     """Everything that changes an embedding, hashed into the feature set's name. The runtime
     is not part of it: onnxruntime and torch agree to cosine >= 0.999 (recorded, not hashed)."""
     return {**pack.identity(), "det_size": det_size, "det_thresh": det_thresh, "nms_thresh": NMS_THRESH,
-            "template": ARCFACE_TEMPLATE.round(4).tolist(), "selection": SELECTION_POLICY}
+            "template": ARCFACE_TEMPLATE.round(4).tolist(), "selection": SELECTION_POLICY,
+            "rescue": rescue_identity()}
 
 
 class FaceEmbedder:
     """A model pack loaded once: ``faces(image)`` for every face, ``embed_crops`` for aligned ones."""
 
     def __init__(self, pack: str | ModelPack = "buffalo_s", det_size: int = 640, device: str = "cpu",
-                 runtime: str = "onnxruntime", det_thresh: float = DET_THRESH, threads: int = 0,
-                 providers=None):
+                 runtime: str = "onnxruntime", det_thresh: float = DET_THRESH, threads: int = 0):
         self.pack = resolve_pack(pack) if isinstance(pack, str) else pack
         self.det_size = det_size
         self.runtime = runtime

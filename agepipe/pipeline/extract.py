@@ -113,6 +113,7 @@ def embed_rows(rows: pa.Table, data_root: str, cfg: ExtractConfig, timings: Coun
             if not len(det):
                 status[i] = "no_face"
                 continue
+            timings["faces_rescued"] += det.rescued  # a count among the times, popped in extract_shard
             hint = None if hints[i] is None else np.asarray(hints[i], np.float32) / photo.scale
             k = choose_face(det, photo.pixels.shape, hint)
             crops.append(norm_crop(photo.pixels, det.landmarks[k]))
@@ -193,7 +194,8 @@ def extract_shard(task: dict) -> dict:
     fstore.write_shard(table, task["store"], task["feature_set"], task["dataset"], task["index"])
     timings["write"] += time.perf_counter() - t
     return {"dataset": task["dataset"], "index": task["index"], "rows": table.num_rows,
-            "status": dict(Counter(table["status"].to_pylist())), "timings": dict(timings),
+            "status": dict(Counter(table["status"].to_pylist())), "faces_rescued": timings.pop("faces_rescued", 0),
+            "timings": dict(timings),
             "seconds": time.perf_counter() - started, "worker_pid": os.getpid()}
 
 
@@ -326,6 +328,7 @@ def summarize(results: list[dict], wall: float) -> dict:
     return {"rows": rows, "status": dict(sorted(status.items())), "wall_seconds": round(wall, 3),
             "images_per_second": round(rows / wall, 2) if wall > 0 else None,
             "stage_seconds": {s: round(timings.get(s, 0.0), 3) for s in STAGES},
+            "faces_rescued": sum(r.get("faces_rescued", 0) for r in results),  # found only by face rescue
             "rescued_shards": [r["index"] for r in results if "rescued" in r],
             "lost": [lost for r in results for lost in r.get("lost", [])],
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
