@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from agepipe.features.align import ARCFACE_TEMPLATE
-from agepipe.features.detect import DET_THRESH, NMS_THRESH
+from agepipe.features.detect import DET_THRESH, NMS_THRESH, rescue_canvas
 from agepipe.features.models import ModelError, recognizer_normalisation
 from agepipe.features.onnx_torch import load_torch_model
 
@@ -185,7 +185,8 @@ class _Batch:
         self.lock = threading.Lock()
         self.overflow: list[tuple[int, np.ndarray]] = []  # photos that did not fit the flat slot
         self.errors: dict[int, object] = {}               # position -> ImageError
-        self.outputs = self.events = self.redo = None
+        self.outputs = self.events = None
+        self.rescued = 0  # photos whose face only the rescue pass found
 
 
 class DevicePipeline:
@@ -265,8 +266,10 @@ class DevicePipeline:
         kps = torch.cat([o.reshape(b, -1, 10) for o in outs[2 * n:]], 1).float() * stride
         return scores, dist, kps
 
-    def _finish(self, raw, meta: torch.Tensor, flat: torch.Tensor, candidates: int, rounds: int, events=None):
-        """Packed rows (B, ROW) from detector outputs: choose, align, embed."""
+    def _finish(self, raw, meta: torch.Tensor, flat: torch.Tensor, candidates: int, rounds: int, events=None,
+                rescue: torch.Tensor | None = None):
+        """Packed rows (B, ROW) from detector outputs: choose, align, embed. ``rescue`` (B, 4): the
+        outputs are of rescue canvases, with offset x, y and factor x, y from detect.rescue_canvas."""
         scores, dist, kps = raw
         k = min(candidates, scores.shape[1])
         ranked, order = torch.sort(scores, dim=1, descending=True, stable=True)  # SCRFD's stable order
@@ -280,6 +283,12 @@ class DevicePipeline:
         keep, settled = batched_nms(boxes, valid, NMS_THRESH, rounds)
         above = (scores >= self.det_thresh).sum(1)
         shapes = meta[:, 1:3].float()
+        if rescue is not None:  # detect.from_rescue_canvas: to the photo's pixels, faces on the padding dropped
+            offset, factor = rescue[:, None, :2], rescue[:, None, 2:]
+            boxes = (boxes - offset.repeat(1, 1, 2)) / factor.repeat(1, 1, 2)
+            points = (points - offset.repeat(1, 1, 5)) / factor.repeat(1, 1, 5)
+            cx, cy = (boxes[..., 0] + boxes[..., 2]) / 2, (boxes[..., 1] + boxes[..., 3]) / 2
+            keep = keep & (cx >= 0) & (cx < shapes[:, 1:2]) & (cy >= 0) & (cy < shapes[:, 0:1])
         chosen = choose_faces(boxes, keep, shapes, meta[:, 5:9].float())
         pick = chosen[:, None, None]
         box = boxes.gather(1, pick.expand(-1, 1, 4))[:, 0]
@@ -362,24 +371,45 @@ class DevicePipeline:
         return self._redone(batch, batch.outputs) if self.cuda else batch.outputs
 
     def _redone(self, batch: _Batch, rows: torch.Tensor) -> np.ndarray:
+        """Rows flagged for an exact redo redone; photos with no face through the face rescue."""
         rows = rows.numpy().copy()
-        redo = np.flatnonzero(rows[:, -1] > 0)
-        if len(redo):
-            rows[redo] = self._exact(batch, redo, int(rows[redo, -2].max()))
+        with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
+            redo = np.flatnonzero(rows[:, -1] > 0)
+            if len(redo):
+                index = torch.from_numpy(redo).to(self.device)
+                rows[redo] = self._settled(tuple(t.index_select(0, index) for t in batch.raw),
+                                           batch.inputs[1].index_select(0, index), batch.inputs[2],
+                                           int(rows[redo, -2].max()))
+            missed = np.flatnonzero(rows[:, 0] == 0)  # detect.needs_rescue: no face in the first pass
+            if len(missed):
+                rows[missed] = self._rescue(batch, missed)
+                batch.rescued = int((rows[missed, 0] > 0).sum())
         return rows
 
-    def _exact(self, batch: _Batch, redo: np.ndarray, above: int) -> np.ndarray:
-        """Rows redone with every above-threshold candidate and NMS run until it settles."""
-        index = torch.from_numpy(redo).to(self.device)
-        raw = tuple(t.index_select(0, index) for t in batch.raw)
-        meta = batch.inputs[1].index_select(0, index)
+    def _settled(self, raw, meta, flat, candidates: int, rescue=None) -> np.ndarray:
+        """Rows with enough candidates for every above-threshold anchor and NMS run until it settles."""
         rounds = NMS_ROUNDS
-        with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
-            while True:
-                rows = self._finish(raw, meta, batch.inputs[2], max(above, 1), rounds).cpu().numpy()
-                if not rows[:, -1].any():
-                    return rows
-                rounds *= 4
+        while True:
+            rows = self._finish(raw, meta, flat, max(candidates, 1), rounds, rescue=rescue).cpu().numpy()
+            if not rows[:, -1].any():
+                return rows
+            candidates, rounds = max(candidates, int(rows[:, -2].max())), rounds * 4
+
+    def _rescue(self, batch: _Batch, missed: np.ndarray) -> np.ndarray:
+        """The face rescue (detect.py's policy, its own canvas geometry) for photos with no face;
+        rare, so done photo by photo on the host from the batch's pixels."""
+        index = torch.from_numpy(missed).to(self.device)
+        meta, flat = batch.inputs[1].index_select(0, index), batch.inputs[2]
+        canvases, maps = [], []
+        for offset, h, w in meta[:, :3].cpu().numpy().astype(np.int64):
+            pixels = flat[offset:offset + h * w * 3].cpu().numpy().reshape(h, w, 3)
+            canvas, shift, factor = rescue_canvas(pixels, self.size)
+            canvases.append(canvas)
+            maps.append([*shift, *factor])
+        meta = meta.clone()
+        meta[:, 3] = 1.0  # the canvas is the detector's input as it is
+        raw = self._raw(torch.from_numpy(np.stack(canvases)).to(self.device))
+        return self._settled(raw, meta, flat, CANDIDATES, torch.tensor(maps, dtype=torch.float32, device=self.device))
 
     # --- the shard --------------------------------------------------------------------------
 
@@ -429,6 +459,7 @@ class DevicePipeline:
 
     def _store(self, batch: _Batch, packed: np.ndarray, timings: Counter):
         packed[batch.rows] = self._collect(batch, timings)
+        timings["faces_rescued"] += batch.rescued  # a count among the times, as extract's CPU path keeps it
 
 
 def unpack(rows: np.ndarray) -> dict:

@@ -96,8 +96,18 @@ def test_choose_faces_equals_choose_face():
 
 
 def face_crops(photos, folder, embedder):
-    """JPEG crops around each face of the group photos, as face datasets ship them."""
+    """JPEG crops around each face of the group photos, as face datasets ship them, and tight
+    crops (the face 85% of the side) that only the face rescue finds."""
     paths = []
+    for name in ("obama", "biden"):
+        image = read_photo(str(photos[name])).pixels
+        x1, y1, x2, y2 = embedder.detector([image])[0].boxes[0]
+        side = max(x2 - x1, y2 - y1) / 0.85
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        crop = image[int(cy - side / 2):int(cy + side / 2), int(cx - side / 2):int(cx + side / 2)]
+        path = folder / f"{name}-tight.jpg"
+        cv2.imwrite(str(path), crop)
+        paths.append(path)
     for name in ("t1", "players"):
         image = read_photo(str(photos[name])).pixels
         for k, box in enumerate(embedder.detector([image])[0].boxes[:6]):
@@ -138,7 +148,9 @@ def test_device_pipeline_on_cpu_agrees_with_onnxruntime(photos, embedder, buffal
     timings = Counter()
     errors, packed = pipeline.extract(paths, hints, timings)
     assert errors[-2:] == ["missing_image", "decode_error"] and not any(errors[:-2])
-    assert set(timings) == {"decode", "detect", "align", "embed"}
+    assert set(timings) == {"decode", "detect", "align", "embed", "faces_rescued"}
+    rescued = [p for p in paths if "tight" in p and not len(embedder.detector([read_photo(p).pixels], rescue=False)[0])]
+    assert len(rescued) == 2 and timings["faces_rescued"] == 2  # found by the rescue pass, on both paths
     found = gpu.unpack(packed)
     cosines = []
     for j, path in enumerate(paths[:-2]):
