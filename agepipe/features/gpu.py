@@ -14,8 +14,10 @@ How a batch flows (`extract --runtime torch`; the same code runs on "cpu" for te
 
 Shapes never depend on data (a fixed number of candidates per photo, a fixed number of NMS rounds),
 so nothing syncs inside a batch. A photo whose candidates overflow or whose NMS did not settle is
-redone exactly (rare; flagged in its packed row). cv2 letterboxes on the host because a device
-resize does not match cv2.resize (DESIGN); the crop reproduces cv2.warpAffine's pixel convention.
+redone exactly (rare; flagged in its packed row), and a photo with no face goes through detect.py's
+face rescue, as on the CPU path. cv2 letterboxes on the host because a device resize does not
+match cv2.resize (DESIGN). The crops reproduce cv2.warpAffine's pixel convention by a bilinear
+gather from the flat bytes: grid_sample would need every photo of a batch padded to one size.
 """
 from __future__ import annotations
 
