@@ -164,3 +164,19 @@ def test_device_pipeline_on_cpu_agrees_with_onnxruntime(photos, embedder, buffal
         cosines.append(float(found["embedding"][j] @ emb))
     assert len(cosines) >= 20 and min(cosines) >= 0.999, cosines
     assert np.abs(found["bbox"][-3] - second).max() <= 1.0  # the hint's face, not the central one
+
+
+def test_overflowing_or_unsettled_photos_are_redone_exactly(photos, embedder, buffalo_s, monkeypatch):
+    """Too few candidates and NMS rounds for a crowd: the flagged photos are redone, not wrong."""
+    monkeypatch.setattr(gpu, "CANDIDATES", 8)
+    monkeypatch.setattr(gpu, "NMS_ROUNDS", 1)
+    paths = [str(photos[name]) for name in ("players", "t1", "obama")]
+    pipeline = gpu.DevicePipeline(buffalo_s, device="cpu", batch_size=3, decode_threads=1)
+    _, packed = pipeline.extract(paths, [None] * 3, Counter())
+    found = gpu.unpack(packed)
+    assert (packed[:, -1] == 0).all()  # no row left flagged
+    for j, path in enumerate(paths):
+        n, (box, _, emb, _) = reference(embedder, path)
+        assert found["n_faces"][j] == n and n > 0
+        np.testing.assert_allclose(found["bbox"][j], box, atol=1.0)
+        assert float(found["embedding"][j] @ emb) >= 0.999
