@@ -233,7 +233,7 @@ class DevicePipeline:
         meta[3] = letterbox_into(pixels, slot.canvas_np[position])
         meta[1:3] = pixels.shape[:2]
         meta[4] = photo.scale
-        meta[5:9] = np.nan if hint is None else np.asarray(hint, np.float64) / photo.scale
+        meta[5:9] = np.nan if hint is None else np.asarray(hint, np.float32) / photo.scale  # as extract's CPU path
         with batch.lock:
             offset, fits = batch.used, batch.used + pixels.size <= len(slot.flat)
             batch.used += pixels.size
