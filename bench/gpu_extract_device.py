@@ -74,7 +74,8 @@ def in_process(paths, device, batch, threads, half, profile):
     wall = time.perf_counter() - t
     busy = sum(timings[s] for s in ("detect", "align", "embed")) / wall
     print(f"device pipeline in-process, {'fp16' if pipeline.half else 'fp32'}: {len(paths) / wall:.0f} photos/s, "
-          f"device busy {busy:.0%}, stages (s): " + ", ".join(f"{k} {v:.2f}" for k, v in timings.items()))
+          f"device busy {busy:.0%}, {timings['faces_rescued']} faces found by the rescue; stages (s): "
+          + ", ".join(f"{k} {timings[k]:.2f}" for k in ("decode", "detect", "align", "embed")))
     if profile and device == "cuda":
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
