@@ -263,8 +263,8 @@ def download(dataset, data_dir, source, workers, no_extract):
               help="Local worker processes (default: one per core).")
 @click.option("--shard-rows", type=click.IntRange(1), default=1000, show_default=True,
               help="Manifest rows per shard (one shard = one task = one Parquet file).")
-@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
-              help="Photos per detector batch.")
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="Photos per batch (default: 256 with --runtime torch on cuda, else 16).")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N rows, for a quick try.")
 @click.option("--retry-failed", is_flag=True, help="Redo rows whose status was a transient failure.")
 @models_options(device_default=None, device_help="Default: cuda with --gpus, else cpu. " + CUDA_HELP)

@@ -10,12 +10,21 @@ import os
 from dataclasses import dataclass
 
 
+# A Dask scheduler runs whatever it is sent: the ones agepipe starts listen on loopback only.
+LOOPBACK = "127.0.0.1"
+
+
 @dataclass
 class Layout:
     mode: str                 # "local", "gpus" or "scheduler"
     workers: int
-    threads_per_worker: int
     gpus: list[str] | None = None
+    decode_threads: int = 4   # photo-decoding threads per worker
+
+
+def gpu_layout(gpus: list[str]) -> Layout:
+    """One worker per GPU, each decoding on its share of the node's cores."""
+    return Layout("gpus", len(gpus), gpus, decode_threads=max(1, (os.cpu_count() or 1) // len(gpus)))
 
 
 def parse_gpus(spec: str | None) -> list[str] | None:
@@ -38,7 +47,7 @@ def parse_gpus(spec: str | None) -> list[str] | None:
 def local_layout(workers: int | None = None) -> Layout:
     cores = os.cpu_count() or 1
     n = workers or cores
-    return Layout("local", n, 1)
+    return Layout("local", n)
 
 
 def _silence_dashboard_warning():
@@ -57,21 +66,24 @@ def open_client(scheduler: str | None = None, gpus: list[str] | None = None, wor
         client = Client(scheduler, timeout="30s")
         try:
             n = len(client.scheduler_info(n_workers=-1)["workers"])
-            yield client, Layout("scheduler", n, 0)
+            yield client, Layout("scheduler", n)
         finally:
             client.close()
         return
     if gpus:
         # One worker process per GPU, each seeing only its own device, like dask-cuda's LocalCUDACluster.
-        spec = {f"gpu-{g}": {"cls": Nanny, "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": g}}}
+        # Two task threads: one shard writes its Parquet while the next has the device (a lock in
+        # features/gpu.py keeps the device to one shard at a time).
+        spec = {f"gpu-{g}": {"cls": Nanny, "options": {"nthreads": 2, "host": LOOPBACK, "silence_logs": 40,
+                                                       "env": {"CUDA_VISIBLE_DEVICES": g}}}
                 for g in gpus}
-        cluster = SpecCluster(workers=spec, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}},
-                              silence_logs=40)
-        layout = Layout("gpus", len(gpus), 1, gpus)
+        cluster = SpecCluster(workers=spec, silence_logs=40, scheduler={
+            "cls": Scheduler, "options": {"host": LOOPBACK, "dashboard_address": f"{LOOPBACK}:0"}})
+        layout = gpu_layout(gpus)
     else:
         layout = local_layout(workers)
-        cluster = LocalCluster(n_workers=layout.workers, threads_per_worker=1, processes=True,
-                               dashboard_address=":0", silence_logs=40)
+        cluster = LocalCluster(n_workers=layout.workers, threads_per_worker=1, processes=True, host=LOOPBACK,
+                               dashboard_address=f"{LOOPBACK}:0", silence_logs=40)
     try:
         with Client(cluster) as client:
             client.wait_for_workers(layout.workers, timeout=120)

