@@ -221,7 +221,7 @@ def download(dataset, data_dir, source, workers, no_extract):
     from pathlib import Path
 
     from agepipe.datasets import REGISTRY, expand, prepare
-    from agepipe.datasets.download import DownloadError
+    from agepipe.download import DownloadError
     from agepipe.datasets.manifest import MetadataError, summarize
 
     try:

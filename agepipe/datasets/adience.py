@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from agepipe.datasets.download import RemoteFile
+from agepipe.download import RemoteFile
 from agepipe.datasets.manifest import (MetadataError, age_bin, files_on_disk, first_failure,
                                        is_safe_relpath, mark_duplicates)
 

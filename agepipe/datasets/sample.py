@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from agepipe.datasets.download import RemoteFile
+from agepipe.download import RemoteFile
 from agepipe.datasets.manifest import age_bin, files_on_disk, subject_fold
 
 ARCHIVE = "sample.tar"
