@@ -109,6 +109,7 @@ def load_embedder(pack, det_size, device, runtime):
 def write_parquet_atomic(table, out: str):
     import pyarrow.parquet as pq
 
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.{os.getpid()}.tmp"
     pq.write_table(table, tmp)
     os.replace(tmp, out)
