@@ -56,6 +56,7 @@ CHUNK = 1 << 20
 MAX_BACKOFF_S = 60.0
 # Retrying cannot help these: the request itself is wrong or refused.
 _FATAL_HTTP = {400, 401, 403, 404, 405, 410, 451}
+_NO_SUCH_HOST = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 
 
 @dataclass(frozen=True)
@@ -359,6 +360,10 @@ def _open(url: str, offset: int, auth, timeout: float, name: str):
             raise DownloadError(f"{name}: {url}: HTTP {e.code} {e.reason}") from None
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
                 TimeoutError, socket.timeout) as e:
+            reason = getattr(e, "reason", None)
+            if isinstance(reason, socket.gaierror) and reason.errno in _NO_SUCH_HOST:
+                # A name that does not resolve will not resolve in a minute either.
+                raise DownloadError(f"{name}: {url}: no such host ({reason.strerror})") from None
             raise _Retryable(f"{e.__class__.__name__}: {getattr(e, 'reason', e)}") from None
 
 

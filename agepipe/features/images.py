@@ -157,14 +157,13 @@ def read_bytes(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise ImageError("missing_image", f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError("not_a_file", f"{path}: a folder, not an image file") from None
     except OSError as e:
         raise ImageError("read_error", f"{path}: {e.strerror or e}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise ImageError("not_a_file", f"{path}: not a regular file (a folder, FIFO or device)")
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ImageError("not_a_file", f"{path}: not a regular file (a folder, FIFO or device)")
         if info.st_size > limit:
             raise ImageError("too_large", f"{path}: {info.st_size:,} bytes, more than the {limit:,} "
                              "agepipe reads per image")
