@@ -18,6 +18,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block ends
     without an error, removed otherwise. Unique per call, so concurrent writers never share one."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # `--out new/dir/x` needs no mkdir first
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         yield tmp

@@ -24,7 +24,37 @@ def store_option(f):
     )(f)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def known_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message is the whole story (it names the file or row): shown as one
+    sentence, exit 1, no traceback. Anything else is a bug and keeps its traceback."""
+    from agepipe.download import DownloadError
+    from agepipe.datasets.manifest import MetadataError
+    from agepipe.features import store as fstore
+    from agepipe.features.models import ModelError
+    from agepipe.pipeline.extract import ExtractError
+    from agepipe.train.checkpoint import CheckpointError
+
+    store_error = getattr(fstore, "StoreError", None)  # a shard that cannot be read, named
+    return (DownloadError, MetadataError, ModelError, ExtractError, CheckpointError,
+            *((store_error,) if store_error else ()))
+
+
+class Agepipe(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            raise click.exceptions.Exit(130) from None
+        except click.ClickException:
+            raise
+        except Exception as e:
+            if isinstance(e, known_errors()):
+                raise click.ClickException(str(e)) from None
+            raise
+
+
+@click.group(cls=Agepipe, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="agepipe")
 def cli():
     """Age and gender classifiers on frozen ArcFace embeddings.
@@ -229,7 +259,7 @@ def download(dataset, data_dir, source, workers, no_extract):
     from pathlib import Path
 
     from agepipe.datasets import REGISTRY, expand, prepare
-    from agepipe.datasets.download import DownloadError
+    from agepipe.download import DownloadError
     from agepipe.datasets.manifest import MetadataError, summarize
 
     try:
@@ -520,8 +550,4 @@ def demo(workdir):
 
 
 def main():
-    try:
-        cli(standalone_mode=True)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)
+    cli()

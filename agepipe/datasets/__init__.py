@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from agepipe.datasets import adience, imdb_wiki, sample
-from agepipe.datasets.download import RemoteFile, fetch
+from agepipe.download import RemoteFile, fetch
 from agepipe.datasets.manifest import MANIFEST_FILE, write_manifest
 
 

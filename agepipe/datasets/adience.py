@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from agepipe.datasets.download import RemoteFile
+from agepipe.download import RemoteFile
 from agepipe.datasets.manifest import (MetadataError, age_bin, files_on_disk, first_failure,
                                        is_safe_relpath, mark_duplicates)
 
@@ -55,6 +55,10 @@ FILES = (
                                             "68ebc064a70274551a565fdd5235f0cc")))
 
 REQUIRED = ("user_id", "original_image", "face_id", "age", "gender")
+# A fold file has 12 columns and about 1.5 MB; far beyond these it is not one (a million
+# columns would cost gigabytes of DataFrame before any row were judged).
+MAX_COLUMNS = 64
+MAX_FOLD_BYTES = 64 << 20
 NUMERIC = {"x": "face_x", "y": "face_y", "dx": "face_dx", "dy": "face_dy", "tilt_ang": "tilt_ang",
            "fiducial_yaw_angle": "fiducial_yaw_angle", "fiducial_score": "fiducial_score"}
 GENDERS = {"m": 1, "f": 0, "u": -1, "": -1, "none": -1}
@@ -84,11 +88,15 @@ def parse_age(label: str) -> tuple[float, bool]:
 def read_fold_file(path: Path, fold: int) -> pd.DataFrame:
     """One row per non-blank line after the header, raw strings plus parsing flags."""
     try:
+        if path.stat().st_size > MAX_FOLD_BYTES:
+            raise MetadataError(f"{path}: {path.stat().st_size:,} bytes; an Adience fold file has a few MB")
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         raise MetadataError(f"{path}: fold file missing") from None
     lines = re.split(r"\r\n|\n|\r", text)
-    header = [h.strip() for h in lines[0].lstrip("\ufeff").split("\t")]
+    header = [h.strip() for h in lines[0].lstrip("\ufeff").split("\t", MAX_COLUMNS)]
+    if len(header) > MAX_COLUMNS:
+        raise MetadataError(f"{path}: line 1 has more than {MAX_COLUMNS} columns; not an Adience fold header")
     missing = [c for c in REQUIRED if c not in header]
     if missing:
         raise MetadataError(f"{path}: line 1 is not an Adience fold header (no {', '.join(missing)})")

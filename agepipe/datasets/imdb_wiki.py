@@ -36,7 +36,7 @@ import pandas as pd
 import scipy.io
 import scipy.io.matlab
 
-from agepipe.datasets.download import RemoteFile
+from agepipe.download import RemoteFile
 from agepipe.datasets.manifest import (MetadataError, age_bin, files_on_disk, first_failure,
                                        is_safe_relpath, mark_duplicates, subject_fold)
 

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from agepipe.atomic import atomic_path
 from agepipe.features.store import MANIFEST_SCHEMA, fixed_list
+from agepipe.paths import escapes, parts
 
 MANIFEST_FILE = "manifest.parquet"
 N_FOLDS = 5
@@ -61,10 +62,9 @@ def subject_fold(subject_ids, n_folds: int = N_FOLDS) -> np.ndarray:
 
 
 def is_safe_relpath(path: str) -> bool:
-    """A relative path that stays inside the dataset folder."""
-    if not path or "\x00" in path or path.startswith(("/", "\\")) or (len(path) > 1 and path[1] == ":"):
-        return False
-    return all(part not in ("", ".", "..") for part in path.replace("\\", "/").split("/"))
+    """A relative path that stays inside the dataset folder, written one way only (no "." or
+    empty parts, so one image has one image_id)."""
+    return escapes(path) is None and all(part not in ("", ".") for part in parts(path))
 
 
 def mark_duplicates(image_ids: list[str], status: np.ndarray) -> list[str]:

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from agepipe.atomic import atomic_path
-from agepipe.datasets.download import RemoteFile
+from agepipe.download import RemoteFile
 from agepipe.datasets.manifest import age_bin, files_on_disk, subject_fold
 
 ARCHIVE = "sample.tar"

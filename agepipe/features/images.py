@@ -1,7 +1,17 @@
-"""Reading photos: every failure becomes a status with a reason, never an exception upstream."""
+"""Reading photos: every failure becomes a status with a reason, never an exception upstream.
+
+Statuses: missing_image (no such path), not_a_file (a folder, FIFO or device: never opened
+for reading, so it cannot hang or stream forever), too_large (more bytes than MAX_FILE_BYTES,
+or more pixels than MAX_PIXELS even decoded reduced: refused from the header, before any
+pixel is allocated), read_error, decode_error (not an image, or a truncated one).
+"""
 from __future__ import annotations
 
+import io
 import os
+import stat
+import struct
+import warnings
 from dataclasses import dataclass
 
 import cv2
@@ -11,9 +21,11 @@ from PIL import Image
 # Decoding a 10000x10000 photo at full size costs 300 MB; the detector sees at most
 # det_size pixels anyway, so larger photos are decoded reduced (JPEG) or resized.
 MAX_SIDE = 4096
+# Our own bounds come before PIL's bomb guard (Image.MAX_IMAGE_PIXELS, left on): a photo of a
+# face is a few MB; 64M decoded pixels are 192 MB of BGR in one decode thread.
+MAX_FILE_BYTES = 64 << 20
+MAX_PIXELS = 64_000_000
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-
-Image.MAX_IMAGE_PIXELS = None  # we only read headers with PIL; the size check is ours
 
 
 class ImageError(Exception):
@@ -31,11 +43,64 @@ class Photo:
     scale: float = 1.0  # original = pixels * scale
 
 
-def _header_size(data: bytes) -> tuple[int, int] | None:
-    import io
+# Markers without a length field: TEM, RST0-7, SOI, EOI.
+_STANDALONE = {0x01, *range(0xD0, 0xDA)}
+_SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_structure(data: bytes) -> tuple[tuple[int, int] | None, bool]:
+    """((width, height) from the frame header or None, whether the end-of-image marker follows
+    the last scan). Segments are skipped by their lengths and each scan's entropy-coded data up
+    to its next real marker, as the decoder reads them, so bytes FF D9 inside a segment, an EXIF
+    thumbnail or after the image's end decide nothing: a cut-off file is one whose data ends
+    before the decoder would reach EOI (libjpeg then fills the rest with grey and only warns)."""
+    size, pos, n = None, 2, len(data)
+    while pos + 1 < n:
+        if data[pos] != 0xFF:
+            return size, False                      # garbage where a marker belongs
+        marker = data[pos + 1]
+        if marker == 0xFF:                          # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:
+            return size, True
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        if pos + 4 > n:
+            return size, False
+        length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
+        if marker in _SOF and pos + 9 <= n:
+            height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
+            size = (width, height)
+        pos += 2 + length
+        if marker == 0xDA:                          # a scan: entropy-coded data up to a marker
+            while True:
+                pos = data.find(b"\xff", pos)
+                if pos < 0 or pos + 1 >= n:
+                    return size, False
+                nxt = data[pos + 1]
+                if nxt == 0x00 or 0xD0 <= nxt <= 0xD7:  # stuffed byte or restart marker
+                    pos += 2
+                    continue
+                if nxt == 0xFF:
+                    pos += 1
+                    continue
+                break
+    return size, False
+
+
+def _header_size(data: bytes, name: str) -> tuple[int, int] | None:
+    """(width, height) from the header alone; None when no header is recognised."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
+        return struct.unpack(">II", data[16:24])
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.size
+    except Image.DecompressionBombError as e:
+        raise ImageError("too_large", f"{name}: {e}") from None
     except Exception:
         return None
 
@@ -43,19 +108,30 @@ def _header_size(data: bytes) -> tuple[int, int] | None:
 def decode_image(data: bytes, name: str = "<bytes>", max_side: int = MAX_SIDE) -> Photo:
     if not data:
         raise ImageError("decode_error", f"{name}: empty file (0 bytes)")
-    if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:]:
-        # libjpeg fills a cut-off JPEG with grey and only warns; a half-grey face
-        # would give a plausible but wrong embedding.
-        raise ImageError("decode_error", f"{name}: truncated JPEG (no end-of-image marker)")
-    size = _header_size(data)
+    jpeg = data[:2] == b"\xff\xd8"
+    if jpeg:
+        size, complete = jpeg_structure(data)
+        if not complete:
+            # libjpeg fills a cut-off JPEG with grey and only warns; a half-grey face
+            # would give a plausible but wrong embedding.
+            raise ImageError("decode_error", f"{name}: truncated JPEG (its data ends before the end-of-image marker)")
+    else:
+        size = _header_size(data, name)
+    if size is None:
+        raise ImageError("decode_error", f"{name}: not a readable image (no known image header)")
     flag = cv2.IMREAD_COLOR
     reduce = 1
-    if size is not None and data[:2] == b"\xff\xd8":
+    if jpeg:
         for factor, reduced in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
                                 (2, cv2.IMREAD_REDUCED_COLOR_2)):
             if max(size) / factor >= max_side:
                 flag, reduce = reduced, factor
                 break
+    pixels_out = -(-size[0] // reduce) * -(-size[1] // reduce)
+    if pixels_out > MAX_PIXELS:
+        raise ImageError("too_large", f"{name}: {size[0]}x{size[1]} pixels"
+                         + (f" (1/{reduce} decoded: {pixels_out:,})" if reduce > 1 else "")
+                         + f" is more than the {MAX_PIXELS:,} pixels agepipe decodes")
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         pixels = cv2.imdecode(buf, flag)
@@ -64,7 +140,7 @@ def decode_image(data: bytes, name: str = "<bytes>", max_side: int = MAX_SIDE) -
     if pixels is None:
         raise ImageError("decode_error", f"{name}: not a readable image")
     scale = float(reduce)
-    if reduce > 1 and size is not None:
+    if reduce > 1:
         scale = max(size) / max(pixels.shape[:2])
     if max(pixels.shape[:2]) > max_side:
         f = max_side / max(pixels.shape[:2])
@@ -74,15 +150,34 @@ def decode_image(data: bytes, name: str = "<bytes>", max_side: int = MAX_SIDE) -
     return Photo(np.ascontiguousarray(pixels), scale)
 
 
-def read_photo(path: str, max_side: int = MAX_SIDE) -> Photo:
-    if not os.path.exists(path):
-        raise ImageError("missing_image", f"{path}: no such file")
+def read_bytes(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """A regular file's bytes, at most ``limit``. Opened without blocking and checked on the
+    open descriptor, so a FIFO, a device (a link to /dev/zero) or a folder is refused, not read."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ImageError("missing_image", f"{path}: no such file") from None
     except OSError as e:
         raise ImageError("read_error", f"{path}: {e.strerror or e}") from None
-    return decode_image(data, path, max_side)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise ImageError("not_a_file", f"{path}: not a regular file (a folder, FIFO or device)")
+    with os.fdopen(fd, "rb") as f:
+        if info.st_size > limit:
+            raise ImageError("too_large", f"{path}: {info.st_size:,} bytes, more than the {limit:,} "
+                             "agepipe reads per image")
+        try:
+            data = f.read(limit + 1)
+        except OSError as e:
+            raise ImageError("read_error", f"{path}: {e.strerror or e}") from None
+    if len(data) > limit:  # grew since fstat
+        raise ImageError("too_large", f"{path}: more than the {limit:,} bytes agepipe reads per image")
+    return data
+
+
+def read_photo(path: str, max_side: int = MAX_SIDE) -> Photo:
+    return decode_image(read_bytes(path), path, max_side)
 
 
 def read_image(path: str) -> np.ndarray:

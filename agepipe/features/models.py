@@ -135,7 +135,7 @@ def _buffalo_l(model_url: str | None, download: bool) -> ModelPack:
 
 
 def _download_buffalo_l(url: str, folder: Path) -> None:
-    from agepipe.datasets.download import RemoteFile, fetch  # one download path for everything
+    from agepipe.download import RemoteFile, fetch  # one download path for everything
 
     folder.mkdir(parents=True, exist_ok=True)
     try:

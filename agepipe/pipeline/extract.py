@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from agepipe.features import store as fstore
 
@@ -55,9 +56,25 @@ def default_batch_size(runtime: str, device: str) -> int:
 _EMBEDDERS: dict = {}
 
 
+class IgnoreCtrlC(WorkerPlugin):
+    """A Dask worker plugin for workers this run started: a terminal's Ctrl-C reaches every
+    process of its group, and the client alone should answer it (stop, cancel, close the
+    cluster), not each worker with its own KeyboardInterrupt traceback."""
+    name = "agepipe-ignore-ctrl-c"
+
+    def setup(self, worker):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def worker_embedder(cfg: ExtractConfig):
-    """Models are loaded once per worker process, on the worker."""
-    key = (cfg.pack, cfg.det_size, cfg.runtime, cfg.device, cfg.threads, cfg.batch_size, cfg.decode_threads)
+    """Models are loaded once per worker process, on the worker, and kept under the model files'
+    identity (sha256): a long-lived worker never serves old files under a new feature set."""
+    key = (cfg.pack, cfg.det_size, cfg.runtime, cfg.device, cfg.threads, cfg.batch_size, cfg.decode_threads,
+           cfg.detector_sha256, cfg.recognizer_sha256)
     if key not in _EMBEDDERS:
         from agepipe.features.embed import FaceEmbedder
         from agepipe.features.models import ModelError, file_sha256, resolve_pack
@@ -218,18 +235,50 @@ def _retry_transient(store: str, path: str, rows: pa.Table, data_root: str, cfg:
 
 # --- on the client ----------------------------------------------------------------------
 
-def manifest_table(data_dir: str, dataset: str) -> pa.Table:
-    """The manifest's contract columns, checked and cast, for planning shards."""
-    from agepipe.datasets.manifest import MANIFEST_FILE
+# Statuses extraction gives; a manifest holding one was not written by a dataset module.
+EXTRACT_STATUSES = frozenset({"no_face", "decode_error", "read_error", "not_a_file", "too_large",
+                              *fstore.TRANSIENT_STATUSES})
 
+
+def manifest_table(data_dir: str, dataset: str) -> pa.Table:
+    """The manifest's rows, checked where they will become paths and statuses: a duplicated
+    image_id or a status no dataset gives is refused (naming the row); an image_id that would
+    leave the dataset's folder costs that row (status "bad_path")."""
+    import re
+
+    from agepipe.datasets.manifest import MANIFEST_FILE, is_safe_relpath
+    from agepipe.paths import check_name
+
+    check_name(dataset, "--dataset")
     path = Path(data_dir).expanduser() / dataset / MANIFEST_FILE
     if not path.exists():
         raise FileNotFoundError(f"no manifest at {path}; run `agepipe download --dataset {dataset}` first")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable manifest ({e}); rebuild it with "
+                         f"`agepipe download --dataset {dataset}`") from None
     missing = set(fstore.MANIFEST_SCHEMA.names) - set(table.column_names)
     if missing:
         raise ValueError(f"{path}: manifest lacks columns {sorted(missing)}")
-    return table.select(fstore.MANIFEST_SCHEMA.names).cast(fstore.MANIFEST_SCHEMA)
+    table = table.select(fstore.MANIFEST_SCHEMA.names).cast(fstore.MANIFEST_SCHEMA)
+    image_ids = table["image_id"].to_pylist()
+    status = table["status"].to_pylist()
+    seen: dict[str, int] = {}
+    for row, (image_id, s) in enumerate(zip(image_ids, status)):
+        if image_id in seen:
+            raise ValueError(f"{path}: row {row} repeats image_id {image_id!r} of row {seen[image_id]}; "
+                             f"rebuild the manifest with `agepipe download --dataset {dataset}`")
+        seen[image_id] = row
+        if s in EXTRACT_STATUSES or not re.fullmatch(r"[a-z][a-z0-9_]{0,39}", s):
+            raise ValueError(f"{path}: row {row} ({image_id!r}) has status {s!r}, which no dataset's "
+                             "manifest gives")
+    bad = [i for i, (image_id, s) in enumerate(zip(image_ids, status)) if s == "ok" and not is_safe_relpath(image_id)]
+    if bad:
+        for i in bad:
+            status[i] = "bad_path"
+        table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status, pa.string()))
+    return table
 
 
 def manifest_sha256(data_dir: str, dataset: str) -> str:
@@ -324,9 +373,21 @@ def commit_plan(plan: Plan, store: str, feature_set: str) -> None:
         fstore.commit_shards(store, feature_set, dataset, entries, cut.manifest_sha256, cut.generation)
 
 
+class ExtractError(Exception):
+    """The run cannot go on (a setup error or a bug, not a photo); the message says why."""
+
+
+def _is_setup_error(error: BaseException) -> bool:
+    """Failures no photo causes: missing or mismatched models, missing packages."""
+    from agepipe.features.models import ModelError
+
+    return isinstance(error, (ModelError, ImportError, MemoryError))
+
+
 def run_tasks(client, tasks: list[dict], progress: bool, on_result=None) -> list[dict]:
     """Submit shards, follow them with a progress bar over photos, and fall back to one task
-    per photo for a shard that keeps failing."""
+    per photo for a shard that keeps failing. A setup error stops the run (ExtractError) and
+    cancels what is left: it would otherwise become an "error" row for every photo."""
     from distributed import as_completed
     from tqdm import tqdm
 
@@ -335,24 +396,30 @@ def run_tasks(client, tasks: list[dict], progress: bool, on_result=None) -> list
     futures = {client.submit(extract_shard, t, key=f"shard-{t['dataset']}-{t['index']:05d}-{time.time_ns()}",
                              retries=1, pure=False): t for t in tasks}
     results = []
-    for future in as_completed(futures):
-        task = futures[future]
-        try:
-            result = future.result()
-        except Exception as e:  # KilledWorker, or an error the photo-by-photo pass will pin down
-            result = _rescue_shard(client, task, e)
-        results.append(result)
-        bar.update(result["rows"])
-        if on_result:
-            on_result(result)
-    bar.close()
+    try:
+        for future in as_completed(futures):
+            task = futures[future]
+            try:
+                result = future.result()
+            except Exception as e:  # KilledWorker, or an error the photo-by-photo pass will pin down
+                if _is_setup_error(e):
+                    raise ExtractError(f"shard {task['index']} of {task['dataset']}: {type(e).__name__}: {e}") from None
+                result = _rescue_shard(client, task, e)
+            results.append(result)
+            bar.update(result["rows"])
+            if on_result:
+                on_result(result)
+    finally:
+        client.cancel(list(futures))  # nothing left running after an error or Ctrl-C
+        bar.close()
     return results
 
 
 def _rescue_shard(client, task: dict, error: Exception) -> dict:
     """Redo a failed shard one photo per task; a photo whose task fails is recorded as
     "worker_lost" (its worker died) or "error" (it raised), and a rerun with --retry-failed
-    tries it again."""
+    tries it again. When no photo of the shard gets through, the photos are not the cause:
+    that is a setup error or a bug, and the run stops (ExtractError) without writing the shard."""
     started = time.perf_counter()
     singles = [{**task, "rows": [row], "write": False, "retry_path": None} for row in task["rows"]]
     futures = [client.submit(extract_shard, s, retries=0, pure=False,
@@ -360,15 +427,23 @@ def _rescue_shard(client, task: dict, error: Exception) -> dict:
                for i, s in enumerate(singles)]
     from distributed import KilledWorker
 
-    tables, lost = [], []
+    tables, lost, raised = [], [], []
     for row, future in zip(task["rows"], futures):
         try:
             tables.append(future.result()["table"])
         except Exception as e:
+            if _is_setup_error(e):
+                client.cancel(futures)
+                raise ExtractError(f"{row['image_id']}: {type(e).__name__}: {e}") from None
             status = "worker_lost" if isinstance(e, KilledWorker) else "error"
+            if status == "error":
+                raised.append(e)
             lost.append({"image_id": row["image_id"], "status": status, "error": f"{type(e).__name__}: {e}"})
             rows = pa.Table.from_pylist([row], schema=fstore.MANIFEST_SCHEMA)
             tables.append(shard_table(rows, np.array([status], dtype=object), _blank_features(1)))
+    if raised and len(lost) == len(task["rows"]):
+        raise ExtractError(f"shard {task['index']} of {task['dataset']}: every photo failed "
+                           f"({type(raised[0]).__name__}: {raised[0]}); not a photo's fault, nothing written")
     table = pa.concat_tables(tables)
     fstore.write_shard(table, task["store"], task["feature_set"], task["dataset"], task["index"])
     return {"dataset": task["dataset"], "index": task["index"], "rows": table.num_rows,
@@ -439,6 +514,8 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
                             batch_size=batch_size or default_batch_size(runtime, device),
                             detector_sha256=identity["detector_sha256"],
                             recognizer_sha256=identity["recognizer_sha256"])
+        if layout.mode != "scheduler":  # a user's own workers keep their Ctrl-C
+            client.register_plugin(IgnoreCtrlC())
         workers_env = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
         link = dashboard_link(client)
         echo(f"cluster: {layout.mode}, {layout.workers} worker processes"

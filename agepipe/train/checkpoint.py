@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import struct
 from pathlib import Path
 
 import torch
@@ -22,6 +24,16 @@ FORMAT = "agepipe-run"
 VERSION = 1
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+TASKS = ("age", "age101", "gender")
+# A run's config.json is a few KB and its safetensors header a few KB; the paper's models have
+# 2-4 blocks of one residual each. Far beyond these a file is not a run, and reading or
+# building what it describes could cost gigabytes before anything else noticed.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_HEADER_BYTES = 1 << 20
+MAX_BLOCKS = 16
+MAX_RESIDUALS = 64
+MAX_FEATURES = 1 << 14
+MAX_CLASSES = 1 << 12
 
 
 class CheckpointError(Exception):
@@ -45,26 +57,41 @@ def save_checkpoint(run_dir: str | Path, model: ResMLP, config: dict) -> Path:
     # training run should give the same file, byte for byte.
     with atomic_path(run_dir / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, 0o666 & ~_umask())  # like the run's other files (safetensors writes 0600)
     write_json(run_dir / CONFIG, {"format": FORMAT, "version": VERSION, **config,
                                   "model": model.config.to_dict()})
     return run_dir
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_config(run_dir: str | Path) -> dict:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file; is {run_dir} a run folder from `agepipe train`?")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{path}: {path.stat().st_size:,} bytes; a run's config.json has a few KB")
     try:
         with open(path) as f:
             config = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{path}: nested too deeply to be a run config") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an agepipe run config (expected \"format\": \"{FORMAT}\")")
     if not isinstance(config.get("version"), int) or config["version"] > VERSION:
         raise CheckpointError(f"{path}: config version {config.get('version')!r} is not one this "
                               f"agepipe reads (<= {VERSION}); upgrade agepipe")
     model_config_from(config.get("model"), path)
+    if config.get("task") not in TASKS:
+        raise CheckpointError(f"{path}: \"task\" is {config.get('task')!r}, not one of {', '.join(TASKS)}")
+    if not isinstance(config.get("data", {}), dict):
+        raise CheckpointError(f"{path}: \"data\" (where the run's rows came from) is not an object")
     return config
 
 
@@ -80,20 +107,89 @@ def model_config_from(values, where) -> ModelConfig:
         kind = kinds[fields[name].type]
         if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
             raise CheckpointError(f"{where}: model setting {name}={value!r} is not a {fields[name].type}")
+    bounds = {"num_blocks": MAX_BLOCKS, "residuals_per_block": MAX_RESIDUALS, "in_features": MAX_FEATURES,
+              "num_classes": MAX_CLASSES}
+    for name, most in bounds.items():
+        if name in values and not 0 <= values[name] <= most:
+            raise CheckpointError(f"{where}: model setting {name}={values[name]!r} is outside 0..{most}")
     try:
         return ModelConfig(**values)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: bad model settings: {e}") from None
 
 
-def read_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
+def weights_header(path: Path) -> dict[str, dict]:
+    """The safetensors header (tensor name -> dtype, shape, offsets), read with a byte bound
+    and checked for consistency with the file's size before any tensor is read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a readable safetensors file (shorter than its header)")
+            n = struct.unpack("<Q", head)[0]
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointError(f"{path}: not a readable safetensors file (a header of {n:,} bytes; a run's has a few KB)")
+            header = json.loads(f.read(n))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (its header: {type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a readable safetensors file (its header is not an object)")
+    header.pop("__metadata__", None)
+    size = path.stat().st_size - 8 - n
+    for name, entry in header.items():
+        ok = isinstance(entry, dict) and isinstance(entry.get("shape"), list) and \
+            all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in entry["shape"]) and \
+            isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2 and \
+            all(isinstance(o, int) and 0 <= o <= size for o in entry["data_offsets"])
+        if not ok:
+            raise CheckpointError(f"{path}: not a readable safetensors file (tensor {name!r}: a malformed header entry)")
+    return header
+
+
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+           torch.int64: "I64", torch.int32: "I32"}
+
+
+def expected_tensors(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Names, shapes and dtypes of the model's tensors, from its config alone: built on the
+    meta device, which allocates no memory (the config's values are bounded already)."""
+    with torch.device("meta"):
+        model = ResMLP(cfg)
+    return {k: (tuple(v.shape), str(v.dtype)) for k, v in model.state_dict().items()}
+
+
+def check_header(cfg: ModelConfig, path: Path, skip: tuple[str, ...] = ()) -> None:
+    """Refuse weights whose names, shapes or dtypes differ from the model's, before reading them."""
+    header = weights_header(path)
+    expected = {k: v for k, v in expected_tensors(cfg).items() if not k.startswith(skip)}
+    names = {code: str(dtype) for dtype, code in _DTYPES.items()}
+    given = {k: (tuple(e["shape"]), names.get(e.get("dtype"), str(e.get("dtype"))))
+             for k, e in header.items() if not k.startswith(skip)}
+    problems = [f"{k}: {given[k][0]} {given[k][1]}, model needs {v[0]} {v[1]}"
+                for k, v in expected.items() if k in given and given[k] != v]
+    problems += [f"missing {k}" for k in sorted(set(expected) - set(given))]
+    problems += [f"unexpected {k}" for k in sorted(set(given) - set(expected))]
+    if problems:
+        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+        raise CheckpointError(f"{path}: weights do not fit the model in its config.json: {shown}")
+
+
+def read_weights(run_dir: str | Path, cfg: ModelConfig, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The tensors, once the header shows they fit ``cfg``; refused when any is NaN or infinite
+    (such a model would predict "female (p male nan)")."""
     path = Path(run_dir) / WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
+    check_header(cfg, path, skip)
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, ValueError, OSError, RuntimeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise CheckpointError(f"{path}: weights hold NaN or infinite values ({', '.join(bad[:4])}"
+                              + (f" and {len(bad) - 4} more" if len(bad) > 4 else "") + "); retrain the run")
+    return tensors
 
 
 def check_weights(model: ResMLP, tensors: dict[str, torch.Tensor], where, skip: tuple[str, ...] = ()) -> None:
@@ -112,8 +208,9 @@ def check_weights(model: ResMLP, tensors: dict[str, torch.Tensor], where, skip: 
 def load_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[ResMLP, dict]:
     """The model (in eval mode, on ``device``) and its run config."""
     config = read_config(run_dir)
-    model = ResMLP(model_config_from(config["model"], Path(run_dir) / CONFIG))
-    tensors = read_weights(run_dir)
+    cfg = model_config_from(config["model"], Path(run_dir) / CONFIG)
+    tensors = read_weights(run_dir, cfg)  # checked against cfg before the model is built
+    model = ResMLP(cfg)
     check_weights(model, tensors, Path(run_dir) / WEIGHTS)
     model.load_state_dict(tensors)
     return model.to(device).eval(), config
@@ -127,9 +224,10 @@ def init_from(model: ResMLP, run_dir: str | Path) -> list[str]:
     if dataclasses.replace(theirs, num_classes=mine.num_classes) != mine:
         raise CheckpointError(f"{run_dir}: its model ({theirs}) differs from this one ({mine}) "
                               "in more than the number of classes")
-    tensors = read_weights(run_dir)
+    same_head = theirs.num_classes == mine.num_classes
+    tensors = read_weights(run_dir, theirs, skip=() if same_head else ("head.",))
     where = Path(run_dir) / WEIGHTS
-    if theirs.num_classes == mine.num_classes:
+    if same_head:
         check_weights(model, tensors, where)
         model.load_state_dict(tensors)
         return []

@@ -141,19 +141,34 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
     atomic.write_bytes(path, buf.tobytes())
 
 
-def annotation_path(annotate_to: str, image: str, several: bool) -> Path:
-    """OUT itself for one photo; OUT/<name>.annotated.jpg for each of several."""
-    if not several:
-        return Path(annotate_to)
-    folder = Path(annotate_to)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{Path(image).stem}.annotated.jpg"
+def annotation_paths(annotate_to: str, images: list[str]) -> list[Path]:
+    """OUT itself for one photo; OUT/<name>.annotated.jpg for each of several, where a name
+    two photos share (a/photo.jpg, b/photo.jpg) takes their folders too (a_photo, b_photo)."""
+    if len(images) == 1:
+        return [Path(annotate_to)]
+    stems = [Path(p).stem for p in images]
+    repeated = {s for s in stems if stems.count(s) > 1}
+    if repeated:
+        common = os.path.commonpath([os.path.abspath(p) for p in images])
+        stems = [s if s not in repeated else
+                 os.path.splitext(os.path.relpath(os.path.abspath(p), common))[0].replace(os.sep, "_")
+                 for s, p in zip(stems, images)]
+    names, seen = [], set()
+    for s in stems:
+        name, k = s, 1
+        while name in seen:  # still equal after the folders (a_b/photo, a/b_photo)
+            k += 1
+            name = f"{s}-{k}"
+        seen.add(name)
+        names.append(name)
+    return [Path(annotate_to) / f"{name}.annotated.jpg" for name in names]
 
 
 def predict_images(paths: list[str], predictor: Predictor, annotate_to: str | None = None) -> list[dict]:
     """One result per photo: its faces, or the error that kept it from being read."""
     results = []
-    for path in paths:
+    targets = annotation_paths(annotate_to, paths) if annotate_to else [None] * len(paths)
+    for path, target in zip(paths, targets):
         try:
             image = read_image(path)
         except ImageError as e:
@@ -161,8 +176,7 @@ def predict_images(paths: list[str], predictor: Predictor, annotate_to: str | No
             continue
         faces = predictor.faces(image)
         result = {"image": path, "faces": faces}
-        if annotate_to:
-            target = annotation_path(annotate_to, path, len(paths) > 1)
+        if target is not None:
             write_image(target, annotate(image, faces))
             result["annotated"] = str(target)
         results.append(result)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from agepipe.datasets.download import (CHECKSUMS_FILE, ChecksumError, DownloadError, NotEnoughSpace,
+from agepipe.download import (CHECKSUMS_FILE, ChecksumError, DownloadError, NotEnoughSpace,
                                        RemoteFile, fetch)
 
 FAST = {"backoff": 0.01, "timeout": 5.0}
@@ -132,13 +132,13 @@ def test_a_changed_file_upstream_fails_against_the_recorded_sha256(server, tmp_p
 
 def test_unverified_md5_mismatch_only_warns(server, tmp_path, caplog):
     server.files["/official/blob.bin"] = BLOB
-    with caplog.at_level(logging.WARNING, logger="agepipe.datasets.download"):
+    with caplog.at_level(logging.WARNING, logger="agepipe.download"):
         [path] = fetch([remote(server, unverified_md5="0" * 32)], tmp_path, **FAST)
     assert path.read_bytes() == BLOB
     assert "which a third party lists (unverified)" in caplog.text
     server.files["/official/b2"] = BLOB
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="agepipe.datasets.download"):
+    with caplog.at_level(logging.WARNING, logger="agepipe.download"):
         fetch([remote(server, name="b2", unverified_md5=hashlib.md5(BLOB).hexdigest())], tmp_path / "ok", **FAST)
     assert "unverified" not in caplog.text
 

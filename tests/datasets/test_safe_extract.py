@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from agepipe.datasets.download import DownloadError, RemoteFile, UnsafeArchiveError, fetch, safe_extract
+from agepipe.download import DownloadError, RemoteFile, UnsafeArchiveError, fetch, safe_extract
 
 
 def member(name, kind=tarfile.REGTYPE, data=b"", link=""):

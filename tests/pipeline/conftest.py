@@ -34,7 +34,7 @@ def mini_data(photos, tmp_path_factory):
                  "gender": 0, "face_hint": None, "status": "ok"})
     rows.append({"image_id": "photos/gone.jpg", "subject_id": "y", "fold": 1, "age": 30.0, "age_bin": 4,
                  "gender": 0, "face_hint": None, "status": "ok"})
-    rows.append({"image_id": "photos/0/biden.jpg", "subject_id": "z", "fold": 2, "age": None, "age_bin": -1,
+    rows.append({"image_id": "photos/unlabelled.jpg", "subject_id": "z", "fold": 2, "age": None, "age_bin": -1,
                  "gender": -1, "face_hint": None, "status": "bad_label"})
     write_manifest(root, rows)
     return data

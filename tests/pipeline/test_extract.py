@@ -1,7 +1,7 @@
 """`agepipe extract` end to end on real photos, real models and real Dask worker processes."""
 import json
+import re
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -174,25 +174,27 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def dask_cluster(tmp_path):
+def start_cluster(extra_worker_args=(), env=None):
     """A `dask scheduler` and two `dask worker` processes on loopback, as a user would run them."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     bindir = Path(sys.executable).parent
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2]), **(env or {})}
     procs = [subprocess.Popen([str(bindir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     time.sleep(2)
     for i in range(2):
         procs.append(subprocess.Popen([str(bindir / "dask"), "worker", address, "--nthreads", "1",
-                                       "--no-dashboard", "--name", f"w{i}"], env=env,
+                                       "--no-dashboard", "--name", f"w{i}", *extra_worker_args], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     from distributed import Client
 
     with Client(address, timeout="60s") as client:
         client.wait_for_workers(2, timeout=60)
-    yield address
+    return address, procs
+
+
+def stop_cluster(procs):
     for p in procs:
         p.terminate()
     for p in procs:
@@ -200,6 +202,13 @@ def dask_cluster(tmp_path):
             p.wait(10)
         except subprocess.TimeoutExpired:
             p.kill()
+
+
+@pytest.fixture
+def dask_cluster(tmp_path):
+    address, procs = start_cluster()
+    yield address
+    stop_cluster(procs)
 
 
 def test_existing_cluster_through_scheduler(mini_data, tmp_path, dask_cluster, embedder):
@@ -211,29 +220,45 @@ def test_existing_cluster_through_scheduler(mini_data, tmp_path, dask_cluster, e
     assert_matches_embed(mini_data, rows, embedder)
 
 
-def worker_pids(address):
-    from distributed import Client
-
-    with Client(address, timeout="30s") as client:
-        return list(client.run(os.getpid).values())
+POISON = "photos/0/obama2.jpg"
 
 
-def test_killed_worker_loses_and_doubles_nothing(mini_data, tmp_path, dask_cluster):
+@pytest.fixture
+def poisoned_cluster(tmp_path):
+    """Workers that SIGKILL themselves on POISON while the flag file exists; a scheduler that
+    gives up on a task at its first lost worker (so a kill becomes KilledWorker at once)."""
+    flag = tmp_path / "poison-flag"
+    flag.touch()
+    address, procs = start_cluster(["--preload", "tests.pipeline.poison"], env={
+        "AGEPIPE_POISON": POISON, "AGEPIPE_POISON_FLAG": str(flag),
+        "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"})
+    yield address, flag
+    stop_cluster(procs)
+
+
+def test_killed_worker_mid_shard_gives_worker_lost_then_retry_failed_redoes_it(mini_data, tmp_path,
+                                                                              poisoned_cluster):
+    """A worker process really dies (SIGKILL) in the middle of the shard holding POISON: the
+    shard is redone photo by photo, POISON's own task kills its worker again and that row
+    alone is stored as worker_lost; --retry-failed (the photo healed) then makes it ok."""
+    address, flag = poisoned_cluster
     store = tmp_path / "store"
-    pids = worker_pids(dask_cluster)
-    cmd = [sys.executable, "-m", "agepipe", "extract", "--dataset", "mini", "--data-dir", str(mini_data),
-           "--store", str(store), "--scheduler", dask_cluster, "--shard-rows", "1"]
-    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not list(store.glob("*/mini/part-*.parquet")) and time.time() < deadline:
-        time.sleep(0.05)
-    os.kill(pids[0], signal.SIGKILL)  # mid-run: some shards written, others not yet
-    output = run.communicate(timeout=300)[0]
-    if run.returncode != 0:  # the run may fail; a rerun must complete it
-        output = subprocess.run(cmd, capture_output=True, text=True, timeout=300).stdout
-    assert "feature set:" in output, output
-    assert_each_manifest_row_once(mini_data, store)
-    assert len(list(store.glob("*/mini/part-*.parquet"))) == 19
+    args = ["--scheduler", address, "--shard-rows", 4]
+    result = extract(mini_data, store, *args)
+    assert result.exit_code == 0, result.output
+    kills = flag.with_name(flag.name + ".kills").read_text().split("\n")[:-1]
+    assert [k.split()[1] for k in kills][-1] == "1" and len(kills) >= 2  # the shard's task, then the photo's
+    rows = assert_each_manifest_row_once(mini_data, store)
+    status = dict(zip(rows.image_id, rows.status))
+    assert status[POISON] == "worker_lost"
+    assert (rows.status == "ok").sum() >= 12  # the others kept their features
+    assert re.search(r"shards redone photo by photo after failures: \[0[],]", result.output), result.output
+    flag.unlink()
+    again = extract(mini_data, store, *args, "--retry-failed")
+    assert again.exit_code == 0, again.output
+    rows = assert_each_manifest_row_once(mini_data, store)
+    assert dict(zip(rows.image_id, rows.status))[POISON] == "ok"
+    assert (rows.status == "ok").sum() == 16 and not set(rows.status) & fstore.TRANSIENT_STATUSES
 
 
 def test_torch_runtime_matches_onnxruntime(mini_data, tmp_path):

@@ -47,6 +47,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from agepipe import __version__
+from agepipe.paths import escapes, parts
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ CHUNK = 1 << 20
 MAX_BACKOFF_S = 60.0
 # Retrying cannot help these: the request itself is wrong or refused.
 _FATAL_HTTP = {400, 401, 403, 404, 405, 410, 451}
+_NO_SUCH_HOST = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,7 @@ def fetch(files: list[RemoteFile], dest_dir: str | os.PathLike, source: str | No
         try:
             path = _get(f, locations[index], dest_dir, auth, retries, backoff, timeout, index, stop)
             if extract and f.extract:
-                safe_extract(path, dest_dir, _stop=stop, _position=index)
+                safe_extract(path, dest_dir, protected={g.name for g in files}, _stop=stop, _position=index)
         except OSError as e:        # e.g. a full disk: the message alone would not name the file
             raise DownloadError(f"{f.name}: {e}") from e
         return path
@@ -148,12 +150,15 @@ def fetch(files: list[RemoteFile], dest_dir: str | os.PathLike, source: str | No
     return [dest_dir / f.name for f in files]
 
 
-def safe_extract(archive: str | os.PathLike, target: str | os.PathLike, *,
+def safe_extract(archive: str | os.PathLike, target: str | os.PathLike, *, protected=(),
                  _stop: threading.Event | None = None, _position: int = 0) -> list[Path]:
     """Unpack a tar archive (any compression) into ``target``; returns its top-level paths.
 
     Refuses absolute paths, ``..``, links or hard links that resolve outside the archive's
-    folder, and device files, naming the member; nothing is then left behind. Members are
+    folder (also through a chain of links, checked once all are unpacked), device files, and
+    members that would replace the target's bookkeeping (any top-level name starting with
+    ".") or its verified files (``protected``, the archive, every file in .checksums.json),
+    naming the member; nothing is then left behind. Members are
     unpacked into ``target/.NAME.extracting`` and moved into ``target`` when all are done;
     ``target/.NAME.extracted`` records that, so a rerun skips a finished extraction and redoes
     an interrupted one (top-level entries of an unfinished run are replaced).
@@ -174,7 +179,8 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike, *,
         _remove(work)
     work.mkdir()
     try:
-        members = _extract_members(archive, work, _stop, _position)
+        protected = {*protected, archive.name, CHECKSUMS_FILE, *_read_checksums(target / CHECKSUMS_FILE)}
+        members = _extract_members(archive, work, protected, _stop, _position)
         entries = sorted(os.listdir(work))
         for name in entries:
             _remove(target / name)
@@ -354,6 +360,10 @@ def _open(url: str, offset: int, auth, timeout: float, name: str):
             raise DownloadError(f"{name}: {url}: HTTP {e.code} {e.reason}") from None
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError,
                 TimeoutError, socket.timeout) as e:
+            reason = getattr(e, "reason", None)
+            if isinstance(reason, socket.gaierror) and reason.errno in _NO_SUCH_HOST:
+                # A name that does not resolve will not resolve in a minute either.
+                raise DownloadError(f"{name}: {url}: no such host ({reason.strerror})") from None
             raise _Retryable(f"{e.__class__.__name__}: {getattr(e, 'reason', e)}") from None
 
 
@@ -411,11 +421,13 @@ def _verify(f: RemoteFile, path: Path, dest_dir: Path, where, fresh: bool, posit
         expected, what = f.sha256.lower(), "the known sha256"
     else:
         with _records_lock:
-            record = (_read_json(dest_dir / CHECKSUMS_FILE) or {}).get(f.name)
+            records = _read_checksums(dest_dir / CHECKSUMS_FILE)
+            record = records.get(f.name)
             if record is None:
-                record = {"sha256": sha256, "size": path.stat().st_size, "source": str(where),
-                          "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-                _update_json(dest_dir / CHECKSUMS_FILE, f.name, record)
+                records[f.name] = record = {
+                    "sha256": sha256, "size": path.stat().st_size, "source": str(where),
+                    "recorded_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                _write_json(dest_dir / CHECKSUMS_FILE, records)
         expected = record["sha256"]
         what = f"the sha256 recorded on first download ({dest_dir / CHECKSUMS_FILE}, {record.get('recorded_at')})"
     if sha256 != expected:
@@ -451,7 +463,8 @@ _FILTER_ERROR = getattr(tarfile, "FilterError", ())     # () catches nothing on 
 _DAMAGED = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
 
 
-def _extract_members(archive: Path, work: Path, stop: threading.Event | None, position: int) -> int:
+def _extract_members(archive: Path, work: Path, protected: set[str], stop: threading.Event | None,
+                     position: int) -> int:
     root = os.path.realpath(work)
     # Python's own "data" filter (3.12, backported to 3.10.12/3.11.4) is a second line of defence.
     data_filter = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
@@ -466,7 +479,7 @@ def _extract_members(archive: Path, work: Path, stop: threading.Event | None, po
         try:
             while (member := tar.next()) is not None:
                 _check(stop)
-                _check_member(member, root, archive, resolved)
+                _check_member(member, root, archive, resolved, protected)
                 try:
                     # Folder modes are left alone: a read-only folder would refuse its own files.
                     tar.extract(member, work, set_attrs=not member.isdir(), **data_filter)
@@ -478,22 +491,38 @@ def _extract_members(archive: Path, work: Path, stop: threading.Event | None, po
         except _DAMAGED as e:
             raise DownloadError(f"{archive}: damaged archive after {count} members "
                                 f"({e.__class__.__name__}: {e})") from None
+    _check_links(archive, root)
     return count
 
 
-def _check_member(member: tarfile.TarInfo, root: str, archive: Path, resolved: dict[str, str]) -> None:
+def _check_links(archive: Path, root: str) -> None:
+    """Every link, now that all are unpacked, resolves inside ``root``: a link that was inside
+    when written (``b -> d/..``) can leave through one written later (``d -> .``)."""
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path) and not _inside(os.path.realpath(path), root):
+                rel = os.path.relpath(path, root)
+                raise UnsafeArchiveError(f"{archive}: refusing member {rel!r}: its chain of symbolic links "
+                                         "leaves the target folder; nothing was unpacked")
+
+
+def _check_member(member: tarfile.TarInfo, root: str, archive: Path, resolved: dict[str, str],
+                  protected: set[str]) -> None:
     """Refuse a member that could write outside ``root``. ``resolved`` caches folders' real
     paths; only a symbolic link can change them, so unpacking one empties the cache."""
     def refuse(why: str):
         raise UnsafeArchiveError(f"{archive}: refusing member {member.name!r}: {why}; nothing was unpacked")
 
     name = member.name
-    if not name or "\x00" in name:
-        refuse("empty name")
-    if _is_absolute(name):
-        refuse("absolute path")
-    if ".." in _parts(name):
-        refuse("'..' in its path")
+    why = escapes(name)
+    if why:
+        refuse(why)
+    top = next((p for p in parts(name) if p not in ("", ".")), "")
+    if top.startswith(".") or top in protected:
+        # The target's bookkeeping (.checksums.json, markers, temporaries) and verified files
+        # (fold files, the archives) are never replaced by an archive's member.
+        refuse(f"it would replace the target's own file {top!r}")
     if member.isdev():
         refuse("device file or FIFO")
     if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
@@ -510,23 +539,14 @@ def _check_member(member: tarfile.TarInfo, root: str, archive: Path, resolved: d
     if member.issym():
         resolved.clear()
         link = member.linkname
-        if not link or _is_absolute(link):
+        if not link or escapes(link) == "absolute path":
             refuse(f"symbolic link to the absolute path {link!r}")
         if not _inside(os.path.realpath(os.path.join(os.path.dirname(dest), link)), root):
             refuse(f"symbolic link to {link!r} leaves the target folder")
     if member.islnk():
         link = member.linkname
-        if not link or _is_absolute(link) or ".." in _parts(link) or \
-                not _inside(os.path.realpath(os.path.join(root, link)), root):
+        if escapes(link) or not _inside(os.path.realpath(os.path.join(root, link)), root):
             refuse(f"hard link to {link!r} leaves the target folder")
-
-
-def _is_absolute(name: str) -> bool:
-    return name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":")
-
-
-def _parts(name: str) -> list[str]:
-    return name.replace("\\", "/").split("/")
 
 
 def _inside(path: str, root: str) -> bool:
@@ -555,7 +575,18 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _update_json(path: Path, key: str, value) -> None:
-    data = _read_json(path) or {}
-    data[key] = value
-    _write_json(path, data)
+def _read_checksums(path: Path) -> dict:
+    """The recorded checksums; a damaged record is an error, never read as empty (rewriting it
+    would drop every other file's checksum)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (ValueError, UnicodeDecodeError, OSError) as e:
+        data = e
+    if not isinstance(data, dict) or not all(isinstance(r, dict) and isinstance(r.get("sha256"), str)
+                                             for r in data.values()):
+        raise ChecksumError(f"{path}: damaged ({data if isinstance(data, Exception) else 'not a map of file to sha256'}); "
+                            "it records the sha256 of every file fetched here, so it is left as it is: "
+                            "restore it, or delete it to record the files' checksums anew")
+    return data
