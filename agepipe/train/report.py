@@ -76,7 +76,7 @@ def write_report(run_dir: str | Path) -> Path:
              f"training {metrics.get('train_seconds', math.nan):.1f} s"
              + (f", class-balanced ({balance})" if balance else "")
              + (f", initialised from `{config['init']}`" if config.get("init") else ""), ""]
-    lines += warnings_section([w for w in metrics.get("training_warnings", [])] + test.get("warnings", []))
+    lines += warnings_section(metrics.get("train_warnings", []) + test.get("warnings", []))
     lines += headline_section(task, test)
     lines += ["## Test metrics", "",
               "| metric | deterministic | " + (f"MC dropout (K={mc['samples']}) |" if mc else ""),
@@ -194,7 +194,7 @@ def write_cv_report(out_dir: str | Path, run_dirs: list[str | Path]) -> Path:
 
     lines = [f"# Cross-validation report: {task}, {len(runs)} runs", "", "- classes: " + ", ".join(names), ""]
     warnings = [f"{run.name}: {w}" for run, _, m, _ in entries
-                for w in m.get("training_warnings", []) + m["test"].get("warnings", [])]
+                for w in m.get("train_warnings", []) + m["test"].get("warnings", [])]
     lines += warnings_section(warnings)
     lines += ["## Every run (test fold)", "",
               "| run | test fold | rows | accuracy [95% CI] | balanced accuracy [95% CI] | majority baseline "
