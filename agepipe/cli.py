@@ -369,7 +369,10 @@ def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, i
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
     if cv:
-        click.echo(f"{len(result['runs'])} runs -> {out}/cv.md")
+        from agepipe.train.report import write_cv_report
+
+        runs = [os.path.join(out, f"fold{r['fold']}-seed{r['seed']}") for r in result["runs"]]
+        click.echo(f"{len(result['runs'])} runs -> {write_cv_report(out, runs)} (a report.md per run too)")
         for key, s in result["summary"].items():
             if key.startswith(("test_", "val_")):
                 click.echo(f"  {key:<24} {s['mean']:.4f} +- {s['std']:.4f}")
@@ -467,6 +470,8 @@ def predict(images, age_model, gender_model, mc_samples, as_json, json_out, anno
         raise click.ClickException(str(e)) from None
     if json_out:
         write_json(json_out, results)
+    for caution in predictor.cautions:
+        click.echo(f"warning: {caution}", err=True)
     for result in results:
         if as_json:
             click.echo(json.dumps(result))

@@ -280,6 +280,9 @@ def baseline_sentence(kind: str, split: dict) -> str:
     interval = f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
     numbers = (f"balanced accuracy {bal:.2f}{interval} on {n} held-out faces vs the majority baseline's "
                f"{base['balanced_accuracy']:.2f} (always {base['class']})")
+    if points <= 0 and base["balanced_accuracy"] >= 1:
+        return (f"the {kind} model does not beat the majority baseline, nor can it here: every held-out face "
+                f"is {base['class']}, so the constant guess is already right; {numbers}")
     if points <= 0:
         return f"the {kind} model does not beat the majority baseline: too little data to learn; {numbers}"
     if ci and ci[0] <= base["balanced_accuracy"]:

@@ -28,7 +28,7 @@ from agepipe.features import store as feature_store
 from agepipe.train.checkpoint import init_from, model_config_from, read_config, save_checkpoint, write_json
 from agepipe.train.data import (NUM_CLASSES, VAL_FRACTION, Split, TaskData, check_task, load_task_data,
                                 make_split, resolve_feature_set, true_ages)
-from agepipe.train.evaluate import evaluate_split, logits_of
+from agepipe.train.evaluate import logits_of, score_splits
 from agepipe.train.model import ModelConfig, ResMLP, autocast, paper_config, resolve_device
 from agepipe.train.report import write_cv_table, write_report
 
@@ -238,11 +238,7 @@ def train_run(data: TaskData, split: Split, model_cfg: ModelConfig, train_cfg: T
     write_json(out / "history.json", result)
     metrics = {"task": data.task, "best_epoch": result["best_epoch"], "epochs_run": len(result["history"]),
                "train_seconds": seconds}
-    for name, mc in (("val", 0), ("test", mc_samples)):
-        idx = index[name].to(device)
-        rows = data.rows.iloc[getattr(split, name)]
-        ages = true_ages(data.task, rows, data.y[idx].cpu().numpy())
-        metrics[name] = evaluate_split(model, data.x[idx], data.y[idx], data.task, ages, mc, train_cfg.amp)
+    metrics.update(score_splits(model, data, split, mc_samples, train_cfg.amp, out))
     write_json(out / "metrics.json", metrics)
     if report:
         write_report(out)

@@ -6,6 +6,7 @@ and a recogniser with another hash is refused (its embeddings live in another sp
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import uuid
@@ -19,7 +20,7 @@ from agepipe.features.embed import FaceEmbedder
 from agepipe.features.images import ImageError, read_image
 from agepipe.train.checkpoint import CheckpointError, load_checkpoint
 from agepipe.train.data import class_names
-from agepipe.train.evaluate import entropy, expected_age, logits_of, mc_dropout
+from agepipe.train.evaluate import entropy, expected_age, headline, logits_of, mc_dropout
 from agepipe.train.model import ResMLP, has_dropout, resolve_device
 
 AGE_TASKS = ("age", "age101")
@@ -42,6 +43,8 @@ class Predictor:
                     raise CheckpointError(f"{run}: a run for task {config['task']}; "
                                           f"--{kind}-model needs one for {' or '.join(tasks)}")
                 self.runs[kind] = (model, config)
+        self.cautions = [c for c in (run_caution(kind, run) for kind, run in (("age", age_run), ("gender", gender_run))
+                                     if run) if c]
         features = [c["data"].get("features", {}) for _, c in self.runs.values()]
         hashes = {f["recognizer_sha256"] for f in features if "recognizer_sha256" in f}
         names = {str(f["pack"]) for f in features if "pack" in f}
@@ -85,6 +88,20 @@ class Predictor:
 # uncertainty due to the weights) exceeds this many nats.
 UNDECIDED_ENTROPY_SHARE = 0.75
 UNDECIDED_MI = 0.05
+
+
+def run_caution(kind: str, run: str | Path) -> str | None:
+    """A sentence when the run's own test fold says its predictions are no better than a
+    constant guess (from its metrics.json; None when it beats its majority baseline)."""
+    path = Path(run) / "metrics.json"
+    if not path.exists():
+        return None
+    test = json.loads(path.read_text()).get("test", {})
+    base = test.get("majority_baseline")
+    if not base or headline(test)["balanced_accuracy"] > base["balanced_accuracy"]:
+        return None
+    return (f"the {kind} model did not beat its majority baseline ({base['class']} for every face) on its "
+            "held-out fold: treat its answers as a constant guess")
 
 
 def describe(task: str, probs: np.ndarray, h: float, mi: float | None) -> dict:
@@ -138,21 +155,21 @@ DECIDED, UNSURE, INK = (0, 200, 0), (0, 140, 255), (0, 0, 0)  # BGR: green, oran
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
-def legend_lines(faces: list[dict], mc_samples: int) -> list[str]:
+def legend_lines(faces: list[dict], mc_samples: int, cautions: list[str] = ()) -> list[str]:
     kinds = [k for k in ("age", "gender") if any(k in f for f in faces)]
     how = f"mean of {mc_samples} MC-dropout passes" if mc_samples else "one deterministic pass"
-    lines = []
+    lines = [f"WARNING: {c}" for c in cautions]
     if "age" in kinds:
-        lines.append("age 25-32 0.41: the most likely Adience age class and its probability")
+        lines.append("e.g. 'age 25-32 0.41': the most likely Adience age class and its probability")
     if "gender" in kinds:
-        lines.append("female 0.82: the more likely gender and its probability (p female + p male = 1)")
+        lines.append("e.g. 'female 0.82': the more likely gender and its probability (p female + p male = 1)")
     lines += [f"unc N%: predictive entropy as a share of its maximum ({how})",
-              f"orange, '?': the model cannot decide: unc > {UNDECIDED_ENTROPY_SHARE:.0%} or mutual information "
+              f"orange box and line, '?': the model cannot decide: unc > {UNDECIDED_ENTROPY_SHARE:.0%} or mutual information "
               f"> {UNDECIDED_MI} nats"]
     return lines
 
 
-def annotate(image: np.ndarray, faces: list[dict], mc_samples: int = 32) -> np.ndarray:
+def annotate(image: np.ndarray, faces: list[dict], mc_samples: int = 32, cautions: list[str] = ()) -> np.ndarray:
     """A copy of the photo with each face's box and labels, placed inside the image and off
     each other, and a legend in a band added at the foot."""
     height, width = image.shape[:2]
@@ -176,7 +193,7 @@ def annotate(image: np.ndarray, faces: list[dict], mc_samples: int = 32) -> np.n
             y = top + i * line_h
             cv2.rectangle(out, (left, y), (left + w, y + line_h), UNSURE if undecided else DECIDED, -1)
             cv2.putText(out, text, (left + 2, y + line_h - 5), FONT, scale, INK, thick, cv2.LINE_AA)
-    return add_legend(out, legend_lines(faces, mc_samples), scale, thick)
+    return add_legend(out, legend_lines(faces, mc_samples, cautions), scale, thick)
 
 
 def label_place(x1: int, y1: int, y2: int, w: int, h: int, width: int, height: int,
@@ -202,8 +219,10 @@ def add_legend(image: np.ndarray, lines: list[str], scale: float, thick: int) ->
     lines = [part for line in lines for part in _wrap(line, image.shape[1] - 12, scale, thick)]
     line_h = cv2.getTextSize("Ag", FONT, scale, thick)[0][1] + 10
     band = np.full((line_h * len(lines) + 8, image.shape[1], 3), 255, dtype=image.dtype)
+    red = False
     for i, text in enumerate(lines):
-        cv2.putText(band, text, (6, (i + 1) * line_h), FONT, scale, INK, thick, cv2.LINE_AA)
+        red = text.startswith("WARNING") or (red and text.startswith("  "))
+        cv2.putText(band, text, (6, (i + 1) * line_h), FONT, scale, (0, 0, 220) if red else INK, thick, cv2.LINE_AA)
     return np.vstack([image, band])
 
 
@@ -240,7 +259,7 @@ def predict_images(paths: list[str], predictor: Predictor, annotate_to: str | No
         result = {"image": path, "faces": faces}
         if annotate_to:
             target = annotation_path(annotate_to, path, len(paths) > 1)
-            write_image(target, annotate(image, faces, predictor.mc_samples))
+            write_image(target, annotate(image, faces, predictor.mc_samples, predictor.cautions))
             result["annotated"] = str(target)
         results.append(result)
     return results
