@@ -473,7 +473,7 @@ def predict(images, age_model, gender_model, mc_samples, as_json, json_out, anno
         raise click.ClickException(str(e)) from None
     if json_out:
         write_json(json_out, results)
-    for caution in predictor.cautions:
+    for caution in predictor.cautions.values():
         click.echo(f"warning: {caution}", err=True)
     for result in results:
         if as_json:

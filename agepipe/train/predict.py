@@ -43,8 +43,9 @@ class Predictor:
                     raise CheckpointError(f"{run}: a run for task {config['task']}; "
                                           f"--{kind}-model needs one for {' or '.join(tasks)}")
                 self.runs[kind] = (model, config)
-        self.cautions = [c for c in (run_caution(kind, run) for kind, run in (("age", age_run), ("gender", gender_run))
-                                     if run) if c]
+        # kind -> why its answers are no better than a constant guess (from the run's own test fold)
+        self.cautions = {kind: c for kind, run in (("age", age_run), ("gender", gender_run))
+                         if run and (c := run_caution(kind, run))}
         features = [c["data"].get("features", {}) for _, c in self.runs.values()]
         hashes = {f["recognizer_sha256"] for f in features if "recognizer_sha256" in f}
         names = {str(f["pack"]) for f in features if "pack" in f}
@@ -120,16 +121,22 @@ def describe(task: str, probs: np.ndarray, h: float, mi: float | None) -> dict:
     return out
 
 
-def face_labels(face: dict) -> list[tuple[str, bool]]:
-    """The lines drawn beside a face, with whether the model is undecided: the same class and
-    probability the text output leads with."""
+def face_labels(face: dict, flagged=()) -> list[tuple[str, tuple]]:
+    """The lines drawn beside a face with their colour: the same class and probability the text
+    output leads with; orange and '?' where the model is undecided, grey and '!' where the
+    model (a kind in ``flagged``) did not beat its majority baseline."""
     lines = []
     for kind in ("age", "gender"):
         if kind in face:
             d = face[kind]
             head = f"age {d['predicted']}" if kind == "age" else d["predicted"]
-            lines.append((f"{head} {d['probability']:.2f} unc {d['entropy_share']:.0%}"
-                          + (" ?" if d["undecided"] else ""), d["undecided"]))
+            text = f"{head} {d['probability']:.2f} unc {d['entropy_share']:.0%}"
+            if d["undecided"]:
+                lines.append((text + " ?", UNSURE))
+            elif kind in flagged:
+                lines.append((text + " !", FLAGGED))
+            else:
+                lines.append((text, DECIDED))
     return lines
 
 
@@ -151,14 +158,14 @@ def _uncertainty(d: dict) -> str:
     return f" [entropy {d['predictive_entropy']:.3f} nats = {d['entropy_share']:.0%} of max{mi}{flag}]"
 
 
-DECIDED, UNSURE, INK = (0, 200, 0), (0, 140, 255), (0, 0, 0)  # BGR: green, orange, black
+DECIDED, UNSURE, FLAGGED, INK = (0, 200, 0), (0, 140, 255), (170, 170, 170), (0, 0, 0)  # BGR
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
-def legend_lines(faces: list[dict], mc_samples: int, cautions: list[str] = ()) -> list[str]:
+def legend_lines(faces: list[dict], mc_samples: int, cautions: dict | None = None) -> list[str]:
     kinds = [k for k in ("age", "gender") if any(k in f for f in faces)]
     how = f"mean of {mc_samples} MC-dropout passes" if mc_samples else "one deterministic pass"
-    lines = [f"WARNING: {c}" for c in cautions]
+    lines = [f"WARNING ('!', grey): {c}" for c in (cautions or {}).values()]
     if "age" in kinds:
         lines.append("e.g. 'age 25-32 0.41': the most likely Adience age class and its probability")
     if "gender" in kinds:
@@ -169,7 +176,7 @@ def legend_lines(faces: list[dict], mc_samples: int, cautions: list[str] = ()) -
     return lines
 
 
-def annotate(image: np.ndarray, faces: list[dict], mc_samples: int = 32, cautions: list[str] = ()) -> np.ndarray:
+def annotate(image: np.ndarray, faces: list[dict], mc_samples: int = 32, cautions: dict | None = None) -> np.ndarray:
     """A copy of the photo with each face's box and labels, placed inside the image and off
     each other, and a legend in a band added at the foot."""
     height, width = image.shape[:2]
@@ -179,8 +186,8 @@ def annotate(image: np.ndarray, faces: list[dict], mc_samples: int = 32, caution
     placed: list[tuple[int, int, int, int]] = []
     for face in sorted(faces, key=lambda f: (f["bbox"][1], f["bbox"][0])):
         x1, y1, x2, y2 = (int(round(v)) for v in face["bbox"])
-        lines = face_labels(face)
-        unsure = any(u for _, u in lines)
+        lines = face_labels(face, cautions or {})
+        unsure = any(colour == UNSURE for _, colour in lines)
         cv2.rectangle(out, (x1, y1), (x2, y2), UNSURE if unsure else DECIDED, thick + unsure)
         sizes = [cv2.getTextSize(t, FONT, scale, thick) for t, _ in lines]
         line_h = max((h + b for (_, h), b in sizes), default=0) + 4
@@ -189,9 +196,9 @@ def annotate(image: np.ndarray, faces: list[dict], mc_samples: int = 32, caution
             continue
         left, top = label_place(x1, y1, y2, w, h, width, height, placed)
         placed.append((left, top, left + w, top + h))
-        for i, (text, undecided) in enumerate(lines):
+        for i, (text, colour) in enumerate(lines):
             y = top + i * line_h
-            cv2.rectangle(out, (left, y), (left + w, y + line_h), UNSURE if undecided else DECIDED, -1)
+            cv2.rectangle(out, (left, y), (left + w, y + line_h), colour, -1)
             cv2.putText(out, text, (left + 2, y + line_h - 5), FONT, scale, INK, thick, cv2.LINE_AA)
     return add_legend(out, legend_lines(faces, mc_samples, cautions), scale, thick)
 

@@ -79,8 +79,11 @@ def test_predict_text_and_legend_say_what_the_numbers_are(runs, photos):
     line = result.output.split("face 0: ")[1]
     assert "(p female " in line or "(p male " in line
     assert "expected age" in line and "% of max" in line
-    lines = legend_lines([{"age": {}, "gender": {}}], 8, ["the gender model did not beat ..."])
-    assert lines[0].startswith("WARNING: the gender model")
+    lines = legend_lines([{"age": {}, "gender": {}}], 8, {"gender": "the gender model did not beat ..."})
+    assert lines[0].startswith("WARNING ('!', grey): the gender model")
+    face = {"gender": {"predicted": "male", "probability": 0.99, "entropy_share": 0.1, "undecided": False}}
+    assert face_labels(face)[0][0] == "male 0.99 unc 10%"
+    assert face_labels(face, {"gender": "..."})[0][0] == "male 0.99 unc 10% !"
     assert any("p female + p male = 1" in t for t in lines) and any("mean of 8 MC-dropout passes" in t for t in lines)
     assert any(f"mutual information > {UNDECIDED_MI} nats" in t for t in lines)
 
