@@ -368,7 +368,8 @@ def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, i
         result = train_model(store, list(datasets), task, out, feature_set=feature_set, test_fold=test_fold,
                              cv=cv, seeds=seeds, init=init, device=device, min_det_score=min_det_score,
                              mc_samples=mc_samples, model_overrides=model_overrides,
-                             train_overrides=train_overrides, progress=sys.stderr.isatty())
+                             train_overrides=train_overrides, progress=sys.stderr.isatty(),
+                             echo=None if sys.stderr.isatty() else click.echo)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
     if cv:

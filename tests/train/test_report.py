@@ -17,8 +17,11 @@ HEADINGS = ["## Warnings", "## Headline (test fold)", "## Test metrics", "## Per
 def cv_runs(gaussian_store, tmp_path_factory):
     store, _ = gaussian_store
     out = tmp_path_factory.mktemp("cv")
+    said = []
     result = train(store, ["adience"], "age", out, cv=True, mc_samples=8, progress=False,
-                   train_overrides={"epochs": 3})
+                   train_overrides={"epochs": 3}, echo=said.append)
+    # a line as each run ends, not one at the very end
+    assert [line.split(":")[0] for line in said] == [f"run {i}/5" for i in range(1, 6)]
     return out, [out / f"fold{r['fold']}-seed{r['seed']}" for r in result["runs"]]
 
 
