@@ -1,11 +1,13 @@
 """`agepipe demo` end to end: the whole chain on the offline sample, in a temporary folder."""
 import json
 
+import cv2
 import numpy as np
 import pyarrow.parquet as pq
 from click.testing import CliRunner
 
 from agepipe.cli import cli
+from agepipe.datasets.sample import photo_path
 from agepipe.features import store as fstore
 from agepipe.train.checkpoint import load_checkpoint
 
@@ -23,11 +25,23 @@ def test_demo_runs_the_whole_chain(tmp_path):
     rows = fstore.read_table(str(work / "store"), feature_set, "sample").to_pandas()
     assert sorted(rows.image_id) == sorted(manifest.image_id)
     assert (rows.status == "ok").mean() > 0.9
-    # the runs wrote checkpoints that load
+    # fold 0, the test fold, is t1.jpg's faces and nothing else: the photo predicted on was never trained on
+    assert set(manifest.image_id[manifest.fold == 0].str.split("/").str[1]) == {"t1"}
+    assert (manifest.image_id.str.startswith("sample_crop/t1/") == (manifest.fold == 0)).all()
     for task in ("age", "gender"):
         model, config = load_checkpoint(work / "runs" / task)
-        assert config["task"] == task
+        assert config["task"] == task and config["data"]["test_fold"] == 0
         assert (work / "runs" / task / "report.md").exists()
+        predictions = pq.read_table(work / "runs" / task / "predictions.parquet").to_pandas()
+        assert (predictions.split == "test").sum() == 12
+        assert predictions.image_id.str.startswith("sample_crop/t1/").sum() == 12
+        # the console says, in words, how the model did against the majority baseline
+        test = json.loads((work / "runs" / task / "metrics.json").read_text())["test"]
+        base = test["majority_baseline"]["balanced_accuracy"]
+        verdict = next(line for line in result.output.splitlines() if line.strip().startswith(f"the {task} model"))
+        beats = test["mc"]["balanced_accuracy"] > base
+        assert ("does not beat the majority baseline" in verdict) == (not beats), verdict
+        assert f"{test['n']} held-out faces" in verdict
     # predict wrote JSON and an image
     predictions = json.loads((work / "predict.json").read_text())
     faces = predictions[0]["faces"]
@@ -35,4 +49,7 @@ def test_demo_runs_the_whole_chain(tmp_path):
     for face in faces:
         assert 0 <= face["gender"]["p_male"] <= 1
         assert np.isfinite(face["age"]["expected_age"])
-    assert (work / "predict.jpg").stat().st_size > 10_000
+        assert isinstance(face["gender"]["undecided"], bool)
+    drawn = cv2.imread(str(work / "predict.jpg"))
+    photo = cv2.imread(str(photo_path("t1")))
+    assert drawn.shape[1] == photo.shape[1] and drawn.shape[0] > photo.shape[0]  # the legend's band

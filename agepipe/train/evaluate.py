@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from agepipe.train.checkpoint import load_checkpoint, write_json
-from agepipe.train.data import class_ages, load_task_data, make_split, true_ages
+from agepipe.train.data import class_ages, class_names, load_task_data, make_split, true_ages
 from agepipe.train.model import ResMLP, autocast, has_dropout, mc_dropout_mode, resolve_device
 from agepipe.train.report import write_report
 
@@ -26,6 +30,7 @@ ECE_BINS = 15
 COVERAGES = (0.5, 0.8, 0.9, 1.0)
 CURVE_POINTS = 100
 MC_ROWS = 1 << 16  # rows per batched MC forward (K copies included), bounds memory
+BOOTSTRAP = 1000   # resamples of the test rows for the 95% intervals
 
 
 @torch.inference_mode()
@@ -101,17 +106,40 @@ def reliability(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> dict:
             "bin_confidence": _nan_to_none(mean_conf)}
 
 
-def risk_coverage(uncertainty: np.ndarray, correct: np.ndarray) -> dict:
-    """Accuracy on the most certain fraction of rows as the most uncertain are set aside."""
+def risk_coverage(uncertainty: np.ndarray, correct: np.ndarray, measure: str = "predictive entropy") -> dict:
+    """Accuracy on the most certain fraction of rows as the most uncertain are set aside.
+    A random ranking keeps the overall accuracy at every coverage (its AURC is the error
+    rate); ``error_auroc`` is the chance that an error is ranked more uncertain than a
+    correct prediction (0.5: no better than random; ties count half)."""
     n = len(correct)
     if n == 0:
-        return {"coverage": [], "accuracy": [], "accuracy_at": {}, "aurc": math.nan}
+        return {"measure": measure, "coverage": [], "accuracy": [], "accuracy_at": {}, "aurc": math.nan,
+                "random_accuracy": math.nan, "random_aurc": math.nan, "error_auroc": math.nan}
     order = np.argsort(uncertainty, kind="stable")
     acc = np.cumsum(correct[order]) / np.arange(1, n + 1)
     points = np.unique(np.linspace(1, n, min(n, CURVE_POINTS)).round().astype(int))
-    return {"coverage": (points / n).tolist(), "accuracy": acc[points - 1].tolist(),
+    return {"measure": measure, "coverage": (points / n).tolist(), "accuracy": acc[points - 1].tolist(),
             "accuracy_at": {f"{c:.2f}": float(acc[max(int(round(c * n)), 1) - 1]) for c in COVERAGES},
-            "aurc": float((1 - acc).mean())}
+            "aurc": float((1 - acc).mean()), "random_accuracy": float(correct.mean()),
+            "random_aurc": float(1 - correct.mean()), "error_auroc": error_auroc(uncertainty, correct)}
+
+
+def error_auroc(uncertainty: np.ndarray, correct: np.ndarray) -> float:
+    """P(uncertainty of an error > that of a correct prediction), ties half: the Mann-Whitney U."""
+    wrong, right = uncertainty[~correct], uncertainty[correct]
+    if len(wrong) == 0 or len(right) == 0:
+        return math.nan
+    ranks = _average_ranks(np.concatenate([wrong, right]))
+    return float((ranks[:len(wrong)].sum() - len(wrong) * (len(wrong) + 1) / 2) / (len(wrong) * len(right)))
+
+
+def _average_ranks(a: np.ndarray) -> np.ndarray:
+    order = np.argsort(a, kind="stable")
+    ranks = np.empty(len(a))
+    ranks[order] = np.arange(1, len(a) + 1)
+    _, inverse, counts = np.unique(a, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / counts)[inverse]
 
 
 def confusion_matrix(y: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -119,11 +147,55 @@ def confusion_matrix(y: np.ndarray, pred: np.ndarray, num_classes: int) -> np.nd
     return np.bincount(y * num_classes + pred, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
+def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+    """The mean recall over the classes present in ``y``: a constant guess scores 1/classes."""
+    present = np.unique(y)
+    if len(present) == 0:
+        return math.nan
+    return float(np.mean([(pred[y == c] == c).mean() for c in present]))
+
+
+def per_class(y: np.ndarray, pred: np.ndarray, names: list[str]) -> list[dict]:
+    """Precision, recall and support of each class (None where undefined: nothing predicted,
+    or no row of that class)."""
+    out = []
+    for c, name in enumerate(names):
+        predicted, actual = pred == c, y == c
+        hits = int((predicted & actual).sum())
+        out.append({"class": name, "support": int(actual.sum()), "predicted": int(predicted.sum()),
+                    "precision": hits / predicted.sum() if predicted.any() else None,
+                    "recall": hits / actual.sum() if actual.any() else None})
+    return out
+
+
+def majority_baseline(train_y: np.ndarray, y: np.ndarray, names: list[str]) -> dict:
+    """The constant guess of the training split's most frequent class, scored on ``y``."""
+    majority = int(np.bincount(train_y, minlength=len(names)).argmax())
+    pred = np.full(len(y), majority)
+    return {"class": names[majority], "accuracy": float((pred == y).mean()) if len(y) else math.nan,
+            "balanced_accuracy": balanced_accuracy(y, pred)}
+
+
+def bootstrap_ci(y: np.ndarray, pred: np.ndarray, resamples: int = BOOTSTRAP, seed: int = 0) -> dict:
+    """95% percentile intervals of accuracy and balanced accuracy over resamples of the rows."""
+    if len(y) == 0:
+        return {}
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(y), (resamples, len(y)))
+    acc = (pred[idx] == y[idx]).mean(1)
+    bal = np.array([balanced_accuracy(y[i], pred[i]) for i in idx])
+    return {"resamples": resamples,
+            "accuracy": np.percentile(acc, [2.5, 97.5]).tolist(),
+            "balanced_accuracy": np.percentile(bal, [2.5, 97.5]).tolist()}
+
+
 def scores(probs: np.ndarray, y: np.ndarray, task: str, ages: np.ndarray | None) -> dict:
-    """Accuracy, cross-entropy and ECE; for age also 1-off accuracy and MAE in years."""
+    """Accuracy, balanced accuracy, cross-entropy and ECE; for age also 1-off accuracy and
+    MAE in years."""
     pred = probs.argmax(1)
     out = {"n": int(len(y)),
            "accuracy": float((pred == y).mean()) if len(y) else math.nan,
+           "balanced_accuracy": balanced_accuracy(y, pred),
            "cross_entropy": float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
            if len(y) else math.nan}
     if task != "gender":
@@ -134,25 +206,89 @@ def scores(probs: np.ndarray, y: np.ndarray, task: str, ages: np.ndarray | None)
 
 
 def evaluate_split(model: ResMLP, x: torch.Tensor, y: torch.Tensor, task: str, ages: np.ndarray | None,
-                   mc_samples: int = 32, amp: bool = True) -> dict:
-    """Everything the report shows, for one split: deterministic and MC-dropout scores,
-    the confusion matrix, reliability bins and the risk-coverage curve."""
+                   mc_samples: int = 32, amp: bool = True, train_y: np.ndarray | None = None,
+                   rows_out: dict | None = None) -> dict:
+    """Everything the report shows, for one split: deterministic and MC-dropout scores with
+    bootstrap intervals, per-class precision and recall, the majority baseline (the most
+    frequent class of ``train_y``), the confusion matrix, reliability bins, the risk-coverage
+    curve and warnings. ``rows_out``, when given, receives the per-row columns of
+    predictions.parquet."""
     y_np = y.cpu().numpy()
+    names = class_names(task)
     probs = torch.softmax(logits_of(model, x, amp), -1).cpu().numpy()
-    out = scores(probs, y_np, task, ages)
+    out = {"classes": names, **scores(probs, y_np, task, ages)}
     out["confusion_matrix"] = confusion_matrix(y_np, probs.argmax(1), probs.shape[1]).tolist()
     out["reliability"] = reliability(probs, y_np)
+    mi = None
     if mc_samples > 0 and has_dropout(model):
         mc = mc_dropout(model, x, mc_samples, amp)
-        final, uncertainty = mc.probs, mc.predictive_entropy
+        final, uncertainty, mi = mc.probs, mc.predictive_entropy, mc.mutual_information
+        measure = f"MC-dropout predictive entropy (K={mc_samples})"
         out["mc"] = {"samples": mc_samples, **scores(mc.probs, y_np, task, ages),
                      "mean_predictive_entropy": float(mc.predictive_entropy.mean()) if len(y_np) else math.nan,
                      "mean_mutual_information": float(mc.mutual_information.mean()) if len(y_np) else math.nan,
                      "reliability": reliability(mc.probs, y_np)}
     else:  # no MC dropout (none asked for, or an ablation without dropout): softmax entropy ranks rows
         final, uncertainty = probs, entropy(torch.from_numpy(probs)).numpy()
-    out["risk_coverage"] = risk_coverage(uncertainty, final.argmax(1) == y_np)
+        measure = "softmax entropy (deterministic)"
+    pred = final.argmax(1)
+    # The headline numbers are those of the final prediction (the MC mean when there is one).
+    out["prediction"] = "MC dropout mean" if mi is not None else "deterministic"
+    out["per_class"] = per_class(y_np, pred, names)
+    out["bootstrap_95"] = bootstrap_ci(y_np, pred)
+    if train_y is not None and len(train_y):
+        out["majority_baseline"] = majority_baseline(np.asarray(train_y), y_np, names)
+    out["risk_coverage"] = risk_coverage(uncertainty, pred == y_np, measure)
+    out["warnings"] = split_warnings(out, pred)
+    if rows_out is not None:
+        rows_out.update(label=y_np, prediction=pred, probabilities=final, entropy=uncertainty,
+                        mutual_information=mi if mi is not None else np.full(len(y_np), np.nan))
     return out
+
+
+def headline(split: dict) -> dict:
+    """The final prediction's scores: the MC-dropout mean's when there is one."""
+    return split.get("mc", split)
+
+
+def split_warnings(split: dict, pred: np.ndarray) -> list[str]:
+    """Plain sentences for what a reader of the numbers must not miss."""
+    out = []
+    names, n = split["classes"], len(pred)
+    if n and len(np.unique(pred)) == 1:
+        out.append(f"the model predicts one class ({names[int(pred[0])]}) for all {n} rows: "
+                   "it has learnt no more than a constant guess")
+    base = split.get("majority_baseline")
+    bal = headline(split)["balanced_accuracy"]
+    if base and n and not bal > base["balanced_accuracy"]:
+        out.append(f"balanced accuracy {bal:.3f} does not beat the majority baseline "
+                   f"({base['class']} for every row: {base['balanced_accuracy']:.3f})")
+    auroc = split["risk_coverage"]["error_auroc"]
+    if np.isfinite(auroc) and auroc < 0.5:
+        out.append(f"the uncertainty ({split['risk_coverage']['measure']}) ranks errors worse than chance "
+                   f"(error AUROC {auroc:.2f} < 0.5): do not use it to set predictions aside")
+    return out
+
+
+def baseline_sentence(kind: str, split: dict) -> str:
+    """One line a newcomer reads: does the model beat the constant guess on its held-out rows?"""
+    base, h, n = split.get("majority_baseline"), headline(split), split["n"]
+    if not base or not n:
+        return f"the {kind} model: no held-out rows to score"
+    bal, ci = h["balanced_accuracy"], split.get("bootstrap_95", {}).get("balanced_accuracy")
+    points = 100 * (bal - base["balanced_accuracy"])
+    interval = f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
+    numbers = (f"balanced accuracy {bal:.2f}{interval} on {n} held-out faces vs the majority baseline's "
+               f"{base['balanced_accuracy']:.2f} (always {base['class']})")
+    if points <= 0 and base["balanced_accuracy"] >= 1:
+        return (f"the {kind} model does not beat the majority baseline, nor can it here: every held-out face "
+                f"is {base['class']}, so the constant guess is already right; {numbers}")
+    if points <= 0:
+        return f"the {kind} model does not beat the majority baseline: too little data to learn; {numbers}"
+    if ci and ci[0] <= base["balanced_accuracy"]:
+        return (f"the {kind} model beats the majority baseline by {points:.0f} points, but the 95% interval "
+                f"includes the baseline: not conclusive on {n} faces; {numbers}")
+    return f"the {kind} model beats the majority baseline by {points:.0f} points; {numbers}"
 
 
 def _nan_to_none(a: np.ndarray) -> list:
@@ -178,12 +314,48 @@ def evaluate_run(run_dir: str | Path, store: str | None = None, mc_samples: int 
         metrics["warning"] = (f"split sizes {split.sizes()} differ from training's {rec['split_sizes']}; "
                               "the store changed since this run was trained")
     amp = config.get("train", {}).get("amp", True)
+    metrics.update(score_splits(model, data, split, mc_samples, amp, run_dir))
+    write_json(path, metrics)
+    write_report(run_dir)
+    return metrics
+
+
+def score_splits(model: ResMLP, data, split, mc_samples: int, amp: bool, run_dir: str | Path) -> dict:
+    """{"val": ..., "test": ...} scored against the training split's majority class, and
+    run_dir/predictions.parquet: one row per val and test photo."""
+    train_y = data.y[torch.from_numpy(split.train).to(data.x.device)].cpu().numpy()
+    out, tables = {}, []
     for name, mc in (("val", 0), ("test", mc_samples)):
         idx = getattr(split, name)
         rows = data.rows.iloc[idx]
         index = torch.from_numpy(idx).to(data.x.device)
-        ages = true_ages(task, rows, data.y[index].cpu().numpy())
-        metrics[name] = evaluate_split(model, data.x[index], data.y[index], task, ages, mc, amp)
-    write_json(path, metrics)
-    write_report(run_dir)
-    return metrics
+        ages = true_ages(data.task, rows, data.y[index].cpu().numpy())
+        per_row: dict = {}
+        out[name] = evaluate_split(model, data.x[index], data.y[index], data.task, ages, mc, amp, train_y, per_row)
+        tables.append(predictions_table(rows, name, per_row, class_names(data.task)))
+    write_predictions(Path(run_dir) / "predictions.parquet", pa.concat_tables(tables))
+    return out
+
+
+def predictions_table(rows, split_name: str, per_row: dict, names: list[str]) -> pa.Table:
+    """One row per photo: what it is, what the model said, and how unsure it was."""
+    n = len(rows)
+    probs = np.asarray(per_row["probabilities"], dtype=np.float32).reshape(n, len(names))
+    return pa.table({
+        "image_id": pa.array(rows["image_id"].astype(str).tolist(), pa.string()),
+        "dataset": pa.array(rows["dataset"].astype(str).tolist() if "dataset" in rows else [""] * n, pa.string()),
+        "split": pa.array([split_name] * n, pa.string()),
+        "label": pa.array([names[int(k)] for k in per_row["label"]], pa.string()),
+        "prediction": pa.array([names[int(k)] for k in per_row["prediction"]], pa.string()),
+        "correct": pa.array(np.asarray(per_row["label"]) == np.asarray(per_row["prediction"])),
+        "probabilities": pa.FixedSizeListArray.from_arrays(pa.array(probs.reshape(-1)), len(names)),
+        "entropy": pa.array(np.asarray(per_row["entropy"], dtype=np.float32)),
+        "mutual_information": pa.array(np.asarray(per_row["mutual_information"], dtype=np.float32),
+                                       from_pandas=True),
+    }, metadata={b"classes": json.dumps(names).encode()})
+
+
+def write_predictions(path: Path, table: pa.Table) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)

@@ -28,7 +28,7 @@ from agepipe.features import store as fstore
 from agepipe.train.checkpoint import init_from, model_config_from, read_config, save_checkpoint, write_json
 from agepipe.train.data import (NUM_CLASSES, VAL_FRACTION, Split, TaskData, check_task, load_task_data,
                                 make_split, resolve_feature_set, true_ages)
-from agepipe.train.evaluate import evaluate_split, logits_of
+from agepipe.train.evaluate import logits_of, score_splits
 from agepipe.train.model import ModelConfig, ResMLP, autocast, paper_config, resolve_device
 from agepipe.train.report import write_cv_table, write_report
 
@@ -238,11 +238,7 @@ def train_run(data: TaskData, split: Split, model_cfg: ModelConfig, train_cfg: T
     write_json(out / "history.json", result)
     metrics = {"task": data.task, "best_epoch": result["best_epoch"], "epochs_run": len(result["history"]),
                "train_seconds": seconds}
-    for name, mc in (("val", 0), ("test", mc_samples)):
-        idx = index[name].to(device)
-        rows = data.rows.iloc[getattr(split, name)]
-        ages = true_ages(data.task, rows, data.y[idx].cpu().numpy())
-        metrics[name] = evaluate_split(model, data.x[idx], data.y[idx], data.task, ages, mc, train_cfg.amp)
+    metrics.update(score_splits(model, data, split, mc_samples, train_cfg.amp, out))
     write_json(out / "metrics.json", metrics)
     if report:
         write_report(out)
@@ -285,7 +281,7 @@ def train_config_for(task: str, **overrides) -> TrainConfig:
 
 def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path,
                    record: dict, seeds: int = 1, init: str | None = None, mc_samples: int = 32,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, echo=None) -> dict:
     """Every fold as the test set, for seeds 0..seeds-1: runs in OUT/fold{k}-seed{s}/,
     then cv.json and cv.md with mean +- std over all runs (the paper's table)."""
     out = Path(out)
@@ -294,13 +290,16 @@ def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfi
         raise ValueError(f"cross-validation needs rows in folds 0-4; these rows have folds {folds}")
     runs = []
     jobs = [(k, s) for s in range(seeds) for k in folds]
-    for k, s in tqdm(jobs, desc="cross-validation", unit="run", disable=not progress):
+    for i, (k, s) in enumerate(tqdm(jobs, desc="cross-validation", unit="run", disable=not progress), 1):
         split = make_split(data.rows, k, record["val_fraction"])
         metrics = train_run(data, split, model_cfg, dataclasses.replace(train_cfg, seed=s),
                             out / f"fold{k}-seed{s}", {**record, "test_fold": k}, init, mc_samples,
                             report=False)
         runs.append({"fold": k, "seed": s, "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"],
                      "train_seconds": metrics["train_seconds"], **summary_values(metrics)})
+        if echo:  # a line per run, so a long CV shows where it is even without a progress bar
+            echo(f"run {i}/{len(jobs)}: fold {k} seed {s}: test accuracy {metrics['test']['accuracy']:.4f}, "
+                 f"balanced {metrics['test']['balanced_accuracy']:.4f} ({metrics['train_seconds']:.1f} s)")
     cv = {"task": data.task, "folds": folds, "seeds": seeds, "runs": runs,
           "summary": {key: {"mean": float(np.mean([r[key] for r in runs])),
                             "std": float(np.std([r[key] for r in runs]))}
@@ -326,7 +325,7 @@ def train(store: str, datasets: list[str], task: str, out: str | Path, *, featur
           test_fold: int | None = 0, cv: bool = False, seeds: int = 1, init: str | None = None,
           device: str = "auto", min_det_score: float = 0.0, mc_samples: int = 32,
           model_overrides: dict | None = None, train_overrides: dict | None = None,
-          report: bool = True, progress: bool = True) -> dict:
+          report: bool = True, progress: bool = True, echo=None) -> dict:
     """`agepipe train`: the store's rows for ``task`` into memory once, then one run
     (test fold ``test_fold``) or, with ``cv``, every fold times ``seeds`` (no per-run
     reports then: `agepipe evaluate` draws one for any run folder)."""
@@ -338,6 +337,6 @@ def train(store: str, datasets: list[str], task: str, out: str | Path, *, featur
     train_cfg = train_config_for(task, **(train_overrides or {}))
     record = data_record(store, feature_set, datasets, test_fold, min_det_score)
     if cv:
-        return cross_validate(data, model_cfg, train_cfg, out, record, seeds, init, mc_samples, progress)
+        return cross_validate(data, model_cfg, train_cfg, out, record, seeds, init, mc_samples, progress, echo)
     split = make_split(data.rows, test_fold, record["val_fraction"])
     return train_run(data, split, model_cfg, train_cfg, out, record, init, mc_samples, report, progress)

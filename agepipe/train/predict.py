@@ -6,6 +6,9 @@ and a recogniser with another hash is refused (its embeddings live in another sp
 """
 from __future__ import annotations
 
+import json
+import math
+import os
 from pathlib import Path
 
 import cv2
@@ -17,7 +20,7 @@ from agepipe.features.embed import FaceEmbedder
 from agepipe.features.images import ImageError, read_image
 from agepipe.train.checkpoint import CheckpointError, load_checkpoint
 from agepipe.train.data import class_names
-from agepipe.train.evaluate import entropy, expected_age, logits_of, mc_dropout
+from agepipe.train.evaluate import entropy, expected_age, headline, logits_of, mc_dropout
 from agepipe.train.model import ResMLP, has_dropout, resolve_device
 
 AGE_TASKS = ("age", "age101")
@@ -40,6 +43,9 @@ class Predictor:
                     raise CheckpointError(f"{run}: a run for task {config['task']}; "
                                           f"--{kind}-model needs one for {' or '.join(tasks)}")
                 self.runs[kind] = (model, config)
+        # kind -> why its answers are no better than a constant guess (from the run's own test fold)
+        self.cautions = {kind: c for kind, run in (("age", age_run), ("gender", gender_run))
+                         if run and (c := run_caution(kind, run))}
         features = [c["data"].get("features", {}) for _, c in self.runs.values()]
         hashes = {f["recognizer_sha256"] for f in features if "recognizer_sha256" in f}
         names = {str(f["pack"]) for f in features if "pack" in f}
@@ -78,58 +84,153 @@ class Predictor:
         return probs.cpu().numpy(), entropy(probs).cpu().numpy(), [None] * len(x)
 
 
+# A face is "undecided" by a model when its MC-dropout predictive entropy exceeds this share of
+# the maximum (ln of the number of classes), or the mutual information (the part of the
+# uncertainty due to the weights) exceeds this many nats.
+UNDECIDED_ENTROPY_SHARE = 0.75
+UNDECIDED_MI = 0.05
+
+
+def run_caution(kind: str, run: str | Path) -> str | None:
+    """A sentence when the run's own test fold says its predictions are no better than a
+    constant guess (from its metrics.json; None when it beats its majority baseline)."""
+    path = Path(run) / "metrics.json"
+    if not path.exists():
+        return None
+    test = json.loads(path.read_text()).get("test", {})
+    base = test.get("majority_baseline")
+    if not base or headline(test)["balanced_accuracy"] > base["balanced_accuracy"]:
+        return None
+    return (f"the {kind} model did not beat its majority baseline ({base['class']} for every face) on its "
+            "held-out fold: treat its answers as a constant guess")
+
+
 def describe(task: str, probs: np.ndarray, h: float, mi: float | None) -> dict:
     names = class_names(task)
     k = int(probs.argmax())
+    share = h / math.log(len(names))
     out = {"task": task, "predicted": names[k], "probability": round(float(probs[k]), 4),
-           "predictive_entropy": round(h, 4),
-           "mutual_information": None if mi is None else round(float(mi), 4)}
+           "predictive_entropy": round(h, 4), "entropy_share": round(share, 4),
+           "mutual_information": None if mi is None else round(float(mi), 4),
+           "undecided": bool(share > UNDECIDED_ENTROPY_SHARE or (mi is not None and mi > UNDECIDED_MI))}
     if task == "gender":
-        out["p_male"] = round(float(probs[1]), 4)
+        out["p_female"], out["p_male"] = round(float(probs[0]), 4), round(float(probs[1]), 4)
     else:
         out["expected_age"] = round(float(expected_age(probs[None], task)[0]), 1)
         out["probs"] = dict(zip(names, (round(float(p), 4) for p in probs)))
     return out
 
 
+def face_labels(face: dict, flagged=()) -> list[tuple[str, tuple]]:
+    """The lines drawn beside a face with their colour: the same class and probability the text
+    output leads with; orange and '?' where the model is undecided, grey and '!' where the
+    model (a kind in ``flagged``) did not beat its majority baseline."""
+    lines = []
+    for kind in ("age", "gender"):
+        if kind in face:
+            d = face[kind]
+            head = f"age {d['predicted']}" if kind == "age" else d["predicted"]
+            text = f"{head} {d['probability']:.2f} unc {d['entropy_share']:.0%}"
+            if d["undecided"]:
+                lines.append((text + " ?", UNSURE))
+            elif kind in flagged:
+                lines.append((text + " !", FLAGGED))
+            else:
+                lines.append((text, DECIDED))
+    return lines
+
+
 def summary_line(face: dict) -> str:
     parts = [f"box {[round(v) for v in face['bbox']]} det {face['det_score']:.2f}"]
     if "age" in face:
         a = face["age"]
-        parts.append(f"age {a['predicted']} (p {a['probability']:.2f}), expected {a['expected_age']:.1f} y"
+        parts.append(f"age {a['predicted']} (p {a['probability']:.2f}; expected age {a['expected_age']:.1f} y)"
                      + _uncertainty(a))
     if "gender" in face:
         g = face["gender"]
-        parts.append(f"{g['predicted']} (p male {g['p_male']:.2f})" + _uncertainty(g))
+        parts.append(f"{g['predicted']} (p {g['predicted']} {g['probability']:.2f})" + _uncertainty(g))
     return "; ".join(parts)
 
 
 def _uncertainty(d: dict) -> str:
     mi = "" if d["mutual_information"] is None else f", MI {d['mutual_information']:.3f}"
-    return f" [entropy {d['predictive_entropy']:.3f}{mi}]"
+    flag = ", UNDECIDED" if d["undecided"] else ""
+    return f" [entropy {d['predictive_entropy']:.3f} nats = {d['entropy_share']:.0%} of max{mi}{flag}]"
 
 
-def annotate(image: np.ndarray, faces: list[dict]) -> np.ndarray:
-    """A copy of the photo with each face's box and a short label."""
+DECIDED, UNSURE, FLAGGED, INK = (0, 200, 0), (0, 140, 255), (170, 170, 170), (0, 0, 0)  # BGR
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def legend_lines(faces: list[dict], mc_samples: int, cautions: dict | None = None) -> list[str]:
+    kinds = [k for k in ("age", "gender") if any(k in f for f in faces)]
+    how = f"mean of {mc_samples} MC-dropout passes" if mc_samples else "one deterministic pass"
+    lines = [f"WARNING ('!', grey): {c}" for c in (cautions or {}).values()]
+    if "age" in kinds:
+        lines.append("e.g. 'age 25-32 0.41': the most likely Adience age class and its probability")
+    if "gender" in kinds:
+        lines.append("e.g. 'female 0.82': the more likely gender and its probability (p female + p male = 1)")
+    lines += [f"unc N%: predictive entropy as a share of its maximum ({how})",
+              f"orange box and line, '?': the model cannot decide: unc > {UNDECIDED_ENTROPY_SHARE:.0%} or mutual information "
+              f"> {UNDECIDED_MI} nats"]
+    return lines
+
+
+def annotate(image: np.ndarray, faces: list[dict], mc_samples: int = 32, cautions: dict | None = None) -> np.ndarray:
+    """A copy of the photo with each face's box and labels, placed inside the image and off
+    each other, and a legend in a band added at the foot."""
+    height, width = image.shape[:2]
+    thick = max(1, round(max(height, width) / 800))
+    scale = 0.4 * max(1.0, max(height, width) / 800)
     out = image.copy()
-    thick = max(1, round(max(image.shape[:2]) / 500))
-    for face in faces:
+    placed: list[tuple[int, int, int, int]] = []
+    for face in sorted(faces, key=lambda f: (f["bbox"][1], f["bbox"][0])):
         x1, y1, x2, y2 = (int(round(v)) for v in face["bbox"])
-        label = []
-        if "age" in face:
-            label.append(f"{face['age']['expected_age']:.0f}y")
-        if "gender" in face:  # the sex seen and how sure the model is of it
-            p = face["gender"]["p_male"]
-            label.append(f"{'M' if p >= 0.5 else 'F'} {max(p, 1 - p):.2f}")
-        text = " ".join(label)
-        cv2.rectangle(out, (x1, y1), (x2, y2), (0, 200, 0), thick)
-        scale = 0.5 * thick
-        (w, h), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thick)
-        top = max(y1 - h - base - 2, 0)
-        cv2.rectangle(out, (x1, top), (x1 + w + 2, top + h + base + 2), (0, 200, 0), -1)
-        cv2.putText(out, text, (x1 + 1, top + h + 1), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick,
-                    cv2.LINE_AA)
-    return out
+        lines = face_labels(face, cautions or {})
+        unsure = any(colour == UNSURE for _, colour in lines)
+        cv2.rectangle(out, (x1, y1), (x2, y2), UNSURE if unsure else DECIDED, thick + unsure)
+        sizes = [cv2.getTextSize(t, FONT, scale, thick) for t, _ in lines]
+        line_h = max((h + b for (_, h), b in sizes), default=0) + 4
+        w, h = max((sw for (sw, _), _ in sizes), default=0) + 4, line_h * len(lines)
+        if not lines:
+            continue
+        left, top = label_place(x1, y1, y2, w, h, width, height, placed)
+        placed.append((left, top, left + w, top + h))
+        for i, (text, colour) in enumerate(lines):
+            y = top + i * line_h
+            cv2.rectangle(out, (left, y), (left + w, y + line_h), colour, -1)
+            cv2.putText(out, text, (left + 2, y + line_h - 5), FONT, scale, INK, thick, cv2.LINE_AA)
+    return add_legend(out, legend_lines(faces, mc_samples, cautions), scale, thick)
+
+
+def label_place(x1: int, y1: int, y2: int, w: int, h: int, width: int, height: int,
+                placed: list[tuple[int, int, int, int]]) -> tuple[int, int]:
+    """Top-left corner of a w x h label: above the box, else below it, else stepped down until it
+    overlaps no label already placed; always inside the image."""
+    left = min(max(x1, 0), max(width - w, 0))
+    candidates = [y1 - h, y2] + list(range(max(y1 - h, 0), height - h + 1, max(h // 2, 1)))
+    for top in candidates:
+        top = min(max(top, 0), max(height - h, 0))
+        box = (left, top, left + w, top + h)
+        if not any(_overlap(box, p) for p in placed):
+            return left, top
+    return left, min(max(y1 - h, 0), max(height - h, 0))
+
+
+def _overlap(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def add_legend(image: np.ndarray, lines: list[str], scale: float, thick: int) -> np.ndarray:
+    """The image on a white band holding the legend, its lines wrapped to the image's width."""
+    lines = [part for line in lines for part in _wrap(line, image.shape[1] - 12, scale, thick)]
+    line_h = cv2.getTextSize("Ag", FONT, scale, thick)[0][1] + 10
+    band = np.full((line_h * len(lines) + 8, image.shape[1], 3), 255, dtype=image.dtype)
+    red = False
+    for i, text in enumerate(lines):
+        red = text.startswith("WARNING") or (red and text.startswith("  "))
+        cv2.putText(band, text, (6, (i + 1) * line_h), FONT, scale, (0, 0, 220) if red else INK, thick, cv2.LINE_AA)
+    return np.vstack([image, band])
 
 
 def write_image(path: str | Path, image: np.ndarray) -> None:
@@ -177,7 +278,19 @@ def predict_images(paths: list[str], predictor: Predictor, annotate_to: str | No
         faces = predictor.faces(image)
         result = {"image": path, "faces": faces}
         if target is not None:
-            write_image(target, annotate(image, faces))
+            write_image(target, annotate(image, faces, predictor.mc_samples, predictor.cautions))
             result["annotated"] = str(target)
         results.append(result)
     return results
+
+
+def _wrap(text: str, width: int, scale: float, thick: int) -> list[str]:
+    out, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}" if line else word
+        if line and cv2.getTextSize(trial, FONT, scale, thick)[0][0] > width:
+            out.append(line)
+            line = "  " + word  # a continuation, indented
+        else:
+            line = trial
+    return out + [line]

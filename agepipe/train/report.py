@@ -18,7 +18,8 @@ from agepipe.train.data import class_names
 
 PLOTS = {"learning_curves.png": "learning curves", "confusion_matrix.png": "confusion matrix",
          "reliability.png": "reliability diagram", "risk_coverage.png": "risk-coverage"}
-ROWS = [("accuracy", "accuracy"), ("one_off_accuracy", "1-off accuracy"), ("mae_years", "MAE (years)"),
+ROWS = [("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
+        ("one_off_accuracy", "1-off accuracy"), ("mae_years", "MAE (years)"),
         ("cross_entropy", "cross-entropy (nats)"), ("ece", "expected calibration error"),
         ("mean_predictive_entropy", "mean predictive entropy (nats)"),
         ("mean_mutual_information", "mean mutual information (nats)")]
@@ -33,6 +34,10 @@ def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def _ci(ci) -> str:
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "-"
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -50,34 +55,193 @@ def write_report(run_dir: str | Path) -> Path:
     if history:
         plot_learning_curves(history, run_dir / "learning_curves.png")
     plot_confusion(np.array(test["confusion_matrix"]), class_names(task), run_dir / "confusion_matrix.png")
-    plot_reliability(test, run_dir / "reliability.png")
-    plot_risk_coverage(test["risk_coverage"], run_dir / "risk_coverage.png")
+    curves = [("deterministic", test["reliability"])]
+    if "mc" in test:
+        curves.append((f"MC dropout K={test['mc']['samples']}", test["mc"]["reliability"]))
+    plot_reliability(curves, run_dir / "reliability.png")
+    plot_risk_coverage([("this run", test["risk_coverage"])], test["risk_coverage"]["measure"]
+                       if "measure" in test["risk_coverage"] else "predictive entropy", run_dir / "risk_coverage.png")
 
     data, mc = config["data"], test.get("mc")
+    balance = config.get("train", {}).get("balance")
     lines = [f"# {task} run: {run_dir.name}", "",
              f"- feature set `{data['feature_set']}`, datasets {', '.join(data['datasets'])}, "
              f"test fold {data['test_fold']}",
              "- rows: " + ", ".join(f"{k} {v}" for k, v in data.get("split_sizes", {}).items()),
+             "- classes: " + ", ".join(test.get("classes", class_names(task))),
              "- model: " + ", ".join(f"{k} {v}" for k, v in config["model"].items()),
              f"- best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')}, "
              f"training {metrics.get('train_seconds', math.nan):.1f} s"
-             + (f", initialised from `{config['init']}`" if config.get("init") else ""),
-             "", "## Test metrics", "",
-             "| metric | deterministic | " + (f"MC dropout (K={mc['samples']}) |" if mc else ""),
-             "| --- | --- | " + ("--- |" if mc else "")]
+             + (f", class-balanced ({balance})" if balance else "")
+             + (f", initialised from `{config['init']}`" if config.get("init") else ""), ""]
+    lines += warnings_section(metrics.get("train_warnings", []) + test.get("warnings", []))
+    lines += headline_section(task, test)
+    lines += ["## Test metrics", "",
+              "| metric | deterministic | " + (f"MC dropout (K={mc['samples']}) |" if mc else ""),
+              "| --- | --- | " + ("--- |" if mc else "")]
     for key, label in ROWS:
         if key in test or (mc and key in mc):
             lines.append(f"| {label} | {_fmt(test.get(key))} | " + (f"{_fmt(mc.get(key))} |" if mc else ""))
-    rc = test["risk_coverage"]
-    lines += ["", f"Validation accuracy {_fmt(metrics['val'].get('accuracy'))} "
-              f"({metrics['val'].get('n')} rows, subject-disjoint from training).", "",
-              "Accuracy when only the most certain predictions are kept: " +
-              ", ".join(f"{float(c):.0%} kept {_fmt(a)}" for c, a in rc["accuracy_at"].items()) +
-              f"; area under the risk-coverage curve {_fmt(rc['aurc'])}.", ""]
-    lines += [f"![{title}]({name})" for name, title in PLOTS.items() if (run_dir / name).exists()]
+    lines += ["", f"Validation accuracy {_fmt(metrics['val'].get('accuracy'))}, balanced "
+              f"{_fmt(metrics['val'].get('balanced_accuracy'))} ({metrics['val'].get('n')} rows, "
+              "subject-disjoint from training).", ""]
+    lines += per_class_section(test.get("per_class"))
+    lines += reliability_section(headline_reliability(test))
+    lines += risk_coverage_section(test["risk_coverage"])
+    lines += ["## Plots", ""] + [f"![{title}]({name})" for name, title in PLOTS.items() if (run_dir / name).exists()]
+    if (run_dir / "predictions.parquet").exists():
+        lines += ["", "Per-photo predictions (val and test): `predictions.parquet` with image_id, dataset, split, "
+                  "label, prediction, correct, probabilities (in the order of the classes above), entropy, "
+                  "mutual_information (nats)."]
     path = run_dir / "report.md"
     write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def headline_reliability(split: dict) -> dict:
+    return split["mc"]["reliability"] if "mc" in split else split["reliability"]
+
+
+def warnings_section(warnings: list[str]) -> list[str]:
+    if not warnings:
+        return ["## Warnings", "", "none", ""]
+    return ["## Warnings", ""] + [f"- **warning:** {w}" for w in warnings] + [""]
+
+
+def headline_section(task: str, test: dict) -> list[str]:
+    h = test.get("mc", test)
+    ci = test.get("bootstrap_95", {})
+    which = test.get("prediction", "deterministic")
+    lines = ["## Headline (test fold)", "",
+             f"Prediction: {which}. 95% intervals from {ci.get('resamples', 0)} bootstrap resamples of the "
+             f"{test['n']} test rows.", "",
+             "| | accuracy | balanced accuracy |", "| --- | --- | --- |",
+             f"| model | {_fmt(h['accuracy'])} {_ci(ci.get('accuracy'))} | "
+             f"{_fmt(h.get('balanced_accuracy'))} {_ci(ci.get('balanced_accuracy'))} |"]
+    base = test.get("majority_baseline")
+    if base:
+        lines.append(f"| majority baseline (always {base['class']}) | {_fmt(base['accuracy'])} | "
+                     f"{_fmt(base['balanced_accuracy'])} |")
+        from agepipe.train.evaluate import baseline_sentence
+        sentence = baseline_sentence(task, test)
+        lines += ["", sentence[0].upper() + sentence[1:] + "."]
+    return lines + [""]
+
+
+def per_class_section(rows: list[dict] | None) -> list[str]:
+    if not rows:
+        return []
+    lines = ["## Per class (test)", "", "| class | support | predicted | precision | recall |",
+             "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['class']} | {r['support']} | {r['predicted']} | {_fmt(r['precision'])} | {_fmt(r['recall'])} |"
+              for r in rows if r["support"] or r["predicted"]]
+    return lines + ["", "Classes with no test row and no prediction are left out.", ""]
+
+
+def reliability_section(rel: dict) -> list[str]:
+    lines = ["## Reliability (test, final prediction)", "",
+             f"Expected calibration error {rel['ece']:.4f}. Bins of top-class probability with their row counts:", "",
+             "| bin | rows | mean confidence | accuracy |", "| --- | --- | --- | --- |"]
+    edges = rel["bin_edges"]
+    for k, n in enumerate(rel["bin_count"]):
+        if n:
+            lines.append(f"| {edges[k]:.2f}-{edges[k + 1]:.2f} | {n} | {_fmt(rel['bin_confidence'][k])} | "
+                         f"{_fmt(rel['bin_accuracy'][k])} |")
+    return lines + [""]
+
+
+def risk_coverage_section(rc: dict) -> list[str]:
+    measure = rc.get("measure", "predictive entropy")
+    lines = ["## Risk-coverage (test)", "",
+             f"Uncertainty measure: {measure}; the most uncertain predictions are set aside first. "
+             f"A random ranking keeps accuracy {_fmt(rc.get('random_accuracy'))} at every coverage "
+             f"(AURC {_fmt(rc.get('random_aurc'))}); this ranking's AURC is {_fmt(rc['aurc'])} (lower is better). "
+             f"Error AUROC {_fmt(rc.get('error_auroc'))}: the chance an error is ranked more uncertain than a "
+             "correct prediction (0.5 = random).", "",
+             "| coverage | accuracy | random ranking |", "| --- | --- | --- |"]
+    lines += [f"| {float(c):.0%} | {_fmt(a)} | {_fmt(rc.get('random_accuracy'))} |" for c, a in rc["accuracy_at"].items()]
+    return lines + [""]
+
+
+def write_cv_report(out_dir: str | Path, run_dirs: list[str | Path]) -> Path:
+    """OUT/report.md for a cross-validation: a report per fold run (written if missing), the
+    metrics of every run with their baselines, pooled per-class precision and recall and a
+    pooled bootstrap interval, and the same plots across folds."""
+    import pyarrow.parquet as pq
+
+    from agepipe.train.evaluate import (balanced_accuracy, bootstrap_ci, per_class, reliability,
+                                        risk_coverage)
+
+    out_dir, runs = Path(out_dir), [Path(r) for r in run_dirs]
+    if not runs:
+        raise ValueError("write_cv_report needs at least one run folder")
+    entries = []
+    for run in runs:
+        if not (run / "report.md").exists():
+            write_report(run)
+        metrics, config = _read(run / "metrics.json"), _read(run / "config.json")
+        test = pq.read_table(run / "predictions.parquet", filters=[("split", "==", "test")]).to_pandas()
+        entries.append((run, config, metrics, test))
+    task = entries[0][1]["task"]
+    names = entries[0][2]["test"].get("classes", class_names(task))
+    index = {c: k for k, c in enumerate(names)}
+
+    def arrays(frame):
+        y = frame["label"].map(index).to_numpy()
+        return y, frame["prediction"].map(index).to_numpy(), np.stack(frame["probabilities"].to_numpy())
+
+    lines = [f"# Cross-validation report: {task}, {len(runs)} runs", "", "- classes: " + ", ".join(names), ""]
+    warnings = [f"{run.name}: {w}" for run, _, m, _ in entries
+                for w in m.get("train_warnings", []) + m["test"].get("warnings", [])]
+    lines += warnings_section(warnings)
+    lines += ["## Every run (test fold)", "",
+              "| run | test fold | rows | accuracy [95% CI] | balanced accuracy [95% CI] | majority baseline "
+              "(balanced) | points over baseline | ECE | error AUROC | report |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    table = {"accuracy": [], "balanced_accuracy": [], "baseline": [], "ece": [], "error_auroc": []}
+    for run, config, metrics, _ in entries:
+        test = metrics["test"]
+        h, ci, base = test.get("mc", test), test.get("bootstrap_95", {}), test.get("majority_baseline", {})
+        rel, rc = headline_reliability(test), test["risk_coverage"]
+        points = 100 * (h["balanced_accuracy"] - base["balanced_accuracy"]) if base else math.nan
+        for key, v in (("accuracy", h["accuracy"]), ("balanced_accuracy", h["balanced_accuracy"]),
+                       ("baseline", base.get("balanced_accuracy", math.nan)), ("ece", rel["ece"]),
+                       ("error_auroc", rc.get("error_auroc", math.nan))):
+            table[key].append(math.nan if v is None else v)
+        lines.append(f"| {run.name} | {config['data'].get('test_fold')} | {test['n']} | {_fmt(h['accuracy'])} "
+                     f"{_ci(ci.get('accuracy'))} | {_fmt(h['balanced_accuracy'])} {_ci(ci.get('balanced_accuracy'))} | "
+                     f"{_fmt(base.get('balanced_accuracy'))} ({base.get('class', '-')}) | {points:+.1f} | "
+                     f"{rel['ece']:.4f} | {_fmt(rc.get('error_auroc'))} | [report]({_rel(run / 'report.md', out_dir)}) |")
+    lines += ["", "| metric | mean +- std over runs |", "| --- | --- |"]
+    lines += [f"| {k.replace('_', ' ')} | {np.nanmean(v):.4f} +- {np.nanstd(v):.4f} |" for k, v in table.items()]
+    y, pred, probs = (np.concatenate(a) for a in zip(*(arrays(t) for *_, t in entries)))
+    entropy = np.concatenate([t["entropy"].to_numpy() for *_, t in entries])
+    pooled_ci = bootstrap_ci(y, pred)
+    lines += ["", "## Pooled over runs (every run's test rows together)", "",
+              f"{len(y)} rows: accuracy {(pred == y).mean():.4f} {_ci(pooled_ci['accuracy'])}, balanced accuracy "
+              f"{balanced_accuracy(y, pred):.4f} {_ci(pooled_ci['balanced_accuracy'])} (95% bootstrap intervals).", ""]
+    lines += per_class_section(per_class(y, pred, names))
+    pooled_rel = reliability(probs, y)
+    lines += reliability_section(pooled_rel)
+    measure = entries[0][2]["test"]["risk_coverage"].get("measure", "predictive entropy")
+    pooled_rc = risk_coverage(entropy, pred == y, measure)
+    lines += risk_coverage_section(pooled_rc)
+    plot_confusion(sum(np.array(m["test"]["confusion_matrix"]) for _, _, m, _ in entries), names,
+                   out_dir / "confusion_matrix.png")
+    plot_reliability([(run.name, reliability(arrays(t)[2], arrays(t)[0])) for run, *_, t in entries]
+                     + [("pooled", pooled_rel)], out_dir / "reliability.png")
+    plot_risk_coverage([(run.name, m["test"]["risk_coverage"]) for run, _, m, _ in entries] + [("pooled", pooled_rc)],
+                       measure, out_dir / "risk_coverage.png")
+    lines += ["## Plots across folds", "", "![confusion matrix, summed over runs](confusion_matrix.png)",
+              "![reliability diagram, one line per run](reliability.png)",
+              "![risk-coverage, one line per run](risk_coverage.png)"]
+    path = out_dir / "report.md"
+    _write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _rel(path: Path, start: Path) -> str:
+    return os.path.relpath(path, start)
 
 
 def write_cv_table(path: Path, cv: dict) -> None:
@@ -124,30 +288,53 @@ def plot_confusion(cm: np.ndarray, names: list[str], path: Path) -> None:
     _save(fig, path)
 
 
-def plot_reliability(test: dict, path: Path) -> None:
-    fig = Figure(figsize=(5, 5))
-    ax = fig.subplots()
+def plot_reliability(curves: list[tuple[str, dict]], path: Path) -> None:
+    """Accuracy against confidence per bin, each point labelled with its row count; below,
+    the rows per bin of the last curve (the final prediction, or the pooled one)."""
+    fig = Figure(figsize=(5.5, 6.5))
+    ax, counts = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
-    curves = [("deterministic", test["reliability"])]
-    if "mc" in test:
-        curves.append((f"MC dropout K={test['mc']['samples']}", test["mc"]["reliability"]))
     for label, rel in curves:
-        conf = [c for c, n in zip(rel["bin_confidence"], rel["bin_count"]) if n]
-        acc = [a for a, n in zip(rel["bin_accuracy"], rel["bin_count"]) if n]
-        ax.plot(conf, acc, marker="o", label=f"{label} (ECE {rel['ece']:.3f})")
-    ax.set_xlabel("confidence (top-class probability)")
+        kept = [(c, a, n) for c, a, n in zip(rel["bin_confidence"], rel["bin_accuracy"], rel["bin_count"]) if n]
+        if not kept:
+            continue
+        conf, acc, n = zip(*kept)
+        line, = ax.plot(conf, acc, marker="o", label=f"{label} (ECE {rel['ece']:.3f})")
+        if len(curves) <= 3:
+            for c, a, k in kept:
+                ax.annotate(f"n={k}", (c, a), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                            color=line.get_color())
+    last = curves[-1][1]
+    edges = np.array(last["bin_edges"])
+    counts.bar(edges[:-1], last["bin_count"], width=np.diff(edges), align="edge", color="tab:grey",
+               edgecolor="white")
+    counts.set_ylabel(f"rows ({curves[-1][0]})")
+    counts.set_xlabel("confidence (top-class probability)")
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.legend(loc="upper left")
+    ax.set_ylim(0, 1.05)
+    ax.legend(loc="upper left", fontsize=7)
     _save(fig, path)
 
 
-def plot_risk_coverage(rc: dict, path: Path) -> None:
-    fig = Figure(figsize=(5, 4))
+def plot_risk_coverage(curves: list[tuple[str, dict]], measure: str, path: Path) -> None:
+    """Accuracy as the most uncertain predictions are set aside, against a random ranking
+    (which keeps the overall accuracy at every coverage)."""
+    fig = Figure(figsize=(6, 4.5))
     ax = fig.subplots()
-    ax.plot(rc["coverage"], rc["accuracy"])
+    for label, rc in curves:
+        line, = ax.plot(rc["coverage"], rc["accuracy"], label=f"{label} (AURC {rc['aurc']:.3f})")
+        if rc.get("random_accuracy") is not None and len(curves) <= 3:
+            ax.axhline(rc["random_accuracy"], color=line.get_color(), linestyle=":",
+                       label=f"{label}: random ranking (AURC {rc['random_aurc']:.3f})")
+    if len(curves) > 3:
+        rc = curves[-1][1]
+        ax.axhline(rc["random_accuracy"], color="black", linestyle=":",
+                   label=f"{curves[-1][0]}: random ranking (AURC {rc['random_aurc']:.3f})")
+    ax.set_title(f"ranked by {measure}", fontsize=9)
     ax.set_xlabel("coverage (share of predictions kept, most certain first)")
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, loc="lower left")
     _save(fig, path)

@@ -77,3 +77,60 @@ def test_mc_dropout_without_dropout_has_no_mutual_information():
     model = ResMLP(ModelConfig(num_classes=3, dropout=0.0)).eval()
     mc = mc_dropout(model, torch.randn(8, 512), samples=4)
     assert np.allclose(mc.mutual_information, 0, atol=1e-6)
+
+
+def test_balanced_accuracy_per_class_and_majority_baseline():
+    from agepipe.train.evaluate import balanced_accuracy, majority_baseline, per_class
+
+    y = np.array([0, 0, 0, 0, 1, 1])
+    pred = np.array([0, 0, 0, 1, 1, 0])
+    assert balanced_accuracy(y, pred) == pytest.approx((3 / 4 + 1 / 2) / 2)
+    assert balanced_accuracy(y, np.zeros(6, int)) == 0.5  # a constant guess scores 1/classes
+    rows = per_class(y, pred, ["female", "male"])
+    assert rows[0] == {"class": "female", "support": 4, "predicted": 4, "precision": 0.75, "recall": 0.75}
+    assert rows[1]["precision"] == 0.5 and rows[1]["recall"] == 0.5
+    assert per_class(y, np.zeros(6, int), ["female", "male"])[1]["precision"] is None
+    # the baseline is the training split's majority, scored on the test rows
+    base = majority_baseline(np.array([1, 1, 1, 0]), y, ["female", "male"])
+    assert base == {"class": "male", "accuracy": pytest.approx(2 / 6), "balanced_accuracy": 0.5}
+
+
+def test_bootstrap_interval_holds_the_estimate_and_narrows_with_rows():
+    from agepipe.train.evaluate import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    pred = np.where(rng.random(400) < 0.8, y, 1 - y)
+    small, large = bootstrap_ci(y[:40], pred[:40]), bootstrap_ci(y, pred)
+    acc = (pred == y).mean()
+    assert large["accuracy"][0] < acc < large["accuracy"][1]
+    assert np.diff(large["accuracy"])[0] < np.diff(small["accuracy"])[0]
+    assert large["balanced_accuracy"][0] < large["balanced_accuracy"][1]
+
+
+def test_risk_coverage_names_its_measure_and_the_random_baseline():
+    correct = np.array([True, True, False, False])
+    good = risk_coverage(np.array([0.1, 0.2, 0.8, 0.9]), correct, "MI")
+    bad = risk_coverage(np.array([0.9, 0.8, 0.2, 0.1]), correct)
+    assert good["measure"] == "MI" and good["random_accuracy"] == 0.5 and good["random_aurc"] == 0.5
+    assert good["error_auroc"] == 1.0 and bad["error_auroc"] == 0.0
+    assert good["aurc"] < good["random_aurc"] < bad["aurc"]
+    tied = risk_coverage(np.zeros(4), correct)
+    assert tied["error_auroc"] == 0.5
+
+
+def test_warnings_for_a_constant_model_and_an_uncertainty_worse_than_chance():
+    from agepipe.train.evaluate import baseline_sentence, split_warnings
+
+    split = {"classes": ["female", "male"], "n": 4, "balanced_accuracy": 0.5,
+             "majority_baseline": {"class": "male", "accuracy": 0.5, "balanced_accuracy": 0.5},
+             "risk_coverage": {"measure": "predictive entropy", "error_auroc": 0.2}}
+    warnings = split_warnings(split, np.ones(4, int))
+    assert any("predicts one class (male) for all 4 rows" in w for w in warnings)
+    assert any("does not beat the majority baseline" in w for w in warnings)
+    assert any("ranks errors worse than chance" in w for w in warnings)
+    assert "does not beat the majority baseline: too little data" in baseline_sentence("gender", split)
+    split.update(balanced_accuracy=0.9, bootstrap_95={"balanced_accuracy": [0.8, 0.95]})
+    split["risk_coverage"]["error_auroc"] = 0.7
+    assert split_warnings(split, np.array([0, 1, 1, 0])) == []
+    assert baseline_sentence("gender", split).startswith("the gender model beats the majority baseline by 40 points")

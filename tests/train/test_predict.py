@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from agepipe.cli import cli
 from agepipe.train.checkpoint import CheckpointError, load_checkpoint
 from agepipe.train.loop import train
-from agepipe.train.predict import Predictor
+from agepipe.train.predict import (UNDECIDED_ENTROPY_SHARE, UNDECIDED_MI, Predictor, face_labels,
+                                   label_place, legend_lines)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,47 @@ def test_predict_json_and_annotation(runs, photos, tmp_path):
         assert 1 <= face["age"]["expected_age"] <= 80
         assert 0 <= face["gender"]["p_male"] <= 1
         assert face["age"]["predictive_entropy"] >= 0 and face["gender"]["mutual_information"] >= 0
+        for kind in ("age", "gender"):  # the text leads with what the image shows
+            d = face[kind]
+            assert f"{d['predicted']} {d['probability']:.2f}" in " ".join(t for t, _ in face_labels(face))
+            assert d["undecided"] == (d["entropy_share"] > UNDECIDED_ENTROPY_SHARE
+                                      or d["mutual_information"] > UNDECIDED_MI)
+        assert face["gender"]["p_female"] + face["gender"]["p_male"] == pytest.approx(1, abs=2e-4)
     drawn = cv2.imread(str(annotated))
-    assert drawn.shape == image.shape and not np.array_equal(drawn, image)
+    # the photo, untouched outside the labels, above a white legend band
+    assert drawn.shape[1] == image.shape[1] and drawn.shape[0] > image.shape[0]
+    assert not np.array_equal(drawn[:image.shape[0]], image)
+    band = drawn[image.shape[0]:]
+    assert (band > 200).mean() > 0.8 and (band < 100).any()
+
+
+def test_labels_stay_inside_the_image_and_off_each_other():
+    placed = []
+    width, height = 400, 300
+    # five faces side by side at the top edge, labels wider than the faces, one at the right edge
+    for x in (0, 40, 80, 120, 360):
+        left, top = label_place(x, 2, 40, 120, 30, width, height, placed)
+        assert 0 <= left and left + 120 <= width and 0 <= top and top + 30 <= height
+        box = (left, top, left + 120, top + 30)
+        assert not any(box[0] < p[2] and p[0] < box[2] and box[1] < p[3] and p[1] < box[3] for p in placed)
+        placed.append(box)
+
+
+def test_predict_text_and_legend_say_what_the_numbers_are(runs, photos):
+    age, gender = runs
+    result = CliRunner().invoke(cli, ["predict", str(photos["astronaut"]), "--age-model", str(age),
+                                      "--gender-model", str(gender), "--mc-samples", "8"])
+    assert result.exit_code == 0, result.output
+    line = result.output.split("face 0: ")[1]
+    assert "(p female " in line or "(p male " in line
+    assert "expected age" in line and "% of max" in line
+    lines = legend_lines([{"age": {}, "gender": {}}], 8, {"gender": "the gender model did not beat ..."})
+    assert lines[0].startswith("WARNING ('!', grey): the gender model")
+    face = {"gender": {"predicted": "male", "probability": 0.99, "entropy_share": 0.1, "undecided": False}}
+    assert face_labels(face)[0][0] == "male 0.99 unc 10%"
+    assert face_labels(face, {"gender": "..."})[0][0] == "male 0.99 unc 10% !"
+    assert any("p female + p male = 1" in t for t in lines) and any("mean of 8 MC-dropout passes" in t for t in lines)
+    assert any(f"mutual information > {UNDECIDED_MI} nats" in t for t in lines)
 
 
 def test_deterministic_prediction_is_the_model_on_the_face_embedding(runs, photos, embedder):

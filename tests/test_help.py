@@ -1,0 +1,63 @@
+"""Help texts and README claims that once said something untrue."""
+import re
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from agepipe.cli import cli
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+
+
+def help_of(*args) -> str:
+    result = CliRunner().invoke(cli, [*args, "--help"], terminal_width=80)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_group_help_lists_each_command_once_and_whole():
+    text = help_of()
+    for name in cli.commands:
+        assert len(re.findall(rf"^  {name}\b", text, flags=re.M)) == 1, name
+    assert "..." not in text.split("Commands:")[1]  # no short help cut off
+
+
+def test_models_help_offers_only_commands_that_exist():
+    text = help_of("models")
+    assert "check" not in text
+    assert set(re.findall(r"^  (\w+)  ", text.split("Commands:")[1], flags=re.M)) == set(cli.commands["models"].commands)
+    assert "..." not in text.split("Commands:")[1]
+
+
+def test_train_help_names_the_sample_dataset_and_shows_defaults():
+    text = " ".join(help_of("train").split())
+    assert "sample" in text and "gamma 0.39479" in text
+    assert "[default: 0;" in text and "[default: 32;" in text and "default: auto]" in text
+
+
+def test_readme_default_pack_agrees_with_the_option():
+    default = next(p for p in cli.commands["extract"].params if p.name == "pack").default
+    assert default == "buffalo_s"
+    assert "`--models` defaults to `buffalo_s`" in README
+    assert "buffalo_l` (default" not in README
+
+
+def test_demo_does_not_import_the_cli():
+    source = (Path(__file__).parents[1] / "agepipe" / "demo.py").read_text()
+    assert "agepipe.cli" not in source and "STEPS" not in source
+
+
+def test_every_command_has_a_short_help():
+    from agepipe.cli import SHORT_HELP
+
+    assert set(SHORT_HELP) == set(cli.commands)
+
+
+def test_train_help_states_the_paper_values_the_code_uses():
+    from agepipe.train.loop import PAPER_TRAIN
+
+    text = " ".join(help_of("train").split())
+    for task in ("age", "gender"):
+        cfg = PAPER_TRAIN[task]
+        assert f"{task}: batch {cfg.batch_size}, lr {cfg.lr}" in text, task  # 0.001167 within 0.0011670
+        assert f"weight decay {cfg.weight_decay}" in text and f"gamma {cfg.gamma}" in text

@@ -1,0 +1,62 @@
+"""Run reports and the cross-validation report, from real runs on a synthetic store."""
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from agepipe.train.data import AGE_BINS
+from agepipe.train.loop import train
+from agepipe.train.report import write_cv_report
+
+HEADINGS = ["## Warnings", "## Headline (test fold)", "## Test metrics", "## Per class (test)",
+            "## Reliability (test, final prediction)", "## Risk-coverage (test)"]
+
+
+@pytest.fixture(scope="module")
+def cv_runs(gaussian_store, tmp_path_factory):
+    store, _ = gaussian_store
+    out = tmp_path_factory.mktemp("cv")
+    said = []
+    result = train(store, ["adience"], "age", out, cv=True, mc_samples=8, progress=False,
+                   train_overrides={"epochs": 3}, echo=said.append)
+    # a line as each run ends, not one at the very end
+    assert [line.split(":")[0] for line in said] == [f"run {i}/5" for i in range(1, 6)]
+    return out, [out / f"fold{r['fold']}-seed{r['seed']}" for r in result["runs"]]
+
+
+def test_every_run_has_predictions_class_names_and_a_baseline(cv_runs):
+    _, runs = cv_runs
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    test = metrics["test"]
+    assert test["classes"] == list(AGE_BINS)
+    assert test["majority_baseline"]["class"] in AGE_BINS
+    assert len(test["per_class"]) == 8 and sum(r["support"] for r in test["per_class"]) == test["n"]
+    lo, hi = test["bootstrap_95"]["balanced_accuracy"]
+    assert lo <= test["mc"]["balanced_accuracy"] <= hi
+    table = pq.read_table(runs[0] / "predictions.parquet").to_pandas()
+    for column in ("image_id", "label", "prediction", "probabilities", "entropy", "mutual_information"):
+        assert column in table
+    tested = table[table.split == "test"]
+    assert len(tested) == test["n"] and set(tested.label) <= set(AGE_BINS)
+    assert np.allclose(np.stack(tested.probabilities).sum(1), 1, atol=1e-4)
+    assert (tested.correct == (tested.label == tested.prediction)).all()
+    assert tested.mutual_information.notna().all() and (tested.entropy >= 0).all()
+
+
+def test_cv_report_has_every_section_and_a_report_per_fold(cv_runs):
+    out, runs = cv_runs
+    text = write_cv_report(out, runs).read_text()
+    for heading in ["## Warnings", "## Every run (test fold)", "## Pooled over runs", "## Per class (test)",
+                    "## Reliability (test, final prediction)", "## Risk-coverage (test)", "## Plots across folds"]:
+        assert heading in text, heading
+    assert "random ranking" in text and "Uncertainty measure: MC-dropout predictive entropy (K=8)" in text
+    assert "majority baseline" in text and "95%" in text
+    for run in runs:
+        assert f"[report]({run.name}/report.md)" in text
+        report = (run / "report.md").read_text()
+        for heading in HEADINGS:
+            assert heading in report, (run, heading)
+        assert "| rows |" in report  # the reliability bins with their counts
+    for plot in ("reliability.png", "risk_coverage.png", "confusion_matrix.png"):
+        assert (out / plot).stat().st_size > 5000
