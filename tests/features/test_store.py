@@ -7,7 +7,7 @@ import pytest
 
 from agepipe.datasets.manifest import write_manifest
 from agepipe.features import store as fstore
-from agepipe.pipeline.extract import read_manifest
+from agepipe.pipeline.extract import manifest_table
 
 FS = "fs-test"
 
@@ -75,14 +75,14 @@ def test_manifest_face_hint_is_nan_filled_and_old_manifests_read(tmp_path):
                           "face_hint": [None, [1.0, 2.0, 30.0, 40.0]], "status": ["ok", "ok"]})
     path = write_manifest(frame, tmp_path / "new" / "manifest.parquet")
     assert_no_nulls_in_lists(path)
-    hints = read_manifest(str(tmp_path), "new")["face_hint"].to_pylist()
+    hints = manifest_table(str(tmp_path), "new")["face_hint"].to_pylist()
     assert np.isnan(hints[0]).all() and hints[1] == [1.0, 2.0, 30.0, 40.0]
     # a manifest as agepipe 0.1.0 wrote it: a null face_hint
     old = pa.Table.from_pandas(frame, preserve_index=False).cast(fstore.MANIFEST_SCHEMA)
     (tmp_path / "old").mkdir()
     pq.write_table(old, tmp_path / "old" / "manifest.parquet")
     assert pq.read_table(tmp_path / "old" / "manifest.parquet")["face_hint"].null_count == 1
-    assert read_manifest(str(tmp_path), "old")["face_hint"].to_pylist()[1] == [1.0, 2.0, 30.0, 40.0]
+    assert manifest_table(str(tmp_path), "old")["face_hint"].to_pylist()[1] == [1.0, 2.0, 30.0, 40.0]
 
 
 def test_a_store_written_with_nulls_still_loads(tmp_path):
