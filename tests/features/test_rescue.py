@@ -166,7 +166,7 @@ def test_extract_and_embed_count_and_keep_rescued_faces(photos, embedder, buffal
     import pyarrow.parquet as pq
 
     from agepipe.features.embed import embed_files, feature_identity
-    from agepipe.pipeline.extract import ExtractConfig, extract_shard, summarize
+    from agepipe.pipeline.extract import ExtractConfig, extract_shard, run_stats
 
     image = read_image(str(photos["obama"]))
     box = embedder.detector([image])[0].boxes[0]
@@ -190,7 +190,7 @@ def test_extract_and_embed_count_and_keep_rescued_faces(photos, embedder, buffal
     result = extract_shard({"rows": rows, "data_root": str(data), "store": str(tmp_path / "store"),
                             "feature_set": "fs", "dataset": "d", "index": 0, "config": cfg.__dict__})
     assert result["faces_rescued"] == 1 and "faces_rescued" not in result["timings"]
-    assert summarize([result, {**result, "index": 1}], 1.0)["faces_rescued"] == 2
+    assert run_stats([result, {**result, "index": 1}], 1.0)["faces_rescued"] == 2
     shard = pq.read_table(next((tmp_path / "store").rglob("part-*.parquet")))
     assert shard["status"].to_pylist() == ["ok", "no_face", "ok"]
     assert shard["n_faces"].to_pylist() == [1, 0, 6]
