@@ -42,7 +42,7 @@ def reset_auth(endpoint, after_requests):
     import urllib.request
 
     urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=after_requests.encode(),
-                                                  method="POST")).read()
+                                                  headers={"Content-Type": "text/plain"}, method="POST")).read()
 
 
 def test_extract_into_s3_resumes_and_reads_back(s3, tmp_path, monkeypatch):
