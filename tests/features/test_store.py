@@ -21,6 +21,8 @@ def shard_rows(n: int, start: int = 0, seed: int = 0, ok_every: int = 3, nulls: 
     ok = np.arange(n) % ok_every != 0
     def lists(values, width):
         if nulls:
+            if int(pa.__version__.split(".")[0]) < 26:   # the lowest-versions environment (.ci/run)
+                pytest.skip(f"pyarrow {pa.__version__} cannot read a fixed_size_list column with nulls")
             return pa.FixedSizeListArray.from_arrays(pa.array(np.asarray(values, np.float32).reshape(-1)), width,
                                                      mask=pa.array(~ok))
         return fstore.fixed_list(values, width, ok)
@@ -78,6 +80,8 @@ def test_manifest_face_hint_is_nan_filled_and_old_manifests_read(tmp_path):
     hints = manifest_table(str(tmp_path), "new")["face_hint"].to_pylist()
     assert np.isnan(hints[0]).all() and hints[1] == [1.0, 2.0, 30.0, 40.0]
     # a manifest as agepipe 0.1.0 wrote it: a null face_hint
+    if int(pa.__version__.split(".")[0]) < 26:   # the lowest-versions environment (.ci/run)
+        pytest.skip(f"pyarrow {pa.__version__} cannot read a fixed_size_list column with nulls")
     old = pa.Table.from_pandas(frame, preserve_index=False).cast(fstore.MANIFEST_SCHEMA)
     (tmp_path / "old").mkdir()
     pq.write_table(old, tmp_path / "old" / "manifest.parquet")
