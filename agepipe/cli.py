@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import click
 
@@ -368,6 +369,10 @@ def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, bat
               help="Epochs without a lower validation loss before stopping (paper: 5).")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Dropout rate (paper: 0.05; 0 removes dropout and MC dropout with it).")
+@click.option("--balance", is_flag=True,
+              help="Class-balanced loss: each class's rows weigh n / (k * n_class) in the cross-entropy, counted "
+                   "on the run's training split (k classes present), so every class counts as much as the "
+                   "majority; the validation loss that picks the best epoch is weighted the same way.")
 @click.option("--no-batch-norm", is_flag=True, help="Ablation: no BatchNorm in the IC layers.")
 @click.option("--no-skip", is_flag=True, help="Ablation: no skip connections in the residual blocks.")
 @click.option("--blocks", type=click.IntRange(0, 8), default=None, help="Downsampling stages (paper: 2 age, 4 gender).")
@@ -378,7 +383,7 @@ def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, bat
 @click.option("--mc-samples", type=click.IntRange(0), default=32, show_default=True,
               help="MC-dropout passes for the test metrics (0: none).")
 def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, init, epochs, batch_size, lr,
-          weight_decay, gamma, patience, dropout, no_batch_norm, no_skip, blocks, residuals_per_block,
+          weight_decay, gamma, patience, dropout, balance, no_batch_norm, no_skip, blocks, residuals_per_block,
           min_det_score, device, mc_samples):
     """Train the MLP of Kim 2021 on cached embeddings from the feature store.
 
@@ -396,21 +401,26 @@ def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, i
       agepipe train --dataset adience --task age --init runs/pre
     """
     from agepipe.train.checkpoint import CheckpointError
+    from agepipe.train.loop import TrainingWarning
     from agepipe.train.loop import train as train_model
 
     out = out or os.path.join("runs", f"{task}-{'+'.join(datasets)}-" + ("cv" if cv else f"fold{test_fold}"))
     model_overrides = {"dropout": dropout, "num_blocks": blocks, "residuals_per_block": residuals_per_block,
                        "batch_norm": False if no_batch_norm else None, "skip": False if no_skip else None}
     train_overrides = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                       "gamma": gamma, "patience": patience, "seed": seed}
+                       "gamma": gamma, "patience": patience, "seed": seed, "balance": balance or None}
     try:
-        result = train_model(store, list(datasets), task, out, feature_set=feature_set, test_fold=test_fold,
-                             cv=cv, seeds=seeds, init=init, device=device, min_det_score=min_det_score,
-                             mc_samples=mc_samples, model_overrides=model_overrides,
-                             train_overrides=train_overrides, progress=sys.stderr.isatty(),
-                             echo=None if sys.stderr.isatty() else click.echo)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TrainingWarning)  # echoed below, once, without a traceback line
+            result = train_model(store, list(datasets), task, out, feature_set=feature_set, test_fold=test_fold,
+                                 cv=cv, seeds=seeds, init=init, device=device, min_det_score=min_det_score,
+                                 mc_samples=mc_samples, model_overrides=model_overrides,
+                                 train_overrides=train_overrides, progress=sys.stderr.isatty(),
+                                 echo=None if sys.stderr.isatty() else click.echo)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         raise click.ClickException(str(e)) from None
+    for message in result["warnings"] if cv else result["train_warnings"]:
+        click.echo(f"warning: {message}", err=True)
     if cv:
         from agepipe.train.report import write_cv_report
 

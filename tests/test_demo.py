@@ -31,6 +31,7 @@ def test_demo_runs_the_whole_chain(tmp_path):
     for task in ("age", "gender"):
         model, config = load_checkpoint(work / "runs" / task)
         assert config["task"] == task and config["data"]["test_fold"] == 0
+        assert config["train"]["balance"] is True
         assert (work / "runs" / task / "report.md").exists()
         predictions = pq.read_table(work / "runs" / task / "predictions.parquet").to_pandas()
         assert (predictions.split == "test").sum() == 12

@@ -27,7 +27,7 @@ from agepipe.datasets import expand_groups
 from agepipe.features import store as fstore
 from agepipe.train.checkpoint import init_from, model_config_from, read_config, save_checkpoint, write_json
 from agepipe.train.data import (NUM_CLASSES, VAL_FRACTION, Split, TaskData, check_task, load_task_data,
-                                make_split, resolve_feature_set, true_ages)
+                                make_split, resolve_feature_set)
 from agepipe.train.evaluate import logits_of, score_splits
 from agepipe.train.model import ModelConfig, ResMLP, autocast, paper_config, resolve_device
 from agepipe.train.report import write_cv_table, write_report
@@ -43,6 +43,11 @@ class TrainConfig:
     patience: int = 5  # epochs without a lower validation loss before stopping
     seed: int = 0
     amp: bool = True  # bfloat16 autocast on GPU; CPUs train in float32
+    balance: bool = False  # class-balanced loss: see class_weights
+
+    def __post_init__(self):
+        if not 0 < self.gamma <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -56,16 +61,61 @@ PAPER_TRAIN = {
 }
 
 
+class TrainingWarning(UserWarning):
+    """A run that will finish but whose result is doubtful (see training_warnings)."""
+
+
 def seed_everything(seed: int) -> None:
     """Weights and dropout masks come from torch's global generators."""
     torch.manual_seed(seed)
 
 
-def _val_scores(model, x, y, amp) -> tuple[float, float]:
+def class_weights(y_train: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights from the training split: class c weighs n / (k * n_c), k the
+    number of classes present, so each present class carries the same total weight and a
+    weighted mean over the training rows stays 1 (the learning rate keeps its meaning).
+    Classes absent from the split get 0."""
+    counts = torch.bincount(y_train, minlength=num_classes).float()
+    present = counts > 0
+    weights = torch.zeros(num_classes, device=y_train.device)
+    weights[present] = len(y_train) / (int(present.sum()) * counts[present])
+    return weights
+
+
+# Below these an epoch cannot follow the schedule, or the validation loss cannot pick an epoch.
+MIN_STEPS_PER_EPOCH = 10
+MIN_USEFUL_STEPS = 100
+MIN_VAL_ROWS = 50
+
+
+def training_warnings(n_train: int, n_val: int, cfg: TrainConfig) -> list[str]:
+    """What makes a run's result doubtful before it starts: too few optimizer steps per epoch
+    for a schedule that decays fast (steps are counted while the rate is within 100x of its
+    start), and a validation split too small to early-stop on."""
+    out = []
+    batch = min(cfg.batch_size, n_train)
+    steps = n_train // batch if batch else 0
+    live_epochs = cfg.epochs if cfg.gamma >= 1 else min(cfg.epochs, 1 + math.floor(math.log(0.01) / math.log(cfg.gamma)))
+    if steps < MIN_STEPS_PER_EPOCH and steps * live_epochs < MIN_USEFUL_STEPS:
+        decay = cfg.gamma ** (cfg.epochs - 1)
+        out.append(f"an epoch is {steps} optimizer step(s) ({n_train} training rows, batch {cfg.batch_size}) "
+                   f"and the learning rate falls {1 / decay:.3g}x over {cfg.epochs} epochs (gamma {cfg.gamma:g}): "
+                   f"only {steps * live_epochs} steps at a rate within 100x of the first; the model will barely "
+                   f"train. Use a smaller --batch-size (<= {max(2, n_train // MIN_STEPS_PER_EPOCH)} gives "
+                   f"{MIN_STEPS_PER_EPOCH} steps an epoch) or a --gamma closer to 1.")
+    if n_val == 0:
+        out.append("the validation split is empty: no early stopping, the last epoch's weights are kept.")
+    elif n_val < MIN_VAL_ROWS:
+        out.append(f"the validation split has {n_val} rows (< {MIN_VAL_ROWS}): its loss is too noisy to pick the "
+                   "best epoch or to stop early on; the chosen epoch is close to arbitrary.")
+    return out
+
+
+def _val_scores(model, x, y, amp, weight: torch.Tensor | None = None) -> tuple[float, float]:
     if len(y) == 0:
         return math.nan, math.nan
     logits = logits_of(model, x, amp)
-    loss = F.cross_entropy(logits, y).item()
+    loss = F.cross_entropy(logits, y, weight=weight).item()
     acc = (logits.argmax(1) == y).float().mean().item()
     return loss, acc
 
@@ -75,8 +125,9 @@ class TrainStep:
     the device until ``take``, so a GPU never waits on the host between steps."""
 
     def __init__(self, model: ResMLP, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                 amp: bool):
+                 amp: bool, weight: torch.Tensor | None = None):
         self.model, self.optimizer, self.x, self.y, self.amp = model, optimizer, x, y, amp
+        self.weight = weight
         self.loss_sum = torch.zeros((), device=x.device)
         self.correct = torch.zeros((), dtype=torch.long, device=x.device)
 
@@ -84,7 +135,7 @@ class TrainStep:
         xb, yb = self.x[idx], self.y[idx]
         with autocast(self.x.device, self.amp):
             logits = self.model(xb)
-        loss = F.cross_entropy(logits.float(), yb)
+        loss = F.cross_entropy(logits.float(), yb, weight=self.weight)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -109,8 +160,8 @@ class GraphedTrainStep(TrainStep):
     graph from a fixed index buffer, and the learning rate is a device tensor the scheduler
     updates in place, so every replay sees the current epoch's rate."""
 
-    def __init__(self, model, optimizer, x, y, amp, first_batch: torch.Tensor):
-        super().__init__(model, optimizer, x, y, amp)
+    def __init__(self, model, optimizer, x, y, amp, first_batch: torch.Tensor, weight: torch.Tensor | None = None):
+        super().__init__(model, optimizer, x, y, amp, weight)
         self.idx = first_batch.clone()
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         side = torch.cuda.Stream()
@@ -156,7 +207,9 @@ def fit(model: ResMLP, x: torch.Tensor, y: torch.Tensor, train_idx: torch.Tensor
     """Train in place; restore the weights of the epoch with the lowest validation loss.
     ``x``/``y`` hold every row on the model's device; the index tensors select the splits.
     Each epoch is a fresh permutation cut into full batches (the few rows left over sit that
-    epoch out), so every step has the same shape. Returns the history, one dict per epoch."""
+    epoch out), so every step has the same shape. With ``cfg.balance`` the training and the
+    validation loss weigh each class by ``class_weights`` of the training split. Returns the
+    history, one dict per epoch."""
     device = x.device
     n = len(train_idx)
     if n < 2:
@@ -164,15 +217,16 @@ def fit(model: ResMLP, x: torch.Tensor, y: torch.Tensor, train_idx: torch.Tensor
     batch = min(cfg.batch_size, n)
     steps = n // batch
     val_x, val_y = x[val_idx.to(device)], y[val_idx.to(device)]
+    weight = class_weights(y[train_idx.to(device)], model.config.num_classes) if cfg.balance else None
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.gamma)
     # Batch order has its own generator so it does not depend on how many dropout masks came before.
     order = torch.Generator().manual_seed(cfg.seed)
     model.train()
     if device.type == "cuda":
-        step = GraphedTrainStep(model, optimizer, x, y, cfg.amp, train_idx[:batch].to(device))
+        step = GraphedTrainStep(model, optimizer, x, y, cfg.amp, train_idx[:batch].to(device), weight)
     else:
-        step = TrainStep(model, optimizer, x, y, cfg.amp)
+        step = TrainStep(model, optimizer, x, y, cfg.amp, weight)
     history, best, best_loss, waited = [], None, math.inf, 0
     epochs = tqdm(range(1, cfg.epochs + 1), desc="epochs", unit="epoch", disable=not progress, leave=False)
     for epoch in epochs:
@@ -184,7 +238,7 @@ def fit(model: ResMLP, x: torch.Tensor, y: torch.Tensor, train_idx: torch.Tensor
         loss_sum, correct = step.take()
         lr = float(optimizer.param_groups[0]["lr"])
         scheduler.step()
-        val_loss, val_acc = _val_scores(model, val_x, val_y, cfg.amp)
+        val_loss, val_acc = _val_scores(model, val_x, val_y, cfg.amp, weight)
         history.append({"epoch": epoch, "lr": lr, "train_loss": loss_sum / (steps * batch),
                         "train_accuracy": correct / (steps * batch), "val_loss": val_loss,
                         "val_accuracy": val_acc, "seconds": time.perf_counter() - start})
@@ -227,17 +281,21 @@ def train_run(data: TaskData, split: Split, model_cfg: ModelConfig, train_cfg: T
     device = data.x.device
     model.to(device)
     index = {k: torch.from_numpy(v) for k, v in vars(split).items()}
+    warned = training_warnings(len(split.train), len(split.val), train_cfg)
+    for message in warned:
+        warnings.warn(message, TrainingWarning, stacklevel=2)
     start = time.perf_counter()
     result = fit(model, data.x, data.y, index["train"], index["val"], train_cfg, progress)
     seconds = time.perf_counter() - start
     record = {**data_record, "split_sizes": split.sizes(), "dropped": data.dropped}
     config = run_config(data.task, train_cfg, record, init)
+    config["warnings"] = warned
     if init:
         config["init_fresh"] = fresh  # tensors not taken from the init run (a head for other classes)
     save_checkpoint(out, model, config)
     write_json(out / "history.json", result)
     metrics = {"task": data.task, "best_epoch": result["best_epoch"], "epochs_run": len(result["history"]),
-               "train_seconds": seconds}
+               "train_seconds": seconds, "train_warnings": warned}
     metrics.update(score_splits(model, data, split, mc_samples, train_cfg.amp, out))
     write_json(out / "metrics.json", metrics)
     if report:
@@ -288,7 +346,7 @@ def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfi
     folds = sorted(int(f) for f in data.rows["fold"].dropna().unique())
     if folds != list(range(5)):
         raise ValueError(f"cross-validation needs rows in folds 0-4; these rows have folds {folds}")
-    runs = []
+    runs, warned = [], set()
     jobs = [(k, s) for s in range(seeds) for k in folds]
     for i, (k, s) in enumerate(tqdm(jobs, desc="cross-validation", unit="run", disable=not progress), 1):
         split = make_split(data.rows, k, record["val_fraction"])
@@ -297,10 +355,11 @@ def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfi
                             report=False)
         runs.append({"fold": k, "seed": s, "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"],
                      "train_seconds": metrics["train_seconds"], **summary_values(metrics)})
+        warned.update(metrics["train_warnings"])
         if echo:  # a line per run, so a long CV shows where it is even without a progress bar
             echo(f"run {i}/{len(jobs)}: fold {k} seed {s}: test accuracy {metrics['test']['accuracy']:.4f}, "
                  f"balanced {metrics['test']['balanced_accuracy']:.4f} ({metrics['train_seconds']:.1f} s)")
-    cv = {"task": data.task, "folds": folds, "seeds": seeds, "runs": runs,
+    cv = {"task": data.task, "folds": folds, "seeds": seeds, "runs": runs, "warnings": sorted(warned),
           "summary": {key: {"mean": float(np.mean([r[key] for r in runs])),
                             "std": float(np.std([r[key] for r in runs]))}
                       for key in runs[0] if key not in ("fold", "seed")}}

@@ -2,6 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from agepipe.datasets.manifest import CLASS_MIDPOINTS, age_bin
 from agepipe.features.store import EMBEDDING_DIM
 from agepipe.train.data import labels, load_task_data, make_split, resolve_feature_set
 from tests.train.synthetic_store import FEATURE_SET, write_store
@@ -72,3 +73,18 @@ def test_split_without_subjects_treats_each_image_as_its_own():
     split = make_split(rows, test_fold=None, val_fraction=0.2)
     assert len(split.test) == 0
     assert len(split.val) == 200
+
+
+# Every age exactly between two class midpoints, and the class the original's code gives it
+# (its midpoint list, in the order [28.5, 40.5, 5, 80, 17.5, 50.5, 10, 1], takes the first nearest).
+TIES = {3.0: 1, 7.5: 1, 13.75: 3, 23.0: 4, 34.5: 4, 45.5: 5, 65.25: 7}
+
+
+def test_one_age_mapping_with_the_original_tie_rule_for_manifests_and_training():
+    midpoints = sorted(CLASS_MIDPOINTS)
+    assert sorted(TIES) == [(a + b) / 2 for a, b in zip(midpoints, midpoints[1:])]
+    ages = np.array(list(TIES) + [22.9, 23.1, np.nan])
+    want = list(TIES.values()) + [3, 4, -1]
+    assert age_bin(ages).tolist() == want
+    rows = pd.DataFrame({"age": ages, "age_bin": np.full(len(ages), -1)})  # training's fallback: no age_bin
+    assert labels("age", rows).tolist() == want
