@@ -25,6 +25,7 @@ from tqdm import tqdm
 import agepipe
 from agepipe.datasets import expand_groups
 from agepipe.features import store as fstore
+from agepipe.train.batched import StackedResMLP, fit_stacked
 from agepipe.train.checkpoint import init_from, model_config_from, read_config, save_checkpoint, write_json
 from agepipe.train.data import (NUM_CLASSES, VAL_FRACTION, Split, TaskData, check_task, load_task_data,
                                 make_split, resolve_feature_set)
@@ -274,19 +275,36 @@ def train_run(data: TaskData, split: Split, model_cfg: ModelConfig, train_cfg: T
               progress: bool = False) -> dict:
     """Fit one model on ``split``, save the run folder (checkpoint, history, metrics and,
     when ``report``, report.md with plots) and return its metrics."""
-    out = Path(out)
-    seed_everything(train_cfg.seed)
-    model = ResMLP(model_cfg)
-    fresh = init_from(model, init) if init else []
-    device = data.x.device
-    model.to(device)
+    model, fresh = initial_model(model_cfg, train_cfg.seed, init, data.x.device)
+    warned = warn_before(split, train_cfg)
     index = {k: torch.from_numpy(v) for k, v in vars(split).items()}
-    warned = training_warnings(len(split.train), len(split.val), train_cfg)
-    for message in warned:
-        warnings.warn(message, TrainingWarning, stacklevel=2)
     start = time.perf_counter()
     result = fit(model, data.x, data.y, index["train"], index["val"], train_cfg, progress)
     seconds = time.perf_counter() - start
+    return save_run(data, split, model, train_cfg, out, data_record, init, fresh, result, seconds, warned,
+                    mc_samples, report)
+
+
+def initial_model(model_cfg: ModelConfig, seed: int, init: str | None, device) -> tuple[ResMLP, list[str]]:
+    """The run's starting weights (from its seed, or the init run) and the tensors init did not give."""
+    seed_everything(seed)
+    model = ResMLP(model_cfg)
+    fresh = init_from(model, init) if init else []
+    return model.to(device), fresh
+
+
+def warn_before(split: Split, train_cfg: TrainConfig) -> list[str]:
+    warned = training_warnings(len(split.train), len(split.val), train_cfg)
+    for message in warned:
+        warnings.warn(message, TrainingWarning, stacklevel=3)
+    return warned
+
+
+def save_run(data: TaskData, split: Split, model: ResMLP, train_cfg: TrainConfig, out: str | Path,
+             data_record: dict, init: str | None, fresh: list[str], result: dict, seconds: float,
+             warned: list[str], mc_samples: int, report: bool) -> dict:
+    """The run folder of a fitted model: checkpoint, history, metrics (and report); returns the metrics."""
+    out = Path(out)
     record = {**data_record, "split_sizes": split.sizes(), "dropped": data.dropped}
     config = run_config(data.task, train_cfg, record, init)
     config["warnings"] = warned
@@ -300,6 +318,32 @@ def train_run(data: TaskData, split: Split, model_cfg: ModelConfig, train_cfg: T
     write_json(out / "metrics.json", metrics)
     if report:
         write_report(out)
+    return metrics
+
+
+def train_runs_batched(data: TaskData, jobs: list[tuple[Split, int]], model_cfg: ModelConfig,
+                       train_cfg: TrainConfig, outs: list[Path], records: list[dict], init: str | None = None,
+                       mc_samples: int = 32) -> list[dict]:
+    """The runs ``jobs`` (split, seed) as one stacked model (batched.py); each saved as train_run saves it."""
+    device = data.x.device
+    starts = [initial_model(model_cfg, seed, init, device) for _, seed in jobs]
+    warned = [warn_before(split, train_cfg) for split, _ in jobs]
+    stacked = StackedResMLP([m for m, _ in starts]).to(device)
+    train_idx = [torch.from_numpy(split.train) for split, _ in jobs]
+    weight = (torch.stack([class_weights(data.y[i.to(device)], model_cfg.num_classes) for i in train_idx])
+              if train_cfg.balance else None)
+    seed_everything(jobs[0][1])  # dropout masks
+    start = time.perf_counter()
+    results = fit_stacked(stacked, data.x, data.y, train_idx, [torch.from_numpy(s.val) for s, _ in jobs],
+                          train_cfg, [seed for _, seed in jobs], weight)
+    seconds = (time.perf_counter() - start) / len(jobs)  # each run's share of the wall time
+    metrics = []
+    for r, ((split, seed), result) in enumerate(zip(jobs, results)):
+        model = ResMLP(model_cfg)
+        model.load_state_dict(result.pop("state"))
+        model.to(device).eval()
+        metrics.append(save_run(data, split, model, dataclasses.replace(train_cfg, seed=seed), outs[r], records[r],
+                                init, starts[r][1], result, seconds, warned[r], mc_samples, report=False))
     return metrics
 
 
@@ -339,27 +383,36 @@ def train_config_for(task: str, **overrides) -> TrainConfig:
 
 def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path,
                    record: dict, seeds: int = 1, init: str | None = None, mc_samples: int = 32,
-                   progress: bool = True, echo=None) -> dict:
+                   progress: bool = True, echo=None, batched: bool = True) -> dict:
     """Every fold as the test set, for seeds 0..seeds-1: runs in OUT/fold{k}-seed{s}/,
-    then cv.json and cv.md with mean +- std over all runs (the paper's table)."""
+    then cv.json and cv.md with mean +- std over all runs (the paper's table). ``batched``:
+    all runs trained at once as one stacked model (batched.py); else one after another."""
     out = Path(out)
     folds = sorted(int(f) for f in data.rows["fold"].dropna().unique())
     if folds != list(range(5)):
         raise ValueError(f"cross-validation needs rows in folds 0-4; these rows have folds {folds}")
-    runs, warned = [], set()
     jobs = [(k, s) for s in range(seeds) for k in folds]
-    for i, (k, s) in enumerate(tqdm(jobs, desc="cross-validation", unit="run", disable=not progress), 1):
-        split = make_split(data.rows, k, record["val_fraction"])
-        metrics = train_run(data, split, model_cfg, dataclasses.replace(train_cfg, seed=s),
-                            out / f"fold{k}-seed{s}", {**record, "test_fold": k}, init, mc_samples,
-                            report=False)
+    splits = {k: make_split(data.rows, k, record["val_fraction"]) for k in folds}
+    outs = [out / f"fold{k}-seed{s}" for k, s in jobs]
+    records = [{**record, "test_fold": k} for k, _ in jobs]
+    if batched:
+        all_metrics = train_runs_batched(data, [(splits[k], s) for k, s in jobs], model_cfg, train_cfg, outs,
+                                         records, init, mc_samples)
+    else:
+        all_metrics = [train_run(data, splits[k], model_cfg, dataclasses.replace(train_cfg, seed=s), o, rec, init,
+                                 mc_samples, report=False)
+                       for (k, s), o, rec in tqdm(list(zip(jobs, outs, records)), desc="cross-validation",
+                                                  unit="run", disable=not progress)]
+    runs, warned = [], set()
+    for (k, s), metrics in zip(jobs, all_metrics):
         runs.append({"fold": k, "seed": s, "best_epoch": metrics["best_epoch"], "epochs_run": metrics["epochs_run"],
                      "train_seconds": metrics["train_seconds"], **summary_values(metrics)})
         warned.update(metrics["train_warnings"])
-        if echo:  # a line per run, so a long CV shows where it is even without a progress bar
-            echo(f"run {i}/{len(jobs)}: fold {k} seed {s}: test accuracy {metrics['test']['accuracy']:.4f}, "
+        if echo:  # a line per run, so a long CV says what each run gave
+            echo(f"run {len(runs)}/{len(jobs)}: fold {k} seed {s}: test accuracy {metrics['test']['accuracy']:.4f}, "
                  f"balanced {metrics['test']['balanced_accuracy']:.4f} ({metrics['train_seconds']:.1f} s)")
-    cv = {"task": data.task, "folds": folds, "seeds": seeds, "runs": runs, "warnings": sorted(warned),
+    cv = {"task": data.task, "folds": folds, "seeds": seeds, "batched": batched, "runs": runs,
+          "warnings": sorted(warned),
           "summary": {key: {"mean": float(np.mean([r[key] for r in runs])),
                             "std": float(np.std([r[key] for r in runs]))}
                       for key in runs[0] if key not in ("fold", "seed")}}
@@ -384,10 +437,11 @@ def train(store: str, datasets: list[str], task: str, out: str | Path, *, featur
           test_fold: int | None = 0, cv: bool = False, seeds: int = 1, init: str | None = None,
           device: str = "auto", min_det_score: float = 0.0, mc_samples: int = 32,
           model_overrides: dict | None = None, train_overrides: dict | None = None,
-          report: bool = True, progress: bool = True, echo=None) -> dict:
+          report: bool = True, progress: bool = True, echo=None, batched: bool = True) -> dict:
     """`agepipe train`: the store's rows for ``task`` into memory once, then one run
     (test fold ``test_fold``) or, with ``cv``, every fold times ``seeds`` (no per-run
-    reports then: `agepipe evaluate` draws one for any run folder)."""
+    reports then: `agepipe evaluate` draws one for any run folder), trained at once as one
+    stacked model unless ``batched`` is False."""
     check_task(task)
     datasets = expand_groups(datasets)  # imdb-wiki: imdb and wiki
     feature_set = resolve_feature_set(store, feature_set)
@@ -396,6 +450,7 @@ def train(store: str, datasets: list[str], task: str, out: str | Path, *, featur
     train_cfg = train_config_for(task, **(train_overrides or {}))
     record = data_record(store, feature_set, datasets, test_fold, min_det_score)
     if cv:
-        return cross_validate(data, model_cfg, train_cfg, out, record, seeds, init, mc_samples, progress, echo)
+        return cross_validate(data, model_cfg, train_cfg, out, record, seeds, init, mc_samples, progress, echo,
+                              batched)
     split = make_split(data.rows, test_fold, record["val_fraction"])
     return train_run(data, split, model_cfg, train_cfg, out, record, init, mc_samples, report, progress)

@@ -1,0 +1,197 @@
+"""Many runs of one architecture trained at once, as one stacked model (the folds x seeds of a
+cross-validation).
+
+Each run's tensors are the ResMLP's, stacked along a leading run axis: a Linear's weight is
+(R, out, in) and its forward one ``torch.baddbmm``; BatchNorm keeps per-run statistics;
+dropout draws an independent mask per element, hence per run. The loss is the sum of the
+runs' mean losses, so each run's gradient is its own, and AdamW is elementwise, so the runs
+never mix. Every run keeps its own split (indices gathered from the one shared feature
+matrix), seed (initial weights and batch order), class weights, early stopping and best
+epoch; ``export`` gives back run r as a plain ResMLP for the usual run folder.
+
+One difference from separate runs: a step takes one batch from every run, so an epoch is the
+largest run's number of steps, and a run with fewer training rows draws the missing batches
+from a second permutation of its rows (a few percent more steps for the smaller folds).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from agepipe.train.model import ResMLP
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")  # ParameterDict names may not hold dots
+
+
+class StackedResMLP(nn.Module):
+    """R ResMLPs of one config as stacked tensors; forward takes (R, B, in) to (R, B, classes)."""
+
+    def __init__(self, models: list[ResMLP]):
+        super().__init__()
+        self.template = models[0]
+        self.config = models[0].config
+        self.runs = len(models)
+        states = [m.state_dict() for m in models]
+        params = dict(models[0].named_parameters())
+        self.weights = nn.ParameterDict({_key(k): nn.Parameter(torch.stack([s[k] for s in states]).clone())
+                                         for k in params})
+        for k in states[0]:
+            if k not in params:
+                self.register_buffer(_key(k), torch.stack([s[k] for s in states]).clone())
+        self.names = {m: n for n, m in models[0].named_modules()}
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        key = _key(name)
+        return self.weights[key] if key in self.weights else getattr(self, key)
+
+    def _linear(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        name = self.names[module]
+        w, b = self._tensor(f"{name}.weight"), self._tensor(f"{name}.bias")
+        return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+
+    def _batch_norm(self, module: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
+        name = self.names[module]
+        mean, var = self._tensor(f"{name}.running_mean"), self._tensor(f"{name}.running_var")
+        if self.training:
+            batch_mean, batch_var = x.mean(1), x.var(1, unbiased=False)
+            with torch.no_grad():  # as nn.BatchNorm1d: the running variance is the unbiased one
+                n = x.shape[1]
+                mean.lerp_(batch_mean, module.momentum)
+                var.lerp_(batch_var * n / max(n - 1, 1), module.momentum)
+                self._tensor(f"{name}.num_batches_tracked").add_(1)
+            mean, var = batch_mean, batch_var
+        scale = self._tensor(f"{name}.weight") * torch.rsqrt(var + module.eps)
+        return (x - mean.unsqueeze(1)) * scale.unsqueeze(1) + self._tensor(f"{name}.bias").unsqueeze(1)
+
+    def _ic(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        for m in (module if isinstance(module, nn.Sequential) else [module]):
+            if isinstance(m, nn.BatchNorm1d):
+                x = self._batch_norm(m, x)
+            elif isinstance(m, nn.Dropout):
+                x = F.dropout(x, m.p, self.training)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.template.blocks:
+            if hasattr(block, "linear1"):  # Residual
+                out = torch.relu(self._linear(block.linear1, self._ic(block.ic1, x)))
+                out = self._linear(block.linear2, self._ic(block.ic2, out))
+                x = torch.relu(out + x if block.skip else out)
+            else:  # DownSample
+                x = torch.relu(self._linear(block.linear, self._ic(block.ic, x)))
+        return self._linear(self.template.head, x)
+
+    def state_of(self, r: int) -> dict[str, torch.Tensor]:
+        """Run r's tensors under ResMLP's names."""
+        return {k: self._tensor(k)[r].detach().clone() for k in self.template.state_dict()}
+
+    def export(self, r: int) -> ResMLP:
+        model = ResMLP(self.config)
+        model.load_state_dict(self.state_of(r))
+        return model.to(self._tensor("head.weight").device).eval()
+
+
+def _padded(indices: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, longest) indices, padded with each run's first row, and the mask of real entries."""
+    longest = max(1, max(len(i) for i in indices))
+    idx = torch.zeros(len(indices), longest, dtype=torch.long)
+    mask = torch.zeros(len(indices), longest, dtype=torch.bool)
+    for r, i in enumerate(indices):
+        if len(i):
+            idx[r, :len(i)], idx[r, len(i):], mask[r, :len(i)] = i, i[0], True
+    return idx.to(device), mask.to(device)
+
+
+def _run_losses(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Each run's (weighted) mean cross-entropy over its masked rows: (R,)."""
+    per_row = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (R, B)
+    w = mask.float() if weight is None else torch.gather(weight, 1, y) * mask
+    return (per_row * w).sum(1) / w.sum(1)
+
+
+def fit_stacked(model: StackedResMLP, x: torch.Tensor, y: torch.Tensor, train_idx: list[torch.Tensor],
+                val_idx: list[torch.Tensor], cfg, seeds: list[int], weight: torch.Tensor | None = None) -> list[dict]:
+    """Train every run of ``model`` at once with ``cfg``'s schedule (the same for all runs);
+    each run early-stops on its own validation loss, is frozen at its best epoch (its later
+    updates are discarded) and ends with its best weights. Returns one fit() result per run."""
+    from agepipe.train.loop import make_optimizer
+
+    device, runs = x.device, model.runs
+    sizes = [len(i) for i in train_idx]
+    if min(sizes) < 2:
+        raise ValueError(f"a training split has {min(sizes)} rows; nothing to fit")
+    batch = min(cfg.batch_size, min(sizes))
+    steps = max(n // batch for n in sizes)
+    orders = [torch.Generator().manual_seed(s) for s in seeds]
+    val, val_mask = _padded(val_idx, device)
+    has_val = val_mask.any(1)
+    optimizer = make_optimizer(model, cfg, device)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.gamma)
+    histories = [[] for _ in range(runs)]
+    best = [None] * runs
+    best_loss = torch.full((runs,), math.inf)
+    waited = [0] * runs
+    active = torch.ones(runs, dtype=torch.bool)
+    for epoch in range(1, cfg.epochs + 1):
+        start = time.perf_counter()
+        model.train()
+        perms = []
+        for r, idx in enumerate(train_idx):
+            need = steps * batch
+            order = torch.cat([torch.randperm(len(idx), generator=orders[r]) for _ in range(-(-need // len(idx)))])
+            perms.append(idx[order[:need]])
+        perm = torch.stack(perms).to(device)  # (R, steps * batch)
+        loss_sum = torch.zeros(runs, device=device)
+        correct = torch.zeros(runs, device=device)
+        for b in range(steps):
+            idx = perm[:, b * batch:(b + 1) * batch]
+            yb = y[idx]
+            logits = model(x[idx])
+            losses = _run_losses(logits, yb, torch.ones_like(yb, dtype=torch.bool), weight)
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            optimizer.step()
+            loss_sum += losses.detach() * batch
+            correct += (logits.detach().argmax(2) == yb).sum(1)
+        lr = float(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+        model.eval()
+        with torch.no_grad():
+            logits = model(x[val])
+            val_loss = _run_losses(logits, y[val], val_mask, weight).cpu()
+            val_acc = (((logits.argmax(2) == y[val]) & val_mask).sum(1) / val_mask.sum(1).clamp(min=1)).cpu()
+        seconds = time.perf_counter() - start
+        train_loss, train_acc = (loss_sum / (steps * batch)).cpu(), (correct / (steps * batch)).cpu()
+        for r in range(runs):
+            if not active[r]:
+                continue
+            vl = float(val_loss[r]) if has_val[r] else math.nan
+            histories[r].append({"epoch": epoch, "lr": lr, "train_loss": float(train_loss[r]),
+                                 "train_accuracy": float(train_acc[r]), "val_loss": vl,
+                                 "val_accuracy": float(val_acc[r]) if has_val[r] else math.nan, "seconds": seconds})
+            if math.isnan(vl):
+                continue
+            if vl < best_loss[r]:
+                best_loss[r], waited[r] = vl, 0
+                best[r] = model.state_of(r)
+            else:
+                waited[r] += 1
+                if waited[r] >= cfg.patience:
+                    active[r] = False
+        if not active.any():
+            break
+    results = []
+    for r in range(runs):
+        if best[r] is None:
+            best[r] = model.state_of(r)  # no validation rows: the last weights
+        h = histories[r]
+        best_epoch = min(h, key=lambda e: e["val_loss"])["epoch"] if has_val[r] else len(h)
+        results.append({"history": h, "best_epoch": best_epoch, "stopped_early": len(h) < cfg.epochs,
+                        "state": best[r]})
+    return results
