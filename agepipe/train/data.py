@@ -19,14 +19,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from agepipe.datasets.manifest import AGE_CLASSES, CLASS_MIDPOINTS, age_bin
 from agepipe.features import store as feature_store
 
 TASKS = ("age", "age101", "gender")
 NUM_CLASSES = {"age": 8, "age101": 101, "gender": 2}
 
-# Adience's 8 ranges and the midpoints the original used as each class's age.
-AGE_BINS = ("0-2", "4-6", "8-12", "15-20", "25-32", "38-43", "48-53", "60-100")
-AGE_BIN_MIDPOINTS = np.array([1, 5, 10, 17.5, 28.5, 40.5, 50.5, 80], dtype=np.float32)
+# Adience's 8 ranges and the midpoints the original used as each class's age (one definition,
+# in the manifest module, so a manifest's age_bin and training's fallback agree).
+AGE_BINS = AGE_CLASSES
+AGE_BIN_MIDPOINTS = CLASS_MIDPOINTS.astype(np.float32)
 GENDERS = ("female", "male")
 
 VAL_FRACTION = 0.1
@@ -65,9 +67,9 @@ def labels(task: str, rows: pd.DataFrame) -> np.ndarray:
     if task == "age101":
         return np.where(np.isfinite(age), np.clip(np.rint(np.nan_to_num(age)), 0, 100), -1).astype(np.int64)
     bins = rows["age_bin"].to_numpy(dtype=np.float64, na_value=-1)
-    # Ages outside Adience's ranges (IMDB-WIKI's 22, say) take the nearest midpoint, as the original did.
-    nearest = np.abs(np.nan_to_num(age)[:, None] - AGE_BIN_MIDPOINTS[None, :]).argmin(axis=1)
-    out = np.where((bins >= 0) & (bins < 8), bins, np.where(np.isfinite(age), nearest, -1))
+    # A row without a class (IMDB-WIKI's 22, say) takes the manifests' rule: the nearest midpoint,
+    # ties the original's way (23 -> 25-32); -1 where the age is unknown too.
+    out = np.where((bins >= 0) & (bins < 8), bins, age_bin(age))
     return out.astype(np.int64)
 
 

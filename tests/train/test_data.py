@@ -71,3 +71,22 @@ def test_split_without_subjects_treats_each_image_as_its_own():
     split = make_split(rows, test_fold=None, val_fraction=0.2)
     assert len(split.test) == 0
     assert len(split.val) == 200
+
+
+# Every age exactly between two adjacent class midpoints, and the class the original gives it.
+TIES = {3.0: 1, 7.5: 1, 13.75: 3, 23.0: 4, 34.5: 4, 45.5: 5, 65.25: 7}
+
+
+def test_midpoint_ties_are_every_adjacent_pair():
+    from agepipe.datasets.manifest import CLASS_MIDPOINTS
+    assert sorted(TIES) == sorted((CLASS_MIDPOINTS[:-1] + CLASS_MIDPOINTS[1:]) / 2)
+
+
+@pytest.mark.parametrize("age, want", [*TIES.items(), (0.0, 0), (2.9, 0), (3.1, 1), (22.9, 3), (23.1, 4),
+                                       (34.4, 4), (34.6, 5), (65.2, 6), (65.3, 7), (101.0, 7)])
+def test_training_fallback_and_manifests_share_one_age_class_rule(age, want):
+    from agepipe.datasets.manifest import age_bin
+    # A store row holds its age as float32; one without age_bin takes the manifests' class.
+    rows = pd.DataFrame({"age": np.array([age], np.float32), "age_bin": np.array([-1], np.int8)})
+    assert labels("age", rows).tolist() == [want]
+    assert age_bin([age]).tolist() == [want]
