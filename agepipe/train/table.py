@@ -195,9 +195,9 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
                             "pretrain_seconds": pretrain_seconds,
                             "accuracy": [r["test_accuracy"] for r in cv["runs"]]}
                     write_json(cell_dir / "cell.json", done)
-                    how = "trained"
+                    how = f"trained in {done['seconds']:.1f} s"
                 else:
-                    how = "reused"
+                    how = f"reused (trained in {done['seconds']:.1f} s before)"
                 row = {"task": task, "variant": variant, "init": init, **accuracy_stats(done["accuracy"])}
                 published = PUBLISHED.get((task, variant, init))
                 row["published_mean"], row["published_std"] = published if published else (None, None)
@@ -206,7 +206,7 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
                            **{k: model_cfg.to_dict()[k] for k in ("dropout", "batch_norm", "skip")})
                 rows.append(row)
                 echo(f"[{len(rows)}/{len(cells)}] {task} {init} {variant}: accuracy {row['accuracy_mean']:.4f} "
-                     f"+- {row['accuracy_std']:.4f} over {row['runs']} runs, {how} in {done['seconds']:.1f} s"
+                     f"+- {row['accuracy_std']:.4f} over {row['runs']} runs, {how}"
                      + (f" (original {published[0]:.4f} +- {published[1]:.4f})" if published else ""))
     wall = time.perf_counter() - start
     write_table(out, rows, grid, wall, str(dev), feature_set)

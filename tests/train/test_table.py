@@ -103,7 +103,7 @@ def test_a_rerun_reuses_every_finished_cell(table_run):
     before = (out / "gender" / "scratch" / "full" / "fold0-seed0" / "model.safetensors").stat().st_mtime_ns
     result = invoke(*args)
     assert result.exit_code == 0, result.output
-    assert result.output.count("reused") == 8 and "trained" not in result.output
+    assert result.output.count("reused") == 8 and "pre-trained on" not in result.output
     assert (out / "gender" / "scratch" / "full" / "fold0-seed0" / "model.safetensors").stat().st_mtime_ns == before
 
 
