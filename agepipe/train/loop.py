@@ -383,14 +383,15 @@ def train_config_for(task: str, **overrides) -> TrainConfig:
 
 def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path,
                    record: dict, seeds: int = 1, init: str | None = None, mc_samples: int = 32,
-                   progress: bool = True, echo=None, batched: bool = True) -> dict:
-    """Every fold as the test set, for seeds 0..seeds-1: runs in OUT/fold{k}-seed{s}/,
-    then cv.json and cv.md with mean +- std over all runs (the paper's table). ``batched``:
-    all runs trained at once as one stacked model (batched.py); else one after another."""
+                   progress: bool = True, echo=None, batched: bool = True, folds: list[int] | None = None) -> dict:
+    """Every fold (or only ``folds``) as the test set, for seeds 0..seeds-1: runs in
+    OUT/fold{k}-seed{s}/, then cv.json and cv.md with mean +- std over all runs (the paper's table).
+    ``batched``: all runs trained at once as one stacked model (batched.py); else one after another."""
     out = Path(out)
-    folds = sorted(int(f) for f in data.rows["fold"].dropna().unique())
-    if folds != list(range(5)):
-        raise ValueError(f"cross-validation needs rows in folds 0-4; these rows have folds {folds}")
+    present = sorted(int(f) for f in data.rows["fold"].dropna().unique())
+    if present != list(range(5)):
+        raise ValueError(f"cross-validation needs rows in folds 0-4; these rows have folds {present}")
+    folds = present if folds is None else sorted(set(folds))
     jobs = [(k, s) for s in range(seeds) for k in folds]
     splits = {k: make_split(data.rows, k, record["val_fraction"]) for k in folds}
     outs = [out / f"fold{k}-seed{s}" for k, s in jobs]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -236,7 +237,7 @@ def write_cv_report(out_dir: str | Path, run_dirs: list[str | Path]) -> Path:
               "![reliability diagram, one line per run](reliability.png)",
               "![risk-coverage, one line per run](risk_coverage.png)"]
     path = out_dir / "report.md"
-    _write_text(path, "\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -91,3 +91,23 @@ def adience_like(y: np.ndarray, subjects: int = 100, seed: int = 2) -> dict:
     subject = rng.integers(0, subjects, len(y))
     return {"subject_id": np.array([f"user{s:03d}" for s in subject]), "fold": subject % 5,
             "age_bin": y, "age": AGE_BIN_MIDPOINTS[y], "gender": rng.integers(0, 2, len(y))}
+
+
+def age_gender_store(root, n_adience: int = 1500, n_imdb: int = 1500, n_wiki: int = 500, seed: int = 0) -> str:
+    """Adience plus IMDB and WIKI, for pre-training: 16 classes of one mixture, class c meaning
+    age class c // 2 and gender c % 2, so both tasks are learnable and pre-training transfers.
+    IMDB-WIKI rows carry ages in years and no age_bin, as their manifests do for ages between
+    Adience's ranges: training derives the class from the age."""
+    mixture = Mixture.make(classes=16, seed=seed)
+    x, y = mixture.sample(n_adience, seed=seed + 1)
+    rows = adience_like(y // 2, seed=seed + 2)
+    rows["gender"] = y % 2
+    write_store(root, x, rows, dataset="adience")
+    for k, (dataset, n) in enumerate((("imdb", n_imdb), ("wiki", n_wiki))):
+        x, y = mixture.sample(n, seed=seed + 10 + k)
+        rng = np.random.default_rng(seed + 20 + k)
+        subject = rng.integers(0, n // 4, n)
+        write_store(root, x, {"subject_id": np.array([f"{dataset}{s:05d}" for s in subject]), "fold": subject % 5,
+                              "age": AGE_BIN_MIDPOINTS[y // 2] + rng.uniform(-1, 1, n), "age_bin": np.full(n, -1),
+                              "gender": y % 2}, dataset=dataset)
+    return str(root)

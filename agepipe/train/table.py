@@ -1,0 +1,275 @@
+"""`agepipe table`: Kim 2021's whole table in one command.
+
+The grid is tasks (age: Adience's 8 classes; gender) x model variants x {from scratch,
+pre-trained on IMDB-WIKI} x test folds x seeds. Each (task, variant, init) cell is one
+``loop.cross_validate`` in OUT/<task>/<init>/<variant>/ (its per-run folders, cv.json and cv.md);
+a pre-trained cell first trains the same variant on the pre-training datasets
+(OUT/<task>/pretrained/<variant>/pretrain/) and starts every run from it, as the original did.
+The cells are gathered into OUT/table.md and OUT/table.csv: test accuracy mean +- std over the
+runs, a 95% confidence interval of the mean, the original's published number, and the times.
+
+A rerun with the same settings reuses every finished cell (cell.json records them).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from agepipe.datasets import expand_groups
+from agepipe.train.checkpoint import write_json
+from agepipe.train.data import VAL_FRACTION, load_task_data, make_split, resolve_feature_set
+from agepipe.train.loop import (cross_validate, data_record, model_config_for, train_config_for, train_run)
+from agepipe.train.model import resolve_device
+
+TASKS = ("age", "gender")
+INITS = ("scratch", "pretrained")
+
+# The original's ablations (tae898/age-gender model/model.py): add_IC=false removes the whole IC
+# layer, BatchNorm and Dropout alike; add_residual=false removes the skip connection.
+VARIANTS = {
+    "full": {},
+    "dropout0": {"dropout": 0.0},
+    "no-ic": {"batch_norm": False, "dropout": 0.0},
+    "no-skip": {"skip": False},
+    "neither": {"batch_norm": False, "dropout": 0.0, "skip": False},
+}
+VARIANT_HELP = {
+    "full": "the paper's model: IC layers (BatchNorm + dropout 0.05) and skip connections",
+    "dropout0": "IC layers with dropout 0 (BatchNorm only)",
+    "no-ic": "no IC layers: neither BatchNorm nor dropout (add_IC false)",
+    "no-skip": "no skip connections (add_residual false)",
+    "neither": "no IC layers and no skip connections: a plain MLP",
+}
+
+# Where a variant's hyper-parameters differ from the task's (loop.PAPER_TRAIN): the original ran its
+# gender models without IC layers at a tenth of the searched learning rate (TRAINING-RESULTS.md).
+VARIANT_TRAIN = {
+    ("gender", "no-ic"): {"lr": 0.00243983281217744},
+    ("gender", "neither"): {"lr": 0.00243983281217744},
+}
+TRAIN_KEYS = {"lr": float, "weight_decay": float, "gamma": float, "batch_size": int, "patience": int}
+
+# Test accuracy, mean and std over 5 folds x 5 seeds, as tae898/age-gender published them in
+# training-results/TRAINING-RESULTS.md (commit 01c9ead07629dc68a6dc34473afd8917411b7396).
+PUBLISHED_SOURCE = "tae898/age-gender training-results/TRAINING-RESULTS.md"
+PUBLISHED = {
+    ("gender", "full", "scratch"): (0.8406407172280743, 0.027314883353706715),
+    ("gender", "full", "pretrained"): (0.8887175397758311, 0.025486444846123855),
+    ("gender", "dropout0", "scratch"): (0.8412609429948891, 0.03257054909731762),
+    ("gender", "dropout0", "pretrained"): (0.8985643474512477, 0.019786984421465842),
+    ("gender", "no-ic", "scratch"): (0.8206668461496278, 0.03890423963959933),
+    ("gender", "no-ic", "pretrained"): (0.9066379871650122, 0.024821142870521833),
+    ("gender", "no-skip", "scratch"): (0.8339792004421082, 0.03452867618194227),
+    ("gender", "no-skip", "pretrained"): (0.8936712563920685, 0.01711819441026738),
+    ("gender", "neither", "scratch"): (0.5847169636316493, 0.10150374884096376),
+    ("gender", "neither", "pretrained"): (0.9033931761843292, 0.02273976694274134),
+    ("age", "full", "scratch"): (0.5481515230237024, 0.03905170389565693),
+    ("age", "full", "pretrained"): (0.6086133596326488, 0.028311297707050202),
+    ("age", "dropout0", "scratch"): (0.5437349798897955, 0.041431485692379325),
+    ("age", "dropout0", "pretrained"): (0.5968017863017355, 0.0186838841831273),
+    ("age", "no-ic", "scratch"): (0.5332253618829352, 0.040315399034449785),
+    ("age", "no-ic", "pretrained"): (0.6032404380342925, 0.03081564764232662),
+    ("age", "no-skip", "scratch"): (0.5394806824328668, 0.03735867803724017),
+    ("age", "no-skip", "pretrained"): (0.6046470200696574, 0.026999898209333337),
+    ("age", "neither", "scratch"): (0.40679957475404477, 0.05287554302722316),
+    ("age", "neither", "pretrained"): (0.5936561489498906, 0.03572556187687143),
+}
+
+CSV_COLUMNS = ["task", "variant", "init", "runs", "accuracy_mean", "accuracy_std", "ci95_low", "ci95_high",
+               "published_mean", "published_std", "seconds", "pretrain_seconds", "lr", "weight_decay", "gamma",
+               "batch_size", "dropout", "batch_norm", "skip"]
+
+
+def parse_settings(items: list[str]) -> list[tuple[str, str, object]]:
+    """``SELECTOR.KEY=VALUE`` -> (selector, key, value). SELECTOR is all, a task, a variant or
+    task:variant; KEY one of TRAIN_KEYS."""
+    out = []
+    for item in items:
+        target, sep, value = item.partition("=")
+        selector, dot, key = target.rpartition(".")
+        if not sep or not dot or key not in TRAIN_KEYS:
+            raise ValueError(f"--set {item!r}: expected SELECTOR.KEY=VALUE with KEY one of {', '.join(TRAIN_KEYS)}")
+        task, _, variant = selector.rpartition(":")
+        known = selector == "all" or selector in TASKS or selector in VARIANTS or (task in TASKS and variant in VARIANTS)
+        if not known:
+            raise ValueError(f"--set {item!r}: {selector!r} is not all, a task ({', '.join(TASKS)}), "
+                             f"a variant ({', '.join(VARIANTS)}) or task:variant")
+        try:
+            out.append((selector, key, TRAIN_KEYS[key](value)))
+        except ValueError:
+            raise ValueError(f"--set {item!r}: {value!r} is not a {TRAIN_KEYS[key].__name__}") from None
+    return out
+
+
+def cell_train_overrides(task: str, variant: str, settings: list[tuple[str, str, object]]) -> dict:
+    """The variant's own hyper-parameters, then the user's --set values in the order given."""
+    out = dict(VARIANT_TRAIN.get((task, variant), {}))
+    for selector, key, value in settings:
+        if selector in ("all", task, variant, f"{task}:{variant}"):
+            out[key] = value
+    return out
+
+
+def accuracy_stats(values: list[float]) -> dict:
+    """Mean and std over the runs (np.std, as cv.json and the original report them) and a 95%
+    Student-t confidence interval of the mean (NaN with a single run)."""
+    a = np.asarray(values, dtype=np.float64)
+    mean = float(a.mean())
+    half = math.nan
+    if len(a) > 1:
+        half = float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a)))
+    return {"runs": len(a), "accuracy_mean": mean, "accuracy_std": float(a.std()),
+            "ci95_low": mean - half, "ci95_high": mean + half}
+
+
+@dataclass
+class Grid:
+    tasks: list[str]
+    variants: list[str]
+    inits: list[str]
+    folds: list[int] | None = None    # test folds; None: all five
+    seeds: int = 5
+    epochs: int | None = None          # None: the paper's 30
+    settings: list = dataclasses.field(default_factory=list)  # parse_settings output
+
+    def cells(self):
+        return [(t, v, i) for t in self.tasks for i in self.inits for v in self.variants]
+
+
+def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | None = None,
+              datasets: tuple[str, ...] = ("adience",), pretrain_datasets: tuple[str, ...] = ("imdb-wiki",),
+              device: str = "auto", min_det_score: float = 0.0, mc_samples: int = 0,
+              echo: Callable[[str], None] = print) -> list[dict]:
+    """Train every cell of ``grid`` (reusing finished ones), write table.md and table.csv into
+    ``out``, and return the rows."""
+    start = time.perf_counter()
+    out = Path(out)
+    feature_set = resolve_feature_set(store, feature_set)
+    datasets, pretrain_datasets = expand_groups(list(datasets)), expand_groups(list(pretrain_datasets))
+    dev = resolve_device(device)
+    cells, rows = grid.cells(), []
+    for task in grid.tasks:
+        data = load_task_data(store, feature_set, datasets, task, min_det_score, dev)
+        record = data_record(store, feature_set, datasets, None, min_det_score)
+        pre = pre_record = None
+        if "pretrained" in grid.inits:
+            pre = load_task_data(store, feature_set, pretrain_datasets, task, min_det_score, dev)
+            pre_record = data_record(store, feature_set, pretrain_datasets, None, min_det_score)
+        for init in grid.inits:
+            for variant in grid.variants:
+                overrides = {**cell_train_overrides(task, variant, grid.settings), "epochs": grid.epochs}
+                train_cfg = train_config_for(task, **overrides)
+                model_cfg = model_config_for(task, None, **VARIANTS[variant])
+                cell_dir = out / task / init / variant
+                identity = {"task": task, "variant": variant, "init": init, "folds": grid.folds, "seeds": grid.seeds,
+                            "model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "data": record,
+                            "pretrain_data": pre_record if init == "pretrained" else None, "mc_samples": mc_samples}
+                done = _finished_cell(cell_dir, identity)
+                if done is None:
+                    cell_start, pretrain_seconds, init_run = time.perf_counter(), None, None
+                    if init == "pretrained":
+                        init_run = cell_dir / "pretrain"
+                        split = make_split(pre.rows, None, VAL_FRACTION)
+                        t0 = time.perf_counter()
+                        train_run(pre, split, model_cfg, train_cfg, init_run, pre_record, None, 0, report=False)
+                        pretrain_seconds = time.perf_counter() - t0
+                        echo(f"  {task} {variant}: pre-trained on {'+'.join(pretrain_datasets)} "
+                             f"({len(pre.rows)} rows) in {pretrain_seconds:.1f} s")
+                        model_cfg = model_config_for(task, str(init_run), **VARIANTS[variant])
+                    cv = cross_validate(data, model_cfg, train_cfg, cell_dir, record, grid.seeds,
+                                        str(init_run) if init_run else None, mc_samples, progress=False,
+                                        folds=grid.folds)
+                    done = {"identity": identity, "seconds": time.perf_counter() - cell_start,
+                            "pretrain_seconds": pretrain_seconds,
+                            "accuracy": [r["test_accuracy"] for r in cv["runs"]]}
+                    write_json(cell_dir / "cell.json", done)
+                    how = f"trained in {done['seconds']:.1f} s"
+                else:
+                    how = f"reused (trained in {done['seconds']:.1f} s before)"
+                row = {"task": task, "variant": variant, "init": init, **accuracy_stats(done["accuracy"])}
+                published = PUBLISHED.get((task, variant, init))
+                row["published_mean"], row["published_std"] = published if published else (None, None)
+                row.update(seconds=done["seconds"], pretrain_seconds=done["pretrain_seconds"],
+                           **{k: train_cfg.to_dict()[k] for k in ("lr", "weight_decay", "gamma", "batch_size")},
+                           **{k: model_cfg.to_dict()[k] for k in ("dropout", "batch_norm", "skip")})
+                rows.append(row)
+                echo(f"[{len(rows)}/{len(cells)}] {task} {init} {variant}: accuracy {row['accuracy_mean']:.4f} "
+                     f"+- {row['accuracy_std']:.4f} over {row['runs']} runs, {how}"
+                     + (f" (original {published[0]:.4f} +- {published[1]:.4f})" if published else ""))
+    wall = time.perf_counter() - start
+    write_table(out, rows, grid, wall, str(dev), feature_set)
+    echo(f"{len(rows)} cells in {wall:.1f} s -> {out / 'table.md'}, {out / 'table.csv'}")
+    return rows
+
+
+def _finished_cell(cell_dir: Path, identity: dict) -> dict | None:
+    """The recorded result of a cell trained with exactly these settings, if there is one."""
+    path = cell_dir / "cell.json"
+    if not path.exists():
+        return None
+    with open(path) as f:
+        done = json.load(f)
+    # Through JSON so tuples and lists compare alike.
+    return done if done.get("identity") == json.loads(json.dumps(identity)) else None
+
+
+def _num(v, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    return f"{v:.{digits}f}"
+
+
+def write_table(out: Path, rows: list[dict], grid: Grid, wall_seconds: float, device: str, feature_set: str) -> None:
+    """table.csv (full precision; blank where the original published nothing) and table.md."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS})
+    _write_atomic(out / "table.csv", buf.getvalue())
+
+    folds = ", ".join(map(str, grid.folds)) if grid.folds is not None else "0-4"
+    lines = ["# Kim 2021's table, reproduced by agepipe", "",
+             f"Test accuracy on the held-out fold, over test folds {folds} x {grid.seeds} seed(s) per cell "
+             f"({grid.epochs or 30} epochs at most); feature set `{feature_set}`, device {device}.",
+             "std: over the runs (np.std, as the original reports it); 95% CI: Student t interval of the mean.",
+             f"original: the published mean +- std over 5 folds x 5 seeds ({PUBLISHED_SOURCE}).", ""]
+    for task in grid.tasks:
+        lines += [f"## {task}", "",
+                  "| variant | init | accuracy | 95% CI | original | runs | lr | seconds |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in (r for r in rows if r["task"] == task):
+            original = (f"{_num(r['published_mean'])} +- {_num(r['published_std'])}"
+                        if r["published_mean"] is not None else "")
+            ci = f"[{_num(r['ci95_low'])}, {_num(r['ci95_high'])}]" if math.isfinite(r["ci95_low"]) else ""
+            seconds = _num(r["seconds"], 1) + (f" (pre-training {_num(r['pretrain_seconds'], 1)})"
+                                               if r["pretrain_seconds"] is not None else "")
+            lines.append(f"| {r['variant']} | {r['init']} | {_num(r['accuracy_mean'])} +- {_num(r['accuracy_std'])} "
+                         f"| {ci} | {original} | {r['runs']} | {r['lr']:g} | {seconds} |")
+        lines.append("")
+    lines += ["Variants: " + "; ".join(f"{v}: {VARIANT_HELP[v]}" for v in grid.variants) + ".", "",
+              f"Total wall time of this command: {wall_seconds:.1f} s (a reused cell's seconds are those of the run "
+              "that trained it).", ""]
+    _write_atomic(out / "table.md", "\n".join(lines))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

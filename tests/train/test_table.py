@@ -1,0 +1,137 @@
+"""`agepipe table`: the paper's grid on a synthetic store with pre-training, on CPU."""
+import csv
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from agepipe.cli import cli
+from agepipe.train.table import accuracy_stats, cell_train_overrides, parse_settings
+from tests.train.synthetic_store import age_gender_store
+
+# The original's numbers as issue 12 quotes them: (task, variant, init) -> "mean +- std".
+QUOTED = {("gender", "full", "pretrained"): "0.8887 +- 0.0255",
+          ("gender", "no-ic", "pretrained"): "0.9066 +- 0.0248",
+          ("gender", "full", "scratch"): "0.8406 +- 0.0273"}
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def table_run(tmp_path_factory):
+    store = age_gender_store(tmp_path_factory.mktemp("store"), n_adience=800, n_imdb=500, n_wiki=200)
+    out = tmp_path_factory.mktemp("table")
+    # Two variants (those with quoted numbers) keep the CPU test short; the grid logic is the same for five.
+    args = ("table", "--store", store, "--out", out, "--variants", "full,no-ic", "--folds", "0,1", "--seeds", "1",
+            "--epochs", "2", "--device", "cpu", "--set", "all.batch_size=64")
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return store, out, args, result.output
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_table_has_a_finite_row_per_cell_with_the_published_numbers(table_run):
+    _, out, _, output = table_run
+    rows = read_csv(out / "table.csv")
+    cells = [(r["task"], r["variant"], r["init"]) for r in rows]
+    assert sorted(cells) == sorted((t, v, i) for t in ("age", "gender") for v in ("full", "no-ic")
+                                   for i in ("scratch", "pretrained"))
+    for r in rows:
+        assert r["runs"] == "2"
+        values = [float(r[k]) for k in ("accuracy_mean", "accuracy_std", "ci95_low", "ci95_high", "seconds")]
+        assert all(math.isfinite(v) for v in values), r
+        assert 0 <= float(r["accuracy_mean"]) <= 1
+        assert float(r["ci95_low"]) <= float(r["accuracy_mean"]) <= float(r["ci95_high"])
+        assert (r["pretrain_seconds"] != "") == (r["init"] == "pretrained")
+        cell = (r["task"], r["variant"], r["init"])
+        if cell in QUOTED:
+            assert f"{float(r['published_mean']):.4f} +- {float(r['published_std']):.4f}" == QUOTED[cell]
+    by_cell = {(r["task"], r["variant"], r["init"]): r for r in rows}
+    # Each variant's own hyper-parameters: the original's gender models without IC layers ran at lr 0.00244.
+    assert float(by_cell["gender", "no-ic", "scratch"]["lr"]) == pytest.approx(0.00243983281217744)
+    assert float(by_cell["gender", "full", "scratch"]["lr"]) == pytest.approx(0.024398)
+    assert by_cell["age", "no-ic", "scratch"]["batch_norm"] == "False"
+    assert by_cell["age", "no-ic", "scratch"]["dropout"] == "0.0"
+    assert "[8/8] " in output and "pre-trained on imdb+wiki" in output
+
+
+def test_runs_are_the_cross_validation_folders_and_start_from_the_pretraining(table_run):
+    _, out, _, _ = table_run
+    cell = out / "gender" / "pretrained" / "no-ic"
+    pre = json.loads((cell / "pretrain" / "config.json").read_text())
+    assert pre["data"]["datasets"] == ["imdb", "wiki"]
+    assert pre["model"]["batch_norm"] is False and pre["model"]["dropout"] == 0.0
+    cv = json.loads((cell / "cv.json").read_text())
+    assert [(r["fold"], r["seed"]) for r in cv["runs"]] == [(0, 0), (1, 0)]
+    run = json.loads((cell / "fold1-seed0" / "config.json").read_text())
+    assert run["init"] == str(cell / "pretrain") and run["data"]["test_fold"] == 1
+    assert run["model"] == pre["model"]
+    scratch = json.loads((out / "gender" / "scratch" / "no-ic" / "fold0-seed0" / "config.json").read_text())
+    assert scratch["init"] is None and scratch["data"]["datasets"] == ["adience"]
+
+
+def test_markdown_renders_the_csv_numbers(table_run):
+    _, out, _, _ = table_run
+    md = (out / "table.md").read_text()
+    assert "Total wall time" in md
+    for r in read_csv(out / "table.csv"):
+        line = next(l for l in md.splitlines() if l.startswith(f"| {r['variant']} | {r['init']} |")
+                    and _section(md, l) == r["task"])
+        cols = [c.strip() for c in line.strip("|").split("|")]
+        assert cols[2] == f"{float(r['accuracy_mean']):.4f} +- {float(r['accuracy_std']):.4f}"
+        assert cols[3] == f"[{float(r['ci95_low']):.4f}, {float(r['ci95_high']):.4f}]"
+        published = r["published_mean"] and f"{float(r['published_mean']):.4f} +- {float(r['published_std']):.4f}"
+        assert cols[4] == published
+        assert cols[5] == r["runs"]
+
+
+def _section(md, line):
+    """The task heading above ``line``."""
+    head = md[:md.index(line)]
+    return head[head.rindex("## ") + 3:].split("\n", 1)[0]
+
+
+def test_a_rerun_reuses_every_finished_cell(table_run):
+    _, out, args, _ = table_run
+    before = (out / "gender" / "scratch" / "full" / "fold0-seed0" / "model.safetensors").stat().st_mtime_ns
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("reused") == 8 and "pre-trained on" not in result.output
+    assert (out / "gender" / "scratch" / "full" / "fold0-seed0" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_blank_where_nothing_was_published(tmp_path):
+    from agepipe.train.table import Grid, write_table
+    row = {"task": "age", "variant": "full", "init": "scratch", **accuracy_stats([0.5, 0.6]),
+           "published_mean": None, "published_std": None, "seconds": 1.0, "pretrain_seconds": None,
+           "lr": 0.001, "weight_decay": 0.0, "gamma": 0.5, "batch_size": 8, "dropout": 0.05,
+           "batch_norm": True, "skip": True}
+    write_table(tmp_path, [row], Grid(["age"], ["full"], ["scratch"]), 1.0, "cpu", "fs")
+    (r,) = read_csv(tmp_path / "table.csv")
+    assert r["published_mean"] == "" and r["published_std"] == ""
+    assert "| full | scratch | 0.5500 +- 0.0500 | [-0.0853, 1.1853] |  | 2 |" in (tmp_path / "table.md").read_text()
+
+
+def test_confidence_interval_is_the_t_interval_of_the_mean():
+    s = accuracy_stats([0.8, 0.9, 1.0])
+    # mean 0.9, sample std 0.1, t(0.975, 2) = 4.302653
+    assert s["ci95_high"] - 0.9 == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-6)
+    assert s["accuracy_std"] == pytest.approx(math.sqrt(2 / 300))
+    assert math.isnan(accuracy_stats([0.7])["ci95_low"])
+
+
+def test_settings_override_in_order_and_bad_ones_are_named():
+    settings = parse_settings(["all.lr=0.1", "no-ic.lr=0.2", "gender:no-ic.batch_size=32"])
+    assert cell_train_overrides("gender", "no-ic", settings) == {"lr": 0.2, "batch_size": 32}
+    assert cell_train_overrides("age", "full", settings) == {"lr": 0.1}
+    assert cell_train_overrides("gender", "neither", []) == {"lr": 0.00243983281217744}
+    for bad in ("no-ic.momentum=1", "nope.lr=1", "all.lr", "all.batch_size=x"):
+        with pytest.raises(ValueError, match="--set"):
+            parse_settings([bad])
