@@ -102,7 +102,8 @@ def parse_settings(items: list[str]) -> list[tuple[str, str, object]]:
         if not sep or not dot or key not in TRAIN_KEYS:
             raise ValueError(f"--set {item!r}: expected SELECTOR.KEY=VALUE with KEY one of {', '.join(TRAIN_KEYS)}")
         task, _, variant = selector.rpartition(":")
-        known = selector == "all" or selector in TASKS or selector in VARIANTS or (task in TASKS and variant in VARIANTS)
+        known = (selector == "all" or selector in TASKS or selector in VARIANTS
+                 or (task in TASKS and variant in VARIANTS))
         if not known:
             raise ValueError(f"--set {item!r}: {selector!r} is not all, a task ({', '.join(TASKS)}), "
                              f"a variant ({', '.join(VARIANTS)}) or task:variant")
@@ -260,7 +261,8 @@ def write_table(out: Path, rows: list[dict], grid: Grid, wall_seconds: float, de
                          f"| {ci} | {original} | {r['runs']} | {r['lr']:g} | {seconds} |")
         lines.append("")
     lines += ["Variants: " + "; ".join(f"{v}: {VARIANT_HELP[v]}" for v in grid.variants) + ".", "",
-              f"Total wall time of this command: {wall_seconds:.1f} s (a reused cell's seconds are those of the run "
+              f"Total wall time: {wall_seconds:.1f} s for this command; the cells took "
+              f"{sum(r['seconds'] for r in rows):.1f} s when trained (a reused cell keeps the time of the run "
               "that trained it).", ""]
     _write_atomic(out / "table.md", "\n".join(lines))
 
