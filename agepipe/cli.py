@@ -660,6 +660,7 @@ SHORT_HELP = {
     "extract": "Faces and embeddings of a manifest into the feature store.",
     "features": "What the feature store holds.",
     "train": "Fit the MLP of Kim 2021 from the store (one split, or --cv).",
+    "table": "The paper's whole table: tasks x variants x inits, cross-validated.",
     "evaluate": "Score a run again: metrics.json, report.md, plots.",
     "predict": "Age and gender with uncertainty for the faces in photos.",
     "embed": "Every face of some photos into one Parquet file.",

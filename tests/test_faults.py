@@ -264,14 +264,14 @@ def test_5_a_link_chain_that_leaves_the_target_is_refused(tmp_path):
 # --- 6: paths re-checked at extract --------------------------------------------------------------
 
 def test_6_image_ids_that_leave_the_dataset_get_bad_path(tmp_path, photos):
-    from agepipe.pipeline.extract import read_manifest
+    from agepipe.pipeline.extract import manifest_table
 
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "x.jpg").write_bytes(photos["obama"].read_bytes())
     write_manifest(tmp_path / "data" / "mini", [row("../../outside/x.jpg"), row(str(outside / "x.jpg")),
                                                row("ok/./a.jpg"), row("fine.jpg")])
-    status = read_manifest(str(tmp_path / "data"), "mini")["status"].to_pylist()
+    status = manifest_table(str(tmp_path / "data"), "mini")["status"].to_pylist()
     assert status == ["bad_path", "bad_path", "bad_path", "ok"]
 
 
@@ -289,11 +289,11 @@ def test_6_dataset_names_that_are_paths_are_refused(tmp_path):
     ([row("a.jpg", "worker_lost")], "row 0 ('a.jpg') has status 'worker_lost'"),
 ])
 def test_6_duplicated_ids_and_unknown_statuses_are_refused(tmp_path, rows, message):
-    from agepipe.pipeline.extract import read_manifest
+    from agepipe.pipeline.extract import manifest_table
 
     write_manifest(tmp_path / "mini", rows)
     with pytest.raises(ValueError, match="manifest.parquet: " + message.replace("(", r"\(").replace(")", r"\)")):
-        read_manifest(str(tmp_path), "mini")
+        manifest_table(str(tmp_path), "mini")
 
 
 # --- 7: a structural verdict for truncated JPEGs ------------------------------------------------
@@ -413,7 +413,7 @@ def run_inprocess(data, store, cfg, embed_rows=None, monkeypatch=None):
 
     if embed_rows:
         monkeypatch.setattr(ex, "embed_rows", embed_rows)
-    manifest = ex.read_manifest(str(data), "mini")
+    manifest = ex.manifest_table(str(data), "mini")
     plan = ex.make_plan({"mini": manifest}, str(data), str(store), "fs-test", cfg, 10, False)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
             Client(cluster) as client:

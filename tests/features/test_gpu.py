@@ -12,6 +12,10 @@ from agepipe.features.detect import Detections, letterbox, nms
 from agepipe.features.embed import choose_face
 from agepipe.features.images import read_photo
 
+# opencv 4.8 (the lowest versions CI tests) rounds its fixed-point bilinear weights coarser than
+# today's 5.0: its crops differ from ours by up to 4 levels, its embedding norms by up to 0.2%.
+OPENCV_4_8 = cv2.__version__.startswith("4.8.")
+
 
 def random_boxes(rng, n, spread=200.0):
     xy = rng.uniform(0, spread, (n, 2))
@@ -63,7 +67,7 @@ def test_warp_faces_equals_cv2_warp_affine(photos, embedder):
                            torch.tensor([images[i].shape[1] for i in which]), torch.from_numpy(matrices)).numpy()
     expected = np.stack([norm_crop(images[i], kp) for i, kp in faces]).astype(np.float32)
     assert len(faces) > 25
-    assert np.abs(crops - expected).max() <= 1.0
+    assert np.abs(crops - expected).max() <= (4.0 if OPENCV_4_8 else 1.0)
     assert (crops[-1][:, :10] == 0).all()  # outside the photo: black, as cv2's constant border
 
 
@@ -160,7 +164,7 @@ def test_device_pipeline_on_cpu_agrees_with_onnxruntime(photos, embedder, buffal
         box, score, emb, norm = face
         np.testing.assert_allclose(found["bbox"][j], box, atol=1.0, err_msg=path)
         assert abs(found["det_score"][j] - score) < 1e-3
-        assert abs(found["embedding_norm"][j] - norm) / norm < 1e-3
+        assert abs(found["embedding_norm"][j] - norm) / norm < (2e-3 if OPENCV_4_8 else 1e-3)
         cosines.append(float(found["embedding"][j] @ emb))
     assert len(cosines) >= 20 and min(cosines) >= 0.999, cosines
     assert np.abs(found["bbox"][-3] - second).max() <= 1.0  # the hint's face, not the central one

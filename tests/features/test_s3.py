@@ -51,21 +51,21 @@ def test_extract_into_s3_resumes_and_reads_back(s3, tmp_path, monkeypatch):
     common = ("extract", "--dataset", "sample", "--data-dir", data, "--store", "s3://bucket/store",
               "--workers", 1, "--shard-rows", 32)
     out = run(*common)
-    assert "2 to do (54 rows), 0 already finished" in out
+    assert "2 to do (58 rows), 0 already finished" in out
     shards = {p: s3.info(p)["ETag"] for p in s3.glob("bucket/store/*/sample/part-*.parquet")}
     assert len(shards) == 2
     [index_path] = s3.glob("bucket/store/*/sample/_index.json")
     index = json.loads(s3.cat(index_path))
-    assert index["rows"] == 54 and sorted(s["file"] for s in index["shards"]) == sorted(p.rsplit("/", 1)[-1] for p in shards)
+    assert index["rows"] == 58 and sorted(s["file"] for s in index["shards"]) == sorted(p.rsplit("/", 1)[-1] for p in shards)
     # a rerun resumes: nothing to do, no shard rewritten
-    assert "0 to do (0 rows), 2 already finished (54 rows)" in run(*common)
+    assert "0 to do (0 rows), 2 already finished (58 rows)" in run(*common)
     s3.invalidate_cache()
     assert {p: s3.info(p)["ETag"] for p in s3.glob("bucket/store/*/sample/part-*.parquet")} == shards
     listed = run("features", "list", "--store", "s3://bucket/store")
     name = listed.split()[0]
-    assert f"{name}  sample: 54 rows" in listed
+    assert f"{name}  sample: 58 rows" in listed
     shown = run("features", "show", name, "--store", "s3://bucket/store")
-    assert "sample: 54 rows" in shown
+    assert "sample: 58 rows" in shown
     out_dir = tmp_path / "runs" / "gender"
     run("train", "--store", "s3://bucket/store", "--dataset", "sample", "--task", "gender", "--out", out_dir,
         "--epochs", 1)
@@ -94,7 +94,7 @@ def test_extract_into_s3_resumes_and_reads_back(s3, tmp_path, monkeypatch):
     reader = s3fs.S3FileSystem(skip_instance_cache=True)
     with pytest.raises(PermissionError):
         reader.pipe("bucket/store/probe", b"a write")
-    assert f"{name}  sample: 54 rows" in run("features", "list", "--store", "s3://bucket/store")
+    assert f"{name}  sample: 58 rows" in run("features", "list", "--store", "s3://bucket/store")
     run("train", "--store", "s3://bucket/store", "--dataset", "sample", "--task", "gender",
         "--out", tmp_path / "runs" / "read-only", "--epochs", 1)
     assert json.loads((tmp_path / "runs" / "read-only" / "config.json").read_text())["data"]["split_sizes"] == \

@@ -25,7 +25,7 @@ def sample_data(tmp_path_factory):
 
 
 def test_the_readme_sequence_holds_each_row_once(sample_data, tmp_path):
-    """`--shard-rows 16 --limit 40`, then a plain run: 54 rows, not 40 + 54 - 16 = 78."""
+    """`--shard-rows 16 --limit 40`, then a plain run: 58 rows, not 40 + 58 - 16 = 82."""
     store = tmp_path / "store"
     common = ("--dataset", "sample", "--data-dir", sample_data, "--store", store, "--workers", 1)
     out = run("extract", *common, "--shard-rows", 16, "--limit", 40)
@@ -33,15 +33,15 @@ def test_the_readme_sequence_holds_each_row_once(sample_data, tmp_path):
     [name] = fstore.list_feature_sets(str(store))
     assert f"{name}  sample: 40 rows" in run("features", "list", "--store", store)
     out = run("extract", *common)
-    assert "1 to do (54 rows), 0 already finished" in out
+    assert "1 to do (58 rows), 0 already finished" in out
     manifest = pq.read_table(sample_data / "sample" / "manifest.parquet").to_pandas()
-    assert len(manifest) == 54
-    assert f"{name}  sample: 54 rows" in run("features", "list", "--store", store)
+    assert len(manifest) == 58
+    assert f"{name}  sample: 58 rows" in run("features", "list", "--store", store)
     rows = fstore.read_table(str(store), name, "sample").to_pandas()
     assert sorted(rows.image_id) == sorted(manifest.image_id)
     assert len(list((store / name / "sample").glob("part-*.parquet"))) == 1  # the first cut is gone
     index = json.loads((store / name / "sample" / "_index.json").read_text())
-    assert index["rows"] == 54 and [s["rows"] for s in index["shards"]] == [54]
+    assert index["rows"] == 58 and [s["rows"] for s in index["shards"]] == [58]
     # train sees each usable row once
     out_dir = tmp_path / "runs" / "gender"
     run("train", "--store", store, "--dataset", "sample", "--task", "gender", "--out", out_dir, "--epochs", 1)
@@ -49,11 +49,11 @@ def test_the_readme_sequence_holds_each_row_once(sample_data, tmp_path):
     usable = ((rows.status == "ok") & (rows.gender >= 0)).sum()
     assert sum(record["data"]["split_sizes"].values()) == usable and usable > 40
     # a rerun with the first cut's shard size resumes nothing from the old cut, now gone, and
-    # replaces the cut again: still 54 rows
+    # replaces the cut again: still 58 rows
     out = run("extract", *common, "--shard-rows", 16)
-    assert "4 to do (54 rows), 0 already finished" in out
-    assert len(fstore.read_table(str(store), name, "sample")) == 54
-    assert "0 to do (0 rows), 4 already finished (54 rows)" in run("extract", *common, "--shard-rows", 16)
+    assert "4 to do (58 rows), 0 already finished" in out
+    assert len(fstore.read_table(str(store), name, "sample")) == 58
+    assert "0 to do (0 rows), 4 already finished (58 rows)" in run("extract", *common, "--shard-rows", 16)
     # a deleted shard: readers refuse, naming what to run; extract redoes just that shard
     victim = fstore.shard_files(str(store), name, "sample")[2]
     (store / name / "sample" / victim.rsplit("/", 1)[-1]).unlink()
@@ -62,8 +62,8 @@ def test_the_readme_sequence_holds_each_row_once(sample_data, tmp_path):
     result = CliRunner().invoke(cli, ["train", "--store", str(store), "--dataset", "sample", "--task", "gender",
                                       "--out", str(tmp_path / "runs" / "x"), "--epochs", 1])
     assert result.exit_code == 1 and "is missing; run `agepipe extract --dataset sample`" in result.output
-    assert "1 to do (16 rows), 3 already finished (38 rows)" in run("extract", *common, "--shard-rows", 16)
-    assert len(fstore.read_table(str(store), name, "sample")) == 54
+    assert "1 to do (16 rows), 3 already finished (42 rows)" in run("extract", *common, "--shard-rows", 16)
+    assert len(fstore.read_table(str(store), name, "sample")) == 58
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_pandas_pyarrow_duckdb_polars_and_datasets_read_the_same_store(sample_st
     expected = by_image(ours["image_id"].to_pylist(), ours["status"].to_pylist(),
                         np.stack(ours["embedding"].to_numpy(zero_copy_only=False)))
     ok = {i for i, (s, _) in expected.items() if s == "ok"}
-    assert len(expected) == 54 and len(ok) == len(feats.rows) > 40
+    assert len(expected) == 58 and len(ok) == len(feats.rows) > 40
     for i, e in zip(feats.rows.image_id, feats.embeddings):
         assert np.array_equal(expected[i][1], e)
 

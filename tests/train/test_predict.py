@@ -56,7 +56,7 @@ def test_predict_json_and_annotation(runs, photos, tmp_path):
     assert drawn.shape[1] == image.shape[1] and drawn.shape[0] > image.shape[0]
     assert not np.array_equal(drawn[:image.shape[0]], image)
     band = drawn[image.shape[0]:]
-    assert (band > 200).mean() > 0.8 and (band < 100).any()
+    assert (band > 200).mean() > 0.7 and (band < 100).any()  # white, with dark text (more lines when a model warns)
 
 
 def test_labels_stay_inside_the_image_and_off_each_other():
