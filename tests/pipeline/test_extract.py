@@ -252,7 +252,9 @@ def test_killed_worker_mid_shard_gives_worker_lost_then_retry_failed_redoes_it(m
     status = dict(zip(rows.image_id, rows.status))
     assert status[POISON] == "worker_lost"
     assert (rows.status == "ok").sum() >= 12  # the others kept their features
-    assert re.search(r"shards redone photo by photo after failures: \[0[],]", result.output), result.output
+    # the poisoned shard (0) among them: a shard queued on the killed worker may be redone too
+    redone = re.search(r"shards redone photo by photo after failures: \[([\d, ]*)\]", result.output)
+    assert redone and 0 in {int(k) for k in redone[1].split(",")}, result.output
     flag.unlink()
     again = extract(mini_data, store, *args, "--retry-failed")
     assert again.exit_code == 0, again.output
