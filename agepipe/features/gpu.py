@@ -5,10 +5,10 @@ How a batch flows (`extract --runtime torch`; the same code runs on "cpu" for te
   decode threads   read_photo, cv2 letterbox into a uint8 canvas slot and the photo's pixels into a
                    flat byte slot, both in pinned memory allocated once (two slots: double buffering)
   copy stream      the slot's canvas, pixels and per-photo numbers to the device in three copies
-  compute stream   normalise, detect (fp16 on CUDA), threshold + anchor decode + NMS for the whole
-                   batch, the face-choice policy, the 5-point similarity solved in closed form,
-                   bilinear 112x112 crops sampled straight from the flat pixels, recognise,
-                   then one packed row per photo back to pinned host memory
+  compute stream   normalise, detect (fp32 with TF32 off: see __init__), threshold + anchor decode
+                   + NMS for the whole batch, the face-choice policy, the 5-point similarity solved
+                   in closed form, bilinear 112x112 crops sampled straight from the flat pixels,
+                   recognise (fp16 on CUDA), then one packed row per photo back to pinned memory
   main thread      enqueues batch k, then reads batch k-1's rows while the GPU works on k and the
                    threads decode k+1; nothing waits on the GPU except that read.
 
@@ -43,6 +43,25 @@ BYTES_PER_PHOTO = 1 << 20  # first guess of the flat pixel slot's size; it grows
 # packed row per photo: n_faces, det_score, bbox 4, landmarks 10, embedding 512, norm, candidates, redo
 ROW = 1 + 1 + 4 + 10 + 512 + 1 + 1 + 1
 META = 9  # offset, height, width, letterbox scale, photo scale, face hint x1 y1 x2 y2
+
+
+PRECISIONS = ("fp32", "tf32", "fp16")  # a network's arithmetic on CUDA (fp32 = TF32 off)
+
+
+def batch_buckets(batch_size: int) -> list[int]:
+    """The batch shapes the networks see: powers of two from 16, then the batch size itself."""
+    return sorted({*(1 << k for k in range(4, batch_size.bit_length()) if 1 << k < batch_size), batch_size})
+
+
+@contextlib.contextmanager
+def _tf32(allowed: bool):
+    """cuDNN's and cuBLAS's TF32 switch for one network call (torch's defaults: on for cuDNN)."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def letterbox_into(image: np.ndarray, canvas: np.ndarray) -> float:
@@ -195,17 +214,26 @@ class DevicePipeline:
     """A model pack on one device, for `agepipe extract --runtime torch` (CUDA, or CPU for tests)."""
 
     def __init__(self, pack, det_size: int = 640, device: str = "cuda", batch_size: int = 256,
-                 decode_threads: int = 4, det_thresh: float = DET_THRESH, half: bool | None = None):
+                 decode_threads: int = 4, det_thresh: float = DET_THRESH, detector_precision: str | None = None,
+                 recognizer_precision: str | None = None):
         if device == "cuda" and not torch.cuda.is_available():
             raise ModelError("--runtime torch --device cuda: torch sees no CUDA device")
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.half = self.cuda if half is None else half
+        self.pad_batches = self.cuda  # see _net; on the CPU padding would only cost time
+        # Measured on an H200 against onnxruntime (bench/gpu_extract_device.py): an fp16 detector picks
+        # another face or status for ~0.2% of photos; fp32 (TF32 off) agrees exactly. An fp16
+        # recogniser keeps every embedding at cosine >= 0.9999.
+        self.det_precision = detector_precision or "fp32"
+        self.rec_precision = recognizer_precision or ("fp16" if self.cuda else "fp32")
+        for p in (self.det_precision, self.rec_precision):
+            if p not in PRECISIONS:
+                raise ValueError(f"precision {p!r}: one of {', '.join(PRECISIONS)}")
         self.size = (det_size, det_size)
         self.det_thresh = det_thresh
         self.batch_size = batch_size
-        self.detector = load_torch_model(pack.detector, self.device, self.half)
-        self.recognizer = load_torch_model(pack.recognizer, self.device, self.half)
+        self.detector = load_torch_model(pack.detector, self.device, self.det_precision == "fp16")
+        self.recognizer = load_torch_model(pack.recognizer, self.device, self.rec_precision == "fp16")
         self.rec_mean, self.rec_std = recognizer_normalisation(pack.recognizer)
         centers, strides = anchor_centers(self.size)
         self.centers, self.strides = centers.to(self.device), strides.to(self.device)
@@ -216,6 +244,24 @@ class DevicePipeline:
         self.lock = threading.Lock()  # one shard at a time on the device; the other may be writing
         if self.cuda:
             self.copy_stream, self.stream = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
+            with torch.cuda.stream(self.stream):  # plan every batch shape now, with the model loading
+                for n in batch_buckets(batch_size):
+                    self._net(self.detector, torch.zeros(n, 3, det_size, det_size, device=self.device),
+                              self.det_precision)
+                    self._net(self.recognizer, torch.zeros(n, 3, 112, 112, device=self.device), self.rec_precision)
+            self.stream.synchronize()
+
+    def _net(self, net, x: torch.Tensor, precision: str):
+        """A network on a float32 batch, padded to a bucket size: cuDNN plans each new batch
+        shape on the host (measured: up to seconds per shape on an H200), so the rescue's and
+        the redo's odd batch sizes must not reach it. Outputs are cut back to the batch."""
+        n = len(x)
+        size = next((b for b in batch_buckets(self.batch_size) if b >= n), n) if self.pad_batches else n
+        if size > n:
+            x = torch.cat([x, x.new_zeros(size - n, *x.shape[1:])])
+        with _tf32(precision == "tf32"):
+            outs = net(x.half() if precision == "fp16" else x)
+        return [o[:n] for o in outs]
 
     # --- host side --------------------------------------------------------------------------
 
@@ -260,7 +306,7 @@ class DevicePipeline:
     def _raw(self, canvas: torch.Tensor):
         """Detector outputs as (B, A) scores and (B, A, 4) / (B, A, 10) offsets in canvas pixels."""
         x = canvas.permute(0, 3, 1, 2).flip(1).float().sub_(127.5).mul_(1 / 128.0)  # cv2.dnn.blobFromImages
-        outs = self.detector(x.half() if self.half else x)
+        outs = self._net(self.detector, x, self.det_precision)
         n, b = len(outs) // 3, x.shape[0]
         scores = torch.cat([o.reshape(b, -1) for o in outs[:n]], 1).float()
         stride = self.strides[None, :, None]
@@ -308,7 +354,7 @@ class DevicePipeline:
         blob = crops.flip(-1).permute(0, 3, 1, 2).sub_(self.rec_mean).mul_(1 / self.rec_std)
         self._mark(events, 2)
 
-        raw_emb = self.recognizer(blob.half() if self.half else blob)[0].float()
+        raw_emb = self._net(self.recognizer, blob, self.rec_precision)[0].float()
         norm = torch.linalg.vector_norm(raw_emb, dim=1)
         emb = raw_emb / norm.clamp(min=1e-12)[:, None]
         redo = (above > k) | ~settled

@@ -50,6 +50,25 @@ def local_layout(workers: int | None = None) -> Layout:
     return Layout("local", n)
 
 
+# Dask's defaults for the workers of clusters agepipe starts, overridden. MALLOC_TRIM_THRESHOLD_
+# (set by every nanny) turns off glibc's adaptive mmap threshold, so each decoded photo and canvas
+# (~1 MB) is mmap'd, page-faulted and unmapped anew: decoding ran at 0.55x in a worker here
+# (bench/worker_env_bench.py). The sampling profiler walks every thread's stack each 10 ms under
+# the GIL that the decode threads and the device launches need.
+WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                 "distributed.worker.profile.enabled": False}
+
+
+@contextlib.contextmanager
+def _without_env(name: str):
+    value = os.environ.pop(name, None)
+    try:
+        yield
+    finally:
+        if value is not None:
+            os.environ[name] = value
+
+
 def _silence_dashboard_warning():
     import logging
 
@@ -59,6 +78,7 @@ def _silence_dashboard_warning():
 @contextlib.contextmanager
 def open_client(scheduler: str | None = None, gpus: list[str] | None = None, workers: int | None = None):
     """A Client and its Layout for the chosen mode; a cluster we start is closed afterwards."""
+    import dask
     from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 
     _silence_dashboard_warning()
@@ -70,20 +90,23 @@ def open_client(scheduler: str | None = None, gpus: list[str] | None = None, wor
         finally:
             client.close()
         return
-    if gpus:
-        # One worker process per GPU, each seeing only its own device, like dask-cuda's LocalCUDACluster.
-        # Two task threads: one shard writes its Parquet while the next has the device (a lock in
-        # features/gpu.py keeps the device to one shard at a time).
-        spec = {f"gpu-{g}": {"cls": Nanny, "options": {"nthreads": 2, "host": LOOPBACK, "silence_logs": 40,
-                                                       "env": {"CUDA_VISIBLE_DEVICES": g}}}
-                for g in gpus}
-        cluster = SpecCluster(workers=spec, silence_logs=40, scheduler={
-            "cls": Scheduler, "options": {"host": LOOPBACK, "dashboard_address": f"{LOOPBACK}:0"}})
-        layout = gpu_layout(gpus)
-    else:
-        layout = local_layout(workers)
-        cluster = LocalCluster(n_workers=layout.workers, threads_per_worker=1, processes=True, host=LOOPBACK,
-                               dashboard_address=f"{LOOPBACK}:0", silence_logs=40)
+    # read by each nanny as it starts; a nanny of an earlier cluster in this process may have left
+    # the variable in os.environ, which its workers would inherit
+    with dask.config.set(WORKER_CONFIG), _without_env("MALLOC_TRIM_THRESHOLD_"):
+        if gpus:
+            # One worker process per GPU, each seeing only its own device, like dask-cuda's LocalCUDACluster.
+            # Two task threads: one shard writes its Parquet while the next has the device (a lock in
+            # features/gpu.py keeps the device to one shard at a time).
+            spec = {f"gpu-{g}": {"cls": Nanny, "options": {"nthreads": 2, "host": LOOPBACK, "silence_logs": 40,
+                                                           "env": {"CUDA_VISIBLE_DEVICES": g}}}
+                    for g in gpus}
+            cluster = SpecCluster(workers=spec, silence_logs=40, scheduler={
+                "cls": Scheduler, "options": {"host": LOOPBACK, "dashboard_address": f"{LOOPBACK}:0"}})
+            layout = gpu_layout(gpus)
+        else:
+            layout = local_layout(workers)
+            cluster = LocalCluster(n_workers=layout.workers, threads_per_worker=1, processes=True, host=LOOPBACK,
+                                   dashboard_address=f"{LOOPBACK}:0", silence_logs=40)
     try:
         with Client(cluster) as client:
             client.wait_for_workers(layout.workers, timeout=120)

@@ -184,3 +184,42 @@ def test_overflowing_or_unsettled_photos_are_redone_exactly(photos, embedder, bu
         assert found["n_faces"][j] == n and n > 0
         np.testing.assert_allclose(found["bbox"][j], box, atol=1.0)
         assert float(found["embedding"][j] @ emb) >= 0.999
+
+
+def test_batch_buckets():
+    assert gpu.batch_buckets(256) == [16, 32, 64, 128, 256]
+    assert gpu.batch_buckets(100) == [16, 32, 64, 100]
+    assert gpu.batch_buckets(8) == [8]
+
+
+def test_networks_see_only_bucket_shapes_and_padding_changes_nothing(photos, embedder, buffalo_s, tmp_path,
+                                                                     monkeypatch):
+    """On CUDA every batch is padded to a bucket (cuDNN plans each new shape anew: seconds on an
+    H200), the rescue's and the redo's odd sizes too; the padding rows must not change a result."""
+    monkeypatch.setattr(gpu, "CANDIDATES", 8)  # crowds overflow: the redo path runs too
+    paths = [str(p) for p in face_crops(photos, tmp_path, embedder)] + [str(photos["players"])]
+    results = []
+    for pad in (False, True):
+        pipeline = gpu.DevicePipeline(buffalo_s, device="cpu", batch_size=32, decode_threads=2)
+        pipeline.pad_batches = pad
+        seen = []
+        for name in ("detector", "recognizer"):
+            net = getattr(pipeline, name)
+            setattr(pipeline, name, lambda x, net=net: (seen.append(len(x)), net(x))[1])
+        timings = Counter()
+        errors, packed = pipeline.extract(paths, [None] * len(paths), timings)
+        assert not any(errors) and timings["faces_rescued"] >= 1
+        results.append(packed)
+        if pad:
+            assert set(seen) <= {16, 32}, seen
+        else:
+            assert set(seen) - {16, 32}  # without padding the networks do see odd sizes
+    plain, padded = (gpu.unpack(r) for r in results)
+    assert (plain["n_faces"] == padded["n_faces"]).all()
+    np.testing.assert_allclose(plain["bbox"], padded["bbox"], atol=0.05)
+    assert ((plain["embedding"] * padded["embedding"]).sum(1) >= 0.99999).all()
+
+
+def test_unknown_precision_is_refused(buffalo_s):
+    with pytest.raises(ValueError, match="bf16"):
+        gpu.DevicePipeline(buffalo_s, device="cpu", detector_precision="bf16")

@@ -1,4 +1,5 @@
-"""The Dask clusters agepipe starts itself: loopback only, and the GPU layout's decode threads."""
+"""The Dask clusters agepipe starts itself: loopback only, their workers' settings, and the GPU
+layout's decode threads."""
 import os
 
 import pytest
@@ -17,6 +18,10 @@ def test_scheduler_and_workers_listen_on_loopback_only(mode):
         assert client.scheduler.address.startswith("tcp://127.0.0.1:")
         assert all(a.startswith("tcp://127.0.0.1:") for a in listen_hosts(client)), listen_hosts(client)
         assert layout.workers == 1
+        # glibc's adaptive mmap threshold kept (Dask's nannies set MALLOC_TRIM_THRESHOLD_), no profiler
+        assert list(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == [None]
+        profiling = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+        assert list(profiling.values()) == [False]
 
 
 def test_gpu_layout_shares_the_cores_among_gpus():
