@@ -72,7 +72,10 @@ def letterbox_into(image: np.ndarray, canvas: np.ndarray) -> float:
         new_h, new_w = height, max(1, int(height / ratio))
     else:
         new_w, new_h = width, max(1, int(width * ratio))
-    canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))
+    view = canvas[:new_h, :new_w]
+    resized = cv2.resize(image, (new_w, new_h), dst=view)  # straight into the canvas: no 1 MB temporary
+    if resized.ctypes.data != view.ctypes.data:  # an OpenCV that would not write a strided dst
+        view[...] = resized
     canvas[new_h:] = 0
     canvas[:new_h, new_w:] = 0
     return new_h / image.shape[0]
