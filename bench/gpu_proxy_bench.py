@@ -19,6 +19,7 @@ photo: batching, staging, copies, result handling, building the shard table. "op
 how many tensor ops the device stages dispatch per batch (each a kernel launch on a GPU).
 """
 import argparse
+import dataclasses
 import tempfile
 import threading
 import time
@@ -117,8 +118,7 @@ def main():
                 embedder.detector, embedder.recognizer = torch_stand_ins(det_out, rec_out)
                 embedder._launch = clock.wrap("device", embedder._launch)
             ex._EMBEDDERS.clear()
-            ex._EMBEDDERS[(cfg.pack, cfg.det_size, cfg.runtime, cfg.device, cfg.threads, cfg.batch_size,
-                           cfg.decode_threads)] = embedder
+            ex._EMBEDDERS[dataclasses.astuple(cfg)] = embedder  # the worker's cache: these, not the real models
             root = str(Path(d) / "proxy")
             ex.embed_rows(rows.slice(0, 2 * args.batch), root, cfg, Counter())  # warm-up: both slots
             ops = None
@@ -130,6 +130,7 @@ def main():
             c = time.process_time()
             table = ex.embed_rows(rows, root, cfg, Counter())
             cpu = time.process_time() - c
+            assert len(ex._EMBEDDERS) == 1, "extract loaded its own models, not the stand-ins"
             ok = sum(s == "ok" for s in table["status"].to_pylist())
             results.append((name, cpu, dict(clock.seconds), ops, ok))
     n = args.photos

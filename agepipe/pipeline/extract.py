@@ -18,7 +18,7 @@ import hashlib
 import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,8 +73,7 @@ class IgnoreCtrlC(WorkerPlugin):
 def worker_embedder(cfg: ExtractConfig):
     """Models are loaded once per worker process, on the worker, and kept under the model files'
     identity (sha256): a long-lived worker never serves old files under a new feature set."""
-    key = (cfg.pack, cfg.det_size, cfg.runtime, cfg.device, cfg.threads, cfg.batch_size, cfg.decode_threads,
-           cfg.detector_sha256, cfg.recognizer_sha256)
+    key = astuple(cfg)
     if key not in _EMBEDDERS:
         from agepipe.features.embed import FaceEmbedder
         from agepipe.features.models import ModelError, file_sha256, resolve_pack
