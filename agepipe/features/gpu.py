@@ -247,6 +247,8 @@ class DevicePipeline:
         self.lock = threading.Lock()  # one shard at a time on the device; the other may be writing
         if self.cuda:
             self.copy_stream, self.stream = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
+            # redos and rescues of batch k-1: not queued behind batch k, which the GPU runs meanwhile
+            self.side_stream = torch.cuda.Stream(self.device)
             with torch.cuda.stream(self.stream):  # plan every batch shape now, with the model loading
                 for n in batch_buckets(batch_size):
                     self._net(self.detector, torch.zeros(n, 3, det_size, det_size, device=self.device),
@@ -424,7 +426,9 @@ class DevicePipeline:
     def _redone(self, batch: _Batch, rows: torch.Tensor) -> np.ndarray:
         """Rows flagged for an exact redo redone; photos with no face through the face rescue."""
         rows = rows.numpy().copy()
-        with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
+        if self.cuda:
+            self.side_stream.wait_event(batch.events[3])  # the batch's inputs and raw outputs are ready
+        with torch.cuda.stream(self.side_stream) if self.cuda else contextlib.nullcontext():
             redo = np.flatnonzero(rows[:, -1] > 0)
             if len(redo):
                 index = torch.from_numpy(redo).to(self.device)
