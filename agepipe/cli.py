@@ -285,8 +285,9 @@ def download(dataset, data_dir, source, workers, no_extract):
 @click.option("--scheduler", default=None, help="Address of a running Dask scheduler, e.g. tcp://host:8786.")
 @click.option("--workers", type=click.IntRange(1), default=None,
               help="Local worker processes (default: one per core).")
-@click.option("--shard-rows", type=click.IntRange(1), default=1000, show_default=True,
-              help="Manifest rows per shard (one shard = one task = one Parquet file).")
+@click.option("--shard-rows", type=click.IntRange(1), default=None,
+              help="Manifest rows per shard (one shard = one task = one Parquet file; "
+                   "default: 4096 with --runtime torch on cuda, else 1000).")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Photos per batch (default: 256 with --runtime torch on cuda, else 16).")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N rows, for a quick try.")

@@ -51,6 +51,12 @@ def default_batch_size(runtime: str, device: str) -> int:
     return 256 if runtime == "torch" and device == "cuda" else 16
 
 
+def default_shard_rows(runtime: str, device: str) -> int:
+    """Rows per shard: each shard fills and drains the device pipeline's two batches once (and
+    waits for the device behind the previous shard), so a GPU gets 16 batches per shard."""
+    return 16 * default_batch_size(runtime, device) if runtime == "torch" and device == "cuda" else 1000
+
+
 # --- on the worker ----------------------------------------------------------------------
 
 _EMBEDDERS: dict = {}
@@ -486,7 +492,7 @@ def feature_set_info(feature_set: str, identity: dict, cfg: ExtractConfig, layou
 
 
 def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buffalo_s", det_size: int = 640,
-                runtime: str = "onnxruntime", device: str = "cpu", shard_rows: int = 1000,
+                runtime: str = "onnxruntime", device: str = "cpu", shard_rows: int | None = None,
                 limit: int | None = None, retry_failed: bool = False, scheduler: str | None = None,
                 gpus: list[str] | None = None, workers: int | None = None, batch_size: int | None = None,
                 progress: bool = True, echo=print) -> dict:
@@ -534,7 +540,8 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
         with contextlib.ExitStack() as locks:
             for name in names:
                 locks.enter_context(fstore.writer_lock(store, feature_set, name))
-            plan = make_plan(manifests, data_dir, store, feature_set, cfg, shard_rows, retry_failed,
+            plan = make_plan(manifests, data_dir, store, feature_set, cfg,
+                             shard_rows or default_shard_rows(runtime, device), retry_failed,
                              {name: manifest_sha256(data_dir, name) for name in names})
             todo_rows = sum(len(t["rows"]) for t in plan.tasks)
             echo(f"shards: {len(plan.tasks)} to do ({todo_rows} rows), {plan.skipped} already finished "
