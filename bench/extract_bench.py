@@ -14,7 +14,6 @@ from pathlib import Path
 
 import cv2
 
-from agepipe.features import store as fstore
 from agepipe.features.models import resolve_pack
 from agepipe.pipeline.extract import run_extract
 from photos import face_analysis, photo_dataset

@@ -13,7 +13,6 @@ import tarfile
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -24,7 +23,6 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from agepipe.cli import cli
-from agepipe.features import store as fstore
 from tests.pipeline.conftest import write_manifest
 
 AGEPIPE = [sys.executable, "-m", "agepipe"]

@@ -19,7 +19,6 @@ from agepipe.cli import cli
 from agepipe.features import store as fstore
 from agepipe.features.images import read_photo
 from tests.conftest import chosen_face
-from tests.pipeline.conftest import write_manifest
 
 
 def extract(data, store, *args):
