@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import uuid
@@ -163,10 +164,8 @@ def write_shard(table: pa.Table, store: str, feature_set: str, dataset: str, ind
     table = without_nulls(table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
     table = table.replace_schema_metadata({"agepipe.rows": rows_digest(table)})
     fs, root = _fs(dataset_dir(store, feature_set, dataset))
-    fs.makedirs(root, exist_ok=True)
     final = _join(root, shard_name(index))
-    tmp = _join(root, f".{_name(final)}.tmp")
-    with fs.open(tmp, "wb") as f:
+    with _atomic_open(fs, final, "wb") as f:
         # Embeddings are noise to a compressor; storing them plain keeps reads at memcpy speed.
         pq.write_table(
             table, f,
@@ -176,15 +175,28 @@ def write_shard(table: pa.Table, store: str, feature_set: str, dataset: str, ind
             row_group_size=max(len(table), 1),
             data_page_size=1 << 30,  # one page per column: plain_column reads it with one header
         )
-        if hasattr(f, "flush"):
-            f.flush()
-        if hasattr(f, "fileno"):
-            try:
-                os.fsync(f.fileno())
-            except (OSError, ValueError):
-                pass
-    fs.mv(tmp, final)
     return final
+
+
+@contextlib.contextmanager
+def _atomic_open(fs, path: str, mode: str):
+    """``path`` on any fsspec filesystem (local, S3, ...) written whole or not at all: a hidden
+    temporary in the same folder (a name no other write uses), flushed and, where local, fsync'd,
+    then renamed over ``path``; removed if the block fails."""
+    folder = path.rsplit("/", 1)[0]
+    fs.makedirs(folder, exist_ok=True)
+    tmp = _join(folder, f".{_name(path)}.{uuid.uuid4().hex}.tmp")
+    try:
+        with fs.open(tmp, mode) as f:
+            yield f
+            f.flush()
+            with contextlib.suppress(AttributeError, OSError, ValueError, io.UnsupportedOperation):
+                os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(tmp)
+        raise
+    fs.mv(tmp, path)
 
 
 def shard_digest(store: str, path: str) -> str | None:
@@ -312,12 +324,9 @@ def commit_shards(store: str, feature_set: str, dataset: str, shards: list[Shard
                          f"`agepipe extract --dataset {dataset}`")
     index = Index(sorted(shards, key=lambda e: e.start), sum(e.rows for e in shards), manifest_sha256,
                   uuid.uuid4().hex)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    tmp = _join(path.rsplit("/", 1)[0], f".{INDEX_FILE}.{uuid.uuid4().hex}.tmp")
-    with fs.open(tmp, "w") as f:
+    with _atomic_open(fs, path, "w") as f:
         json.dump({"shards": [asdict(e) for e in index.shards], "rows": index.rows,
                    "manifest_sha256": manifest_sha256, "generation": index.generation}, f, indent=1)
-    fs.mv(tmp, path)
     listed = {e.file for e in index.shards}
     root = path.rsplit("/", 1)[0]
     for old in fs.glob(_join(root, SHARD_GLOB)):
@@ -344,11 +353,8 @@ def read_feature_set_info(store: str, feature_set: str) -> dict:
 
 def write_feature_set_info(store: str, feature_set: str, info: dict) -> None:
     fs, path = _fs(feature_set_json_path(store, feature_set))
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    with fs.open(tmp, "w") as f:
+    with _atomic_open(fs, path, "w") as f:
         json.dump(info, f, indent=2, sort_keys=True, default=str)
-    fs.mv(tmp, path)
 
 
 # --- reading ----------------------------------------------------------------------------

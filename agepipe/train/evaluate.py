@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from agepipe.atomic import atomic_path
 from agepipe.train.checkpoint import load_checkpoint, write_json
 from agepipe.train.data import class_ages, class_names, load_task_data, make_split, true_ages
 from agepipe.train.model import ResMLP, autocast, has_dropout, mc_dropout_mode, resolve_device
@@ -356,6 +355,5 @@ def predictions_table(rows, split_name: str, per_row: dict, names: list[str]) ->
 
 
 def write_predictions(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)

@@ -17,9 +17,7 @@ import dataclasses
 import io
 import json
 import math
-import os
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
+from agepipe.atomic import write_text
 from agepipe.datasets import expand_groups
 from agepipe.train.checkpoint import write_json
 from agepipe.train.data import VAL_FRACTION, load_task_data, make_split, resolve_feature_set
@@ -239,7 +238,7 @@ def write_table(out: Path, rows: list[dict], grid: Grid, wall_seconds: float, de
     writer.writeheader()
     for row in rows:
         writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS})
-    _write_atomic(out / "table.csv", buf.getvalue())
+    write_text(out / "table.csv", buf.getvalue())
 
     folds = ", ".join(map(str, grid.folds)) if grid.folds is not None else "0-4"
     lines = ["# Kim 2021's table, reproduced by agepipe", "",
@@ -264,14 +263,5 @@ def write_table(out: Path, rows: list[dict], grid: Grid, wall_seconds: float, de
               f"Total wall time: {wall_seconds:.1f} s for this command; the cells took "
               f"{sum(r['seconds'] for r in rows):.1f} s when trained (a reused cell keeps the time of the run "
               "that trained it).", ""]
-    _write_atomic(out / "table.md", "\n".join(lines))
+    write_text(out / "table.md", "\n".join(lines))
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
