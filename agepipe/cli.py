@@ -74,7 +74,8 @@ def models_options(device_default: str | None = "cpu", device_help: str = CUDA_H
     """--models, --det-size, --device and --runtime: which face models run, and how."""
     def decorate(f):
         f = click.option("--runtime", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime",
-                         show_default=True, help="What runs the ONNX files: onnxruntime, or torch (the batched device pipeline for GPUs).")(f)
+                         show_default=True,
+                         help="What runs the ONNX files: onnxruntime, or torch (the batched device pipeline for GPUs).")(f)
         f = click.option("--device", type=click.Choice(["cpu", "cuda"]), default=device_default,
                          show_default=device_default is not None, help=device_help)(f)
         f = click.option("--det-size", type=click.IntRange(32, 4096), default=640, show_default=True,

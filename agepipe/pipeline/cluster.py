@@ -52,8 +52,8 @@ def local_layout(workers: int | None = None) -> Layout:
 
 # Dask's defaults for the workers of clusters agepipe starts, overridden. MALLOC_TRIM_THRESHOLD_
 # (set by every nanny) turns off glibc's adaptive mmap threshold, so each decoded photo and canvas
-# (~1 MB) is mmap'd, page-faulted and unmapped anew: decoding ran at 0.55x in a worker here
-# (bench/worker_env_bench.py). The sampling profiler walks every thread's stack each 10 ms under
+# (~1 MB) is mmap'd, page-faulted and unmapped anew: without it decoding in a worker ran 1.9x
+# faster here (bench/worker_env_bench.py). The sampling profiler walks every thread's stack each 10 ms under
 # the GIL that the decode threads and the device launches need.
 WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
                  "distributed.worker.profile.enabled": False}
