@@ -4,12 +4,15 @@ import json
 import cv2
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 from click.testing import CliRunner
 
 from agepipe.cli import cli
 from agepipe.datasets.sample import photo_path
 from agepipe.features import store as fstore
 from agepipe.train.checkpoint import load_checkpoint
+from agepipe.train.data import AGE_BIN_MIDPOINTS
+from agepipe.train.predict import UNDECIDED_ENTROPY_SHARE, UNDECIDED_MI
 
 
 def test_demo_runs_the_whole_chain(tmp_path):
@@ -47,10 +50,14 @@ def test_demo_runs_the_whole_chain(tmp_path):
     predictions = json.loads((work / "predict.json").read_text())
     faces = predictions[0]["faces"]
     assert len(faces) == 6
-    for face in faces:
-        assert 0 <= face["gender"]["p_male"] <= 1
-        assert np.isfinite(face["age"]["expected_age"])
-        assert isinstance(face["gender"]["undecided"], bool)
+    for face in faces:  # each label as the MC-dropout numbers beside it say
+        gender, age = face["gender"], face["age"]
+        assert gender["predicted"] == ("male" if gender["p_male"] > gender["p_female"] else "female")
+        probs = np.array(list(age["probs"].values()))
+        assert age["expected_age"] == pytest.approx(probs @ AGE_BIN_MIDPOINTS, abs=0.15)
+        for d in (gender, age):
+            assert d["undecided"] == (d["entropy_share"] > UNDECIDED_ENTROPY_SHARE
+                                      or d["mutual_information"] > UNDECIDED_MI)
     drawn = cv2.imread(str(work / "predict.jpg"))
     photo = cv2.imread(str(photo_path("t1")))
     assert drawn.shape[1] == photo.shape[1] and drawn.shape[0] > photo.shape[0]  # the legend's band
