@@ -125,6 +125,9 @@ def in_process(paths, device, batch, threads, det_precision, rec_precision, prof
     from agepipe.features.gpu import DevicePipeline, unpack
     from agepipe.features.models import resolve_pack
 
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     pipeline = DevicePipeline(resolve_pack("buffalo_s"), device=device, batch_size=batch, decode_threads=threads,
                               detector_precision=det_precision, recognizer_precision=rec_precision)
@@ -137,7 +140,8 @@ def in_process(paths, device, batch, threads, det_precision, rec_precision, prof
     busy = sum(timings[s] for s in ("detect", "align", "embed")) / wall
     print(f"device pipeline in-process, detector {pipeline.det_precision}, recogniser {pipeline.rec_precision}: "
           f"{len(paths) / wall:.0f} photos/s ({loaded:.1f} s to load and plan), device busy {busy:.0%}, "
-          f"{timings['faces_rescued']} faces found by the rescue; stages (s): "
+          + (f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, " if device == "cuda" else "")
+          + f"{timings['faces_rescued']} faces found by the rescue; stages (s): "
           + ", ".join(f"{k} {timings[k]:.2f}" for k in ("decode", "detect", "align", "embed")))
     if profile and device == "cuda":
         from torch.profiler import ProfilerActivity
