@@ -86,8 +86,10 @@ class StackedResMLP(nn.Module):
         for m in (module if isinstance(module, nn.Sequential) else [module]):
             if isinstance(m, nn.BatchNorm1d):
                 x = self._batch_norm(m, x)
-            elif isinstance(m, nn.Dropout):
-                x = F.dropout(x, m.p, self.training)
+            elif isinstance(m, nn.Dropout) and self.training:
+                # What F.dropout does, but the mask from torch.rand and a compare: its bernoulli_
+                # makes dropout 30% slower on a CPU (measured, forward and backward).
+                x = x * torch.rand_like(x).ge_(m.p).div_(1 - m.p)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
