@@ -46,7 +46,8 @@ class StackedResMLP(nn.Module):
         params = dict(models[0].named_parameters())
         self.transposed = {f"{n}.weight" for n, m in models[0].named_modules() if isinstance(m, nn.Linear)}
         self.weights = nn.ParameterDict({
-            _key(k): nn.Parameter(torch.stack([s[k].t() if k in self.transposed else s[k] for s in states]).contiguous())
+            _key(k): nn.Parameter(torch.stack([s[k].t() if k in self.transposed else s[k]
+                                               for s in states]).contiguous())
             for k in params})
         for k in states[0]:
             if k not in params:
@@ -139,7 +140,8 @@ def _padded(indices: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Te
     return idx.to(device), mask.to(device)
 
 
-def _run_losses(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None, weight: torch.Tensor | None) -> torch.Tensor:
+def _run_losses(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None,
+                weight: torch.Tensor | None) -> torch.Tensor:
     """Each run's (weighted) mean cross-entropy over its masked rows (every row where ``mask``
     is None): (R,)."""
     per_row = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (R, B)
