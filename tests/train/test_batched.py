@@ -39,8 +39,18 @@ def test_a_stacked_runs_exported_weights_give_the_stacked_forward(variant):
             assert torch.allclose(models[r].eval()(x[r]), out[r], atol=1e-5) == (not cfg.batch_norm)
 
 
+@pytest.fixture
+def one_thread():
+    # Hundreds of tiny steps: at torch's default of a thread per core on a shared CPU, each op
+    # waits on descheduled OpenMP peers (13x slower here, measured); one thread keeps them at seconds.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("balance", [False, True])
-def test_a_run_gives_the_same_numbers_whether_the_runs_beside_it_stop_or_not(balance):
+def test_a_run_gives_the_same_numbers_whether_the_runs_beside_it_stop_or_not(balance, one_thread):
     # Runs that stop leave the stack (their weights and AdamW moments are cut out). Without
     # dropout nothing random is shared between runs, so each run of a 4-run stack must give the
     # numbers of the same run trained as a stack of one, where no other run ever stops.
@@ -80,7 +90,7 @@ def test_a_run_gives_the_same_numbers_whether_the_runs_beside_it_stop_or_not(bal
             torch.testing.assert_close(got["state"][name], tensor, rtol=1e-5, atol=1e-6, msg=f"run {r} {name}")
 
 
-def test_batched_cv_matches_sequential_runs_in_distribution(small_store, tmp_path):
+def test_batched_cv_matches_sequential_runs_in_distribution(small_store, tmp_path, one_thread):
     def cv(batched):
         return train(small_store, ["adience"], "age", tmp_path / str(batched), cv=True, seeds=2, mc_samples=0,
                        progress=False, train_overrides={"epochs": 4}, batched=batched)
