@@ -1,13 +1,14 @@
 """Cross-validation runs trained at once as one stacked model (train/batched.py)."""
+import copy
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from agepipe.train.batched import StackedResMLP
+from agepipe.train.batched import StackedResMLP, fit_stacked
 from agepipe.train.checkpoint import load_checkpoint
-from agepipe.train.loop import train
+from agepipe.train.loop import TrainConfig, class_weights, train
 from agepipe.train.model import ModelConfig, ResMLP
 from tests.train.synthetic_store import Mixture, adience_like, write_store
 
@@ -38,7 +39,58 @@ def test_a_stacked_runs_exported_weights_give_the_stacked_forward(variant):
             assert torch.allclose(models[r].eval()(x[r]), out[r], atol=1e-5) == (not cfg.batch_norm)
 
 
-def test_batched_cv_matches_sequential_runs_in_distribution(small_store, tmp_path):
+@pytest.fixture
+def one_thread():
+    # Hundreds of tiny steps: at torch's default of a thread per core on a shared CPU, each op
+    # waits on descheduled OpenMP peers (13x slower here, measured); one thread keeps them at seconds.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_a_run_gives_the_same_numbers_whether_the_runs_beside_it_stop_or_not(balance, one_thread):
+    # Runs that stop leave the stack (their weights and AdamW moments are cut out). Without
+    # dropout nothing random is shared between runs, so each run of a 4-run stack must give the
+    # numbers of the same run trained as a stack of one, where no other run ever stops.
+    # (Not fit(): its separate matmuls round differently, and AdamW's first steps turn 1e-8
+    # gradient differences into lr-sized ones, so only distributions compare; see below.)
+    x, y = (torch.from_numpy(a) for a in Mixture.make(seed=5, signal=1.6).sample(1000, seed=7))
+    cfg = TrainConfig(lr=0.01, weight_decay=1e-4, gamma=0.9, batch_size=32, epochs=12, patience=2, balance=balance)
+    model_cfg = ModelConfig(num_classes=8, num_blocks=2, dropout=0.0)
+    seeds, starts = [3, 4, 5, 6], []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        starts.append(ResMLP(model_cfg))
+    rows = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    # Training splits of different sizes but the same number of batches per epoch.
+    train_idx = [rows[100 * r:100 * r + 320 + 10 * r] for r in range(4)]
+    val_idx = [rows[-100 * (r + 1):][:100] for r in range(4)]
+    weight = torch.stack([class_weights(y[i], 8) for i in train_idx]) if balance else None
+
+    def stack(runs):
+        model = StackedResMLP([copy.deepcopy(starts[r]) for r in runs])
+        results = fit_stacked(model, x, y, [train_idx[r] for r in runs], [val_idx[r] for r in runs], cfg,
+                              [seeds[r] for r in runs], None if weight is None else weight[runs])
+        return model, results
+
+    together, results = stack([0, 1, 2, 3])
+    epochs_run = [len(r["history"]) for r in results]
+    assert len(set(epochs_run)) > 1 and min(epochs_run) < cfg.epochs, epochs_run  # runs left mid-training
+    assert together.runs == epochs_run.count(max(epochs_run)) < len(seeds)  # the stack ends with the last ones
+    for r in range(4):
+        expected = stack([r])[1][0]
+        got = results[r]
+        assert got["best_epoch"] == expected["best_epoch"] and len(got["history"]) == len(expected["history"])
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"):
+            np.testing.assert_allclose([e[key] for e in got["history"]], [e[key] for e in expected["history"]],
+                                       rtol=1e-5, atol=1e-6, err_msg=f"run {r} {key}")
+        for name, tensor in expected["state"].items():
+            torch.testing.assert_close(got["state"][name], tensor, rtol=1e-5, atol=1e-6, msg=f"run {r} {name}")
+
+
+def test_batched_cv_matches_sequential_runs_in_distribution(small_store, tmp_path, one_thread):
     def cv(batched):
         return train(small_store, ["adience"], "age", tmp_path / str(batched), cv=True, seeds=2, mc_samples=0,
                        progress=False, train_overrides={"epochs": 4}, batched=batched)
