@@ -186,8 +186,11 @@ def main():
         wall = gpu_result["stats"]["wall_seconds"]
         print(f"GPU busy share: {sum(stages[s] for s in ('detect', 'align', 'embed')) / (wall * len(gpus)):.0%} "
               "(device stream time of detect+align+embed / (wall x GPUs))")
-        cpu_result = run(f"extract --workers {args.cpu_workers} (onnxruntime, CPU)", d / "data", d / "cpu",
-                         workers=args.cpu_workers)
+        # four shards per worker, so every core has work to the end (extract's default 1,000-row
+        # shards would give 16 workers only 4-6 tasks here)
+        cpu_shard = -(-len(paths) // (4 * args.cpu_workers))
+        cpu_result = run(f"extract --workers {args.cpu_workers} --shard-rows {cpu_shard} (onnxruntime, CPU)",
+                         d / "data", d / "cpu", workers=args.cpu_workers, shard_rows=cpu_shard)
         ratio = gpu_result["stats"]["images_per_second"] / cpu_result["stats"]["images_per_second"]
         print(f"GPU path / all-cores CPU path: {ratio:.1f}x (target >= 10x; >= 3,000 photos/s per GPU)")
         cpu_rows = store_rows(d / "cpu")
