@@ -288,7 +288,9 @@ def download(dataset, data_dir, source, workers, no_extract):
               help="Local worker processes (default: one per core).")
 @click.option("--shard-rows", type=click.IntRange(1), default=None,
               help="Manifest rows per shard (one shard = one task = one Parquet file; "
-                   "default: 4096 with --runtime torch on cuda, else 1000).")
+                   "default: 4096 with --runtime torch on cuda, else 1000). A shard is one worker's "
+                   "task: on a small dataset, fewer rows keep every worker busy. Keep it the same "
+                   "when you rerun, or the rows are cut anew and redone.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Photos per batch (default: 256 with --runtime torch on cuda, else 16).")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N rows, for a quick try.")
