@@ -30,14 +30,12 @@ def known_errors() -> tuple[type[Exception], ...]:
     sentence, exit 1, no traceback. Anything else is a bug and keeps its traceback."""
     from agepipe.download import DownloadError
     from agepipe.datasets.manifest import MetadataError
-    from agepipe.features import store as fstore
     from agepipe.features.models import ModelError
+    from agepipe.features.store import StoreError
     from agepipe.pipeline.extract import ExtractError
     from agepipe.train.checkpoint import CheckpointError
 
-    store_error = getattr(fstore, "StoreError", None)  # a shard that cannot be read, named
-    return (DownloadError, MetadataError, ModelError, ExtractError, CheckpointError,
-            *((store_error,) if store_error else ()))
+    return DownloadError, MetadataError, ModelError, ExtractError, CheckpointError, StoreError
 
 
 class Agepipe(click.Group):
@@ -92,12 +90,8 @@ def fail(message: str):
 
 def load_embedder(pack, det_size, device, runtime):
     from agepipe.features.embed import FaceEmbedder
-    from agepipe.features.models import ModelError
 
-    try:
-        return FaceEmbedder(pack, det_size=det_size, device=device, runtime=runtime)
-    except ModelError as e:
-        fail(str(e))
+    return FaceEmbedder(pack, det_size=det_size, device=device, runtime=runtime)
 
 
 def write_parquet_atomic(table, out: str):
@@ -165,10 +159,7 @@ def features_list(store):
         click.echo(f"no feature sets in {store}")
         return
     for name in names:
-        try:
-            counts = fstore.status_counts(store, name)
-        except fstore.StoreError as e:
-            fail(str(e))
+        counts = fstore.status_counts(store, name)
         parts = [f"{ds}: {sum(c.values())} rows ({c.get('ok', 0)} ok)" for ds, c in counts.items()]
         click.echo(f"{name}  " + ("; ".join(parts) or "no shards yet"))
 
@@ -190,10 +181,7 @@ def features_show(name, store):
     for key in ("pack", "det_size", "runtime", "created", "agepipe_version"):
         if key in info:
             click.echo(f"  {key}: {info[key]}")
-    try:
-        counts_by_dataset = fstore.status_counts(store, name)
-    except fstore.StoreError as e:
-        fail(str(e))
+    counts_by_dataset = fstore.status_counts(store, name)
     for dataset, counts in counts_by_dataset.items():
         total = sum(counts.values())
         click.echo(f"  {dataset}: {total} rows")
@@ -214,12 +202,9 @@ def models():
 def models_fetch(pack, url):
     """Download PACK (default buffalo_l) into insightface's model cache and print each file's
     sha256; the first sha256 seen is recorded and checked on every later use."""
-    from agepipe.features.models import ModelError, file_sha256, resolve_pack
+    from agepipe.features.models import file_sha256, resolve_pack
 
-    try:
-        p = resolve_pack(pack, model_url=url)
-    except ModelError as e:
-        fail(str(e))
+    p = resolve_pack(pack, model_url=url)
     for path in (p.detector, p.recognizer):
         click.echo(f"{path}  sha256 {file_sha256(path)}")
 
@@ -254,18 +239,14 @@ def download(dataset, data_dir, source, workers, no_extract):
     from pathlib import Path
 
     from agepipe.datasets import REGISTRY, expand, prepare
-    from agepipe.download import DownloadError
-    from agepipe.datasets.manifest import MetadataError, summarize
+    from agepipe.datasets.manifest import summarize
 
     try:
         names = expand(dataset)
     except KeyError as e:
         fail(e.args[0])
     for name in names:
-        try:
-            result = prepare(name, data_dir, source=source, workers=workers, extract=not no_extract)
-        except (DownloadError, MetadataError) as e:
-            fail(str(e))
+        result = prepare(name, data_dir, source=source, workers=workers, extract=not no_extract)
         if result is None:
             click.echo(f"{name}: files verified in {Path(data_dir).expanduser() / name} (--no-extract: "
                        "not unpacked, no manifest)")
@@ -309,7 +290,6 @@ def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, bat
       agepipe extract --dataset imdb-wiki --models buffalo_l --gpus all --runtime torch
       agepipe extract --dataset imdb --scheduler tcp://10.0.0.5:8786 --store s3://bucket/store
     """
-    from agepipe.features.models import ModelError
     from agepipe.pipeline.cluster import parse_gpus
     from agepipe.pipeline.extract import run_extract
 
@@ -325,7 +305,7 @@ def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, bat
                              device=device, shard_rows=shard_rows, limit=limit, retry_failed=retry_failed,
                              scheduler=scheduler, gpus=gpu_ids, workers=workers, batch_size=batch_size,
                              progress=sys.stderr.isatty(), echo=click.echo)
-    except (FileNotFoundError, ValueError, ModelError) as e:
+    except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     stats = result["stats"]
     click.echo(f"\nthis run: {stats['rows']} rows in {stats['wall_seconds']:.1f} s"
@@ -404,7 +384,6 @@ def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, i
       agepipe train --dataset imdb-wiki --task age101 --out runs/pre
       agepipe train --dataset adience --task age --init runs/pre
     """
-    from agepipe.train.checkpoint import CheckpointError
     from agepipe.train.loop import TrainingWarning
     from agepipe.train.loop import train as train_model
 
@@ -421,7 +400,7 @@ def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, i
                                  mc_samples=mc_samples, model_overrides=model_overrides,
                                  train_overrides=train_overrides, progress=sys.stderr.isatty(),
                                  echo=None if sys.stderr.isatty() else click.echo)
-    except (FileNotFoundError, ValueError, CheckpointError) as e:
+    except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     for message in result["warnings"] if cv else result["train_warnings"]:
         click.echo(f"warning: {message}", err=True)
@@ -510,7 +489,6 @@ def table(store, feature_set, out, tasks, variants, inits, folds, seeds, epochs,
       agepipe table
       agepipe table --tasks gender --variants full,no-ic --folds 0,1 --seeds 2 --epochs 5
     """
-    from agepipe.train.checkpoint import CheckpointError
     from agepipe.train.table import Grid, parse_settings, run_table
 
     try:
@@ -518,7 +496,7 @@ def table(store, feature_set, out, tasks, variants, inits, folds, seeds, epochs,
         run_table(store, out, grid, feature_set=feature_set, datasets=tuple(datasets),
                   pretrain_datasets=tuple(pretrain_datasets), device=device, min_det_score=min_det_score,
                   mc_samples=mc_samples, echo=click.echo)
-    except (FileNotFoundError, ValueError, CheckpointError) as e:
+    except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
 
 
@@ -559,12 +537,11 @@ def evaluate(run, store, mc_samples, device):
     reliability diagram), the confusion matrix, and MC-dropout uncertainty: predictive
     entropy, mutual information and accuracy as the most uncertain predictions are set aside.
     """
-    from agepipe.train.checkpoint import CheckpointError
     from agepipe.train.evaluate import evaluate_run
 
     try:
         metrics = evaluate_run(run, store, mc_samples, device)
-    except (FileNotFoundError, ValueError, CheckpointError) as e:
+    except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
     _echo_metrics(metrics, run)
 
@@ -598,8 +575,7 @@ def predict(images, age_model, gender_model, mc_samples, as_json, json_out, anno
     import json
 
     from agepipe.features.images import find_images
-    from agepipe.features.models import ModelError
-    from agepipe.train.checkpoint import CheckpointError, write_json
+    from agepipe.train.checkpoint import write_json
     from agepipe.train.predict import Predictor, predict_images, summary_line
 
     paths = find_images(list(images))
@@ -608,7 +584,7 @@ def predict(images, age_model, gender_model, mc_samples, as_json, json_out, anno
     try:
         predictor = Predictor(age_model, gender_model, pack, det_size, mc_samples, device)
         results = predict_images(paths, predictor, annotate)
-    except (ValueError, CheckpointError, ModelError) as e:
+    except ValueError as e:
         raise click.ClickException(str(e)) from None
     if json_out:
         write_json(json_out, results)
