@@ -47,6 +47,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from agepipe import __version__
+from agepipe.atomic import write_text
 from agepipe.paths import escapes, parts
 
 log = logging.getLogger(__name__)
@@ -570,9 +571,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _read_checksums(path: Path) -> dict:
