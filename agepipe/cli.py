@@ -651,4 +651,36 @@ for _name, _text in SHORT_HELP.items():
 
 
 def main():
-    cli()
+    """The console script. Once the command has finished, its threads are joined, the exit
+    handlers have run and the output is flushed, the process ends without CPython's
+    finalization: that teardown runs the C++ destructors of Arrow's, OpenBLAS's, OpenCV's,
+    torch's and onnxruntime's thread pools, and stops daemon threads with pthread_exit,
+    which aborts a thread inside C++ ("terminate called without an active exception", exit
+    134, after a run that did all its work: apache/arrow#34314, #45017). Code that calls
+    `cli.main(...)` itself (the demo, tests) exits normally."""
+    try:
+        cli.main(prog_name="agepipe")
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    exit_now(code)
+
+
+def exit_now(code) -> None:
+    """sys.exit(code) without interpreter finalization (see main)."""
+    import atexit
+    import threading
+
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    threading._shutdown()     # what finalization does first: join the threads that are not daemons
+    atexit._run_exitfuncs()   # then the exit handlers: logging, multiprocessing, Dask's own
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that went away (`| head`), a closed stream
+            pass
+    os._exit(code)

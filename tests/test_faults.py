@@ -53,6 +53,69 @@ def test_2_extract_exits_0_every_time(photos, tmp_path):
         no_traceback(proc.stderr)
 
 
+# A native thread still inside Python-calling C++ when the interpreter finalizes: an Arrow thread
+# pulling batches from a Python generator (it sleeps without the GIL) while the main thread ends.
+# Finalization then aborts the process (exit 134), the class of the abort in item 2.
+ARROW_THREAD_AT_EXIT = """
+import sys, time
+import pyarrow as pa, pyarrow.dataset as ds
+
+schema = pa.schema([("x", pa.int64())])
+def batches():
+    for i in range(10 ** 6):
+        time.sleep(0.001)
+        yield pa.record_batch([pa.array([i])], schema=schema)
+
+reader = ds.Scanner.from_batches(batches(), schema=schema, use_threads=True).to_reader()
+print("read", reader.read_next_batch().num_rows)
+garbage = [{"k": [i]} for i in range(10 ** 6)]  # a finalization long enough for the thread to wake in it
+if sys.argv[1:] == ["exit_now"]:
+    from agepipe.cli import exit_now
+    exit_now(0)
+"""
+
+
+def test_2_the_console_script_ends_without_finalization_so_native_threads_cannot_abort_it():
+    plain = subprocess.run([sys.executable, "-c", ARROW_THREAD_AT_EXIT], capture_output=True, text=True, timeout=120)
+    if plain.returncode == 0:
+        pytest.skip("this pyarrow's threads no longer abort at finalization: nothing to compare against")
+    assert plain.returncode == -signal.SIGABRT, plain.stderr
+    ours = subprocess.run([sys.executable, "-c", ARROW_THREAD_AT_EXIT, "exit_now"], capture_output=True,
+                          text=True, timeout=120)
+    assert (ours.returncode, ours.stdout, ours.stderr) == (0, "read 1\n", "")
+
+
+def test_2_exit_now_still_joins_threads_runs_exit_handlers_and_flushes():
+    script = """
+import atexit, sys, threading, time
+from agepipe.cli import exit_now
+atexit.register(lambda: print("exit handler ran"))
+threading.Thread(target=lambda: (time.sleep(0.3), print("thread joined"))).start()
+print("buffered", end="")
+sys.stderr.write("to stderr")
+exit_now(sys.argv[1] if sys.argv[1] == "a message" else int(sys.argv[1]))
+"""
+    for code, expected in (("0", 0), ("3", 3), ("a message", 1)):
+        proc = subprocess.run([sys.executable, "-c", script, code], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == expected
+        assert proc.stdout == "bufferedthread joined\nexit handler ran\n"
+        assert proc.stderr == "to stderr" + ("a message\n" if code == "a message" else "")
+
+
+def test_2_the_console_script_keeps_click_exit_codes(tmp_path):
+    """--version (0, its output flushed through the pipe), a known error (1, one sentence), a
+    usage error (2)."""
+    agepipe = [os.path.join(os.path.dirname(sys.executable), "agepipe")]
+    version = subprocess.run([*agepipe, "--version"], capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0 and version.stdout.startswith("agepipe, version")
+    missing = subprocess.run([*agepipe, "features", "show", "nope", "--store", str(tmp_path)],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and missing.stderr.startswith("Error: ")
+    no_traceback(missing.stderr)
+    usage = subprocess.run([*agepipe, "extract", "--bogus"], capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 2 and "No such option" in usage.stderr
+
+
 # --- 3: untrusted checkpoints -----------------------------------------------------------------
 
 @pytest.fixture
