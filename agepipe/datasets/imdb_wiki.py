@@ -29,6 +29,8 @@ Statuses, the first that applies:
 """
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +53,10 @@ MAX_AGE = 100
 _MATLAB_EPOCH = 366                     # MATLAB serial date of Python's ordinal 0
 _UNIX_EPOCH_ORDINAL = 719_163           # date(1970, 1, 1).toordinal()
 _MAX_ORDINAL = 3_652_059                # date(9999, 12, 31).toordinal()
+# The real imdb.mat is ~60 MB on disk and ~200 MB inflated; a few KB of zlib can claim gigabytes.
+MAX_MAT_BYTES = 1 << 30
+MAX_MAT_INFLATED = 2 << 30
+_MI_COMPRESSED = 15
 
 
 def files(name: str) -> tuple[RemoteFile, ...]:
@@ -62,9 +68,54 @@ def mat_path(root: Path, name: str) -> Path:
     return Path(root) / f"{name}_crop" / f"{name}.mat"
 
 
+def check_mat_size(path: Path) -> None:
+    """Refuse a MAT file over MAX_MAT_BYTES, or one whose compressed variables inflate past
+    MAX_MAT_INFLATED, before scipy inflates and allocates them: each top-level element of a
+    MAT 5 file is read by its tag, and a compressed one is inflated chunk by chunk and counted,
+    never kept. Anything that is not a MAT 5 file is left to scipy's own errors."""
+    try:
+        _check_mat_size(path)
+    except zlib.error as e:
+        raise MetadataError(f"{path}: not a readable MATLAB file ({e})") from None
+
+
+def _check_mat_size(path: Path) -> None:
+    with open(path, "rb") as f:
+        size = Path(path).stat().st_size
+        if size > MAX_MAT_BYTES:
+            raise MetadataError(f"{path}: {size} bytes, over the {MAX_MAT_BYTES} a metadata file may have")
+        header = f.read(128)
+        if len(header) < 128 or header[126:128] not in (b"IM", b"MI"):
+            return
+        order = "<" if header[126:128] == b"IM" else ">"
+        inflated = 0
+        while len(tag := f.read(8)) == 8:
+            kind, nbytes = struct.unpack(order + "II", tag)
+            if kind >> 16:  # a small element: its data is in the tag
+                continue
+            if kind != _MI_COMPRESSED:
+                inflated += nbytes
+                f.seek(nbytes + (-nbytes % 8), 1)
+                continue
+            stream, left = zlib.decompressobj(), nbytes
+            while left and not stream.eof:
+                chunk = f.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                while chunk and inflated <= MAX_MAT_INFLATED:
+                    inflated += len(stream.decompress(chunk, 1 << 24))
+                    chunk = stream.unconsumed_tail
+                if inflated > MAX_MAT_INFLATED:
+                    raise MetadataError(f"{path}: its variables inflate past {MAX_MAT_INFLATED} bytes; "
+                                        "not IMDB-WIKI's metadata")
+            f.seek(left, 1)
+
+
 def read_mat(path: Path, name: str) -> dict[str, np.ndarray]:
     """The struct's fields as 1-D arrays of length N (celeb_names keeps its own length)."""
     try:
+        check_mat_size(path)
         mat = scipy.io.loadmat(path, squeeze_me=False, struct_as_record=True)
     except FileNotFoundError:
         raise MetadataError(f"{path}: metadata file missing") from None

@@ -97,3 +97,37 @@ def test_unreadable_metadata_is_named(tmp_path):
     scipy.io.savemat(root / "wiki_crop" / "wiki.mat", {"wiki": mat["wiki"]})
     with pytest.raises(MetadataError, match=r"full_path has 14 entries but \{'dob': 3\}"):
         imdb_wiki.build_manifest(root, "wiki")
+
+
+def test_a_metadata_file_that_inflates_past_the_bound_is_refused_before_scipy_reads_it(tmp_path, monkeypatch):
+    """A compressed MAT variable of 4 MB of zeros is a few KB on disk: with the bound lowered to
+    1 MB it is refused by its inflated size, with the default bound it goes on to scipy."""
+    root = tmp_path / "wiki"
+    (root / "wiki_crop").mkdir(parents=True)
+    path = root / "wiki_crop" / "wiki.mat"
+    scipy.io.savemat(path, {"other": np.zeros(1 << 19)}, do_compression=True)
+    assert path.stat().st_size < 64 << 10
+    with pytest.raises(MetadataError, match=r"no 1x1 struct named 'wiki'"):
+        imdb_wiki.build_manifest(root, "wiki")
+    monkeypatch.setattr(imdb_wiki, "MAX_MAT_INFLATED", 1 << 20)
+    loads = []
+    monkeypatch.setattr(scipy.io, "loadmat", lambda *a, **k: loads.append(a))
+    with pytest.raises(MetadataError, match=r"wiki.mat: its variables inflate past 1048576 bytes"):
+        imdb_wiki.build_manifest(root, "wiki")
+    assert loads == []
+    monkeypatch.setattr(imdb_wiki, "MAX_MAT_INFLATED", 2 << 30)
+    monkeypatch.setattr(imdb_wiki, "MAX_MAT_BYTES", 1 << 10)
+    with pytest.raises(MetadataError, match=r"wiki.mat: \d+ bytes, over the 1024 a metadata file may have"):
+        imdb_wiki.build_manifest(root, "wiki")
+
+
+def test_a_metadata_file_with_broken_compressed_data_is_named(tmp_path):
+    root = tmp_path / "wiki"
+    (root / "wiki_crop").mkdir(parents=True)
+    path = root / "wiki_crop" / "wiki.mat"
+    scipy.io.savemat(path, {"other": np.arange(1000.0)}, do_compression=True)
+    data = bytearray(path.read_bytes())
+    data[140:160] = b"\xff" * 20  # inside the zlib stream of the first variable (after its 8-byte tag)
+    path.write_bytes(bytes(data))
+    with pytest.raises(MetadataError, match="wiki.mat: not a readable MATLAB file"):
+        imdb_wiki.build_manifest(root, "wiki")
