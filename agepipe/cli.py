@@ -680,7 +680,8 @@ def exit_now(code) -> None:
     atexit._run_exitfuncs()   # then the exit handlers: logging, multiprocessing, Dask's own
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # None: started with that descriptor closed
+                stream.flush()
         except (OSError, ValueError):  # a reader that went away (`| head`), a closed stream
             pass
     os._exit(code)
