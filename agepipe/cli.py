@@ -273,7 +273,8 @@ def download(dataset, data_dir, source, workers, no_extract):
                    "task: on a small dataset, fewer rows keep every worker busy. Keep it the same "
                    "when you rerun, or the rows are cut anew and redone.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
-              help="Photos per batch (default: 256 with --runtime torch on cuda, else 16).")
+              help="Photos per batch (default: with --runtime torch on cuda, the largest power of two "
+                   "up to 256 that fits each GPU's free memory; else 16).")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N rows, for a quick try.")
 @click.option("--retry-failed", is_flag=True, help="Redo rows whose status was a transient failure.")
 @models_options(device_default=None, device_help="Default: cuda with --gpus, else cpu. " + CUDA_HELP)

@@ -48,6 +48,16 @@ META = 9  # offset, height, width, letterbox scale, photo scale, face hint x1 y1
 PRECISIONS = ("fp32", "tf32", "fp16")  # a network's arithmetic on CUDA (fp32 = TF32 off)
 
 
+def batch_for_memory(free: int, photo_bytes: int, most: int = 256, least: int = 16) -> int:
+    """Photos per batch for a device with ``free`` bytes: the largest power of two from ``least``
+    to ``most`` whose photos take at most 60% of it (the rest: the caching allocator's slack and
+    what other processes allocate meanwhile). ``most``: 256, the batch measured on an H200."""
+    batch = least
+    while batch * 2 <= min(most, int(0.6 * free) // max(photo_bytes, 1)):
+        batch *= 2
+    return batch
+
+
 def batch_buckets(batch_size: int) -> list[int]:
     """The batch shapes the networks see: powers of two from 16, then the batch size itself."""
     return sorted({*(1 << k for k in range(4, batch_size.bit_length()) if 1 << k < batch_size), batch_size})
@@ -214,9 +224,11 @@ class _Batch:
 
 
 class DevicePipeline:
-    """A model pack on one device, for `agepipe extract --runtime torch` (CUDA, or CPU for tests)."""
+    """A model pack on one device, for `agepipe extract --runtime torch` (CUDA, or CPU for tests).
+    ``batch_size`` None: on CUDA the largest that fits the GPU's free memory (batch_for_memory
+    from a measured photo), on the CPU 16."""
 
-    def __init__(self, pack, det_size: int = 640, device: str = "cuda", batch_size: int = 256,
+    def __init__(self, pack, det_size: int = 640, device: str = "cuda", batch_size: int | None = None,
                  decode_threads: int = 4, det_thresh: float = DET_THRESH, detector_precision: str | None = None,
                  recognizer_precision: str | None = None):
         if device == "cuda" and not torch.cuda.is_available():
@@ -234,13 +246,17 @@ class DevicePipeline:
                 raise ValueError(f"precision {p!r}: one of {', '.join(PRECISIONS)}")
         self.size = (det_size, det_size)
         self.det_thresh = det_thresh
-        self.batch_size = batch_size
+        self.batch_size = 16  # until sized below: the memory probe runs one batch of 16
         self.detector = load_torch_model(pack.detector, self.device, self.det_precision == "fp16")
         self.recognizer = load_torch_model(pack.recognizer, self.device, self.rec_precision == "fp16")
         self.rec_mean, self.rec_std = recognizer_normalisation(pack.recognizer)
         centers, strides = anchor_centers(self.size)
         self.centers, self.strides = centers.to(self.device), strides.to(self.device)
         self.template = torch.from_numpy(ARCFACE_TEMPLATE).to(self.device)
+        if not batch_size:  # from the GPU's free memory, once the models are on it
+            batch_size = (batch_for_memory(torch.cuda.mem_get_info(self.device)[0], 2 * self._photo_bytes())
+                          if self.cuda else 16)
+        self.batch_size = batch_size
         self.slots = [_Slot(batch_size, self.size, self.device) for _ in range(2)]
         self.threads = max(1, decode_threads)
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
@@ -255,6 +271,27 @@ class DevicePipeline:
                               self.det_precision)
                     self._net(self.recognizer, torch.zeros(n, 3, 112, 112, device=self.device), self.rec_precision)
             self.stream.synchronize()
+
+    def _blank_batch(self, n: int):
+        """Canvas, meta and flat pixels of ``n`` black photos the detector's size, on the device."""
+        w, h = self.size
+        meta = torch.zeros(n, META, dtype=torch.float64, device=self.device)
+        meta[:, 0] = torch.arange(n, device=self.device) * (h * w * 3)
+        meta[:, 1], meta[:, 2], meta[:, 3], meta[:, 4], meta[:, 5:9] = h, w, 1.0, 1.0, float("nan")
+        return (torch.zeros(n, h, w, 3, dtype=torch.uint8, device=self.device), meta,
+                torch.zeros(n * h * w * 3, dtype=torch.uint8, device=self.device))
+
+    def _photo_bytes(self, n: int = 16) -> int:
+        """Device memory a photo of a batch takes at the batch's peak (its inputs, the detector's
+        activations, NMS, crops, the recogniser), measured on ``n`` black photos. Twice this per
+        photo: a batch's redos and rescues may run on the side stream beside the next batch."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        canvas, meta, flat = self._blank_batch(n)
+        self._finish(self._raw(canvas), meta, flat, CANDIDATES, NMS_ROUNDS)
+        torch.cuda.synchronize(self.device)
+        return -(-(torch.cuda.max_memory_allocated(self.device) - base) // n)
 
     def _net(self, net, x: torch.Tensor, precision: str):
         """A network on a float32 batch, padded to a bucket size: cuDNN plans each new batch

@@ -40,21 +40,22 @@ class ExtractConfig:
     device: str = "cpu"
     threads: int = 0            # onnxruntime intra-op threads per worker; 0 = its default
     decode_threads: int = 4
-    batch_size: int = 16        # photos per detector batch
+    batch_size: int = 16        # photos per detector batch; 0: the device pipeline sizes it
     detector_sha256: str = ""   # what the client hashed: a worker with other files refuses
     recognizer_sha256: str = ""
 
 
 def default_batch_size(runtime: str, device: str) -> int:
-    """Photos per batch: large on a GPU (the device pipeline's detector and recogniser run whole
-    batches), small on CPUs (onnxruntime gains little from more)."""
-    return 256 if runtime == "torch" and device == "cuda" else 16
+    """Photos per batch: on a GPU 0, sized by each worker from its GPU's free memory (up to 256;
+    the device pipeline's detector and recogniser run whole batches); on CPUs 16 (onnxruntime
+    gains little from more)."""
+    return 0 if runtime == "torch" and device == "cuda" else 16
 
 
 def default_shard_rows(runtime: str, device: str) -> int:
     """Rows per shard: each shard fills and drains the device pipeline's two batches once (and
-    waits for the device behind the previous shard), so a GPU gets 16 batches per shard."""
-    return 16 * default_batch_size(runtime, device) if runtime == "torch" and device == "cuda" else 1000
+    waits for the device behind the previous shard), so a GPU gets 16 batches of 256 per shard."""
+    return 4096 if runtime == "torch" and device == "cuda" else 1000
 
 
 # --- on the worker ----------------------------------------------------------------------
@@ -99,8 +100,9 @@ def worker_embedder(cfg: ExtractConfig):
     return _EMBEDDERS[key]
 
 
-def load_models(cfg: ExtractConfig) -> None:
-    worker_embedder(cfg)
+def load_models(cfg: ExtractConfig) -> int:
+    """Loads this worker's models; returns its batch size (the device pipeline may size it)."""
+    return getattr(worker_embedder(cfg), "batch_size", cfg.batch_size)
 
 
 def _blank_features(n: int) -> dict:
@@ -547,7 +549,10 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
             echo(f"shards: {len(plan.tasks)} to do ({todo_rows} rows), {plan.skipped} already finished "
                  f"({plan.skipped_rows} rows)")
             if plan.tasks:  # every worker loads its models first: a setup error stops the run before any shard
-                client.run(load_models, cfg)
+                batches = client.run(load_models, cfg)
+                if not cfg.batch_size:
+                    echo("batch size from each GPU's free memory: "
+                         + ", ".join(f"{b} photos" for b in sorted(set(batches.values()))))
             started = time.perf_counter()
             results = run_tasks(client, plan.tasks, progress)
             wall = time.perf_counter() - started

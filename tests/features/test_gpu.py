@@ -223,3 +223,35 @@ def test_networks_see_only_bucket_shapes_and_padding_changes_nothing(photos, emb
 def test_unknown_precision_is_refused(buffalo_s):
     with pytest.raises(ValueError, match="bf16"):
         gpu.DevicePipeline(buffalo_s, device="cpu", detector_precision="bf16")
+
+
+def test_batch_for_memory_takes_the_largest_power_of_two_within_60_percent():
+    mb, gb = 1 << 20, 1 << 30
+    assert gpu.batch_for_memory(80 * gb, 50 * mb) == 256   # an H100: capped at the measured 256
+    assert gpu.batch_for_memory(80 * gb, 50 * mb, most=1024) == 512
+    assert gpu.batch_for_memory(15 * gb, 50 * mb) == 128   # 0.6 x 15 GiB holds 184 such photos
+    assert gpu.batch_for_memory(8 * gb, 50 * mb) == 64
+    assert gpu.batch_for_memory(1 * gb, 50 * mb) == 16     # never under 16: the bucket everything pads to
+
+
+def test_the_memory_probe_runs_the_whole_device_path_on_black_photos(buffalo_s):
+    """What `_photo_bytes` measures on CUDA: one batch of black photos through detection, face
+    choice, crops and the recogniser. On the CPU an unsized pipeline takes 16 photos a batch."""
+    pipeline = gpu.DevicePipeline(buffalo_s, device="cpu", decode_threads=1)
+    assert pipeline.batch_size == 16 and len(pipeline.slots[0].canvas) == 16
+    canvas, meta, flat = pipeline._blank_batch(3)
+    assert canvas.shape == (3, 640, 640, 3) and len(flat) == 3 * 640 * 640 * 3
+    rows = pipeline._finish(pipeline._raw(canvas), meta, flat, gpu.CANDIDATES, gpu.NMS_ROUNDS)
+    found = gpu.unpack(rows.numpy())
+    assert rows.shape == (3, gpu.ROW) and (found["n_faces"] == 0).all()
+    assert np.isfinite(found["embedding"]).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_an_unsized_pipeline_fits_its_batch_to_free_memory(buffalo_s):
+    pipeline = gpu.DevicePipeline(buffalo_s, device="cuda")
+    photo = pipeline._photo_bytes()
+    assert 1 << 20 < photo < 1 << 30
+    assert pipeline.batch_size in (16, 32, 64, 128, 256)
+    total = torch.cuda.get_device_properties(pipeline.device).total_memory
+    assert pipeline.batch_size == 16 or pipeline.batch_size * 2 * photo <= 0.6 * total
