@@ -32,7 +32,11 @@ from face_crops import face_dataset
 
 def run(label, data, store, **kw):
     t = time.perf_counter()
-    result = run_extract(["crops"], str(data), str(store), progress=False, echo=lambda *_: None, **kw)
+    said = []
+    result = run_extract(["crops"], str(data), str(store), progress=False, echo=said.append, **kw)
+    for line in said:
+        if line.startswith("batch size"):  # the GPU workers' own choice
+            print(f"{label}: {line}")
     total = time.perf_counter() - t
     stats = result["stats"]
     print(f"{label}: {stats['images_per_second']:.0f} photos/s ({stats['rows']} photos in "
