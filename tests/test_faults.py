@@ -55,7 +55,8 @@ def test_2_extract_exits_0_every_time(photos, tmp_path):
 
 # A native thread still inside Python-calling C++ when the interpreter finalizes: an Arrow thread
 # pulling batches from a Python generator (it sleeps without the GIL) while the main thread ends.
-# Finalization then aborts the process (exit 134), the class of the abort in item 2.
+# Finalization then aborts the process (exit 134, the class of the abort in item 2) or, as
+# timing has it, deadlocks with that thread.
 ARROW_THREAD_AT_EXIT = """
 import sys, time
 import pyarrow as pa, pyarrow.dataset as ds
@@ -76,12 +77,16 @@ if sys.argv[1:] == ["exit_now"]:
 
 
 def test_2_the_console_script_ends_without_finalization_so_native_threads_cannot_abort_it():
-    plain = subprocess.run([sys.executable, "-c", ARROW_THREAD_AT_EXIT], capture_output=True, text=True, timeout=120)
-    if plain.returncode == 0:
-        pytest.skip("this pyarrow's threads no longer abort at finalization: nothing to compare against")
-    assert plain.returncode == -signal.SIGABRT, plain.stderr
+    try:
+        plain = subprocess.run([sys.executable, "-c", ARROW_THREAD_AT_EXIT], capture_output=True, text=True,
+                               timeout=30).returncode
+    except subprocess.TimeoutExpired:  # killed: it hung in finalization
+        plain = "hung"
+    if plain == 0:
+        pytest.skip("this pyarrow's threads no longer break finalization: nothing to compare against")
+    assert plain in (-signal.SIGABRT, "hung")
     ours = subprocess.run([sys.executable, "-c", ARROW_THREAD_AT_EXIT, "exit_now"], capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=60)
     assert (ours.returncode, ours.stdout, ours.stderr) == (0, "read 1\n", "")
 
 
