@@ -7,6 +7,7 @@ a failed write leaves the old file, or none, and a rerun trusts only what it fin
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import uuid
 from collections.abc import Iterator
@@ -30,6 +31,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def open_atomic(fs, path: str, mode: str):
+    """atomic_path for a path on any fsspec filesystem (local, S3, ...), as an open file: the
+    temporary is flushed and, where the file has a descriptor, fsync'd before the rename; removed
+    if the block fails."""
+    folder, name = path.rsplit("/", 1)
+    fs.makedirs(folder, exist_ok=True)
+    tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with fs.open(tmp, mode) as f:
+            yield f
+            f.flush()
+            with contextlib.suppress(AttributeError, OSError, ValueError, io.UnsupportedOperation):
+                os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
+    except BaseException:
+        with contextlib.suppress(Exception):
+            fs.rm(tmp)
+        raise
+    fs.mv(tmp, path)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

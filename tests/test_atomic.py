@@ -1,7 +1,8 @@
 """agepipe.atomic: a file appears whole under its name or not at all."""
+import fsspec
 import pytest
 
-from agepipe.atomic import atomic_path, write_text
+from agepipe.atomic import atomic_path, open_atomic, write_text
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -22,3 +23,18 @@ def test_the_name_shows_nothing_until_the_block_ends(tmp_path):
         assert not path.exists()
     assert path.read_text() == "first"          # the outer block ended last
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+
+
+@pytest.mark.parametrize("protocol", ["file", "memory"])
+def test_open_atomic_on_an_fsspec_filesystem_is_all_or_nothing(tmp_path, protocol):
+    fs = fsspec.filesystem(protocol)
+    folder = f"{tmp_path}/store" if protocol == "file" else f"/{tmp_path.name}/store"
+    path = f"{folder}/_index.json"
+    with open_atomic(fs, path, "w") as f:
+        f.write("old")
+        assert not fs.exists(path)
+    with pytest.raises(RuntimeError), open_atomic(fs, path, "w") as f:
+        f.write("half")
+        raise RuntimeError("the writer failed midway")
+    assert fs.cat_file(path) == b"old"
+    assert [p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)] == ["_index.json"]

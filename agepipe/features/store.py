@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import uuid
@@ -26,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from agepipe.atomic import open_atomic
 from agepipe.features.plain_column import read_float_lists
 
 EMBEDDING_DIM = 512
@@ -165,7 +165,7 @@ def write_shard(table: pa.Table, store: str, feature_set: str, dataset: str, ind
     table = table.replace_schema_metadata({"agepipe.rows": rows_digest(table)})
     fs, root = _fs(dataset_dir(store, feature_set, dataset))
     final = _join(root, shard_name(index))
-    with _atomic_open(fs, final, "wb") as f:
+    with open_atomic(fs, final, "wb") as f:
         # Embeddings are noise to a compressor; storing them plain keeps reads at memcpy speed.
         pq.write_table(
             table, f,
@@ -176,27 +176,6 @@ def write_shard(table: pa.Table, store: str, feature_set: str, dataset: str, ind
             data_page_size=1 << 30,  # one page per column: plain_column reads it with one header
         )
     return final
-
-
-@contextlib.contextmanager
-def _atomic_open(fs, path: str, mode: str):
-    """``path`` on any fsspec filesystem (local, S3, ...) written whole or not at all: a hidden
-    temporary in the same folder (a name no other write uses), flushed and, where local, fsync'd,
-    then renamed over ``path``; removed if the block fails."""
-    folder = path.rsplit("/", 1)[0]
-    fs.makedirs(folder, exist_ok=True)
-    tmp = _join(folder, f".{_name(path)}.{uuid.uuid4().hex}.tmp")
-    try:
-        with fs.open(tmp, mode) as f:
-            yield f
-            f.flush()
-            with contextlib.suppress(AttributeError, OSError, ValueError, io.UnsupportedOperation):
-                os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
-    except BaseException:
-        with contextlib.suppress(Exception):
-            fs.rm(tmp)
-        raise
-    fs.mv(tmp, path)
 
 
 def shard_digest(store: str, path: str) -> str | None:
@@ -324,7 +303,7 @@ def commit_shards(store: str, feature_set: str, dataset: str, shards: list[Shard
                          f"`agepipe extract --dataset {dataset}`")
     index = Index(sorted(shards, key=lambda e: e.start), sum(e.rows for e in shards), manifest_sha256,
                   uuid.uuid4().hex)
-    with _atomic_open(fs, path, "w") as f:
+    with open_atomic(fs, path, "w") as f:
         json.dump({"shards": [asdict(e) for e in index.shards], "rows": index.rows,
                    "manifest_sha256": manifest_sha256, "generation": index.generation}, f, indent=1)
     listed = {e.file for e in index.shards}
@@ -353,7 +332,7 @@ def read_feature_set_info(store: str, feature_set: str) -> dict:
 
 def write_feature_set_info(store: str, feature_set: str, info: dict) -> None:
     fs, path = _fs(feature_set_json_path(store, feature_set))
-    with _atomic_open(fs, path, "w") as f:
+    with open_atomic(fs, path, "w") as f:
         json.dump(info, f, indent=2, sort_keys=True, default=str)
 
 
