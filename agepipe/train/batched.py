@@ -147,7 +147,9 @@ def _run_losses(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None
     per_row = F.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # (R, B)
     if weight is None:
         return per_row.mean(1) if mask is None else (per_row * mask).sum(1) / mask.sum(1)
-    w = torch.gather(weight, 1, y) if mask is None else torch.gather(weight, 1, y) * mask
+    w = torch.gather(weight, 1, y)
+    if mask is not None:
+        w = w * mask
     return (per_row * w).sum(1) / w.sum(1)
 
 
