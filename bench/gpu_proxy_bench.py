@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from agepipe.features import detect, gpu, images
+from agepipe.features import decoders, detect, gpu, images
 from agepipe.features.embed import FaceEmbedder
 from agepipe.features.models import resolve_pack
 from agepipe.pipeline import extract as ex
@@ -99,8 +99,9 @@ def main():
     pack = resolve_pack("buffalo_s")
     clock = CpuClock()
     images.read_photo = clock.wrap("decode", images.read_photo)  # as the threads call them
+    decoders.read_photo = images.read_photo
     detect.letterbox = clock.wrap("letterbox", detect.letterbox)
-    gpu.letterbox_into = clock.wrap("letterbox", gpu.letterbox_into)
+    decoders.letterbox_into = clock.wrap("letterbox", decoders.letterbox_into)
     results = []
     with tempfile.TemporaryDirectory() as d:
         paths = face_dataset(Path(d), "proxy", args.photos)

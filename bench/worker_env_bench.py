@@ -21,7 +21,7 @@ def decode_all(paths, threads):
 
     import numpy as np
 
-    from agepipe.features.gpu import letterbox_into
+    from agepipe.features.decoders import letterbox_into
     from agepipe.features.images import read_photo
 
     local = threading.local()

@@ -2,15 +2,17 @@
 
 How a batch flows (`extract --runtime torch`; the same code runs on "cpu" for tests):
 
-  decode threads   read_photo, cv2 letterbox into a uint8 canvas slot and the photo's pixels into a
-                   flat byte slot, both in pinned memory allocated once (two slots: double buffering)
+  decoders         read_photo, cv2 letterbox into a uint8 canvas slot and the photo's pixels into a
+                   flat byte slot, both in pinned memory allocated once (two slots: double buffering);
+                   processes on CUDA (shared memory, registered with CUDA), threads on the CPU:
+                   decoders.py
   copy stream      the slot's canvas, pixels and per-photo numbers to the device in three copies
   compute stream   normalise, detect (fp32 with TF32 off: see __init__), threshold + anchor decode
                    + NMS for the whole batch, the face-choice policy, the 5-point similarity solved
                    in closed form, bilinear 112x112 crops sampled straight from the flat pixels,
                    recognise (fp16 on CUDA), then one packed row per photo back to pinned memory
   main thread      enqueues batch k, then reads batch k-1's rows while the GPU works on k and the
-                   threads decode k+1; nothing waits on the GPU except that read.
+                   decoders fill k+1; nothing waits on the GPU except that read.
 
 Shapes never depend on data (a fixed number of candidates per photo, a fixed number of NMS rounds),
 so nothing syncs inside a batch. A photo whose candidates overflow or whose NMS did not settle is
@@ -22,27 +24,26 @@ gather from the flat bytes: grid_sample would need every photo of a batch padded
 from __future__ import annotations
 
 import contextlib
-import itertools
+import multiprocessing
 import threading
 import time
+import weakref
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
-import cv2
 import numpy as np
 import torch
 
 from agepipe.features.align import ARCFACE_TEMPLATE
+from agepipe.features.decoders import (CRASHED, DECODERS, META, OK, OVERFLOW, STATUSES, HostSlot, ProcessDecoders,
+                                       ThreadDecoders, default_decoders)
 from agepipe.features.detect import DET_THRESH, NMS_THRESH, rescue_canvas
 from agepipe.features.models import ModelError, recognizer_normalisation
 from agepipe.features.onnx_torch import load_torch_model
 
 CANDIDATES = 256      # best-scoring anchors per photo kept for NMS; more above threshold -> exact redo
 NMS_ROUNDS = 12       # fixed-point rounds of batched greedy NMS; unsettled -> exact redo
-BYTES_PER_PHOTO = 1 << 20  # first guess of the flat pixel slot's size; it grows when a batch needs more
 # packed row per photo: n_faces, det_score, bbox 4, landmarks 10, embedding 512, norm, candidates, redo
 ROW = 1 + 1 + 4 + 10 + 512 + 1 + 1 + 1
-META = 9  # offset, height, width, letterbox scale, photo scale, face hint x1 y1 x2 y2
 
 
 PRECISIONS = ("fp32", "tf32", "fp16")  # a network's arithmetic on CUDA (fp32 = TF32 off)
@@ -72,23 +73,6 @@ def _tf32(allowed: bool):
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
-
-
-def letterbox_into(image: np.ndarray, canvas: np.ndarray) -> float:
-    """detect.letterbox written into an existing (H, W, 3) canvas; returns the scale."""
-    height, width = canvas.shape[:2]
-    ratio = image.shape[0] / image.shape[1]
-    if ratio > height / width:
-        new_h, new_w = height, max(1, int(height / ratio))
-    else:
-        new_w, new_h = width, max(1, int(width * ratio))
-    view = canvas[:new_h, :new_w]
-    resized = cv2.resize(image, (new_w, new_h), dst=view)  # straight into the canvas: no 1 MB temporary
-    if resized.ctypes.data != view.ctypes.data:  # an OpenCV that would not write a strided dst
-        view[...] = resized
-    canvas[new_h:] = 0
-    canvas[:new_h, new_w:] = 0
-    return new_h / image.shape[0]
 
 
 def anchor_centers(size: tuple[int, int], strides=(8, 16, 32), per_cell: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,53 +168,64 @@ def warp_faces(flat: torch.Tensor, offsets: torch.Tensor, heights: torch.Tensor,
 
 
 class _Slot:
-    """One half of the double buffer: host staging (pinned on CUDA) and its device copy."""
+    """One half of the double buffer: its host staging (decoders.HostSlot) and its device copy."""
 
-    def __init__(self, batch: int, size: tuple[int, int], device: torch.device):
-        pin = device.type == "cuda"
-        self.canvas = torch.empty(batch, size[1], size[0], 3, dtype=torch.uint8, pin_memory=pin)
-        self.meta = torch.empty(batch, META, dtype=torch.float64, pin_memory=pin)
-        self.out = torch.empty(batch, ROW, dtype=torch.float32, pin_memory=pin)
-        self.flat = torch.empty(batch * BYTES_PER_PHOTO, dtype=torch.uint8, pin_memory=pin)
-        self.canvas_np, self.meta_np, self.flat_np = self.canvas.numpy(), self.meta.numpy(), self.flat.numpy()
-        self.device = device
+    def __init__(self, host: HostSlot, device: torch.device):
+        self.host, self.device = host, device
+        self.out = torch.empty(host.batch, ROW, dtype=torch.float32, pin_memory=device.type == "cuda")
         self.uploaded = self.computed = None  # CUDA events of the last batch through this slot
         if device.type == "cuda":
-            self.canvas_dev = torch.empty_like(self.canvas, device=device)
-            self.meta_dev = torch.empty_like(self.meta, device=device)
-            self.flat_dev = torch.empty_like(self.flat, device=device)
+            self.canvas_dev = torch.empty_like(host.canvas, device=device)
+            self.meta_dev = torch.empty_like(host.meta, device=device)
+            self.flat_dev = torch.empty_like(host.flat, device=device)
+
+    canvas = property(lambda self: self.host.canvas)
+    meta = property(lambda self: self.host.meta)
+    flat = property(lambda self: self.host.flat)
+    flat_np = property(lambda self: self.host.flat_np)
 
     def grow(self, nbytes: int):
-        """A flat slot of at least ``nbytes``, keeping what the threads already wrote."""
-        pin = self.device.type == "cuda"
-        bigger = torch.empty(max(nbytes, 2 * len(self.flat)), dtype=torch.uint8, pin_memory=pin)
-        bigger[:len(self.flat)] = self.flat
-        self.flat, self.flat_np = bigger, bigger.numpy()
-        if pin:
-            self.flat_dev = torch.empty_like(bigger, device=self.device)
+        """A flat buffer of at least ``nbytes``, keeping what the decoders already wrote."""
+        self.host.grow(nbytes)
+        if self.device.type == "cuda":
+            self.flat_dev = torch.empty_like(self.host.flat, device=self.device)
 
 
 class _Batch:
-    """Photos of one batch in a slot: which rows they are, and what the threads made of them."""
+    """Photos of one batch in a slot: which rows they are, and what the decoders made of them."""
 
-    def __init__(self, slot: _Slot, rows: list[int]):
-        self.slot, self.rows = slot, rows
+    def __init__(self, slot: _Slot, rows: list[int], pending):
+        self.slot, self.rows, self.pending = slot, rows, pending
         self.used = 0
-        self.lock = threading.Lock()
-        self.overflow: list[tuple[int, np.ndarray]] = []  # photos that did not fit the flat slot
-        self.errors: dict[int, object] = {}               # position -> ImageError
+        self.overflow: list[tuple[int, np.ndarray]] = []  # (offset, pixels) of photos that did not fit
+        self.errors: dict[int, str] = {}                  # position -> status
         self.outputs = self.events = None
         self.rescued = 0  # photos whose face only the rescue pass found
+
+    def decoded(self, decoders):
+        """Waits for the decoders; then errors, overflow and bytes used are known."""
+        decoders.wait(self.pending)
+        host = self.slot.host
+        for j, code in enumerate(host.status_np[:len(self.rows)].tolist()):
+            if code == CRASHED:
+                self.errors[j] = "decode_error"  # the decoder process died on this file
+            elif code not in (OK, OVERFLOW):
+                if code not in range(1, len(STATUSES)):
+                    raise RuntimeError(f"photo {j} of a batch was never decoded (status code {code})")
+                self.errors[j] = STATUSES[code]
+        self.overflow = [(int(host.meta_np[j, 0]), pixels) for j, pixels in self.pending.overflow.items()]
+        self.used = int(host.counters_np[1])
 
 
 class DevicePipeline:
     """A model pack on one device, for `agepipe extract --runtime torch` (CUDA, or CPU for tests).
     ``batch_size`` None: on CUDA the largest that fits the GPU's free memory (batch_for_memory
-    from a measured photo), on the CPU 16."""
+    from a measured photo), on the CPU 16. ``fuse_conv_relu``: the detector's Conv + Relu pairs as
+    cuDNN's fused kernel (OnnxModule.fuse_conv_relu; off until measured on a GPU)."""
 
     def __init__(self, pack, det_size: int = 640, device: str = "cuda", batch_size: int | None = None,
                  decode_threads: int = 4, det_thresh: float = DET_THRESH, detector_precision: str | None = None,
-                 recognizer_precision: str | None = None):
+                 recognizer_precision: str | None = None, decoders: str | None = None, fuse_conv_relu: bool = False):
         if device == "cuda" and not torch.cuda.is_available():
             raise ModelError("--runtime torch --device cuda: torch sees no CUDA device")
         self.device = torch.device(device)
@@ -249,6 +244,8 @@ class DevicePipeline:
         self.batch_size = 16  # until sized below: the memory probe runs one batch of 16
         self.detector = load_torch_model(pack.detector, self.device, self.det_precision == "fp16")
         self.recognizer = load_torch_model(pack.recognizer, self.device, self.rec_precision == "fp16")
+        if fuse_conv_relu:
+            self.detector.fuse_conv_relu()
         self.rec_mean, self.rec_std = recognizer_normalisation(pack.recognizer)
         centers, strides = anchor_centers(self.size)
         self.centers, self.strides = centers.to(self.device), strides.to(self.device)
@@ -257,9 +254,19 @@ class DevicePipeline:
             batch_size = (batch_for_memory(torch.cuda.mem_get_info(self.device)[0], 2 * self._photo_bytes())
                           if self.cuda else 16)
         self.batch_size = batch_size
-        self.slots = [_Slot(batch_size, self.size, self.device) for _ in range(2)]
+        # processes on CUDA where this process may start them (see decoders.py); threads on the CPU
+        self.decoder_kind = decoders or (default_decoders() if self.cuda else "threads")
+        if self.decoder_kind not in DECODERS:
+            raise ValueError(f"decoders {self.decoder_kind!r}: one of {', '.join(DECODERS)}")
+        if self.decoder_kind == "processes" and multiprocessing.current_process().daemon:
+            raise ModelError("decoding in processes: this process is daemonic and may not start any (a Dask "
+                             "worker: set distributed.worker.daemon to False); or decode with threads")
+        shared = self.decoder_kind == "processes"
+        hosts = [HostSlot(batch_size, self.size, pin=self.cuda, shared=shared) for _ in range(2)]
+        self.slots = [_Slot(h, self.device) for h in hosts]
         self.threads = max(1, decode_threads)
-        self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="decode")
+        self.decoders = (ProcessDecoders if shared else ThreadDecoders)(self.threads, hosts)
+        self._finalizer = weakref.finalize(self, _close, self.decoders, hosts)
         self.lock = threading.Lock()  # one shard at a time on the device; the other may be writing
         if self.cuda:
             self.copy_stream, self.stream = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
@@ -307,41 +314,14 @@ class DevicePipeline:
 
     # --- host side --------------------------------------------------------------------------
 
-    def _decode(self, batch: _Batch, position: int, path: str, hint):
-        from agepipe.features.images import ImageError, read_photo
-
-        try:
-            photo = read_photo(path)
-        except ImageError as e:
-            batch.errors[position] = e
-            return
-        pixels = photo.pixels
-        slot = batch.slot
-        meta = slot.meta_np[position]
-        meta[3] = letterbox_into(pixels, slot.canvas_np[position])
-        meta[1:3] = pixels.shape[:2]
-        meta[4] = photo.scale
-        meta[5:9] = np.nan if hint is None else np.asarray(hint, np.float32) / photo.scale  # as extract's CPU path
-        with batch.lock:
-            offset, fits = batch.used, batch.used + pixels.size <= len(slot.flat)
-            batch.used += pixels.size
-        meta[0] = offset
-        if fits:
-            slot.flat_np[offset:offset + pixels.size] = pixels.reshape(-1)
-        else:
-            batch.overflow.append((offset, pixels))
-
-    def _submit(self, slot: _Slot, rows: list[int], paths: list[str], hints: list) -> tuple[_Batch, list]:
+    def _submit(self, slot: _Slot, rows: list[int], paths: list[str], hints: list) -> _Batch:
         if slot.uploaded is not None:
             slot.uploaded.synchronize()  # the copy engine is done reading this slot's host memory
-        batch = _Batch(slot, rows)
-        todo = itertools.count()  # each thread takes the next photo: one task per thread, not per photo
+        return _Batch(slot, rows, self.decoders.submit(slot.host, [paths[r] for r in rows], [hints[r] for r in rows]))
 
-        def work():
-            while (j := next(todo)) < len(rows):
-                self._decode(batch, j, paths[rows[j]], hints[rows[j]])
-
-        return batch, [self.pool.submit(work) for _ in range(min(self.threads, len(rows)))]
+    def close(self):
+        """Stops the decoders and frees the shared memory (also done when the pipeline is collected)."""
+        self._finalizer()
 
     # --- device side ------------------------------------------------------------------------
 
@@ -492,9 +472,18 @@ class DevicePipeline:
         rare, so done photo by photo on the host from the batch's pixels."""
         index = torch.from_numpy(missed).to(self.device)
         meta, flat = batch.inputs[1].index_select(0, index), batch.inputs[2]
+        shapes = meta[:, :3].cpu().numpy().astype(np.int64)
+        # the photos' pixels back in one wait: a synchronous copy per photo stalled the launching thread
+        host = torch.empty(int((shapes[:, 1] * shapes[:, 2] * 3).sum()), dtype=torch.uint8, pin_memory=self.cuda)
+        at, views = 0, []
+        for offset, h, w in shapes:
+            host[at:at + h * w * 3].copy_(flat[offset:offset + h * w * 3], non_blocking=True)
+            views.append(host[at:at + h * w * 3].numpy().reshape(h, w, 3))
+            at += h * w * 3
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
         canvases, maps = [], []
-        for offset, h, w in meta[:, :3].cpu().numpy().astype(np.int64):
-            pixels = flat[offset:offset + h * w * 3].cpu().numpy().reshape(h, w, 3)
+        for pixels in views:
             canvas, shift, factor = rescue_canvas(pixels, self.size)
             canvases.append(canvas)
             maps.append([*shift, *factor])
@@ -520,13 +509,12 @@ class DevicePipeline:
             decoding[k] = self._submit(self.slots[k % 2], batches[k], paths, hints)
         previous = None
         for k in range(len(batches)):
-            batch, futures = decoding.pop(k)
+            batch = decoding.pop(k)
             t = time.perf_counter()
-            for f in futures:
-                f.result()
+            batch.decoded(self.decoders)
             timings["decode"] += time.perf_counter() - t  # time the device side waited on decoding
             for position, error in batch.errors.items():
-                status[batch.rows[position]] = error.status
+                status[batch.rows[position]] = error
             good = [j for j in range(len(batch.rows)) if j not in batch.errors]
             if len(good) < len(batch.rows):  # compact the failures out of the slot
                 self._compact(batch, good)
@@ -552,6 +540,12 @@ class DevicePipeline:
     def _store(self, batch: _Batch, packed: np.ndarray, timings: Counter):
         packed[batch.rows] = self._collect(batch, timings)
         timings["faces_rescued"] += batch.rescued  # a count among the times, as extract's CPU path keeps it
+
+
+def _close(decoders, hosts):
+    decoders.close()
+    for host in hosts:
+        host.close()
 
 
 def unpack(rows: np.ndarray) -> dict:

@@ -57,6 +57,9 @@ def local_layout(workers: int | None = None) -> Layout:
 # the GIL that the decode threads and the device launches need.
 WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
                  "distributed.worker.profile.enabled": False}
+# A GPU worker decodes in processes of its own (features/decoders.py): a daemonic worker may not
+# start any. Its nanny still stops it with the cluster.
+GPU_WORKER_CONFIG = {**WORKER_CONFIG, "distributed.worker.daemon": False}
 
 
 @contextlib.contextmanager
@@ -92,7 +95,7 @@ def open_client(scheduler: str | None = None, gpus: list[str] | None = None, wor
         return
     # read by each nanny as it starts; a nanny of an earlier cluster in this process may have left
     # the variable in os.environ, which its workers would inherit
-    with dask.config.set(WORKER_CONFIG), _without_env("MALLOC_TRIM_THRESHOLD_"):
+    with dask.config.set(GPU_WORKER_CONFIG if gpus else WORKER_CONFIG), _without_env("MALLOC_TRIM_THRESHOLD_"):
         if gpus:
             # One worker process per GPU, each seeing only its own device, like dask-cuda's LocalCUDACluster.
             # Two task threads: one shard writes its Parquet while the next has the device (a lock in

@@ -41,6 +41,7 @@ class ExtractConfig:
     threads: int = 0            # onnxruntime intra-op threads per worker; 0 = its default
     decode_threads: int = 4
     batch_size: int = 16        # photos per detector batch; 0: the device pipeline sizes it
+    decoders: str = ""          # the device pipeline's: "threads", "processes", "" its default
     detector_sha256: str = ""   # what the client hashed: a worker with other files refuses
     recognizer_sha256: str = ""
 
@@ -93,7 +94,8 @@ def worker_embedder(cfg: ExtractConfig):
             from agepipe.features.gpu import DevicePipeline
 
             _EMBEDDERS[key] = DevicePipeline(pack, det_size=cfg.det_size, device=cfg.device,
-                                             batch_size=cfg.batch_size, decode_threads=cfg.decode_threads)
+                                             batch_size=cfg.batch_size, decode_threads=cfg.decode_threads,
+                                             decoders=cfg.decoders or None)
         else:
             _EMBEDDERS[key] = FaceEmbedder(pack, det_size=cfg.det_size, device=cfg.device,
                                            runtime=cfg.runtime, threads=cfg.threads)
@@ -497,7 +499,7 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
                 runtime: str = "onnxruntime", device: str = "cpu", shard_rows: int | None = None,
                 limit: int | None = None, retry_failed: bool = False, scheduler: str | None = None,
                 gpus: list[str] | None = None, workers: int | None = None, batch_size: int | None = None,
-                progress: bool = True, echo=print) -> dict:
+                decoders: str | None = None, progress: bool = True, echo=print) -> dict:
     """Extract the datasets' manifests into the store; returns the feature set's info."""
     from agepipe.datasets import expand_groups
     from agepipe.features.embed import feature_identity
@@ -524,7 +526,7 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
         threads = max(1, cores // layout.workers) if layout.mode == "local" else 0
         cfg = ExtractConfig(pack=pack, det_size=det_size, runtime=runtime, device=device, threads=threads,
                             decode_threads=layout.decode_threads,
-                            batch_size=batch_size or default_batch_size(runtime, device),
+                            batch_size=batch_size or default_batch_size(runtime, device), decoders=decoders or "",
                             detector_sha256=identity["detector_sha256"],
                             recognizer_sha256=identity["recognizer_sha256"])
         if layout.mode != "scheduler":  # a user's own workers keep their Ctrl-C

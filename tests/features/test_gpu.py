@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from agepipe.features import gpu
+from agepipe.features import decoders, gpu
 from agepipe.features.align import ARCFACE_TEMPLATE, norm_crop, similarity_transform
 from agepipe.features.detect import Detections, letterbox, nms
 from agepipe.features.embed import choose_face
@@ -77,7 +77,7 @@ def test_letterbox_into_equals_letterbox(photos):
         image = read_photo(str(photos[name])).pixels
         for im in (image, np.ascontiguousarray(image.transpose(1, 0, 2))):  # landscape and portrait
             expected, scale = letterbox(im, (640, 640))
-            assert gpu.letterbox_into(im, canvas) == scale
+            assert decoders.letterbox_into(im, canvas) == scale
             assert np.array_equal(canvas, expected)
 
 
@@ -135,8 +135,10 @@ def reference(embedder, path, hint=None):
     return len(det), (det.boxes[k] * photo.scale, det.scores[k], emb[0], norms[0])
 
 
-def test_device_pipeline_on_cpu_agrees_with_onnxruntime(photos, embedder, buffalo_s, tmp_path):
-    """Same face chosen for every photo, boxes within 1 px, cosine >= 0.999 (fp32 on the CPU)."""
+@pytest.mark.parametrize("kind", decoders.DECODERS)
+def test_device_pipeline_on_cpu_agrees_with_onnxruntime(photos, embedder, buffalo_s, tmp_path, kind):
+    """Same face chosen for every photo, boxes within 1 px, cosine >= 0.999 (fp32 on the CPU),
+    whichever kind of decoder feeds it."""
     paths = [str(p) for p in photos.values()] + [str(p) for p in face_crops(photos, tmp_path, embedder)]
     t1 = read_photo(str(photos["t1"])).pixels
     second = embedder.detector([t1])[0].boxes[1]
@@ -148,9 +150,10 @@ def test_device_pipeline_on_cpu_agrees_with_onnxruntime(photos, embedder, buffal
     paths.append(str(tmp_path / "bad.jpg"))
     hints.append(None)
 
-    pipeline = gpu.DevicePipeline(buffalo_s, device="cpu", batch_size=5, decode_threads=2)
+    pipeline = gpu.DevicePipeline(buffalo_s, device="cpu", batch_size=5, decode_threads=2, decoders=kind)
     timings = Counter()
     errors, packed = pipeline.extract(paths, hints, timings)
+    pipeline.close()
     assert errors[-2:] == ["missing_image", "decode_error"] and not any(errors[:-2])
     assert set(timings) == {"decode", "detect", "align", "embed", "faces_rescued"}
     rescued = [p for p in paths if "tight" in p and not len(embedder.detector([read_photo(p).pixels], rescue=False)[0])]

@@ -90,6 +90,30 @@ def test_detector_matches_onnxruntime(detector, size):
         np.testing.assert_allclose(g, e, rtol=0, atol=1e-4 if i < 3 else 1e-3)  # scores; box/keypoint distances
 
 
+def test_fusing_conv_relu_changes_no_output(detector):
+    """fuse_conv_relu rewrites the graph, not the model: every Conv read only by a Relu (41 in
+    SCRFD-500M) becomes one node, and the outputs stay the same (on CUDA cuDNN's fused kernel,
+    here conv then an in-place ReLU)."""
+    x = np.stack([letterbox(cv2.imread(str(IMAGES / "t1.jpg")), 320, 320)])
+    expected = torch_run(detector, x)
+    fused = load_torch_model(DETECTOR)
+    assert fused.fuse_conv_relu() == 41
+    assert fused.fuse_conv_relu() == 0  # nothing left to fuse
+    assert sum(fn is OPS["Conv"] for fn, *_ in fused.nodes) == 60 - 41
+    for g, e in zip(torch_run(fused, x), expected):
+        np.testing.assert_allclose(g, e, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_conv_relu_matches_on_cuda():
+    x = torch.from_numpy(np.stack([letterbox(cv2.imread(str(IMAGES / "t1.jpg")), 640, 640)])).cuda()
+    plain, fused = load_torch_model(DETECTOR, "cuda"), load_torch_model(DETECTOR, "cuda")
+    fused.fuse_conv_relu()
+    with torch.no_grad():
+        for g, e in zip(fused(x), plain(x)):
+            torch.testing.assert_close(g, e, rtol=0, atol=1e-3)
+
+
 def cpu_has_fp16_conv() -> bool:
     try:   # torch 2.1 has no fp16 convolution on CPUs (agepipe runs fp16 only on CUDA)
         torch.nn.functional.conv2d(torch.ones(1, 1, 2, 2).half(), torch.ones(1, 1, 1, 1).half())

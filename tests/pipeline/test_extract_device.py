@@ -3,14 +3,16 @@ cluster (on the CPU here, as `--gpus 0 --device cpu`), against the onnxruntime p
 import json
 
 import numpy as np
+import pytest
 
 from tests.pipeline.test_extract import assert_each_manifest_row_once, assert_matches_embed, extract, the_feature_set
 
 
-def test_gpus_runtime_torch_matches_onnxruntime_row_for_row(mini_data, tmp_path, embedder):
+@pytest.mark.parametrize("decoders", ["threads", "processes"])  # processes: spawned by the Dask GPU worker
+def test_gpus_runtime_torch_matches_onnxruntime_row_for_row(mini_data, tmp_path, embedder, decoders):
     store = tmp_path / "store"
     result = extract(mini_data, store, "--gpus", "0", "--device", "cpu", "--runtime", "torch",
-                     "--shard-rows", 8, "--batch-size", 5)
+                     "--shard-rows", 8, "--batch-size", 5, "--decoders", decoders)
     assert result.exit_code == 0, result.output
     assert "cluster: gpus, 1 worker processes, GPUs 0" in result.output
     assert "torch on cpu" in result.output

@@ -1,0 +1,366 @@
+"""Decoding a batch's photos into the device pipeline's host slots, by threads or by processes.
+
+Per photo: read_photo, cv2's letterbox into the slot's uint8 canvas, the decoded pixels into the
+slot's flat byte buffer (at an offset claimed under a lock), and the photo's numbers into its meta
+row. A photo that fails gets its status; one whose pixels do not fit the flat buffer comes back
+as an overflow for the pipeline to place.
+
+Threads are the simple choice, but they share the worker's GIL with the thread that launches the
+device's work: each decoded photo takes and drops the GIL dozens of times between OpenCV calls,
+and with 16 decode threads the launching thread queues behind them for every kernel it issues
+(bench/decoders_bench.py measures the launcher's rate beside either kind). Processes share
+nothing with it but memory: the slots live in shared memory, registered as pinned with CUDA, and
+only a few small messages per batch cross the pipes. A photo that crashes a decoder process (a
+codec bug, the kernel's OOM killer) costs that photo, recorded as decode_error; the process is
+replaced and the batch goes on.
+"""
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import shared_memory
+
+import cv2
+import numpy as np
+import torch
+
+from agepipe.features.images import ImageError, read_photo
+
+META = 9  # offset, height, width, letterbox scale, photo scale, face hint x1 y1 x2 y2
+# a photo's status in the slot: 0 not decoded yet, then these
+STATUSES = ("", "ok", "overflow", "crashed", "missing_image", "not_a_file", "too_large", "read_error", "decode_error")
+OK, OVERFLOW, CRASHED = 1, 2, 3
+# A batch's photos laid end to end: a first guess; the buffer grows when a batch needs more.
+BYTES_PER_PHOTO = 1 << 20
+DECODERS = ("threads", "processes")
+
+
+def letterbox_into(image: np.ndarray, canvas: np.ndarray) -> float:
+    """detect.letterbox written into an existing (H, W, 3) canvas; returns the scale."""
+    height, width = canvas.shape[:2]
+    ratio = image.shape[0] / image.shape[1]
+    if ratio > height / width:
+        new_h, new_w = height, max(1, int(height / ratio))
+    else:
+        new_w, new_h = width, max(1, int(width * ratio))
+    view = canvas[:new_h, :new_w]
+    resized = cv2.resize(image, (new_w, new_h), dst=view)  # straight into the canvas: no 1 MB temporary
+    if resized.ctypes.data != view.ctypes.data:  # an OpenCV that would not write a strided dst
+        view[...] = resized
+    canvas[new_h:] = 0
+    canvas[:new_h, new_w:] = 0
+    return new_h / image.shape[0]
+
+
+def decode_into(path: str, hint, canvas: np.ndarray, meta: np.ndarray, flat: np.ndarray, claim):
+    """One photo into its canvas and meta row, its pixels into ``flat`` at the offset ``claim(nbytes)``
+    returns. Returns (status code, the pixels when they did not fit ``flat``, else None)."""
+    try:
+        photo = read_photo(path)
+    except ImageError as e:
+        return STATUSES.index(e.status), None
+    pixels = photo.pixels
+    meta[3] = letterbox_into(pixels, canvas)
+    meta[1:3] = pixels.shape[:2]
+    meta[4] = photo.scale
+    meta[5:9] = np.nan if hint is None else np.asarray(hint, np.float32) / photo.scale  # as extract's CPU path
+    offset = claim(pixels.size)
+    meta[0] = offset
+    if offset + pixels.size > len(flat):
+        return OVERFLOW, pixels
+    flat[offset:offset + pixels.size] = pixels.reshape(-1)
+    return OK, None
+
+
+def slot_views(buf: np.ndarray, batch: int, height: int, width: int):
+    """(meta, counters, status, canvas) laid out in one uint8 buffer (8-byte fields first)."""
+    meta = buf[:batch * META * 8].view(np.float64).reshape(batch, META)
+    at = batch * META * 8
+    counters = buf[at:at + 16].view(np.int64)
+    status = buf[at + 16:at + 16 + batch].view(np.int8)
+    at += 16 + batch
+    return meta, counters, status, buf[at:at + batch * height * width * 3].reshape(batch, height, width, 3)
+
+
+def slot_bytes(batch: int, height: int, width: int) -> int:
+    return batch * META * 8 + 16 + batch + batch * height * width * 3
+
+
+class HostSlot:
+    """One half of the device pipeline's double buffer on the host: canvas (B, H, W, 3) uint8,
+    meta (B, META) float64, status (B,) int8, flat pixels, and two counters (next photo, bytes
+    used). In shared memory when processes decode into it; pinned (registered) for CUDA copies."""
+
+    def __init__(self, batch: int, size: tuple[int, int], pin: bool, shared: bool, flat_bytes: int | None = None):
+        self.batch, self.size, self.pin, self.shared = batch, size, pin, shared
+        self._segments: dict[str, shared_memory.SharedMemory] = {}
+        self._registered: list[int] = []
+        self.name, buf = self._allocate(slot_bytes(batch, size[1], size[0]))
+        self.meta_np, self.counters_np, self.status_np, self.canvas_np = slot_views(buf.numpy(), batch, size[1], size[0])
+        self.meta, self.canvas = torch.from_numpy(self.meta_np), torch.from_numpy(self.canvas_np)
+        self.flat_name, self.flat = self._allocate(flat_bytes or batch * BYTES_PER_PHOTO)
+        self.flat_np = self.flat.numpy()
+
+    def _allocate(self, nbytes: int) -> tuple[str | None, torch.Tensor]:
+        if not self.shared:
+            return None, torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        check_shm_space(nbytes)
+        shm = shared_memory.SharedMemory(create=True, size=nbytes)
+        self._segments[shm.name] = shm
+        tensor = torch.frombuffer(shm.buf, dtype=torch.uint8)
+        if self.pin:  # so copies to the device are asynchronous DMA, as from pin_memory=True
+            if int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0)) == 0:
+                self._registered.append(tensor.data_ptr())
+        return shm.name, tensor
+
+    def reset(self):
+        self.status_np[:] = 0
+        self.counters_np[:] = 0
+
+    def grow(self, nbytes: int):
+        """A flat buffer of at least ``nbytes``, keeping what the decoders already wrote."""
+        name, bigger = self._allocate(max(nbytes, 2 * len(self.flat)))
+        bigger[:len(self.flat)] = self.flat
+        old = self.flat_name
+        self.flat_name, self.flat, self.flat_np = name, bigger, bigger.numpy()
+        if old is not None:
+            self._release(old)
+
+    def _release(self, name: str):
+        shm = self._segments.pop(name)
+        address = np.frombuffer(shm.buf, np.uint8).ctypes.data
+        if address in self._registered:
+            self._registered.remove(address)
+            torch.cuda.cudart().cudaHostUnregister(address)
+        shm.unlink()  # decoders that still map it keep their mapping until they move on
+        close_segment(shm)
+
+    def close(self):
+        self.canvas = self.meta = self.flat = None
+        self.canvas_np = self.meta_np = self.status_np = self.counters_np = self.flat_np = None
+        for name in list(self._segments):
+            self._release(name)
+
+
+def close_segment(shm: shared_memory.SharedMemory):
+    """Close a segment whose buffer torch or numpy may still view (then the mapping stays until
+    they are gone; the name is already unlinked, so nothing is left behind)."""
+    try:
+        shm.close()
+    except BufferError:
+        pass
+
+
+def check_shm_space(nbytes: int, where: str = "/dev/shm"):
+    """Shared memory is a tmpfs: a container's default 64 MB would kill the decoders with SIGBUS
+    on their first large write, so the space is checked before it is used."""
+    try:
+        stat = os.statvfs(where)
+    except OSError:
+        return
+    free = stat.f_bavail * stat.f_frsize
+    if free < nbytes:
+        raise MemoryError(f"{where} has {free / 2**20:.0f} MiB free, the decode processes need "
+                          f"{nbytes / 2**20:.0f} MiB more (in a container: --shm-size); or decode with threads")
+
+
+class _Pending:
+    """A batch being decoded: the slot, its paths, and the photos that did not fit its flat buffer."""
+
+    def __init__(self, slot: HostSlot, paths: list[str]):
+        self.slot, self.paths = slot, paths
+        self.overflow: dict[int, np.ndarray] = {}
+
+
+class ThreadDecoders:
+    """Decoding by a pool of threads in this process (each thread takes the next photo)."""
+
+    def __init__(self, n: int, slots: list[HostSlot]):
+        self.n = max(1, n)
+        self.pool = ThreadPoolExecutor(self.n, thread_name_prefix="decode")
+        self.locks = {id(s): threading.Lock() for s in slots}
+
+    def submit(self, slot: HostSlot, paths: list[str], hints: list) -> _Pending:
+        slot.reset()
+        pending, todo, lock = _Pending(slot, paths), itertools.count(), self.locks[id(slot)]
+
+        def claim(nbytes):
+            with lock:
+                offset = int(slot.counters_np[1])
+                slot.counters_np[1] += nbytes
+            return offset
+
+        def work():
+            while (j := next(todo)) < len(paths):
+                code, pixels = decode_into(paths[j], hints[j], slot.canvas_np[j], slot.meta_np[j], slot.flat_np, claim)
+                slot.status_np[j] = code
+                if pixels is not None:
+                    pending.overflow[j] = pixels
+
+        pending.futures = [self.pool.submit(work) for _ in range(min(self.n, len(paths)))]
+        return pending
+
+    def wait(self, pending: _Pending):
+        for f in pending.futures:
+            f.result()
+
+    def close(self):
+        self.pool.shutdown()
+
+
+def _next_task(tasks, parent: int):
+    """The next task, or None to stop: when told to, or when the pipeline's process is gone (killed,
+    it cannot say so; this process holds the queue's pipe open itself, so it would wait forever)."""
+    import queue
+
+    while True:
+        try:
+            return tasks.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return None
+
+
+def _decoder_main(index: int, tasks, replies, slot_names: list[str], geometry: tuple[int, int, int],
+                  locks: list, current_name: str, decode, parent: int):
+    """A decode process: attaches the slots, then decodes the photos of each batch it is sent,
+    taking the next one from the slot's shared counter until none is left."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker or the client answers Ctrl-C
+    cv2.setNumThreads(1)  # one decode per process; OpenCV's own threads would only compete
+    batch, h, w = geometry
+    slots = []
+    for name in slot_names:
+        shm = shared_memory.SharedMemory(name=name)
+        slots.append((shm, *slot_views(np.ndarray(shm.size, np.uint8, shm.buf), batch, h, w)))
+    current_shm = shared_memory.SharedMemory(name=current_name)
+    current = np.ndarray(current_shm.size // 8, np.int64, current_shm.buf)
+    flats: dict[int, tuple[str, shared_memory.SharedMemory]] = {}
+    while (task := _next_task(tasks, parent)) is not None:
+        s, flat_name, seq, paths, hints = task
+        _, meta, counters, status, canvas = slots[s]
+        if s not in flats or flats[s][0] != flat_name:
+            if s in flats:
+                flats[s][1].close()
+            flats[s] = (flat_name, shared_memory.SharedMemory(name=flat_name))
+        flat = np.ndarray(flats[s][1].size, np.uint8, flats[s][1].buf)
+        lock = locks[s]
+
+        def claim(nbytes):
+            with lock:
+                offset = int(counters[1])
+                counters[1] += nbytes
+            return offset
+
+        try:
+            while True:
+                with lock:
+                    j = int(counters[0])
+                    counters[0] += 1
+                if j >= len(paths):
+                    break
+                current[index] = s * batch + j  # if this process dies now, this photo did it
+                status[j], _ = decode(paths[j], hints[j], canvas[j], meta[j], flat, claim)
+            current[index] = -1
+            replies.put((index, seq, None))
+        except BaseException:  # a bug, not a photo: the pipeline raises it
+            current[index] = -1
+            replies.put((index, seq, traceback.format_exc()))
+        del flat
+
+
+class ProcessDecoders:
+    """Decoding by a pool of processes (spawned: a CUDA process must not fork) into shared slots."""
+
+    def __init__(self, n: int, slots: list[HostSlot], decode=decode_into):
+        self.n, self.slots, self.decode = max(1, n), slots, decode  # decode: a module-level function
+        self.ctx = multiprocessing.get_context("spawn")
+        self.locks = [self.ctx.Lock() for _ in slots]
+        self.replies = self.ctx.Queue()
+        self.current_shm = shared_memory.SharedMemory(create=True, size=8 * self.n)
+        self.current = np.ndarray(self.n, np.int64, self.current_shm.buf)
+        self.current[:] = -1
+        self.procs: list = [None] * self.n
+        self.tasks: list = [None] * self.n
+        self.seq = itertools.count()
+        self.inflight: dict[int, _Pending] = {}
+        for i in range(self.n):
+            self._start(i)
+
+    def _start(self, i: int):
+        self.tasks[i] = self.ctx.Queue()
+        slot = self.slots[0]
+        self.procs[i] = self.ctx.Process(
+            target=_decoder_main, name=f"agepipe-decode-{i}", daemon=True,
+            args=(i, self.tasks[i], self.replies, [s.name for s in self.slots], (slot.batch, slot.size[1], slot.size[0]),
+                  self.locks, self.current_shm.name, self.decode, os.getpid()))
+        self.procs[i].start()
+
+    def submit(self, slot: HostSlot, paths: list[str], hints: list) -> _Pending:
+        slot.reset()
+        pending = _Pending(slot, paths)
+        pending.seq = next(self.seq)
+        pending.task = (self.slots.index(slot), slot.flat_name, pending.seq, list(paths),
+                        [None if h is None else tuple(map(float, h)) for h in hints])
+        pending.waiting = set(range(self.n))
+        self.inflight[pending.seq] = pending
+        for i in range(self.n):
+            self.tasks[i].put(pending.task)
+        return pending
+
+    def wait(self, pending: _Pending):
+        """Until every decoder has finished the batch. A decoder that died is replaced: the photo it
+        was on is marked crashed, and the replacement joins the batches it had not finished."""
+        import queue
+
+        while pending.waiting:
+            try:
+                index, seq, error = self.replies.get(timeout=0.5)
+            except queue.Empty:
+                self._replace_dead()
+                continue
+            if error:
+                raise RuntimeError(f"a decode process failed:\n{error}")
+            self.inflight[seq].waiting.discard(index)
+        del self.inflight[pending.seq]
+        for j in np.flatnonzero(pending.slot.status_np[:len(pending.paths)] == OVERFLOW):
+            pending.overflow[int(j)] = read_photo(pending.paths[j]).pixels  # it decoded a moment ago
+
+    def _replace_dead(self):
+        for i, proc in enumerate(self.procs):
+            if proc.is_alive():
+                continue
+            photo = int(self.current[i])
+            s, j = divmod(photo, self.slots[0].batch)
+            if photo < 0 or self.slots[s].status_np[j] != 0:  # broken at start, or killed between photos
+                raise RuntimeError(f"decode process {proc.name} exited with code {proc.exitcode} outside any photo")
+            self.slots[s].status_np[j] = CRASHED
+            self.current[i] = -1
+            self._start(i)
+            for seq in sorted(self.inflight):  # tasks are taken in order; it had finished the others
+                if i in self.inflight[seq].waiting:
+                    self.tasks[i].put(self.inflight[seq].task)
+
+    def close(self):
+        for q in self.tasks:
+            q.put(None)
+        for proc in self.procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+        for q in (*self.tasks, self.replies):
+            q.close()
+        self.current = None
+        close_segment(self.current_shm)
+        self.current_shm.unlink()
+
+
+def default_decoders() -> str:
+    """Processes where this process may start children (a Dask worker is a daemon by default; the
+    clusters agepipe starts let their GPU workers have children), else threads."""
+    return "threads" if multiprocessing.current_process().daemon else "processes"

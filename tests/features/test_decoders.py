@@ -1,0 +1,143 @@
+"""Decoding a batch into host slots: threads and processes write the same bytes and statuses;
+a decoder process that dies costs the one photo it was on."""
+import os
+
+import numpy as np
+import pytest
+
+from agepipe.features import decoders
+from agepipe.features.decoders import HostSlot, ProcessDecoders, ThreadDecoders
+from tests.features import crashing_decoder
+
+SIZE = (160, 160)
+
+
+@pytest.fixture()
+def batch_paths(photos, tmp_path):
+    """Real photos and the failures a dataset holds: missing, cut off, a folder, not an image."""
+    paths = [str(p) for p in photos.values()]
+    (tmp_path / "cut.jpg").write_bytes(photos["obama"].read_bytes()[:3000])
+    (tmp_path / "folder.jpg").mkdir()
+    (tmp_path / "text.jpg").write_text("not a photo")
+    paths += [str(tmp_path / n) for n in ("gone.jpg", "cut.jpg", "folder.jpg", "text.jpg")]
+    return paths
+
+
+def decode(kind, paths, hints, flat_bytes=None, decode=decoders.decode_into):
+    """Two batches through two slots, as the pipeline runs them; each batch's statuses, bytes used,
+    meta, canvas and every photo's pixels as placed in flat (overflow included)."""
+    slots = [HostSlot(len(paths), SIZE, pin=False, shared=kind == "processes", flat_bytes=flat_bytes)
+             for _ in range(2)]
+    pool = (ProcessDecoders(2, slots, decode=decode) if kind == "processes" else ThreadDecoders(2, slots))
+    try:
+        out = []
+        pending = [pool.submit(slot, paths, hints) for slot in slots]  # both in flight at once
+        for slot, p in zip(slots, pending):
+            pool.wait(p)
+            status = slot.status_np[:len(paths)].copy()
+            pixels, overflowed = {}, int((status == decoders.OVERFLOW).sum())
+            for j in np.flatnonzero(status == decoders.OK):
+                offset, h, w = slot.meta_np[j, :3].astype(int)
+                pixels[int(j)] = slot.flat_np[offset:offset + h * w * 3].copy()
+            for j, image in p.overflow.items():
+                pixels[j] = image.reshape(-1)
+            status[status == decoders.OVERFLOW] = decoders.OK  # placed by the caller: decoded all the same
+            out.append((status, int(slot.counters_np[1]), slot.meta_np[:len(paths)].copy(),
+                        slot.canvas_np[:len(paths)].copy(), pixels, overflowed))
+        return out
+    finally:
+        pool.close()
+        for slot in slots:
+            slot.close()
+
+
+def test_threads_and_processes_decode_the_same(batch_paths):
+    hints = [None] * len(batch_paths)
+    hints[0] = (10.0, 20.0, 110.0, 140.0)
+    threads, processes = decode("threads", batch_paths, hints), decode("processes", batch_paths, hints)
+    names = [decoders.STATUSES[c] for c in threads[0][0]]
+    assert names[-4:] == ["missing_image", "decode_error", "not_a_file", "decode_error"]
+    assert set(names[:-4]) == {"ok"}
+    for (ts, tused, tmeta, tcanvas, tpix, _), (ps, pused, pmeta, pcanvas, ppix, _) in zip(threads, processes):
+        np.testing.assert_array_equal(ts, ps)
+        assert tused == pused  # the same photos claimed the same bytes, in whatever order
+        ok = ts == decoders.OK
+        np.testing.assert_array_equal(tmeta[ok, 1:], pmeta[ok, 1:])  # offsets differ with the order
+        np.testing.assert_array_equal(tcanvas[ok], pcanvas[ok])
+        assert tpix.keys() == ppix.keys() and all((tpix[j] == ppix[j]).all() for j in tpix)
+        assert tcanvas[ok].any(axis=(1, 2, 3)).all()
+        np.testing.assert_allclose(tmeta[0, 5:9], np.asarray(hints[0]) / tmeta[0, 4])
+
+
+@pytest.mark.parametrize("kind", decoders.DECODERS)
+def test_photos_that_do_not_fit_the_flat_buffer_come_back_whole(batch_paths, kind):
+    hints = [None] * len(batch_paths)
+    roomy = decode(kind, batch_paths, hints)[0]
+    tight = decode(kind, batch_paths, hints, flat_bytes=300_000)[0]
+    assert tight[5] >= 3 and roomy[5] < tight[5]  # most photos are bigger than 300 kB
+    assert all((roomy[4][j] == tight[4][j]).all() for j in roomy[4]) and roomy[4].keys() == tight[4].keys()
+    assert tight[1] == roomy[1]  # the bytes the batch needs, to grow the buffer to
+
+
+def test_a_photo_that_kills_its_decoder_costs_that_photo_only(photos, tmp_path):
+    paths = [str(p) for p in photos.values()]
+    crash = tmp_path / "crash.jpg"
+    crash.write_bytes(photos["obama"].read_bytes())
+    paths.insert(2, str(crash))
+    results = decode("processes", paths, [None] * len(paths), decode=crashing_decoder.decode_into)
+    for status, *_ in results:  # in both batches: the replacement process joined each
+        names = [decoders.STATUSES[c] for c in status]
+        assert names[2] == "crashed" and names.count("ok") == len(paths) - 1
+
+
+def test_processes_leave_no_shared_memory_behind(batch_paths):
+    """The slots' segments are unlinked on close (the locks' small semaphores go when collected)."""
+    def segments():
+        return {n for n in os.listdir("/dev/shm") if not n.startswith("sem.")}
+
+    before = segments()
+    decode("processes", batch_paths, [None] * len(batch_paths))
+    assert segments() <= before
+
+
+def test_too_little_shared_memory_is_a_clear_error(tmp_path):
+    with pytest.raises(MemoryError, match="--shm-size"):
+        decoders.check_shm_space(1 << 60)
+
+
+def test_decoders_stop_when_their_pipeline_is_killed(tmp_path):
+    """A worker killed outright cannot stop its decoders: they notice and exit by themselves."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    script = textwrap.dedent("""
+        import os, sys, time
+        from agepipe.features.decoders import HostSlot, ProcessDecoders
+        if __name__ == "__main__":
+            slots = [HostSlot(4, (64, 64), pin=False, shared=True) for _ in range(2)]
+            pool = ProcessDecoders(2, slots)
+            print(" ".join(str(p.pid) for p in pool.procs), flush=True)
+            time.sleep(60)
+    """)
+    (tmp_path / "pipeline.py").write_text(script)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "pipeline.py")], stdout=subprocess.PIPE, text=True,
+                            cwd=os.getcwd())
+    children = [int(p) for p in proc.stdout.readline().split()]
+    assert len(children) == 2 and all(os.path.exists(f"/proc/{pid}") for pid in children)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(pid) for pid in children):
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in children)
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie (an orphan is reaped by init, but maybe not at once)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
