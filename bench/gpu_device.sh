@@ -7,7 +7,7 @@
 #   bash bench/gpu_device.sh train             # on the device: train_bench.py and table_device.py on CUDA
 #
 # With the device tool: carry [".cache/wheels", ".cache/test-photos"] (about 54 MiB of the 64 MiB a
-# run may carry) and command "bash bench/gpu_device.sh run --profile", timeout about 360 s (4,000 crops).
+# run may carry) and command "bash bench/gpu_device.sh run --profile", timeout about 420 s (4,000 crops).
 # On the device only wheels whose distribution is missing are installed (--no-index --no-deps), so
 # what the machine has (torch, numpy, ...) is never replaced. If the import check names another
 # missing module (pandas? scipy?), add its wheels here: bash bench/gpu_device.sh wheels pandas ...

@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -154,8 +155,9 @@ def network_ceiling(batch, device):
 def pipeline_rate(paths, device, batch, threads, det_precision, rec_precision, shard=None, profile=False,
                   graphs=False, decoders=None, fused=False):
     """The device pipeline alone (no store), after a warm-up batch: (photos/s, seconds to load and
-    plan, stage timings, pipeline, (errors, packed rows)); in calls of ``shard`` photos when given,
-    one after another as a GPU worker takes extract's shards."""
+    plan, stage timings, pipeline, (errors, packed rows)); in calls of ``shard`` photos when given, from
+    two threads as a GPU worker takes extract's shards (a call waiting its turn has its first
+    batches decoded while the call before it finishes)."""
     import torch
 
     from agepipe.features.gpu import DevicePipeline
@@ -177,8 +179,9 @@ def pipeline_rate(paths, device, batch, threads, det_precision, rec_precision, s
     timings = Counter()
     shard = shard or len(paths)
     t = time.perf_counter()
-    parts = [pipeline.extract(paths[i:i + shard], [None] * len(paths[i:i + shard]), timings)
-             for i in range(0, len(paths), shard)]
+    with ThreadPoolExecutor(2) as pool:  # as extract's GPU worker runs shards: two task threads taking turns
+        parts = list(pool.map(lambda i: pipeline.extract(paths[i:i + shard], [None] * len(paths[i:i + shard]), timings),
+                              range(0, len(paths), shard)))
     wall = time.perf_counter() - t
     timings["busy"] = sum(timings[s] for s in ("detect", "align", "embed")) / wall
     if profile and device == "cuda":
@@ -287,10 +290,11 @@ def where_dask_loses(paths, device, gpus, batch, threads):
         rate, timings = client.submit(rate_in_worker, pure=False).result()
     print(f"device pipeline in a Dask GPU worker (extract's cluster, one call): {rate:.0f} photos/s, device busy "
           f"{timings['busy']:.0%}; stages (s): {stage_line(timings)}")
-    shard = default_shard_rows("torch", device)
+    shard = min(default_shard_rows("torch", device), len(paths) // 4)  # at least four: shard boundaries to cross
     rate, _, timings, pipeline, _ = pipeline_rate(paths, device, batch, threads, "fp32", None, shard=shard)
     pipeline.close()
-    print(f"device pipeline in-process, in calls of {shard} photos (extract's shards): {rate:.0f} photos/s, "
+    print(f"device pipeline in-process, in calls of {shard} photos from two threads (as extract's shards): "
+          f"{rate:.0f} photos/s, "
           f"device busy {timings['busy']:.0%}; stages (s): {stage_line(timings)}")
 
 

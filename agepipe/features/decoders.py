@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import threading
 import traceback
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import shared_memory
 
@@ -360,7 +361,16 @@ class ProcessDecoders:
         self.current_shm.unlink()
 
 
-def default_decoders() -> str:
+def default_decoders(batch: int, size: tuple[int, int]) -> str:
     """Processes where this process may start children (a Dask worker is a daemon by default; the
-    clusters agepipe starts let their GPU workers have children), else threads."""
-    return "threads" if multiprocessing.current_process().daemon else "processes"
+    clusters agepipe starts let their GPU workers have children) and /dev/shm holds two slots
+    (a container's is often 64 MB), else threads, with a warning that says why."""
+    if multiprocessing.current_process().daemon:
+        return "threads"
+    need = 2 * (slot_bytes(batch, size[1], size[0]) + batch * BYTES_PER_PHOTO)
+    try:
+        check_shm_space(need)
+    except MemoryError as e:
+        warnings.warn(f"decoding photos in threads: {e}", stacklevel=2)
+        return "threads"
+    return "processes"

@@ -18,11 +18,13 @@ Shapes never depend on data (a fixed number of candidates per photo, a fixed num
 so nothing syncs inside a batch. A photo whose candidates overflow or whose NMS did not settle is
 redone exactly (rare; flagged in its packed row), and a photo with no face goes through detect.py's
 face rescue, as on the CPU path. cv2 letterboxes on the host because a device resize does not
-match cv2.resize (DESIGN). The crops reproduce cv2.warpAffine's pixel convention by a bilinear
-gather from the flat bytes: grid_sample would need every photo of a batch padded to one size.
+match cv2.resize closely enough (DESIGN; bench/device_letterbox.py). The crops reproduce
+cv2.warpAffine's pixel convention by a bilinear gather from the flat bytes: grid_sample would
+need every photo of a batch padded to one size.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import multiprocessing
 import threading
@@ -217,6 +219,16 @@ class _Batch:
         self.used = int(host.counters_np[1])
 
 
+class _Call:
+    """One call of DevicePipeline.extract: its photos in batches, and those submitted so far."""
+
+    def __init__(self, paths: list[str], hints: list, batch_size: int):
+        self.paths, self.hints = paths, hints
+        self.batches = [list(range(i, min(i + batch_size, len(paths)))) for i in range(0, len(paths), batch_size)]
+        self.submitted = 0
+        self.decoding: dict[int, _Batch] = {}  # batch index -> batch being decoded
+
+
 class DevicePipeline:
     """A model pack on one device, for `agepipe extract --runtime torch` (CUDA, or CPU for tests).
     ``batch_size`` None: on CUDA the largest that fits the GPU's free memory (batch_for_memory
@@ -255,7 +267,7 @@ class DevicePipeline:
                           if self.cuda else 16)
         self.batch_size = batch_size
         # processes on CUDA where this process may start them (see decoders.py); threads on the CPU
-        self.decoder_kind = decoders or (default_decoders() if self.cuda else "threads")
+        self.decoder_kind = decoders or (default_decoders(batch_size, self.size) if self.cuda else "threads")
         if self.decoder_kind not in DECODERS:
             raise ValueError(f"decoders {self.decoder_kind!r}: one of {', '.join(DECODERS)}")
         if self.decoder_kind == "processes" and multiprocessing.current_process().daemon:
@@ -267,7 +279,12 @@ class DevicePipeline:
         self.threads = max(1, decode_threads)
         self.decoders = (ProcessDecoders if shared else ThreadDecoders)(self.threads, hosts)
         self._finalizer = weakref.finalize(self, _close, self.decoders, hosts)
-        self.lock = threading.Lock()  # one shard at a time on the device; the other may be writing
+        # One shard (one call of extract) at a time on the device, in arrival order: a call waiting its
+        # turn gets its first batches decoded into the slots the call before it frees, so the device
+        # does not idle while a new shard decodes its first batch (see _feed).
+        self.turn = threading.Condition()
+        self.calls: collections.deque[_Call] = collections.deque()
+        self.free = list(self.slots)  # slots holding no batch that is decoding or waiting to launch
         if self.cuda:
             self.copy_stream, self.stream = torch.cuda.Stream(self.device), torch.cuda.Stream(self.device)
             # redos and rescues of batch k-1: not queued behind batch k, which the GPU runs meanwhile
@@ -496,22 +513,33 @@ class DevicePipeline:
 
     def extract(self, paths: list[str], hints: list, timings: Counter):
         """For each path: (status or None, packed row or None), in order. Decoding of the next
-        batch and the device's work on this one overlap; only packed rows come back."""
-        with self.lock:
-            return self._extract(paths, hints, timings)
+        batch and the device's work on this one overlap; only packed rows come back. Calls from
+        several threads (a Dask worker's task threads) take turns; the next call's first batches
+        are decoded while this one's last batches are on the device."""
+        call = _Call(paths, hints, self.batch_size)
+        with self.turn:
+            self.calls.append(call)
+            self.turn.wait_for(lambda: self.calls[0] is call)
+        try:
+            return self._extract(call, timings)
+        except BaseException:
+            self._drain(call)
+            raise
+        finally:
+            with self.turn:
+                self.calls.popleft()
+                self.turn.notify_all()
 
-    def _extract(self, paths, hints, timings):
-        batches = [list(range(i, min(i + self.batch_size, len(paths)))) for i in range(0, len(paths), self.batch_size)]
-        status: list = [None] * len(paths)
-        packed = np.zeros((len(paths), ROW), np.float32)
-        decoding: dict[int, tuple[_Batch, list]] = {}
-        for k in range(min(2, len(batches))):
-            decoding[k] = self._submit(self.slots[k % 2], batches[k], paths, hints)
+    def _extract(self, call: _Call, timings: Counter):
+        status: list = [None] * len(call.paths)
+        packed = np.zeros((len(call.paths), ROW), np.float32)
+        self._feed(call)
         previous = None
-        for k in range(len(batches)):
-            batch = decoding.pop(k)
+        for k in range(len(call.batches)):
+            batch = call.decoding[k]
             t = time.perf_counter()
             batch.decoded(self.decoders)
+            del call.decoding[k]  # (until now _drain would wait for it)
             timings["decode"] += time.perf_counter() - t  # time the device side waited on decoding
             for position, error in batch.errors.items():
                 status[batch.rows[position]] = error
@@ -520,14 +548,37 @@ class DevicePipeline:
                 self._compact(batch, good)
             if good:
                 self._launch(batch, len(good))
+            self.free.append(batch.slot)  # reusable once its upload is done (_submit waits for that)
             if previous is not None:
                 self._store(previous, packed, timings)
             previous = batch if good else None
-            if k + 2 < len(batches):
-                decoding[k + 2] = self._submit(batch.slot, batches[k + 2], paths, hints)
+            self._feed(call)
         if previous is not None:
             self._store(previous, packed, timings)
         return status, packed
+
+    def _feed(self, call: _Call):
+        """Free slots get the call's next batches, then the next waiting call's first ones."""
+        while self.free:
+            if call.submitted == len(call.batches):
+                with self.turn:
+                    call = self.calls[1] if len(self.calls) > 1 and self.calls[0] is call else None
+                if call is None or call.submitted == len(call.batches):
+                    return
+            k = call.submitted
+            call.decoding[k] = self._submit(self.free.pop(0), call.batches[k], call.paths, call.hints)
+            call.submitted += 1
+
+    def _drain(self, call: _Call):
+        """After a failure: wait out this call's decoding batches; every slot that no later call's
+        early batch holds is free again."""
+        for batch in call.decoding.values():
+            with contextlib.suppress(Exception):
+                self.decoders.wait(batch.pending)
+        call.decoding.clear()
+        with self.turn:
+            held = {id(b.slot) for c in self.calls if c is not call for b in c.decoding.values()}
+        self.free = [slot for slot in self.slots if id(slot) not in held]
 
     def _compact(self, batch: _Batch, good: list[int]):
         slot = batch.slot

@@ -141,3 +141,21 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_the_default_is_processes_where_they_can_run(monkeypatch):
+    assert decoders.default_decoders(16, (640, 640)) == "processes"
+
+    def no_room(nbytes, where="/dev/shm"):
+        raise MemoryError(f"{where} has 64 MiB free")
+
+    monkeypatch.setattr(decoders, "check_shm_space", no_room)
+    with pytest.warns(UserWarning, match="threads: /dev/shm has 64 MiB free"):
+        assert decoders.default_decoders(16, (640, 640)) == "threads"
+    monkeypatch.undo()
+
+    class Daemon:
+        daemon = True
+
+    monkeypatch.setattr(decoders.multiprocessing, "current_process", lambda: Daemon())
+    assert decoders.default_decoders(16, (640, 640)) == "threads"  # may not start children

@@ -258,3 +258,67 @@ def test_on_cuda_an_unsized_pipeline_fits_its_batch_to_free_memory(buffalo_s):
     assert pipeline.batch_size in (16, 32, 64, 128, 256)
     total = torch.cuda.get_device_properties(pipeline.device).total_memory
     assert pipeline.batch_size == 16 or pipeline.batch_size * 2 * photo <= 0.6 * total
+
+
+def test_concurrent_calls_take_turns_and_the_next_decodes_early(photos, buffalo_s, tmp_path):
+    """Two task threads calling extract at once (a Dask GPU worker's two): each gets its own rows,
+    as when called alone, and the second call's first batch is submitted by the first call's
+    thread, into a slot the first call freed, while the first call's last batches run."""
+    import threading
+
+    paths = [str(p) for p in photos.values()]
+    first, second = paths[:5], paths[5:]
+    pipeline = gpu.DevicePipeline(buffalo_s, device="cpu", batch_size=2, decode_threads=2)
+    alone = [pipeline.extract(p, [None] * len(p), Counter()) for p in (first, second)]
+
+    submitted_by = []
+    submit, launch = pipeline._submit, pipeline._launch
+
+    def recording_submit(slot, rows, paths_, hints):
+        submitted_by.append((threading.current_thread().name, paths_[rows[0]]))
+        return submit(slot, rows, paths_, hints)
+
+    def launch_once_both_waiting(batch, n):
+        if not submitted_by or submitted_by[0][0] == threading.current_thread().name == "a":
+            with pipeline.turn:  # a's launches wait for b to be in line
+                pipeline.turn.wait_for(lambda: len(pipeline.calls) == 2, timeout=30)
+        return launch(batch, n)
+
+    pipeline._submit, pipeline._launch = recording_submit, launch_once_both_waiting
+    results = {}
+    threads = [threading.Thread(target=lambda p=p, name=name: results.__setitem__(name, pipeline.extract(
+        p, [None] * len(p), Counter())), name=name) for name, p in (("a", first), ("b", second))]
+    threads[0].start()
+    while not pipeline.calls:
+        pass
+    threads[1].start()
+    for t in threads:
+        t.join()
+    for (status, packed), (status_alone, packed_alone) in zip((results["a"], results["b"]), alone):
+        assert status == status_alone
+        np.testing.assert_allclose(packed, packed_alone, atol=1e-4)
+    assert len(second) >= 3 and ("a", second[0]) in submitted_by  # b's first batch, decoded while a ran
+    assert all(name == "a" for name, path in submitted_by if path in first)
+    pipeline.close()
+
+
+def test_a_failed_call_leaves_the_pipeline_usable(photos, buffalo_s):
+    paths = [str(p) for p in photos.values()]
+    pipeline = gpu.DevicePipeline(buffalo_s, device="cpu", batch_size=2, decode_threads=2)
+    expected = pipeline.extract(paths, [None] * len(paths), Counter())
+    launch, launches = pipeline._launch, []
+
+    def failing_launch(batch, n):
+        launches.append(n)
+        if len(launches) == 2:
+            raise RuntimeError("a bug on the device side")
+        return launch(batch, n)
+
+    pipeline._launch = failing_launch
+    with pytest.raises(RuntimeError, match="a bug"):
+        pipeline.extract(paths, [None] * len(paths), Counter())
+    pipeline._launch = launch
+    status, packed = pipeline.extract(paths, [None] * len(paths), Counter())
+    assert status == expected[0] and len(pipeline.free) == 2
+    np.testing.assert_allclose(packed, expected[1], atol=1e-4)
+    pipeline.close()
