@@ -114,8 +114,12 @@ class HostSlot:
         self._segments[shm.name] = shm
         tensor = torch.frombuffer(shm.buf, dtype=torch.uint8)
         if self.pin:  # so copies to the device are asynchronous DMA, as from pin_memory=True
-            if int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0)) == 0:
+            error = int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0))
+            if error == 0:
                 self._registered.append(tensor.data_ptr())
+            else:  # still correct, but each copy to the device then waits for the host
+                warnings.warn(f"shared memory not pinned for CUDA (cudaHostRegister error {error}): "
+                              "copies to the GPU will be synchronous", stacklevel=2)
         return shm.name, tensor
 
     def reset(self):

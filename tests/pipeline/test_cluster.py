@@ -29,3 +29,24 @@ def test_gpu_layout_shares_the_cores_among_gpus():
     assert gpu_layout(["0"]).decode_threads == cores
     assert gpu_layout([str(i) for i in range(cores * 2)]).decode_threads == 1
     assert gpu_layout(["0", "1"]).decode_threads == max(1, cores // 2)
+
+
+def test_a_heartbeat_racing_the_workers_close_is_not_logged():
+    """The record a closing worker's heartbeat logs is dropped; a running worker's is kept."""
+    import logging
+    from types import SimpleNamespace
+
+    from distributed.core import Status
+
+    from agepipe.pipeline.extract import HEARTBEAT_AT_CLOSE, closing_heartbeat_filter
+
+    worker = SimpleNamespace(status=Status.running)
+    keep = closing_heartbeat_filter(worker)
+
+    def record(message):
+        return logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1, message, None, None)
+
+    assert keep(record(HEARTBEAT_AT_CLOSE + "."))
+    worker.status = Status.closing
+    assert not keep(record(HEARTBEAT_AT_CLOSE + "."))
+    assert keep(record("Compute Failed"))
