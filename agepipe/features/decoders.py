@@ -24,12 +24,15 @@ import traceback
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import shared_memory
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
 
 from agepipe.features.images import ImageError, read_photo
+
+if TYPE_CHECKING:
+    import torch
 
 META = 9  # offset, height, width, letterbox scale, photo scale, face hint x1 y1 x2 y2
 # a photo's status in the slot: 0 not decoded yet, then these
@@ -102,11 +105,15 @@ class HostSlot:
         self._registered: list[int] = []
         self.name, buf = self._allocate(slot_bytes(batch, size[1], size[0]))
         self.meta_np, self.counters_np, self.status_np, self.canvas_np = slot_views(buf.numpy(), batch, size[1], size[0])
+        import torch  # here, not at the top: the decode processes import this module and need no torch
+
         self.meta, self.canvas = torch.from_numpy(self.meta_np), torch.from_numpy(self.canvas_np)
         self.flat_name, self.flat = self._allocate(flat_bytes or batch * BYTES_PER_PHOTO)
         self.flat_np = self.flat.numpy()
 
     def _allocate(self, nbytes: int) -> tuple[str | None, torch.Tensor]:
+        import torch
+
         if not self.shared:
             return None, torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
         check_shm_space(nbytes)
@@ -139,6 +146,8 @@ class HostSlot:
         shm = self._segments.pop(name)
         address = np.frombuffer(shm.buf, np.uint8).ctypes.data
         if address in self._registered:
+            import torch
+
             self._registered.remove(address)
             torch.cuda.cudart().cudaHostUnregister(address)
         shm.unlink()  # decoders that still map it keep their mapping until they move on
