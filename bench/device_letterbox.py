@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from agepipe.features import decoders, gpu
+from agepipe.features.detect import letterbox_size
 from agepipe.features.models import resolve_pack
 from face_crops import face_dataset
 
@@ -25,12 +26,7 @@ CV2_LETTERBOX = decoders.letterbox_into
 
 def torch_letterbox(image: np.ndarray, canvas: np.ndarray, diffs: list) -> float:
     """decoders.letterbox_into's geometry, resized by torch; records the bytes' difference to cv2's."""
-    height, width = canvas.shape[:2]
-    ratio = image.shape[0] / image.shape[1]
-    if ratio > height / width:
-        new_h, new_w = height, max(1, int(height / ratio))
-    else:
-        new_w, new_h = width, max(1, int(width * ratio))
+    new_h, new_w = letterbox_size(image.shape, (canvas.shape[1], canvas.shape[0]))
     pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float()
     resized = F.interpolate(pixels, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=False)
     reference = np.empty_like(canvas)

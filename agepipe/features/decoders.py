@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from agepipe.features.detect import letterbox_size
 from agepipe.features.images import ImageError, read_photo
 
 if TYPE_CHECKING:
@@ -45,12 +46,7 @@ DECODERS = ("threads", "processes")
 
 def letterbox_into(image: np.ndarray, canvas: np.ndarray) -> float:
     """detect.letterbox written into an existing (H, W, 3) canvas; returns the scale."""
-    height, width = canvas.shape[:2]
-    ratio = image.shape[0] / image.shape[1]
-    if ratio > height / width:
-        new_h, new_w = height, max(1, int(height / ratio))
-    else:
-        new_w, new_h = width, max(1, int(width * ratio))
+    new_h, new_w = letterbox_size(image.shape, (canvas.shape[1], canvas.shape[0]))
     view = canvas[:new_h, :new_w]
     resized = cv2.resize(image, (new_w, new_h), dst=view)  # straight into the canvas: no 1 MB temporary
     if resized.ctypes.data != view.ctypes.data:  # an OpenCV that would not write a strided dst

@@ -35,14 +35,20 @@ class Detections:
         return len(self.scores)
 
 
+def letterbox_size(shape: tuple[int, ...], size: tuple[int, int]) -> tuple[int, int]:
+    """(new_h, new_w): an image of ``shape`` (height, width, ...) scaled to fit a (width, height)
+    canvas, aspect kept, as insightface's SCRFD computes it."""
+    width, height = size
+    ratio = shape[0] / shape[1]
+    if ratio > height / width:
+        return height, max(1, int(height / ratio))
+    return max(1, int(width * ratio)), width  # a 1-pixel strip must not become 0 pixels
+
+
 def letterbox(image: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, float]:
     """The image resized into a (width, height) canvas at the top left, and its scale."""
     width, height = size
-    ratio = image.shape[0] / image.shape[1]
-    if ratio > height / width:
-        new_h, new_w = height, max(1, int(height / ratio))
-    else:
-        new_w, new_h = width, max(1, int(width * ratio))  # a 1-pixel strip must not become 0 pixels
+    new_h, new_w = letterbox_size(image.shape, size)
     canvas = np.zeros((height, width, 3), dtype=np.uint8)
     canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h))
     return canvas, new_h / image.shape[0]
