@@ -98,8 +98,8 @@ def open_client(scheduler: str | None = None, gpus: list[str] | None = None, wor
     with dask.config.set(GPU_WORKER_CONFIG if gpus else WORKER_CONFIG), _without_env("MALLOC_TRIM_THRESHOLD_"):
         if gpus:
             # One worker process per GPU, each seeing only its own device, like dask-cuda's LocalCUDACluster.
-            # Two task threads: one shard writes its Parquet while the next has the device (a lock in
-            # features/gpu.py keeps the device to one shard at a time).
+            # Two task threads: one shard writes its Parquet while the next has the device (features/gpu.py
+            # gives the device to one shard at a time, the waiting one's first batches decoded early).
             spec = {f"gpu-{g}": {"cls": Nanny, "options": {"nthreads": 2, "host": LOOPBACK, "silence_logs": 40,
                                                            "env": {"CUDA_VISIBLE_DEVICES": g}}}
                     for g in gpus}
