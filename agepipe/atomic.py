@@ -14,13 +14,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def temporary_name(name: str) -> str:
+    """A hidden name beside ``name``, unique per call, so concurrent writers never share one."""
+    return f".{name}.{uuid.uuid4().hex}.tmp"
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block ends
     without an error, removed otherwise. Unique per call, so concurrent writers never share one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)  # `--out new/dir/x` needs no mkdir first
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = path.with_name(temporary_name(path.name))
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
@@ -40,7 +45,7 @@ def open_atomic(fs, path: str, mode: str):
     if the block fails."""
     folder, name = path.rsplit("/", 1)
     fs.makedirs(folder, exist_ok=True)
-    tmp = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
+    tmp = f"{folder}/{temporary_name(name)}"
     try:
         with fs.open(tmp, mode) as f:
             yield f

@@ -76,6 +76,34 @@ def decode_into(path: str, hint, canvas: np.ndarray, meta: np.ndarray, flat: np.
     return OK, None
 
 
+def decode_share(paths: list[str], hints: list, views, flat: np.ndarray, lock, decode=decode_into,
+                 starting=None) -> dict[int, np.ndarray]:
+    """One decoder's share of a batch: the next photo from the slot's counter, taken under
+    ``lock``, until none is left (the other decoders take theirs meanwhile). ``views``: the slot's
+    (meta, counters, status, canvas); ``starting(j)`` is told each photo before it is decoded.
+    Returns the pixels of the photos that did not fit ``flat``."""
+    meta, counters, status, canvas = views
+
+    def claim(nbytes):
+        with lock:
+            offset = int(counters[1])
+            counters[1] += nbytes
+        return offset
+
+    overflow = {}
+    while True:
+        with lock:
+            j = int(counters[0])
+            counters[0] += 1
+        if j >= len(paths):
+            return overflow
+        if starting is not None:
+            starting(j)
+        status[j], pixels = decode(paths[j], hints[j], canvas[j], meta[j], flat, claim)
+        if pixels is not None:
+            overflow[j] = pixels
+
+
 def slot_views(buf: np.ndarray, batch: int, height: int, width: int):
     """(meta, counters, status, canvas) laid out in one uint8 buffer (8-byte fields first)."""
     meta = buf[:batch * META * 8].view(np.float64).reshape(batch, META)
@@ -98,9 +126,10 @@ class HostSlot:
     def __init__(self, batch: int, size: tuple[int, int], pin: bool, shared: bool, flat_bytes: int | None = None):
         self.batch, self.size, self.pin, self.shared = batch, size, pin, shared
         self._segments: dict[str, shared_memory.SharedMemory] = {}
-        self._registered: list[int] = []
+        self._registered: dict[str, int] = {}  # segment name -> address pinned with cudaHostRegister
         self.name, buf = self._allocate(slot_bytes(batch, size[1], size[0]))
-        self.meta_np, self.counters_np, self.status_np, self.canvas_np = slot_views(buf.numpy(), batch, size[1], size[0])
+        self.views = slot_views(buf.numpy(), batch, size[1], size[0])
+        self.meta_np, self.counters_np, self.status_np, self.canvas_np = self.views
         import torch  # here, not at the top: the decode processes import this module and need no torch
 
         self.meta, self.canvas = torch.from_numpy(self.meta_np), torch.from_numpy(self.canvas_np)
@@ -119,7 +148,7 @@ class HostSlot:
         if self.pin:  # so copies to the device are asynchronous DMA, as from pin_memory=True
             error = int(torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0))
             if error == 0:
-                self._registered.append(tensor.data_ptr())
+                self._registered[shm.name] = tensor.data_ptr()
             else:  # still correct, but each copy to the device then waits for the host
                 warnings.warn(f"shared memory not pinned for CUDA (cudaHostRegister error {error}): "
                               "copies to the GPU will be synchronous", stacklevel=2)
@@ -140,18 +169,16 @@ class HostSlot:
 
     def _release(self, name: str):
         shm = self._segments.pop(name)
-        address = np.frombuffer(shm.buf, np.uint8).ctypes.data
-        if address in self._registered:
+        if name in self._registered:
             import torch
 
-            self._registered.remove(address)
-            torch.cuda.cudart().cudaHostUnregister(address)
+            torch.cuda.cudart().cudaHostUnregister(self._registered.pop(name))
         shm.unlink()  # decoders that still map it keep their mapping until they move on
         close_segment(shm)
 
     def close(self):
         self.canvas = self.meta = self.flat = None
-        self.canvas_np = self.meta_np = self.status_np = self.counters_np = self.flat_np = None
+        self.views = self.canvas_np = self.meta_np = self.status_np = self.counters_np = self.flat_np = None
         for name in list(self._segments):
             self._release(name)
 
@@ -196,20 +223,10 @@ class ThreadDecoders:
 
     def submit(self, slot: HostSlot, paths: list[str], hints: list) -> _Pending:
         slot.reset()
-        pending, todo, lock = _Pending(slot, paths), itertools.count(), self.locks[id(slot)]
-
-        def claim(nbytes):
-            with lock:
-                offset = int(slot.counters_np[1])
-                slot.counters_np[1] += nbytes
-            return offset
+        pending, lock = _Pending(slot, paths), self.locks[id(slot)]
 
         def work():
-            while (j := next(todo)) < len(paths):
-                code, pixels = decode_into(paths[j], hints[j], slot.canvas_np[j], slot.meta_np[j], slot.flat_np, claim)
-                slot.status_np[j] = code
-                if pixels is not None:
-                    pending.overflow[j] = pixels
+            pending.overflow.update(decode_share(paths, hints, slot.views, slot.flat_np, lock))
 
         pending.futures = [self.pool.submit(work) for _ in range(min(self.n, len(paths)))]
         return pending
@@ -253,29 +270,17 @@ def _decoder_main(index: int, tasks, replies, slot_names: list[str], geometry: t
     flats: dict[int, tuple[str, shared_memory.SharedMemory]] = {}
     while (task := _next_task(tasks, parent)) is not None:
         s, flat_name, seq, paths, hints = task
-        _, meta, counters, status, canvas = slots[s]
         if s not in flats or flats[s][0] != flat_name:
             if s in flats:
                 flats[s][1].close()
             flats[s] = (flat_name, shared_memory.SharedMemory(name=flat_name))
         flat = np.ndarray(flats[s][1].size, np.uint8, flats[s][1].buf)
-        lock = locks[s]
 
-        def claim(nbytes):
-            with lock:
-                offset = int(counters[1])
-                counters[1] += nbytes
-            return offset
+        def starting(j, s=s):
+            current[index] = s * batch + j  # if this process dies now, this photo did it
 
-        try:
-            while True:
-                with lock:
-                    j = int(counters[0])
-                    counters[0] += 1
-                if j >= len(paths):
-                    break
-                current[index] = s * batch + j  # if this process dies now, this photo did it
-                status[j], _ = decode(paths[j], hints[j], canvas[j], meta[j], flat, claim)
+        try:  # photos that overflow are placed by the pipeline, which decodes them again
+            decode_share(paths, hints, slots[s][1:], flat, locks[s], decode, starting)
             current[index] = -1
             replies.put((index, seq, None))
         except BaseException:  # a bug, not a photo: the pipeline raises it
