@@ -124,9 +124,7 @@ class StackedResMLP(nn.Module):
         self.runs = len(rows)
 
     def export(self, r: int) -> ResMLP:
-        model = ResMLP(self.config)
-        model.load_state_dict(self.state_of(r))
-        return model.to(self._tensor("head.weight").device).eval()
+        return ResMLP.from_state(self.config, self.state_of(r)).eval()
 
 
 def _padded(indices: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -210,10 +210,9 @@ def load_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu") -> 
     config = read_config(run_dir)
     cfg = model_config_from(config["model"], Path(run_dir) / CONFIG)
     tensors = read_weights(run_dir, cfg)  # checked against cfg before the model is built
-    model = ResMLP(cfg)
-    check_weights(model, tensors, Path(run_dir) / WEIGHTS)
-    model.load_state_dict(tensors)
-    return model.to(device).eval(), config
+    with torch.device("meta"):
+        check_weights(ResMLP(cfg), tensors, Path(run_dir) / WEIGHTS)
+    return ResMLP.from_state(cfg, tensors).to(device).eval(), config
 
 
 def init_from(model: ResMLP, run_dir: str | Path) -> list[str]:

@@ -176,15 +176,24 @@ def majority_baseline(train_y: np.ndarray, y: np.ndarray, names: list[str]) -> d
 
 
 def bootstrap_ci(y: np.ndarray, pred: np.ndarray, resamples: int = BOOTSTRAP, seed: int = 0) -> dict:
-    """95% percentile intervals of accuracy and balanced accuracy over resamples of the rows."""
+    """95% percentile intervals of accuracy and balanced accuracy over resamples of the rows.
+
+    Both depend on a row only through its cell (true class, right or wrong), so a resample of
+    the rows is a multinomial draw of the cells' counts: the same distribution as drawing row
+    indices, at a cost that does not grow with the rows (drawing indices and scoring each
+    resample in Python took 0.19 s per split of 300 rows, most of a cross-validation's saving)."""
+    y, pred = np.asarray(y), np.asarray(pred)
     if len(y) == 0:
         return {}
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(y), (resamples, len(y)))
-    acc = (pred[idx] == y[idx]).mean(1)
-    bal = np.array([balanced_accuracy(y[i], pred[i]) for i in idx])
+    present, cls = np.unique(y, return_inverse=True)
+    cells = np.bincount(cls.ravel() * 2 + (pred == y), minlength=2 * len(present))
+    draws = np.random.default_rng(seed).multinomial(len(y), cells / len(y), size=resamples)
+    draws = draws.reshape(resamples, len(present), 2)
+    hits, support = draws[:, :, 1], draws.sum(2)
+    with np.errstate(invalid="ignore"):  # a class no row of the resample has: not averaged, as balanced_accuracy
+        bal = np.nanmean(hits / support, axis=1)
     return {"resamples": resamples,
-            "accuracy": np.percentile(acc, [2.5, 97.5]).tolist(),
+            "accuracy": np.percentile(hits.sum(1) / len(y), [2.5, 97.5]).tolist(),
             "balanced_accuracy": np.percentile(bal, [2.5, 97.5]).tolist()}
 
 

@@ -339,9 +339,7 @@ def train_runs_batched(data: TaskData, jobs: list[tuple[Split, int]], model_cfg:
     seconds = (time.perf_counter() - start) / len(jobs)  # each run's share of the wall time
     metrics = []
     for r, ((split, seed), result) in enumerate(zip(jobs, results)):
-        model = ResMLP(model_cfg)
-        model.load_state_dict(result.pop("state"))
-        model.to(device).eval()
+        model = ResMLP.from_state(model_cfg, result.pop("state")).to(device).eval()
         metrics.append(save_run(data, split, model, dataclasses.replace(train_cfg, seed=seed), outs[r], records[r],
                                 init, starts[r][1], result, seconds, warned[r], mc_samples, report=False))
     return metrics

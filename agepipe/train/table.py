@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
+from scipy.special import stdtrit
 
 from agepipe.atomic import write_text
 from agepipe.datasets import expand_groups
@@ -129,7 +129,7 @@ def accuracy_stats(values: list[float]) -> dict:
     mean = float(a.mean())
     half = math.nan
     if len(a) > 1:
-        half = float(stats.t.ppf(0.975, len(a) - 1) * a.std(ddof=1) / math.sqrt(len(a)))
+        half = float(stdtrit(len(a) - 1, 0.975) * a.std(ddof=1) / math.sqrt(len(a)))
     return {"runs": len(a), "accuracy_mean": mean, "accuracy_std": float(a.std()),
             "ci95_low": mean - half, "ci95_high": mean + half}
 

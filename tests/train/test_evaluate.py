@@ -134,3 +134,21 @@ def test_warnings_for_a_constant_model_and_an_uncertainty_worse_than_chance():
     split["risk_coverage"]["error_auroc"] = 0.7
     assert split_warnings(split, np.array([0, 1, 1, 0])) == []
     assert baseline_sentence("gender", split).startswith("the gender model beats the majority baseline by 40 points")
+
+
+def test_bootstrap_draws_the_rows_distribution():
+    """The cells' multinomial gives the intervals that resampling row indices gives."""
+    from agepipe.train.evaluate import balanced_accuracy, bootstrap_ci
+
+    rng = np.random.default_rng(1)
+    y = rng.choice(8, 300, p=[0.3, 0.2, 0.15, 0.1, 0.1, 0.08, 0.05, 0.02])
+    pred = np.where(rng.random(300) < 0.6, y, rng.integers(0, 8, 300))
+    idx = rng.integers(0, len(y), (4000, len(y)))
+    rows = {"accuracy": np.percentile((pred[idx] == y[idx]).mean(1), [2.5, 97.5]),
+            "balanced_accuracy": np.percentile([balanced_accuracy(y[i], pred[i]) for i in idx], [2.5, 97.5])}
+    cells = bootstrap_ci(y, pred, resamples=4000, seed=2)
+    for key, bounds in rows.items():
+        np.testing.assert_allclose(cells[key], bounds, atol=0.012)
+    # a class with one row is absent from about a third of the resamples: averaged only where present
+    rare = bootstrap_ci(np.array([0] * 50 + [1]), np.array([0] * 50 + [0]))
+    assert 0.5 <= rare["balanced_accuracy"][0] and rare["balanced_accuracy"][1] == 1.0

@@ -68,3 +68,21 @@ def test_mc_dropout_mode_keeps_batchnorm_frozen_and_dropout_sampling():
 def test_bad_configs_are_refused(bad):
     with pytest.raises(ValueError):
         ModelConfig(**bad)
+
+
+def test_from_state_holds_the_given_tensors_and_draws_no_random_numbers():
+    cfg = paper_config("age", 8)
+    trained = ResMLP(cfg)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(1.0)
+    trained.blocks[0].ic2[0].running_var.fill_(2.0)
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+    before = torch.get_rng_state()
+    model = ResMLP.from_state(cfg, state)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in model.parameters())
+    x = torch.randn(5, 512)
+    assert torch.equal(model.eval()(x), trained.eval()(x))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        ResMLP.from_state(cfg, {k: v for k, v in state.items() if k != "head.bias"})
