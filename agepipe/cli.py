@@ -472,8 +472,11 @@ def _fold_list(ctx, param, value):
 @click.option("--mc-samples", type=click.IntRange(0), default=0, show_default=True,
               help="MC-dropout passes per run's test metrics (in cv.json; the table is deterministic accuracy).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--cuda-graphs", is_flag=True,
+              help="Experimental, CUDA only: each step of a cell's stacked runs as one CUDA graph replay "
+                   "rather than ~500 kernel launches (not yet measured on a GPU, hence off).")
 def table(store, feature_set, out, tasks, variants, inits, folds, seeds, epochs, settings, datasets,
-          pretrain_datasets, min_det_score, mc_samples, device):
+          pretrain_datasets, min_det_score, mc_samples, device, cuda_graphs):
     """Kim 2021's whole table in one command: test accuracy per task, model variant and
     initialisation, each cell a cross-validation on Adience (folds x seeds), written as
     OUT/table.md and OUT/table.csv with mean +- std, a 95% confidence interval, the original's
@@ -500,7 +503,7 @@ def table(store, feature_set, out, tasks, variants, inits, folds, seeds, epochs,
         grid = Grid(tasks, variants, inits, folds, seeds, epochs, parse_settings(list(settings)))
         run_table(store, out, grid, feature_set=feature_set, datasets=tuple(datasets),
                   pretrain_datasets=tuple(pretrain_datasets), device=device, min_det_score=min_det_score,
-                  mc_samples=mc_samples, echo=click.echo)
+                  mc_samples=mc_samples, cuda_graphs=cuda_graphs, echo=click.echo)
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
 

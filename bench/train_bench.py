@@ -192,22 +192,30 @@ def cv_bench(args, device, tmp: Path) -> list[tuple]:
     n = 5 * args.cv_seeds
     print(f"cross-validation, {n} runs on {args.cv_rows} rows, at most {cfg.epochs} epochs, patience "
           f"{cfg.patience}; {load()}", flush=True)
+    sides = {"sequential": (False, False), "batched": (True, False)}
+    if device.type == "cuda":  # the stack's step as one CUDA graph replay, not yet the default
+        sides["batched, CUDA graphs"] = (True, True)
     out = {}
-    for batched in (False, True):
+    for name, (batched, graphed) in sides.items():
         sync(device)
         t = time.perf_counter()
-        cv = cross_validate(data, paper_config("age", 8), cfg, tmp / f"cv-{batched}", record, seeds=args.cv_seeds,
-                            mc_samples=args.mc_samples, progress=False, batched=batched)
+        cv = cross_validate(data, paper_config("age", 8), cfg, tmp / f"cv-{batched}-{graphed}", record,
+                            seeds=args.cv_seeds, mc_samples=args.mc_samples, progress=False, batched=batched,
+                            cuda_graphs=graphed)
         sync(device)
         seconds = time.perf_counter() - t
         acc = cv["summary"]["test_accuracy"]
         epochs = sum(r["epochs_run"] for r in cv["runs"])
-        out[batched] = seconds
+        out[name] = seconds
         # Both sides compute each run until it stops (a stopped run leaves the stack).
-        print(f"  {'batched' if batched else 'sequential'}: {seconds:.1f} s, {epochs} run-epochs, test accuracy "
+        print(f"  {name}: {seconds:.1f} s, {epochs} run-epochs, test accuracy "
               f"{acc['mean']:.4f} +- {acc['std']:.4f}; {load()}", flush=True)
-    return [(f"CV wall seconds, {n} runs, {args.cv_rows:,} rows: batched vs sequential `cross_validate`",
-             out[True], out[False])]
+    label = f"CV wall seconds, {n} runs, {args.cv_rows:,} rows"
+    rows = [(f"{label}: batched vs sequential `cross_validate`", out["batched"], out["sequential"])]
+    if "batched, CUDA graphs" in out:
+        rows += [(f"{label}: batched with CUDA graphs vs sequential", out["batched, CUDA graphs"], out["sequential"]),
+                 (f"{label}: batched with CUDA graphs vs batched eager", out["batched, CUDA graphs"], out["batched"])]
+    return rows
 
 
 def main():

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from agepipe.train import graphs
 from agepipe.train.model import ResMLP
 
 
@@ -151,12 +152,80 @@ def _run_losses(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None
     return (per_row * w).sum(1) / w.sum(1)
 
 
+class StackedStep:
+    """One AdamW step of every live run on its rows ``idx`` (runs, batch). The epoch's per-run
+    loss and hit sums stay on the device until ``take``."""
+
+    def __init__(self, model: StackedResMLP, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                 weight: torch.Tensor | None):
+        self.model, self.optimizer, self.x, self.y, self.weight = model, optimizer, x, y, weight
+        self._sums()
+
+    def _sums(self) -> None:
+        self.loss_sum = torch.zeros(self.model.runs, device=self.x.device)
+        self.correct = torch.zeros(self.model.runs, dtype=torch.long, device=self.x.device)
+
+    def run(self, idx: torch.Tensor) -> None:
+        yb = self.y[idx]
+        logits = self.model(self.x[idx])
+        losses = _run_losses(logits, yb, None, self.weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        self.optimizer.step()
+        self.loss_sum += losses.detach() * idx.shape[1]
+        self.correct += (logits.detach().argmax(2) == yb).sum(1)
+
+    def __call__(self, idx: torch.Tensor) -> None:
+        self.run(idx)
+
+    def take(self) -> tuple[list[float], list[int]]:
+        """Each live run's sums since the last call, and zero them."""
+        out = self.loss_sum.tolist(), self.correct.tolist()
+        self.loss_sum.zero_()
+        self.correct.zero_()
+        return out
+
+    def keep(self, rows: torch.Tensor, weight: torch.Tensor | None) -> None:
+        """Only the runs at ``rows`` stay (StackedResMLP.keep), with their class weights."""
+        self.model.keep(rows, self.optimizer)
+        self.weight = weight
+        self._sums()
+
+
+class GraphedStackedStep(StackedStep):
+    """The same step as one CUDA graph replay (graphs.py), captured again whenever runs leave the
+    stack: its tensors are new then. The batch is gathered inside the graph from a fixed index
+    buffer."""
+
+    def __init__(self, model, optimizer, x, y, weight, first_batch: torch.Tensor):
+        super().__init__(model, optimizer, x, y, weight)
+        self.idx = first_batch.clone()
+        self._capture()
+
+    def _capture(self) -> None:
+        self.graph = None  # the old graph's memory goes back to the pool first
+        self.graph = graphs.capture(lambda: self.run(self.idx), self.model, self.optimizer)
+        self.loss_sum.zero_()
+        self.correct.zero_()
+
+    def __call__(self, idx: torch.Tensor) -> None:
+        self.idx.copy_(idx)
+        self.graph.replay()
+
+    def keep(self, rows: torch.Tensor, weight: torch.Tensor | None) -> None:
+        super().keep(rows, weight)
+        self.idx = self.idx[rows].clone()
+        self._capture()
+
+
 def fit_stacked(model: StackedResMLP, x: torch.Tensor, y: torch.Tensor, train_idx: list[torch.Tensor],
-                val_idx: list[torch.Tensor], cfg, seeds: list[int], weight: torch.Tensor | None = None) -> list[dict]:
+                val_idx: list[torch.Tensor], cfg, seeds: list[int], weight: torch.Tensor | None = None,
+                cuda_graphs: bool = False) -> list[dict]:
     """Train every run of ``model`` at once with ``cfg``'s schedule (the same for all runs);
     each run early-stops on its own validation loss, keeping the weights of its best epoch,
     and leaves the stack. Returns one fit() result per run; ``model`` ends holding the runs
-    that never stopped."""
+    that never stopped. ``cuda_graphs`` (on a CUDA device): each step one graph replay
+    (GraphedStackedStep); off by default until a GPU has measured it."""
     from agepipe.train.loop import make_optimizer
 
     device, runs = x.device, model.runs
@@ -180,6 +249,7 @@ def fit_stacked(model: StackedResMLP, x: torch.Tensor, y: torch.Tensor, train_id
         return val, val_mask, None if weight is None else weight[torch.tensor(live, device=weight.device)]
 
     val, val_mask, live_weight = of_live()
+    step = None
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
         model.train()
@@ -189,18 +259,12 @@ def fit_stacked(model: StackedResMLP, x: torch.Tensor, y: torch.Tensor, train_id
             order = torch.cat([torch.randperm(len(idx), generator=orders[r]) for _ in range(-(-need // len(idx)))])
             perms.append(idx[order[:need]])
         perm = torch.stack(perms).to(device)  # (live runs, steps * batch)
-        loss_sum = torch.zeros(len(live), device=device)
-        correct = torch.zeros(len(live), device=device)
+        if step is None:
+            step = (GraphedStackedStep(model, optimizer, x, y, live_weight, perm[:, :batch])
+                    if cuda_graphs and device.type == "cuda" else StackedStep(model, optimizer, x, y, live_weight))
         for b in range(steps):
-            idx = perm[:, b * batch:(b + 1) * batch]
-            yb = y[idx]
-            logits = model(x[idx])
-            losses = _run_losses(logits, yb, None, live_weight)
-            optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            optimizer.step()
-            loss_sum += losses.detach() * batch
-            correct += (logits.detach().argmax(2) == yb).sum(1)
+            step(perm[:, b * batch:(b + 1) * batch])
+        loss_sum, correct = step.take()
         lr = float(optimizer.param_groups[0]["lr"])
         scheduler.step()
         model.eval()
@@ -209,7 +273,7 @@ def fit_stacked(model: StackedResMLP, x: torch.Tensor, y: torch.Tensor, train_id
             val_loss = _run_losses(logits, y[val], val_mask, live_weight).tolist()
             val_acc = (((logits.argmax(2) == y[val]) & val_mask).sum(1) / val_mask.sum(1).clamp(min=1)).tolist()
         seconds = time.perf_counter() - start
-        train_loss, train_acc = (loss_sum / (steps * batch)).tolist(), (correct / (steps * batch)).tolist()
+        train_loss, train_acc = [v / (steps * batch) for v in loss_sum], [v / (steps * batch) for v in correct]
         stays = []
         for pos, r in enumerate(live):
             vl = val_loss[pos] if has_val[r] else math.nan
@@ -227,9 +291,9 @@ def fit_stacked(model: StackedResMLP, x: torch.Tensor, y: torch.Tensor, train_id
         if not stays:
             break
         if len(stays) < len(live):
-            model.keep(torch.tensor(stays, device=device), optimizer)
             live = [live[pos] for pos in stays]
             val, val_mask, live_weight = of_live()
+            step.keep(torch.tensor(stays, device=device), live_weight)
     for pos, r in enumerate(live):
         if best[r] is None:
             best[r] = model.state_of(pos)  # no validation rows: the last weights

@@ -25,6 +25,7 @@ from tqdm import tqdm
 import agepipe
 from agepipe.datasets import expand_groups
 from agepipe.features import store as fstore
+from agepipe.train import graphs
 from agepipe.train.batched import StackedResMLP, fit_stacked
 from agepipe.train.checkpoint import init_from, model_config_from, read_config, save_checkpoint, write_json
 from agepipe.train.data import (NUM_CLASSES, VAL_FRACTION, Split, TaskData, check_task, load_task_data,
@@ -164,25 +165,7 @@ class GraphedTrainStep(TrainStep):
     def __init__(self, model, optimizer, x, y, amp, first_batch: torch.Tensor, weight: torch.Tensor | None = None):
         super().__init__(model, optimizer, x, y, amp, weight)
         self.idx = first_batch.clone()
-        initial = {k: v.clone() for k, v in model.state_dict().items()}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "capturable=True but running without capture": only here
-            for _ in range(3):  # lazy initialisation (optimizer state, cuBLAS workspaces) outside the graph
-                self.run(self.idx)
-        torch.cuda.current_stream().wait_stream(side)
-        # Undo the warm-up: training starts from the initial weights and a fresh optimizer.
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                v.copy_(initial[k])
-            for state in optimizer.state.values():
-                for t in state.values():
-                    if torch.is_tensor(t):
-                        t.zero_()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.run(self.idx)
+        self.graph = graphs.capture(lambda: self.run(self.idx), model, optimizer)
         self.loss_sum.zero_()
         self.correct.zero_()
 
@@ -323,7 +306,7 @@ def save_run(data: TaskData, split: Split, model: ResMLP, train_cfg: TrainConfig
 
 def train_runs_batched(data: TaskData, jobs: list[tuple[Split, int]], model_cfg: ModelConfig,
                        train_cfg: TrainConfig, outs: list[Path], records: list[dict], init: str | None = None,
-                       mc_samples: int = 32) -> list[dict]:
+                       mc_samples: int = 32, cuda_graphs: bool = False) -> list[dict]:
     """The runs ``jobs`` (split, seed) as one stacked model (batched.py); each saved as train_run saves it."""
     device = data.x.device
     starts = [initial_model(model_cfg, seed, init, device) for _, seed in jobs]
@@ -335,7 +318,7 @@ def train_runs_batched(data: TaskData, jobs: list[tuple[Split, int]], model_cfg:
     seed_everything(jobs[0][1])  # dropout masks
     start = time.perf_counter()
     results = fit_stacked(stacked, data.x, data.y, train_idx, [torch.from_numpy(s.val) for s, _ in jobs],
-                          train_cfg, [seed for _, seed in jobs], weight)
+                          train_cfg, [seed for _, seed in jobs], weight, cuda_graphs)
     seconds = (time.perf_counter() - start) / len(jobs)  # each run's share of the wall time
     metrics = []
     for r, ((split, seed), result) in enumerate(zip(jobs, results)):
@@ -381,10 +364,12 @@ def train_config_for(task: str, **overrides) -> TrainConfig:
 
 def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path,
                    record: dict, seeds: int = 1, init: str | None = None, mc_samples: int = 32,
-                   progress: bool = True, echo=None, batched: bool = True, folds: list[int] | None = None) -> dict:
+                   progress: bool = True, echo=None, batched: bool = True, folds: list[int] | None = None,
+                   cuda_graphs: bool = False) -> dict:
     """Every fold (or only ``folds``) as the test set, for seeds 0..seeds-1: runs in
     OUT/fold{k}-seed{s}/, then cv.json and cv.md with mean +- std over all runs (the paper's table).
-    ``batched``: all runs trained at once as one stacked model (batched.py); else one after another."""
+    ``batched``: all runs trained at once as one stacked model (batched.py); else one after another.
+    ``cuda_graphs``: the stack's step as one CUDA graph replay (fit_stacked)."""
     out = Path(out)
     present = sorted(int(f) for f in data.rows["fold"].dropna().unique())
     if present != list(range(5)):
@@ -396,7 +381,7 @@ def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfi
     records = [{**record, "test_fold": k} for k, _ in jobs]
     if batched:
         all_metrics = train_runs_batched(data, [(splits[k], s) for k, s in jobs], model_cfg, train_cfg, outs,
-                                         records, init, mc_samples)
+                                         records, init, mc_samples, cuda_graphs)
     else:
         all_metrics = [train_run(data, splits[k], model_cfg, dataclasses.replace(train_cfg, seed=s), o, rec, init,
                                  mc_samples, report=False)

@@ -150,10 +150,10 @@ class Grid:
 
 def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | None = None,
               datasets: tuple[str, ...] = ("adience",), pretrain_datasets: tuple[str, ...] = ("imdb-wiki",),
-              device: str = "auto", min_det_score: float = 0.0, mc_samples: int = 0,
+              device: str = "auto", min_det_score: float = 0.0, mc_samples: int = 0, cuda_graphs: bool = False,
               echo: Callable[[str], None] = print) -> list[dict]:
     """Train every cell of ``grid`` (reusing finished ones), write table.md and table.csv into
-    ``out``, and return the rows."""
+    ``out``, and return the rows. ``cuda_graphs``: see cross_validate."""
     start = time.perf_counter()
     out = Path(out)
     feature_set = resolve_feature_set(store, feature_set)
@@ -190,7 +190,7 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
                         model_cfg = model_config_for(task, str(init_run), **VARIANTS[variant])
                     cv = cross_validate(data, model_cfg, train_cfg, cell_dir, record, grid.seeds,
                                         str(init_run) if init_run else None, mc_samples, progress=False,
-                                        folds=grid.folds)
+                                        folds=grid.folds, cuda_graphs=cuda_graphs)
                     done = {"identity": identity, "seconds": time.perf_counter() - cell_start,
                             "pretrain_seconds": pretrain_seconds,
                             "accuracy": [r["test_accuracy"] for r in cv["runs"]]}

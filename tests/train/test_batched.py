@@ -109,3 +109,31 @@ def test_batched_cv_matches_sequential_runs_in_distribution(small_store, tmp_pat
         history = json.loads((run / "history.json").read_text())
         assert 1 <= history["best_epoch"] <= len(history["history"]) <= 4
     assert runs[True]["batched"] and not runs[False]["batched"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_cuda_graph_stack_trains_like_the_eager_stack_as_runs_leave():
+    # Each departure captures the step again with the new, smaller tensors; no dropout, so both
+    # sides do the same arithmetic.
+    x, y = (torch.from_numpy(a).cuda() for a in Mixture.make(seed=5, signal=1.6).sample(1000, seed=7))
+    cfg = TrainConfig(lr=0.01, weight_decay=1e-4, gamma=0.9, batch_size=32, epochs=12, patience=2, balance=True)
+    model_cfg = ModelConfig(num_classes=8, num_blocks=2, dropout=0.0)
+    rows = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    train_idx = [rows[100 * r:100 * r + 320 + 10 * r] for r in range(4)]
+    val_idx = [rows[-100 * (r + 1):][:100] for r in range(4)]
+    weight = torch.stack([class_weights(y[i.cuda()], 8) for i in train_idx])
+    results = {}
+    for graphed in (False, True):
+        starts = []
+        for seed in range(4):
+            torch.manual_seed(seed)
+            starts.append(ResMLP(model_cfg))
+        model = StackedResMLP(starts).cuda()
+        results[graphed] = fit_stacked(model, x, y, train_idx, val_idx, cfg, [0, 1, 2, 3], weight, cuda_graphs=graphed)
+    epochs_run = [len(r["history"]) for r in results[False]]
+    assert len(set(epochs_run)) > 1 and min(epochs_run) < cfg.epochs, epochs_run  # runs left mid-training
+    for eager, graphed in zip(results[False], results[True]):
+        assert graphed["best_epoch"] == eager["best_epoch"] and len(graphed["history"]) == len(eager["history"])
+        for key in ("train_loss", "val_loss", "val_accuracy"):
+            np.testing.assert_allclose([e[key] for e in graphed["history"]], [e[key] for e in eager["history"]],
+                                       rtol=1e-4, atol=1e-5, err_msg=key)
