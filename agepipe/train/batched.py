@@ -218,6 +218,10 @@ class GraphedStackedStep(StackedStep):
         self._capture()
 
 
+def _graphed(cuda_graphs: bool, device: torch.device) -> bool:
+    return cuda_graphs and device.type == "cuda"  # a CPU has no graphs to replay: eager there
+
+
 def fit_stacked(model: StackedResMLP, x: torch.Tensor, y: torch.Tensor, train_idx: list[torch.Tensor],
                 val_idx: list[torch.Tensor], cfg, seeds: list[int], weight: torch.Tensor | None = None,
                 cuda_graphs: bool = False) -> list[dict]:
@@ -261,7 +265,7 @@ def fit_stacked(model: StackedResMLP, x: torch.Tensor, y: torch.Tensor, train_id
         perm = torch.stack(perms).to(device)  # (live runs, steps * batch)
         if step is None:
             step = (GraphedStackedStep(model, optimizer, x, y, live_weight, perm[:, :batch])
-                    if cuda_graphs and device.type == "cuda" else StackedStep(model, optimizer, x, y, live_weight))
+                    if _graphed(cuda_graphs, device) else StackedStep(model, optimizer, x, y, live_weight))
         for b in range(steps):
             step(perm[:, b * batch:(b + 1) * batch])
         loss_sum, correct = step.take()

@@ -37,18 +37,24 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> 
                 t.copy_(before[k]) if k in before else t.zero_()
 
 
-def capture(step: Callable[[], None], model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.cuda.CUDAGraph:
-    """``step`` (a training step on fixed input buffers) warmed up, undone and captured; the model
-    and optimizer are left as they were before the call."""
+def warm_up(step: Callable[[], None], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Run ``step`` a few times, so that what it allocates lazily exists, then undo what it changed."""
     saved = snapshot(model, optimizer)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "capturable=True but running without capture": only here
         for _ in range(WARM_UP_STEPS):
             step()
-    torch.cuda.current_stream().wait_stream(side)
     restore(model, optimizer, saved)
+
+
+def capture(step: Callable[[], None], model: nn.Module, optimizer: torch.optim.Optimizer) -> torch.cuda.CUDAGraph:
+    """``step`` (a training step on fixed input buffers) warmed up, undone and captured; the model
+    and optimizer are left as they were before the call."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        warm_up(step, model, optimizer)
+    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()

@@ -111,29 +111,60 @@ def test_batched_cv_matches_sequential_runs_in_distribution(small_store, tmp_pat
     assert runs[True]["batched"] and not runs[False]["batched"]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_the_cuda_graph_stack_trains_like_the_eager_stack_as_runs_leave():
-    # Each departure captures the step again with the new, smaller tensors; no dropout, so both
-    # sides do the same arithmetic.
-    x, y = (torch.from_numpy(a).cuda() for a in Mixture.make(seed=5, signal=1.6).sample(1000, seed=7))
+def _runs_leaving(device):
+    """A 4-run stack whose runs stop at different epochs, no dropout (the same arithmetic however
+    the steps are launched): its fit_stacked results, given how a step is launched."""
+    x, y = (torch.from_numpy(a).to(device) for a in Mixture.make(seed=5, signal=1.6).sample(1000, seed=7))
     cfg = TrainConfig(lr=0.01, weight_decay=1e-4, gamma=0.9, batch_size=32, epochs=12, patience=2, balance=True)
     model_cfg = ModelConfig(num_classes=8, num_blocks=2, dropout=0.0)
     rows = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     train_idx = [rows[100 * r:100 * r + 320 + 10 * r] for r in range(4)]
     val_idx = [rows[-100 * (r + 1):][:100] for r in range(4)]
-    weight = torch.stack([class_weights(y[i.cuda()], 8) for i in train_idx])
-    results = {}
-    for graphed in (False, True):
+    weight = torch.stack([class_weights(y[i.to(device)], 8) for i in train_idx])
+
+    def fit(cuda_graphs):
         starts = []
         for seed in range(4):
             torch.manual_seed(seed)
             starts.append(ResMLP(model_cfg))
-        model = StackedResMLP(starts).cuda()
-        results[graphed] = fit_stacked(model, x, y, train_idx, val_idx, cfg, [0, 1, 2, 3], weight, cuda_graphs=graphed)
-    epochs_run = [len(r["history"]) for r in results[False]]
-    assert len(set(epochs_run)) > 1 and min(epochs_run) < cfg.epochs, epochs_run  # runs left mid-training
-    for eager, graphed in zip(results[False], results[True]):
-        assert graphed["best_epoch"] == eager["best_epoch"] and len(graphed["history"]) == len(eager["history"])
-        for key in ("train_loss", "val_loss", "val_accuracy"):
-            np.testing.assert_allclose([e[key] for e in graphed["history"]], [e[key] for e in eager["history"]],
-                                       rtol=1e-4, atol=1e-5, err_msg=key)
+        model = StackedResMLP(starts).to(device)
+        return fit_stacked(model, x, y, train_idx, val_idx, cfg, [0, 1, 2, 3], weight, cuda_graphs=cuda_graphs)
+    return fit
+
+
+def _same_training(eager, graphed, rtol):
+    epochs_run = [len(r["history"]) for r in eager]
+    assert len(set(epochs_run)) > 1 and min(epochs_run) < 12, epochs_run  # runs left mid-training
+    for e, g in zip(eager, graphed):
+        assert g["best_epoch"] == e["best_epoch"] and len(g["history"]) == len(e["history"])
+        for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+            np.testing.assert_allclose([h[key] for h in g["history"]], [h[key] for h in e["history"]],
+                                       rtol=rtol, atol=rtol / 10, err_msg=key)
+
+
+def test_the_graphed_stack_replays_its_buffers_and_recaptures_as_runs_leave(monkeypatch, one_thread):
+    # What a CUDA graph changes, short of the capture itself: the batch copied into a fixed index
+    # buffer, the warm-up before each capture undone, a new capture (trimmed buffers, new sums and
+    # class weights) whenever runs leave. A stand-in "graph" replays the step eagerly from those
+    # buffers; the training must be the eager stack's, number for number.
+    from agepipe.train import batched, graphs
+
+    captures = []
+
+    def eager_capture(step, model, optimizer):
+        graphs.warm_up(step, model, optimizer)
+        captures.append(model.runs)
+        return type("Replay", (), {"replay": staticmethod(step)})()
+
+    fit = _runs_leaving(torch.device("cpu"))
+    eager = fit(False)
+    monkeypatch.setattr(graphs, "capture", eager_capture)
+    monkeypatch.setattr(batched, "_graphed", lambda cuda_graphs, device: cuda_graphs)
+    _same_training(eager, fit(True), rtol=1e-6)
+    assert captures[0] == 4 and captures == sorted(set(captures), reverse=True) and len(captures) > 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_cuda_graph_stack_trains_like_the_eager_stack_as_runs_leave():
+    fit = _runs_leaving(torch.device("cuda"))
+    _same_training(fit(False), fit(True), rtol=1e-4)
