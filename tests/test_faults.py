@@ -187,6 +187,8 @@ def test_3_a_header_claiming_gigabytes_is_refused(run_dir):
     ({"task": None}, '"task" is None'),
     ({"task": "height"}, '"task" is \'height\''),
     ({"model": {"num_classes": "2"}}, "num_classes='2' is not a int"),
+    ({"task": "age"}, "a model of 2 classes, but task age has 8"),
+    ({"data": {"store": "s"}}, "\"data\" does not say where the run's rows came from (no feature_set, datasets"),
 ])
 def test_3_config_without_task_or_with_wrong_types(run_dir, change, message):
     rewrite_config(run_dir, **change)

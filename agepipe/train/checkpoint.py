@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from agepipe.atomic import atomic_path
+from agepipe.train.data import NUM_CLASSES
 from agepipe.train.model import ModelConfig, ResMLP
 
 FORMAT = "agepipe-run"
@@ -87,9 +88,12 @@ def read_config(run_dir: str | Path) -> dict:
     if not isinstance(config.get("version"), int) or config["version"] > VERSION:
         raise CheckpointError(f"{path}: config version {config.get('version')!r} is not one this "
                               f"agepipe reads (<= {VERSION}); upgrade agepipe")
-    model_config_from(config.get("model"), path)
+    model = model_config_from(config.get("model"), path)
     if config.get("task") not in TASKS:
         raise CheckpointError(f"{path}: \"task\" is {config.get('task')!r}, not one of {', '.join(TASKS)}")
+    if model.num_classes != NUM_CLASSES[config["task"]]:
+        raise CheckpointError(f"{path}: a model of {model.num_classes} classes, but task {config['task']} has "
+                              f"{NUM_CLASSES[config['task']]}")
     if not isinstance(config.get("data", {}), dict):
         raise CheckpointError(f"{path}: \"data\" (where the run's rows came from) is not an object")
     return config

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from agepipe.atomic import atomic_path
-from agepipe.train.checkpoint import load_checkpoint, write_json
+from agepipe.train.checkpoint import CONFIG, CheckpointError, load_checkpoint, write_json
 from agepipe.train.data import class_ages, class_names, load_task_data, make_split, true_ages
 from agepipe.train.model import ResMLP, autocast, has_dropout, mc_dropout_mode, resolve_device
 from agepipe.train.report import write_report
@@ -309,7 +309,12 @@ def evaluate_run(run_dir: str | Path, store: str | None = None, mc_samples: int 
     test, and write metrics.json and report.md into the run folder."""
     run_dir = Path(run_dir)
     model, config = load_checkpoint(run_dir, resolve_device(device))
-    rec, task = config["data"], config["task"]
+    rec, task = config.get("data", {}), config["task"]
+    missing = [k for k in ("store", "feature_set", "datasets", "min_det_score", "test_fold", "val_fraction")
+               if k not in rec and not (k == "store" and store)]
+    if missing:
+        raise CheckpointError(f"{run_dir / CONFIG}: \"data\" does not say where the run's rows came from "
+                              f"(no {', '.join(missing)}), so its split cannot be rebuilt")
     data = load_task_data(store or rec["store"], rec["feature_set"], rec["datasets"], task,
                           rec["min_det_score"], next(model.parameters()).device)
     split = make_split(data.rows, rec["test_fold"], rec["val_fraction"])

@@ -32,7 +32,7 @@ from agepipe.train.data import (NUM_CLASSES, VAL_FRACTION, Split, TaskData, chec
                                 make_split, resolve_feature_set)
 from agepipe.train.evaluate import logits_of, score_splits
 from agepipe.train.model import ModelConfig, ResMLP, autocast, paper_config, resolve_device
-from agepipe.train.report import write_cv_table, write_report
+from agepipe.train.report import PLOTS, write_cv_table, write_report
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,12 @@ class TrainConfig:
     def __post_init__(self):
         if not 0 < self.gamma <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
+        if not 0 < self.lr < math.inf or not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr} and {self.weight_decay}")
+        # patience 0 would stop a run in the epoch it improved (and fit and fit_stacked disagree there)
+        if self.batch_size < 2 or self.epochs < 1 or self.patience < 1:
+            raise ValueError(f"batch_size must be >= 2, epochs and patience >= 1; got {self.batch_size}, "
+                             f"{self.epochs} and {self.patience}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -288,6 +294,11 @@ def save_run(data: TaskData, split: Split, model: ResMLP, train_cfg: TrainConfig
              warned: list[str], mc_samples: int, report: bool) -> dict:
     """The run folder of a fitted model: checkpoint, history, metrics (and report); returns the metrics."""
     out = Path(out)
+    # A run folder trained again loses the last run's results first: a crash while this one is
+    # scored, or a cross-validation (its reports are written later, only where missing), must not
+    # show them beside the new model.
+    for name in ("history.json", "metrics.json", "predictions.parquet", "report.md", *PLOTS):
+        (out / name).unlink(missing_ok=True)
     record = {**data_record, "split_sizes": split.sizes(), "dropped": data.dropped}
     config = run_config(data.task, train_cfg, record, init)
     config["warnings"] = warned

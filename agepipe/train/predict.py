@@ -46,7 +46,7 @@ class Predictor:
         # kind -> why its answers are no better than a constant guess (from the run's own test fold)
         self.cautions = {kind: c for kind, run in (("age", age_run), ("gender", gender_run))
                          if run and (c := run_caution(kind, run))}
-        features = [c["data"].get("features", {}) for _, c in self.runs.values()]
+        features = [c.get("data", {}).get("features", {}) for _, c in self.runs.values()]
         hashes = {f["recognizer_sha256"] for f in features if "recognizer_sha256" in f}
         names = {str(f["pack"]) for f in features if "pack" in f}
         if len(hashes) > 1 or (not hashes and len(names) > 1):

@@ -107,9 +107,14 @@ def parse_settings(items: list[str]) -> list[tuple[str, str, object]]:
             raise ValueError(f"--set {item!r}: {selector!r} is not all, a task ({', '.join(TASKS)}), "
                              f"a variant ({', '.join(VARIANTS)}) or task:variant")
         try:
-            out.append((selector, key, TRAIN_KEYS[key](value)))
+            typed = TRAIN_KEYS[key](value)
         except ValueError:
             raise ValueError(f"--set {item!r}: {value!r} is not a {TRAIN_KEYS[key].__name__}") from None
+        try:  # the value's range, checked before any cell trains
+            dataclasses.replace(train_config_for("age"), **{key: typed})
+        except ValueError as e:
+            raise ValueError(f"--set {item!r}: {e}") from None
+        out.append((selector, key, typed))
     return out
 
 

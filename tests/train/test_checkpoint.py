@@ -16,7 +16,8 @@ def saved_run(tmp_path, cfg=None):
     model.train()
     model(torch.randn(64, 512))  # move the BatchNorm running statistics off their defaults
     run = tmp_path / "run"
-    save_checkpoint(run, model.eval(), {"task": "age"})
+    task = {8: "age", 101: "age101", 2: "gender"}[model.config.num_classes]
+    save_checkpoint(run, model.eval(), {"task": task})
     return model, run
 
 

@@ -94,6 +94,27 @@ def test_the_same_seed_gives_the_same_metrics(small_store, tmp_path):
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
+def test_a_run_trained_again_never_shows_the_last_runs_results(small_store, tmp_path, monkeypatch):
+    import agepipe.train.loop as loop
+    from agepipe.train.report import PLOTS
+
+    run = tmp_path / "run"
+    train(small_store, ["adience"], "age", run, mc_samples=0, progress=False, train_overrides={"epochs": 1})
+    results = ["history.json", "metrics.json", "predictions.parquet", "report.md", *PLOTS]
+    assert all((run / name).exists() for name in results)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the new model is scored
+
+    monkeypatch.setattr(loop, "score_splits", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_store, ["adience"], "age", run, test_fold=1, mc_samples=0, progress=False,
+              train_overrides={"epochs": 1, "lr": 0.05})
+    config = json.loads((run / "config.json").read_text())
+    assert config["data"]["test_fold"] == 1 and config["train"]["lr"] == 0.05  # the new model is there
+    assert [name for name in results if (run / name).exists()] == ["history.json"]  # the old scores are not
+
+
 def test_early_stopping_keeps_the_best_epoch(tmp_path):
     # Labels that are noise: the validation loss only rises once the model starts to memorise.
     rng = np.random.default_rng(0)
