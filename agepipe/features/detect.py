@@ -107,6 +107,15 @@ def nms(boxes: np.ndarray, scores: np.ndarray, thresh: float) -> np.ndarray:
     return np.array(keep, dtype=np.int64)
 
 
+def check_det_size(size: tuple[int, int]) -> tuple[int, int]:
+    """The detector's input size, refused unless a multiple of its largest stride: the network's
+    output grids round up, the anchors' grids would not, and every box would land elsewhere."""
+    if any(side < 32 or side % 32 for side in size):
+        raise ValueError(f"det size {size[0]}x{size[1]}: must be a multiple of 32 (the detector's largest stride), "
+                         f"e.g. {max(32, round(size[0] / 32) * 32)}")
+    return tuple(size)
+
+
 class Detector:
     """SCRFD with keypoints (the 9-output variants of buffalo_s and buffalo_l)."""
 
@@ -116,7 +125,7 @@ class Detector:
     def __init__(self, net, det_size: int | tuple[int, int] = 640,
                  det_thresh: float = DET_THRESH, nms_thresh: float = NMS_THRESH):
         self.net = net
-        self.size = (det_size, det_size) if isinstance(det_size, int) else tuple(det_size)
+        self.size = check_det_size((det_size, det_size) if isinstance(det_size, int) else tuple(det_size))
         self.det_thresh = det_thresh
         self.nms_thresh = nms_thresh
         self._centers = {}

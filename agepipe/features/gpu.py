@@ -38,7 +38,7 @@ import torch
 from agepipe.features.align import ARCFACE_TEMPLATE
 from agepipe.features.decoders import (CRASHED, DECODERS, META, OK, OVERFLOW, STATUSES, HostSlot, ProcessDecoders,
                                        ThreadDecoders, default_decoders)
-from agepipe.features.detect import DET_THRESH, NMS_THRESH, rescue_canvas
+from agepipe.features.detect import DET_THRESH, NMS_THRESH, check_det_size, rescue_canvas
 from agepipe.features.models import ModelError, recognizer_normalisation
 from agepipe.features.onnx_torch import load_torch_model
 
@@ -251,7 +251,7 @@ class DevicePipeline:
         for p in (self.det_precision, self.rec_precision):
             if p not in PRECISIONS:
                 raise ValueError(f"precision {p!r}: one of {', '.join(PRECISIONS)}")
-        self.size = (det_size, det_size)
+        self.size = check_det_size((det_size, det_size))
         self.det_thresh = det_thresh
         self.batch_size = 16  # until sized below: the memory probe runs one batch of 16
         self.detector = load_torch_model(pack.detector, self.device, self.det_precision == "fp16")

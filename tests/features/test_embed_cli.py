@@ -120,3 +120,17 @@ def test_cli_runs_as_a_real_process(photos, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "1 images, 6 faces" in proc.stdout
     assert pq.read_table(out).num_rows == 6
+
+
+@pytest.mark.parametrize("command", [["embed", "x.jpg"], ["extract", "--dataset", "sample"],
+                                     ["predict", "x.jpg", "--age-model", "."]])
+def test_a_det_size_off_the_detectors_grid_is_refused(command):
+    # SCRFD's output grids round up while anchors built by floor division would not: at 150 every
+    # box landed elsewhere (cosine to the 640 face 0.05), with status ok.
+    from agepipe.features.detect import check_det_size
+
+    result = CliRunner().invoke(cli, [*command, "--det-size", "150"])
+    assert result.exit_code == 2 and "must be a multiple of 32" in result.output and "e.g. 160" in result.output
+    assert check_det_size((640, 640)) == (640, 640) and check_det_size((160, 96)) == (160, 96)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        check_det_size((640, 100))
