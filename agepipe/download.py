@@ -53,6 +53,7 @@ from agepipe.paths import escapes, parts
 log = logging.getLogger(__name__)
 
 CHECKSUMS_FILE = ".checksums.json"
+MANIFEST_FILE = "manifest.parquet"  # written after extraction; an archive never supplies it
 CHUNK = 1 << 20
 MAX_BACKOFF_S = 60.0
 # Retrying cannot help these: the request itself is wrong or refused.
@@ -180,7 +181,8 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike, *, prote
         _remove(work)
     work.mkdir()
     try:
-        protected = {*protected, archive.name, CHECKSUMS_FILE, *_read_checksums(target / CHECKSUMS_FILE)}
+        protected = {*protected, archive.name, CHECKSUMS_FILE, MANIFEST_FILE,
+                     *_read_checksums(target / CHECKSUMS_FILE)}
         members = _extract_members(archive, work, protected, _stop, _position)
         entries = sorted(os.listdir(work))
         for name in entries:
@@ -548,6 +550,8 @@ def _check_member(member: tarfile.TarInfo, root: str, archive: Path, resolved: d
         link = member.linkname
         if escapes(link) or not _inside(os.path.realpath(os.path.join(root, link)), root):
             refuse(f"hard link to {link!r} leaves the target folder")
+        if not os.path.lexists(os.path.join(root, link)):  # tarfile would look for it in a list we empty
+            refuse(f"hard link to {link!r}, which no member before it unpacked")
 
 
 def _inside(path: str, root: str) -> bool:

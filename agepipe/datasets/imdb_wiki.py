@@ -165,7 +165,10 @@ def age_at_photo(dob: np.ndarray, photo_taken: np.ndarray) -> tuple[np.ndarray, 
 def face_hints(locations: np.ndarray, found: np.ndarray) -> list:
     hints = []
     for cell, ok in zip(locations, found):
-        box = np.asarray(cell, dtype=np.float64).reshape(-1) if ok else np.empty(0)
+        try:
+            box = np.asarray(cell, dtype=np.float64).reshape(-1) if ok else np.empty(0)
+        except (ValueError, TypeError):  # a cell that is not numbers: that row has no hint
+            box = np.empty(0)
         hints.append(box.astype(np.float32) if box.size == 4 and np.isfinite(box).all() else None)
     return hints
 

@@ -71,14 +71,20 @@ def mark_duplicates(image_ids: list[str], status: np.ndarray) -> list[str]:
     """Later occurrences of an image_id get status "duplicate" (unless already failed) and a
     "#k" suffix, so every row keeps a unique image_id. Returns the new ids."""
     seen: dict[str, int] = {}
+    taken = set(image_ids)  # a suffixed id must not be one the metadata already has
     out = []
     for i, image_id in enumerate(image_ids):
         k = seen.get(image_id, 0) + 1
-        seen[image_id] = k
         if k > 1:
+            while f"{image_id}#{k}" in taken:
+                k += 1
+            seen[image_id] = k
             image_id = f"{image_id}#{k}"
+            taken.add(image_id)
             if status[i] == "ok":
                 status[i] = "duplicate"
+        else:
+            seen[image_id] = k
         out.append(image_id)
     return out
 

@@ -131,3 +131,25 @@ def test_a_metadata_file_with_broken_compressed_data_is_named(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(MetadataError, match="wiki.mat: not a readable MATLAB file"):
         imdb_wiki.build_manifest(root, "wiki")
+
+
+def test_a_duplicate_never_takes_an_id_the_metadata_already_has():
+    import numpy as np
+
+    from agepipe.datasets.manifest import mark_duplicates
+
+    status = np.array(["ok"] * 5, dtype=object)
+    ids = mark_duplicates(["a.jpg", "a.jpg#2", "a.jpg", "a.jpg", "b.jpg"], status)
+    assert ids == ["a.jpg", "a.jpg#2", "a.jpg#3", "a.jpg#4", "b.jpg"] and len(set(ids)) == 5
+    assert list(status) == ["ok", "ok", "duplicate", "duplicate", "ok"]
+
+
+def test_a_face_location_that_is_not_numbers_costs_that_rows_hint_only():
+    import numpy as np
+
+    from agepipe.datasets.imdb_wiki import face_hints
+
+    cells = np.empty(3, dtype=object)
+    cells[:] = [np.array([[1.0, 2.0, 30.0, 40.0]]), np.array(["none"]), np.array([[5.0, 6.0, 70.0, 80.0]])]
+    hints = face_hints(cells, np.array([True, True, True]))
+    assert hints[1] is None and list(hints[0]) == [1, 2, 30, 40] and list(hints[2]) == [5, 6, 70, 80]

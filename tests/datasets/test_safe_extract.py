@@ -53,6 +53,11 @@ HOSTILE = {
     "link_chain": ([member("a", tarfile.SYMTYPE, link="x/.."), member("x", tarfile.SYMTYPE, link="."),
                     member("a/evil.txt", data=b"x")], "a/evil.txt", "outside the target folder"),
     "char_device": ([member("dev/null0", tarfile.CHRTYPE)], "dev/null0", "device file"),
+    # tarfile would look the target up in the member list we empty: a KeyError and a traceback
+    "hardlink_ahead": ([member("hard", tarfile.LNKTYPE, link="later.jpg"), member("later.jpg", data=b"x")], "hard",
+                       "which no member before it unpacked"),
+    # the manifest is agepipe's, built from the verified metadata; a planted one would outlive a failed run
+    "manifest": ([member("manifest.parquet", data=b"PAR1")], "manifest.parquet", "the target's own file"),
     "fifo": ([member("pipe", tarfile.FIFOTYPE)], "pipe", "device file or FIFO"),
 }
 
