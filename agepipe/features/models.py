@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from agepipe import atomic
+from agepipe.features.store import EMBEDDING_DIM
 
 BUFFALO_S_FILES = ("scrfd_500m_bnkps.onnx", "w600k_mbf.onnx")
 BUFFALO_L_FILES = ("det_10g.onnx", "w600k_r50.onnx")
@@ -86,6 +87,10 @@ def _role(path: Path) -> str | None:
     if len(graph.output) in (6, 9, 10, 15) and len(dims) == 4 and dims[1] == 3:
         return "detector"
     if len(graph.output) == 1 and dims[-2:] == [112, 112]:
+        width = [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim][-1:]
+        if width and width[0] not in (0, EMBEDDING_DIM):  # 0: not stated in the graph
+            raise ModelError(f"{path}: a recogniser of {width[0]}-d embeddings; the feature store holds "
+                             f"{EMBEDDING_DIM}-d ArcFace embeddings")
         return "recognizer"
     return None
 

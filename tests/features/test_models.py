@@ -68,3 +68,21 @@ def test_unknown_pack_and_cuda_without_provider():
 
     with pytest.raises(ModelError, match="onnxruntime-gpu"):
         choose_providers("cuda")
+
+
+def test_a_recogniser_of_other_than_512_d_embeddings_is_refused_before_anything_runs(tmp_path, buffalo_s):
+    # It would run, and every usable photo of a shard would become an "error" row.
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["x"], ["m"], axes=[2, 3], keepdims=0),
+         helper.make_node("MatMul", ["m", "w"], ["y"])], "small",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 112, 112])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 128])],
+        [numpy_helper.from_array(np.ones((3, 128), np.float32), "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "rec128.onnx")
+    (tmp_path / "det.onnx").symlink_to(buffalo_s.detector)
+    with pytest.raises(ModelError, match=r"rec128.onnx: a recogniser of 128-d embeddings; .* 512-d"):
+        resolve_pack(str(tmp_path))
