@@ -255,12 +255,14 @@ def _gb(n: int) -> str:
 
 def _get(f: RemoteFile, where: str | Path, dest_dir: Path, auth, retries: int, backoff: float,
          timeout: float, position: int, stop: threading.Event) -> Path:
-    final = dest_dir / f.name
+    final, part = dest_dir / f.name, dest_dir / (f.name + ".part")
     if final.exists():
+        part.unlink(missing_ok=True)  # an interrupted download's bytes, now of no use (gigabytes for IMDB)
         _verify(f, final, dest_dir, where, fresh=False, position=position, stop=stop)
         return final
-    if not (isinstance(where, Path) and _try_hardlink(where, final)):
-        part = dest_dir / (f.name + ".part")
+    if isinstance(where, Path) and _try_hardlink(where, final):
+        part.unlink(missing_ok=True)
+    else:
         _fill_part(where, part, f.name, auth, retries, backoff, timeout, position, stop)
         os.replace(part, final)
     _verify(f, final, dest_dir, where, fresh=True, position=position, stop=stop)

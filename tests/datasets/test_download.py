@@ -202,3 +202,20 @@ def test_ctrl_c_stops_the_workers_and_leaves_a_resumable_part(server, tmp_path):
     [path] = fetch([remote(server)], tmp_path, **FAST)
     # (The interrupted response is logged whenever its handler notices: order is not fixed.)
     assert path.read_bytes() == BLOB and [s.range for s in server.log if s.status == 206] == [f"bytes={got}-"]
+
+
+def test_a_leftover_part_goes_once_the_file_is_in_place(tmp_path):
+    # An interrupted download, then the file by a hard link from a folder (or already whole):
+    # the stale .part, gigabytes for IMDB, is not kept forever.
+    source = tmp_path / "mine"
+    source.mkdir()
+    (source / "blob.bin").write_bytes(BLOB)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "blob.bin.part").write_bytes(BLOB[:1000])
+    f = RemoteFile("blob.bin", "http://127.0.0.1:9/unreachable/blob.bin", size=len(BLOB))
+    [path] = fetch([f], data, source=str(source), **FAST)
+    assert path.read_bytes() == BLOB and not (data / "blob.bin.part").exists()
+    (data / "blob.bin.part").write_bytes(BLOB[:1000])
+    fetch([f], data, source=str(source), **FAST)
+    assert not (data / "blob.bin.part").exists()
