@@ -75,16 +75,14 @@ def mark_duplicates(image_ids: list[str], status: np.ndarray) -> list[str]:
     out = []
     for i, image_id in enumerate(image_ids):
         k = seen.get(image_id, 0) + 1
+        while k > 1 and f"{image_id}#{k}" in taken:
+            k += 1
+        seen[image_id] = k
         if k > 1:
-            while f"{image_id}#{k}" in taken:
-                k += 1
-            seen[image_id] = k
             image_id = f"{image_id}#{k}"
             taken.add(image_id)
             if status[i] == "ok":
                 status[i] = "duplicate"
-        else:
-            seen[image_id] = k
         out.append(image_id)
     return out
 

@@ -192,7 +192,7 @@ class StackedStep:
         self._sums()
 
 
-class GraphedStackedStep(StackedStep):
+class GraphedStackedStep(graphs.Replayed, StackedStep):
     """The same step as one CUDA graph replay (graphs.py), captured again whenever runs leave the
     stack: its tensors are new then. The batch is gathered inside the graph from a fixed index
     buffer."""
@@ -201,16 +201,6 @@ class GraphedStackedStep(StackedStep):
         super().__init__(model, optimizer, x, y, weight)
         self.idx = first_batch.clone()
         self._capture()
-
-    def _capture(self) -> None:
-        self.graph = None  # the old graph's memory goes back to the pool first
-        self.graph = graphs.capture(lambda: self.run(self.idx), self.model, self.optimizer)
-        self.loss_sum.zero_()
-        self.correct.zero_()
-
-    def __call__(self, idx: torch.Tensor) -> None:
-        self.idx.copy_(idx)
-        self.graph.replay()
 
     def keep(self, rows: torch.Tensor, weight: torch.Tensor | None) -> None:
         super().keep(rows, weight)
@@ -253,7 +243,11 @@ def fit_stacked(model: StackedResMLP, x: torch.Tensor, y: torch.Tensor, train_id
         return val, val_mask, None if weight is None else weight[torch.tensor(live, device=weight.device)]
 
     val, val_mask, live_weight = of_live()
-    step = None
+    if _graphed(cuda_graphs, device):  # captured on each run's first rows; every batch is copied in
+        step = GraphedStackedStep(model, optimizer, x, y, live_weight,
+                                  torch.stack([i[:batch] for i in train_idx]).to(device))
+    else:
+        step = StackedStep(model, optimizer, x, y, live_weight)
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
         model.train()
@@ -263,9 +257,6 @@ def fit_stacked(model: StackedResMLP, x: torch.Tensor, y: torch.Tensor, train_id
             order = torch.cat([torch.randperm(len(idx), generator=orders[r]) for _ in range(-(-need // len(idx)))])
             perms.append(idx[order[:need]])
         perm = torch.stack(perms).to(device)  # (live runs, steps * batch)
-        if step is None:
-            step = (GraphedStackedStep(model, optimizer, x, y, live_weight, perm[:, :batch])
-                    if _graphed(cuda_graphs, device) else StackedStep(model, optimizer, x, y, live_weight))
         for b in range(steps):
             step(perm[:, b * batch:(b + 1) * batch])
         loss_sum, correct = step.take()

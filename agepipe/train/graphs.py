@@ -59,3 +59,19 @@ def capture(step: Callable[[], None], model: nn.Module, optimizer: torch.optim.O
     with torch.cuda.graph(graph):
         step()
     return graph
+
+
+class Replayed:
+    """For a training step class (``run(idx)``, ``model``, ``optimizer`` and the epoch's sums
+    ``loss_sum`` and ``correct``): each call copies the batch into the fixed index buffer ``idx``
+    and replays ``run`` captured on it. ``_capture`` again whenever the step's tensors change."""
+
+    def _capture(self) -> None:
+        self.graph = None  # an old graph's memory goes back to the pool first
+        self.graph = capture(lambda: self.run(self.idx), self.model, self.optimizer)
+        self.loss_sum.zero_()  # what the warm-up added
+        self.correct.zero_()
+
+    def __call__(self, idx: torch.Tensor) -> None:
+        self.idx.copy_(idx)
+        self.graph.replay()

@@ -161,7 +161,7 @@ class TrainStep:
         return out
 
 
-class GraphedTrainStep(TrainStep):
+class GraphedTrainStep(graphs.Replayed, TrainStep):
     """The same step captured once as a CUDA graph and replayed. A model this small keeps a
     GPU busy for microseconds per kernel, so eager training is bound by launching ~100
     kernels from Python per step; a replay is one launch. The batch is gathered inside the
@@ -171,13 +171,7 @@ class GraphedTrainStep(TrainStep):
     def __init__(self, model, optimizer, x, y, amp, first_batch: torch.Tensor, weight: torch.Tensor | None = None):
         super().__init__(model, optimizer, x, y, amp, weight)
         self.idx = first_batch.clone()
-        self.graph = graphs.capture(lambda: self.run(self.idx), model, optimizer)
-        self.loss_sum.zero_()
-        self.correct.zero_()
-
-    def __call__(self, idx: torch.Tensor) -> None:
-        self.idx.copy_(idx)
-        self.graph.replay()
+        self._capture()
 
 
 def make_optimizer(model: ResMLP, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
