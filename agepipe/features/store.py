@@ -316,6 +316,24 @@ def commit_shards(store: str, feature_set: str, dataset: str, shards: list[Shard
     return index
 
 
+def write_dataset(table: pa.Table, store: str, feature_set: str, dataset: str, shard_rows: int,
+                  manifest_sha256: str = "") -> Index:
+    """``table`` as the dataset's whole content in one process: its shards, then one commit
+    (replacing whatever cut was there). For tools and tests that build a store from arrays."""
+    entries = []
+    for i, start in enumerate(range(0, table.num_rows, shard_rows)):
+        part = table.slice(start, shard_rows)
+        path = write_shard(part, store, feature_set, dataset, i)
+        entries.append(ShardEntry(_name(path), start, part.num_rows, rows_digest(part)))
+    with writer_lock(store, feature_set, dataset):
+        try:
+            current = read_index(store, feature_set, dataset)
+        except StoreError:
+            current = None
+        return commit_shards(store, feature_set, dataset, entries, manifest_sha256,
+                             current.generation if current else None)
+
+
 # --- feature_set.json -------------------------------------------------------------------
 
 def feature_set_json_path(store: str, feature_set: str) -> str:
@@ -354,15 +372,27 @@ def list_datasets(store: str, feature_set: str) -> list[str]:
 
 def shard_files(store: str, feature_set: str, dataset: str) -> list[str]:
     """The dataset's shards in row order: those its index lists (what other readers should
-    read), or for a store without an index every ``part-*.parquet``."""
+    read), or for a store agepipe 0.1.0 wrote (no index) every ``part-NNNNN.parquet``."""
     return [path for path, _ in _listed(store, feature_set, dataset)]
+
+
+def _is_legacy_shard(path: str) -> bool:
+    """agepipe 0.1.0 named shards part-NNNNN.parquet; shard_name adds an id to every name since."""
+    name = _name(path)
+    return len(name) == len("part-00000.parquet") and name[5:10].isdigit()
 
 
 def _listed(store: str, feature_set: str, dataset: str) -> list[tuple[str, ShardEntry | None]]:
     index = read_index(store, feature_set, dataset)
     fs, root = _fs(dataset_dir(store, feature_set, dataset))
     if index is None:
-        return [(p, None) for p in sorted(fs.glob(_join(root, SHARD_GLOB)))]
+        found = sorted(fs.glob(_join(root, SHARD_GLOB)))
+        if not all(map(_is_legacy_shard, found)):
+            # Shards this version wrote and no index: an extract stopped before its commit. They
+            # may cover part of the manifest only; the rerun keeps them and finishes the rest.
+            raise StoreError(f"{root}: the extract that wrote these shards did not finish (no {INDEX_FILE} "
+                             f"lists them); run `agepipe extract --dataset {dataset}` to finish it")
+        return [(p, None) for p in found]
     out = []
     for entry in index.shards:
         path = _join(root, entry.file)

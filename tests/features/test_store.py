@@ -1,4 +1,6 @@
 """The feature store's contracts: no nulls inside fixed-size lists, old files still read."""
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -59,9 +61,15 @@ def assert_no_nulls_in_lists(path):
             assert col.statistics.null_count == 0, col.path_in_schema
 
 
+def write_cut(root, table, shard_rows, dataset="d"):
+    """Shards of ``shard_rows`` rows, committed as the dataset's content."""
+    return fstore.write_dataset(table, str(root), FS, dataset, shard_rows, "m")
+
+
 def test_rows_without_a_value_hold_nan_never_null(tmp_path):
     table, emb, ok = shard_rows(12, nulls=True)  # even a table with nulls is written without
-    path = fstore.write_shard(table, str(tmp_path), FS, "d", 0)
+    write_cut(tmp_path, table, 12)
+    [path] = fstore.shard_files(str(tmp_path), FS, "d")
     assert_no_nulls_in_lists(path)
     back = pq.read_table(path)
     emb_back = np.stack(back["embedding"].to_numpy(zero_copy_only=False))
@@ -104,19 +112,24 @@ def test_a_store_written_with_nulls_still_loads(tmp_path):
     assert fstore.status_counts(str(tmp_path), FS) == {"d": {"no_face": 3 + 2, "ok": 4 + 3}}
 
 
+def test_shards_of_an_extract_that_never_committed_are_refused_not_read(tmp_path):
+    """A first extract killed before its commit leaves finished shards and no index: they may
+    hold part of the manifest only, so a reader refuses them instead of loading what is there."""
+    table, emb, ok = shard_rows(12)
+    path = fstore.write_shard(table.slice(0, 8), str(tmp_path), FS, "d", 0)  # shard 1 of 2, then the crash
+    with pytest.raises(fstore.StoreError, match=r"/d: the extract that wrote these shards did not finish.*"
+                                                r"agepipe extract --dataset d"):
+        fstore.load_features(str(tmp_path), FS, "d")
+    with pytest.raises(fstore.StoreError, match="did not finish"):
+        fstore.status_counts(str(tmp_path), FS)
+    entries = [fstore.ShardEntry(Path(path).name, 0, 8, fstore.rows_digest(table.slice(0, 8)))]
+    second = fstore.write_shard(table.slice(8), str(tmp_path), FS, "d", 1)  # the rerun's shard and commit
+    entries.append(fstore.ShardEntry(Path(second).name, 8, 4, fstore.rows_digest(table.slice(8))))
+    fstore.commit_shards(str(tmp_path), FS, "d", entries, "m", None)
+    assert np.array_equal(fstore.load_features(str(tmp_path), FS, "d").embeddings, emb[ok])
+
+
 # --- exactly once: the index --------------------------------------------------------------
-
-def write_cut(root, table, shard_rows, dataset="d"):
-    """Shards of ``shard_rows`` rows, committed as the dataset's content."""
-    entries = []
-    for i, start in enumerate(range(0, table.num_rows, shard_rows)):
-        part = table.slice(start, shard_rows)
-        path = fstore.write_shard(part, str(root), FS, dataset, i)
-        entries.append(fstore.ShardEntry(path.rsplit("/", 1)[-1], start, part.num_rows,
-                                         fstore.rows_digest(part)))
-    index = fstore.read_index(str(root), FS, dataset)
-    return fstore.commit_shards(str(root), FS, dataset, entries, "m", index.generation if index else None)
-
 
 def test_a_new_cut_replaces_the_old_one_whole(tmp_path):
     table, emb, ok = shard_rows(40)

@@ -79,8 +79,7 @@ def write_store(root, embeddings: np.ndarray, rows: dict | pd.DataFrame, dataset
         "embedding": fstore.fixed_list(embeddings, fstore.EMBEDDING_DIM, ok),
         "embedding_norm": pa.array(np.where(ok, 20.0, np.nan), pa.float32()),
     })
-    for index, start in enumerate(range(0, n, shard_rows)):
-        fstore.write_shard(table.slice(start, shard_rows), str(root), feature_set, dataset, index)
+    fstore.write_dataset(table, str(root), feature_set, dataset, shard_rows)
     fstore.write_feature_set_info(str(root), feature_set, info or {"pack": "buffalo_s", "det_size": 640})
     return str(root)
 
