@@ -474,7 +474,7 @@ def tiny(photos, tmp_path):
     return data
 
 
-def run_inprocess(data, store, cfg, embed_rows=None, monkeypatch=None):
+def run_inprocess(data, store, cfg, embed_rows=None, monkeypatch=None, shard_rows=10):
     from distributed import Client, LocalCluster
 
     from agepipe.pipeline import extract as ex
@@ -482,7 +482,7 @@ def run_inprocess(data, store, cfg, embed_rows=None, monkeypatch=None):
     if embed_rows:
         monkeypatch.setattr(ex, "embed_rows", embed_rows)
     manifest = ex.manifest_table(str(data), "mini")
-    plan = ex.make_plan({"mini": manifest}, str(data), str(store), "fs-test", cfg, 10, False)
+    plan = ex.make_plan({"mini": manifest}, str(data), str(store), "fs-test", cfg, shard_rows, False)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         return ex.run_tasks(client, plan.tasks, progress=False)
@@ -508,6 +508,54 @@ def test_9_setup_errors_stop_the_run_and_write_no_rows(tiny, tmp_path, monkeypat
     with pytest.raises(ex.ExtractError):
         run_inprocess(tiny, store, cfg, bug, monkeypatch)
     assert not list(store.glob("**/part-*.parquet"))
+
+
+def raising_for(photos_that_fail):
+    """embed_rows that raises for a batch holding a photo in ``photos_that_fail`` (None: any photo
+    that would reach the models: the manifest says ok and its file is there), as a bug in the
+    model path would."""
+    from agepipe.pipeline import extract as ex
+
+    real = ex.embed_rows
+
+    def embed_rows(rows, data_root, cfg, timings):
+        for r in rows.to_pylist():
+            reaches = r["status"] == "ok" and os.path.exists(os.path.join(data_root, r["image_id"]))
+            if reaches and (photos_that_fail is None or r["image_id"] in photos_that_fail):
+                raise RuntimeError(f"injected failure on {r['image_id']}")
+        return real(rows, data_root, cfg, timings)
+    return embed_rows
+
+
+def test_9_a_bug_is_no_photo_fault_even_beside_rows_that_never_reach_the_models(tiny, tmp_path, monkeypatch):
+    """Every photo that reaches the models fails, while a missing file and a bad label go
+    through (they never reach them): the run stops and writes no shard. (It wrote the usable
+    photos as "error" rows, which a rerun took as finished.)"""
+    from agepipe.pipeline import extract as ex
+
+    write_manifest(tiny / "mini", [row(f"{i}.jpg") for i in range(3)] + [row("gone.jpg"), row("x.jpg", "bad_label")])
+    store = tmp_path / "store"
+    with pytest.raises(ex.ExtractError, match=r"every photo that reached the models failed \(\d.jpg: RuntimeError"):
+        run_inprocess(tiny, store, ex.ExtractConfig(pack="buffalo_s"), raising_for(None), monkeypatch)
+    assert not list(store.glob("**/part-*.parquet"))
+    with pytest.raises(ex.ExtractError, match="no photo of this run got through"):  # one row a shard: the 2nd stops it
+        run_inprocess(tiny, store, ex.ExtractConfig(pack="buffalo_s"), raising_for(None), monkeypatch, shard_rows=1)
+    assert not any(ex.fstore.read_shard_file(str(store), str(p))["status"].to_pylist() == ["error"]
+                   for p in store.glob("**/part-*.parquet"))
+
+
+def test_9_a_photo_failing_alone_in_its_shard_costs_its_row_not_the_run(tiny, tmp_path, monkeypatch):
+    """One row per shard, the first photo's task raising: once the other photos show the models
+    work, it is an "error" row (it stopped the run: "every photo failed")."""
+    from agepipe.pipeline import extract as ex
+
+    store = tmp_path / "store"
+    results = run_inprocess(tiny, store, ex.ExtractConfig(pack="buffalo_s"), raising_for({"0.jpg"}), monkeypatch,
+                            shard_rows=1)
+    assert sorted((r["index"], r["status"]) for r in results) == [(0, {"error": 1}), (1, {"ok": 1}), (2, {"ok": 1})]
+    [lost] = [x for r in results for x in r.get("lost", [])]
+    assert lost["image_id"] == "0.jpg" and "injected failure" in lost["error"]
+    assert len(list(store.glob("**/part-*.parquet"))) == 3
 
 
 def test_10_worker_cache_keyed_by_the_model_files(buffalo_s, monkeypatch):

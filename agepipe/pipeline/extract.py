@@ -152,7 +152,7 @@ def embed_rows(rows: pa.Table, data_root: str, cfg: ExtractConfig, timings: Coun
     paths = [os.path.join(data_root, image_ids[i]) for i in todo]
     if cfg.runtime == "torch":
         _embed_on_device(embedder, paths, [hints[i] for i in todo], np.array(todo, np.int64), status, feats, timings)
-        return shard_table(rows, status, feats)
+        return _embedded(rows, status, feats, timings)
 
     def process(batch):
         t = time.perf_counter()
@@ -196,6 +196,12 @@ def embed_rows(rows: pa.Table, data_root: str, cfg: ExtractConfig, timings: Coun
             batch = []
     if batch:
         process(batch)
+    return _embedded(rows, status, feats, timings)
+
+
+def _embedded(rows: pa.Table, status, feats: dict, timings: Counter) -> pa.Table:
+    # Rows the models took through to an embedding: proof for run_tasks that they work.
+    timings["embedded"] += int((status == "ok").sum())  # a count among the times, popped in extract_shard
     return shard_table(rows, status, feats)
 
 
@@ -240,14 +246,15 @@ def extract_shard(task: dict) -> dict:
         table = _retry_transient(task["store"], task["retry_path"], rows, task["data_root"], cfg, timings)
     else:
         table = embed_rows(rows, task["data_root"], cfg, timings)
+    embedded = timings.pop("embedded", 0)
     if not task.get("write", True):
-        return {"table": table, "seconds": time.perf_counter() - started}
+        return {"table": table, "embedded": embedded, "seconds": time.perf_counter() - started}
     t = time.perf_counter()
     fstore.write_shard(table, task["store"], task["feature_set"], task["dataset"], task["index"])
     timings["write"] += time.perf_counter() - t
     return {"dataset": task["dataset"], "index": task["index"], "rows": table.num_rows,
             "status": dict(Counter(table["status"].to_pylist())), "faces_rescued": timings.pop("faces_rescued", 0),
-            "timings": dict(timings),
+            "embedded": embedded, "timings": dict(timings),
             "seconds": time.perf_counter() - started, "worker_pid": os.getpid()}
 
 
@@ -415,10 +422,15 @@ def _is_setup_error(error: BaseException) -> bool:
     return isinstance(error, (ModelError, ImportError, MemoryError))
 
 
-def run_tasks(client, tasks: list[dict], progress: bool, on_result=None) -> list[dict]:
+def run_tasks(client, tasks: list[dict], progress: bool) -> list[dict]:
     """Submit shards, follow them with a progress bar over photos, and fall back to one task
     per photo for a shard that keeps failing. A setup error stops the run (ExtractError) and
-    cancels what is left: it would otherwise become an "error" row for every photo."""
+    cancels what is left: it would otherwise become an "error" row for every photo.
+
+    A photo that fails alone costs only its row, but only once the models have been seen to
+    work in this run (some photo embedded): until then a shard whose every photo that reached
+    them failed waits unwritten, and a second such shard, or the run's end without that proof,
+    stops the run as a setup error or a bug."""
     from distributed import as_completed
     from tqdm import tqdm
 
@@ -426,7 +438,7 @@ def run_tasks(client, tasks: list[dict], progress: bool, on_result=None) -> list
     bar = tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1)
     futures = {client.submit(extract_shard, t, key=f"shard-{t['dataset']}-{t['index']:05d}-{time.time_ns()}",
                              retries=1, pure=False): t for t in tasks}
-    results = []
+    results, waiting, proven = [], [], False
     try:
         for future in as_completed(futures):
             task = futures[future]
@@ -436,21 +448,37 @@ def run_tasks(client, tasks: list[dict], progress: bool, on_result=None) -> list
                 if _is_setup_error(e):
                     raise ExtractError(f"shard {task['index']} of {task['dataset']}: {type(e).__name__}: {e}") from None
                 result = _rescue_shard(client, task, e)
+                if result["raised"] and not (proven or result["embedded"]):
+                    if waiting:
+                        raise _unproven(task, result)
+                    waiting.append((task, result))
+                    continue
+                _write_rescued(task, result)
+            proven = proven or result["embedded"] > 0
             results.append(result)
             bar.update(result["rows"])
-            if on_result:
-                on_result(result)
+        for task, result in waiting:
+            if not proven:
+                raise _unproven(task, result)
+            _write_rescued(task, result)
+            results.append(result)
+            bar.update(result["rows"])
     finally:
         client.cancel(list(futures))  # nothing left running after an error or Ctrl-C
         bar.close()
     return results
 
 
+def _unproven(task: dict, result: dict) -> ExtractError:
+    return ExtractError(f"shard {task['index']} of {task['dataset']}: every photo that reached the models failed "
+                        f"({result['raised'][0]}), and no photo of this run got through them: not the photos' "
+                        "fault; nothing written for such shards")
+
+
 def _rescue_shard(client, task: dict, error: Exception) -> dict:
     """Redo a failed shard one photo per task; a photo whose task fails is recorded as
     "worker_lost" (its worker died) or "error" (it raised), and a rerun with --retry-failed
-    tries it again. When no photo of the shard gets through, the photos are not the cause:
-    that is a setup error or a bug, and the run stops (ExtractError) without writing the shard."""
+    tries it again. Returns the shard's result with its table, not yet written."""
     started = time.perf_counter()
     singles = [{**task, "rows": [row], "write": False, "retry_path": None} for row in task["rows"]]
     futures = [client.submit(extract_shard, s, retries=0, pure=False,
@@ -458,29 +486,31 @@ def _rescue_shard(client, task: dict, error: Exception) -> dict:
                for i, s in enumerate(singles)]
     from distributed import KilledWorker
 
-    tables, lost, raised = [], [], []
+    tables, lost, raised, embedded = [], [], [], 0
     for row, future in zip(task["rows"], futures):
         try:
-            tables.append(future.result()["table"])
+            single = future.result()
+            tables.append(single["table"])
+            embedded += single["embedded"]
         except Exception as e:
             if _is_setup_error(e):
                 client.cancel(futures)
                 raise ExtractError(f"{row['image_id']}: {type(e).__name__}: {e}") from None
             status = "worker_lost" if isinstance(e, KilledWorker) else "error"
             if status == "error":
-                raised.append(e)
+                raised.append(f"{row['image_id']}: {type(e).__name__}: {e}")
             lost.append({"image_id": row["image_id"], "status": status, "error": f"{type(e).__name__}: {e}"})
             rows = pa.Table.from_pylist([row], schema=fstore.MANIFEST_SCHEMA)
             tables.append(shard_table(rows, np.array([status], dtype=object), _blank_features(1)))
-    if raised and len(lost) == len(task["rows"]):
-        raise ExtractError(f"shard {task['index']} of {task['dataset']}: every photo failed "
-                           f"({type(raised[0]).__name__}: {raised[0]}); not a photo's fault, nothing written")
     table = pa.concat_tables(tables)
-    fstore.write_shard(table, task["store"], task["feature_set"], task["dataset"], task["index"])
     return {"dataset": task["dataset"], "index": task["index"], "rows": table.num_rows,
-            "status": dict(Counter(table["status"].to_pylist())), "timings": {},
+            "status": dict(Counter(table["status"].to_pylist())), "embedded": embedded, "timings": {},
             "seconds": time.perf_counter() - started, "rescued": f"{type(error).__name__}: {error}",
-            "lost": lost}
+            "lost": lost, "raised": raised, "table": table}
+
+
+def _write_rescued(task: dict, result: dict) -> None:
+    fstore.write_shard(result.pop("table"), task["store"], task["feature_set"], task["dataset"], task["index"])
 
 
 def run_stats(results: list[dict], wall: float) -> dict:

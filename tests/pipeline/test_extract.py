@@ -139,6 +139,7 @@ def test_a_photo_that_breaks_its_task_costs_only_that_photo(mini_data, tmp_path,
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         [result] = ex.run_tasks(client, plan.tasks, progress=False)
+    ex.commit_plan(plan, store, "fs-test")
     assert result["rescued"].startswith("RuntimeError")
     assert result["lost"] == [{"image_id": "photos/0/obama2.jpg", "status": "error",
                                "error": "RuntimeError: injected failure"}]
