@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from agepipe.atomic import atomic_path, write_text
-from agepipe.train.data import class_names
 
 PLOTS = {"learning_curves.png": "learning curves", "confusion_matrix.png": "confusion matrix",
          "reliability.png": "reliability diagram", "risk_coverage.png": "risk-coverage"}
@@ -41,6 +42,14 @@ def _ci(ci) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "-"
 
 
+def _names(task: str, test: dict) -> list[str]:
+    if "classes" in test:
+        return test["classes"]
+    from agepipe.train.data import class_names  # imports torch: only for metrics written before "classes"
+
+    return class_names(task)
+
+
 def _save(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)
     with atomic_path(path) as tmp:
@@ -55,7 +64,7 @@ def write_report(run_dir: str | Path) -> Path:
     task, test = config["task"], metrics["test"]
     if history:
         plot_learning_curves(history, run_dir / "learning_curves.png")
-    plot_confusion(np.array(test["confusion_matrix"]), class_names(task), run_dir / "confusion_matrix.png")
+    plot_confusion(np.array(test["confusion_matrix"]), _names(task, test), run_dir / "confusion_matrix.png")
     curves = [("deterministic", test["reliability"])]
     if "mc" in test:
         curves.append((f"MC dropout K={test['mc']['samples']}", test["mc"]["reliability"]))
@@ -69,7 +78,7 @@ def write_report(run_dir: str | Path) -> Path:
              f"- feature set `{data['feature_set']}`, datasets {', '.join(data['datasets'])}, "
              f"test fold {data['test_fold']}",
              "- rows: " + ", ".join(f"{k} {v}" for k, v in data.get("split_sizes", {}).items()),
-             "- classes: " + ", ".join(test.get("classes", class_names(task))),
+             "- classes: " + ", ".join(_names(task, test)),
              "- model: " + ", ".join(f"{k} {v}" for k, v in config["model"].items()),
              f"- best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')}, "
              f"training {metrics.get('train_seconds', math.nan):.1f} s"
@@ -97,6 +106,25 @@ def write_report(run_dir: str | Path) -> Path:
     path = run_dir / "report.md"
     write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def write_reports(run_dirs: list[Path]) -> None:
+    """write_report for each run folder, on the machine's cores: drawing takes about a second a
+    run, most of a cross-validation's wait on a CPU. Each core's share is drawn by a fresh
+    ``python -m agepipe.train.report`` (no CUDA state forked, the caller's script not re-run)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(len(run_dirs), cores)
+    if workers < 2:
+        for run in run_dirs:
+            write_report(run)
+        return
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    procs = [subprocess.Popen([sys.executable, "-m", "agepipe.train.report", *map(str, run_dirs[k::workers])],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for k in range(workers)]
+    failed = [err.decode(errors="replace").strip() for p in procs for err in [p.communicate()[1]] if p.returncode]
+    if failed:
+        raise RuntimeError(f"drawing the runs' reports failed: {failed[0][-2000:]}")
 
 
 def headline_reliability(split: dict) -> dict:
@@ -176,15 +204,14 @@ def write_cv_report(out_dir: str | Path, run_dirs: list[str | Path]) -> Path:
     out_dir, runs = Path(out_dir), [Path(r) for r in run_dirs]
     if not runs:
         raise ValueError("write_cv_report needs at least one run folder")
+    write_reports([run for run in runs if not (run / "report.md").exists()])
     entries = []
     for run in runs:
-        if not (run / "report.md").exists():
-            write_report(run)
         metrics, config = _read(run / "metrics.json"), _read(run / "config.json")
         test = pq.read_table(run / "predictions.parquet", filters=[("split", "==", "test")]).to_pandas()
         entries.append((run, config, metrics, test))
     task = entries[0][1]["task"]
-    names = entries[0][2]["test"].get("classes", class_names(task))
+    names = _names(task, entries[0][2]["test"])
     index = {c: k for k, c in enumerate(names)}
 
     def arrays(frame):
@@ -339,3 +366,8 @@ def plot_risk_coverage(curves: list[tuple[str, dict]], measure: str, path: Path)
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7, loc="lower left")
     _save(fig, path)
+
+
+if __name__ == "__main__":  # write_reports: one process's share of the run folders
+    for run in sys.argv[1:]:
+        write_report(run)

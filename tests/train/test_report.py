@@ -7,7 +7,7 @@ import pytest
 
 from agepipe.train.data import AGE_BINS
 from agepipe.train.loop import train
-from agepipe.train.report import write_cv_report
+from agepipe.train.report import PLOTS, write_cv_report, write_reports
 
 HEADINGS = ["## Warnings", "## Headline (test fold)", "## Test metrics", "## Per class (test)",
             "## Reliability (test, final prediction)", "## Risk-coverage (test)"]
@@ -60,3 +60,20 @@ def test_cv_report_has_every_section_and_a_report_per_fold(cv_runs):
         assert "| rows |" in report  # the reliability bins with their counts
     for plot in ("reliability.png", "risk_coverage.png", "confusion_matrix.png"):
         assert (out / plot).stat().st_size > 5000
+
+
+def test_reports_drawn_on_several_cores_match_one_drawn_here_and_a_failure_names_the_file(cv_runs, tmp_path):
+    import shutil
+
+    _, runs = cv_runs
+    copies = [shutil.copytree(run, tmp_path / run.name) for run in runs[:3]]
+    for copy in copies:
+        for name in ["report.md", *PLOTS]:
+            (copy / name).unlink(missing_ok=True)
+    write_reports(copies)  # in other processes (with 2 cores or more)
+    for copy, run in zip(copies, runs):
+        assert (copy / "report.md").read_text().replace(copy.name, run.name) == (run / "report.md").read_text()
+        assert all((copy / name).stat().st_size > 5000 for name in PLOTS)
+    (copies[1] / "metrics.json").unlink()
+    with pytest.raises((RuntimeError, FileNotFoundError), match="metrics.json"):
+        write_reports(copies)
