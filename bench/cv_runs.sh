@@ -12,7 +12,7 @@ tree=$(cd "$1" && pwd)
 python=${PYTHON:-$tree/.venv/bin/python}
 [ -x "$python" ] || python=$(dirname "$0")/../.venv/bin/python
 rows=${ROWS:-3000}
-store=${TMPDIR:-/tmp}/agepipe-cv-runs-store-$rows-$(cd "$tree" && git rev-parse --short HEAD)
+store=${TMPDIR:-/tmp}/agepipe-cv-runs-store-$rows-$(cd "$tree" && git rev-parse --short HEAD:agepipe/features/store.py)
 if [ ! -d "$store" ]; then
     PYTHONPATH=$tree "$python" -c "import sys; from pathlib import Path
 from tests.train.synthetic_store import Mixture, adience_like, write_store
