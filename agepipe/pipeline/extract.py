@@ -392,6 +392,23 @@ def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature
     return Plan(tasks, skipped, skipped_rows, cuts)
 
 
+def check_photos_there(tasks: list[dict], sample: int = 64) -> None:
+    """A dataset none of whose photos is where its manifest says (not unpacked, another
+    --data-dir) is a setup error: it would become a "missing_image" row for every photo,
+    which a rerun keeps. Looks at the first ``sample`` photos to do of each dataset."""
+    wanted: dict[str, list[str]] = {}
+    for task in tasks:
+        paths = wanted.setdefault(task["data_root"], [])
+        paths += [os.path.join(task["data_root"], r["image_id"]) for r in task["rows"][:sample - len(paths)]
+                  if r["status"] == "ok"]
+    for root, paths in wanted.items():
+        if paths and not any(os.path.lexists(p) for p in paths):
+            dataset = os.path.basename(root)
+            raise ExtractError(f"{root}: none of the first {len(paths)} photos its manifest lists is there (the "
+                               f"first: {paths[0]}); unpack them with `agepipe download --dataset {dataset}`, or "
+                               "give the --data-dir that holds them")
+
+
 def commit_plan(plan: Plan, store: str, feature_set: str) -> None:
     """After every task has written its shard: list this cut's shards in each dataset's index
     (replacing the old cut in one rename) and delete the shards it leaves out. A shard redone
@@ -603,6 +620,7 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
             todo_rows = sum(len(t["rows"]) for t in plan.tasks)
             echo(f"shards: {len(plan.tasks)} to do ({todo_rows} rows), {plan.skipped} already finished "
                  f"({plan.skipped_rows} rows)")
+            check_photos_there(plan.tasks)
             if plan.tasks:  # every worker loads its models first: a setup error stops the run before any shard
                 batches = client.run(load_models, cfg)
                 if not cfg.batch_size:

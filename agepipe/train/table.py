@@ -8,7 +8,8 @@ a pre-trained cell first trains the same variant on the pre-training datasets
 The cells are gathered into OUT/table.md and OUT/table.csv: test accuracy mean +- std over the
 runs, a 95% confidence interval of the mean, the original's published number, and the times.
 
-A rerun with the same settings reuses every finished cell (cell.json records them).
+A rerun with the same settings on the same rows of the store reuses every finished cell
+(cell.json records them, with the store cut they trained on).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from scipy.special import stdtrit
 
 from agepipe.atomic import write_text
 from agepipe.datasets import expand_groups
+from agepipe.features import store as fstore
 from agepipe.train.checkpoint import write_json
 from agepipe.train.data import VAL_FRACTION, load_task_data, make_split, resolve_feature_set
 from agepipe.train.loop import (cross_validate, data_record, model_config_for, train_config_for, train_run)
@@ -168,10 +170,12 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
     for task in grid.tasks:
         data = load_task_data(store, feature_set, datasets, task, min_det_score, dev)
         record = data_record(store, feature_set, datasets, None, min_det_score)
-        pre = pre_record = None
+        cut = fstore.cut_digest(store, feature_set, datasets)  # a cell is reused only on the same rows
+        pre = pre_record = pre_cut = None
         if "pretrained" in grid.inits:
             pre = load_task_data(store, feature_set, pretrain_datasets, task, min_det_score, dev)
             pre_record = data_record(store, feature_set, pretrain_datasets, None, min_det_score)
+            pre_cut = fstore.cut_digest(store, feature_set, pretrain_datasets)
         for init in grid.inits:
             for variant in grid.variants:
                 overrides = {**cell_train_overrides(task, variant, grid.settings), "epochs": grid.epochs}
@@ -179,8 +183,9 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
                 model_cfg = model_config_for(task, None, **VARIANTS[variant])
                 cell_dir = out / task / init / variant
                 identity = {"task": task, "variant": variant, "init": init, "folds": grid.folds, "seeds": grid.seeds,
-                            "model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "data": record,
-                            "pretrain_data": pre_record if init == "pretrained" else None, "mc_samples": mc_samples}
+                            "model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "data": record, "cut": cut,
+                            "pretrain_data": pre_record if init == "pretrained" else None,
+                            "pretrain_cut": pre_cut if init == "pretrained" else None, "mc_samples": mc_samples}
                 done = _finished_cell(cell_dir, identity)
                 if done is None:
                     cell_start, pretrain_seconds, init_run = time.perf_counter(), None, None

@@ -95,6 +95,22 @@ def test_interrupted_run_resumes_to_the_same_rows(mini_data, tmp_path):
     np.testing.assert_allclose(np.stack(a.embedding[ok]), np.stack(b.embedding[ok]), atol=1e-6)
 
 
+def test_a_dataset_whose_photos_are_all_absent_stops_before_any_row(mini_data, tmp_path):
+    """A manifest without its photos (not unpacked, another --data-dir) is a setup error: it
+    became a "missing_image" row for every photo, which reruns kept even once the photos came."""
+    import shutil
+
+    data = tmp_path / "data"
+    (data / "mini").mkdir(parents=True)
+    shutil.copy(mini_data / "mini" / "manifest.parquet", data / "mini")
+    store = tmp_path / "store"
+    result = extract(data, store, "--workers", 1)
+    assert result.exit_code == 1
+    assert re.search(r"/mini: none of the first \d+ photos its manifest lists is there \(the first: .*/mini/photos/",
+                     result.output), result.output
+    assert not list(store.glob("**/part-*.parquet")) and not list(store.glob("**/_index.json"))
+
+
 def test_retry_failed_redoes_only_transient_rows(mini_data, tmp_path):
     store = tmp_path / "store"
     assert extract(mini_data, store, "--shard-rows", 10, "--workers", 1).exit_code == 0

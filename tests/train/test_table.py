@@ -107,6 +107,23 @@ def test_a_rerun_reuses_every_finished_cell(table_run):
     assert (out / "gender" / "scratch" / "full" / "fold0-seed0" / "model.safetensors").stat().st_mtime_ns == before
 
 
+def test_a_cell_trained_on_rows_the_store_no_longer_holds_is_trained_again(table_run):
+    """The pre-training rows change (a re-extract left a WIKI row out): the pre-trained cells
+    train again, the scratch ones are reused. (Every cell was reused whatever the store held.)"""
+    from agepipe.features import store as fstore
+    from tests.train.synthetic_store import FEATURE_SET
+
+    store, out, args, _ = table_run
+    wiki = fstore.read_table(store, FEATURE_SET, "wiki")
+    fstore.write_dataset(wiki.slice(1), store, FEATURE_SET, "wiki", 1000)
+    result = invoke(*args, "--tasks", "gender", "--variants", "full")
+    assert result.exit_code == 0, result.output
+    assert "gender scratch full: " in result.output and "gender pretrained full: " in result.output
+    assert result.output.count("reused") == 1 and "gender scratch full" in \
+        next(line for line in result.output.splitlines() if "reused" in line)
+    assert result.output.count("pre-trained on") == 1
+
+
 def test_blank_where_nothing_was_published(tmp_path):
     from agepipe.train.table import Grid, write_table
     row = {"task": "age", "variant": "full", "init": "scratch", **accuracy_stats([0.5, 0.6]),
