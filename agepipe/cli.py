@@ -291,7 +291,8 @@ def download(dataset, data_dir, source, workers, no_extract):
                    "where the worker may start them, else threads). Processes keep the GIL free for the "
                    "thread that feeds the GPU and need /dev/shm for two batches (about 1.2 GB at 256).")
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N rows, for a quick try.")
-@click.option("--retry-failed", is_flag=True, help="Redo rows whose status was a transient failure.")
+@click.option("--retry-failed", is_flag=True,
+              help="Redo rows whose status was a transient failure (error, worker_lost) or whose photo was missing.")
 @models_options(device_default=None, device_help="Default: cuda with --gpus, else cpu. " + CUDA_HELP)
 def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, batch_size, decoders, limit,
             retry_failed, pack, det_size, runtime, device):

@@ -9,9 +9,12 @@ How a file arrives in ``dest_dir``:
   holds the files under their official names. A local file is hard-linked when it can be (no
   copy, no extra space), else copied.
 * Bytes go to ``NAME.part``; a rerun, or a retry after a dropped connection, asks for the rest
-  with an HTTP ``Range`` request, so bytes already on disk are not fetched again. A server that
-  ignores ``Range`` is tolerated (the part is rewritten from its first byte). Failed attempts are
-  retried with exponential backoff; ``.part`` is renamed to ``NAME`` only when complete.
+  with an HTTP ``Range`` request, so bytes already on disk are not fetched again. The part's
+  version (its ETag, else Last-Modified) is kept in ``NAME.part.if-range`` and sent as
+  ``If-Range``, so a file that changed on the server is fetched again whole instead of being
+  stitched from two versions. A server that ignores ``Range`` is tolerated (the part is
+  rewritten from its first byte). Failed attempts are retried with exponential backoff;
+  ``.part`` is renamed to ``NAME`` only when complete.
 * HTTP basic auth is answered only when a server asks for it (401), so credentials are never
   sent to a mirror that does not want them. ``http://user:password@host/...`` sources work too.
 * Verification: ``RemoteFile.sha256`` when a trustworthy checksum is known; otherwise the sha256
@@ -257,14 +260,15 @@ def _get(f: RemoteFile, where: str | Path, dest_dir: Path, auth, retries: int, b
          timeout: float, position: int, stop: threading.Event) -> Path:
     final, part = dest_dir / f.name, dest_dir / (f.name + ".part")
     if final.exists():
-        part.unlink(missing_ok=True)  # an interrupted download's bytes, now of no use (gigabytes for IMDB)
+        _drop_part(part)  # an interrupted download's bytes, now of no use (gigabytes for IMDB)
         _verify(f, final, dest_dir, where, fresh=False, position=position, stop=stop)
         return final
     if isinstance(where, Path) and _try_hardlink(where, final):
-        part.unlink(missing_ok=True)
+        _drop_part(part)
     else:
         _fill_part(where, part, f.name, auth, retries, backoff, timeout, position, stop)
         os.replace(part, final)
+        _drop_part(part)
     _verify(f, final, dest_dir, where, fresh=True, position=position, stop=stop)
     return final
 
@@ -319,15 +323,22 @@ class _RangeNotSatisfiable(Exception):
 def _download(url: str, part: Path, name: str, auth, timeout: float, position: int,
               stop: threading.Event) -> None:
     offset = part.stat().st_size if part.exists() else 0
+    version = _if_range(part).read_text() if offset and _if_range(part).exists() else None
     try:
-        response = _open(url, offset, auth, timeout, name)
+        response = _open(url, offset, auth, timeout, name, version)
     except _RangeNotSatisfiable as e:
         if e.total == offset:           # a previous run got every byte but stopped before the rename
             return
-        part.unlink()
+        _drop_part(part)
         raise _Retryable(f"the part holds {offset} bytes but the file has {e.total}; starting over") from None
     with response:
-        start, total = _content_range(response, offset, name)
+        etag = response.headers.get("ETag")
+        if response.status == 206 and version and version.startswith('"') and etag and etag != version:
+            _drop_part(part)  # a server that ignored If-Range but names the version it sent
+            raise _Retryable("the file changed on the server since the part was fetched; starting over")
+        start, total = _content_range(response, offset, name, version)
+        if start == 0:
+            _keep_version(part, response)
         free = shutil.disk_usage(part.parent).free
         if total is not None and total - start > free:
             raise NotEnoughSpace(f"{name}: {_gb(total - start)} still to fetch, {_gb(free)} free in {part.parent}")
@@ -337,11 +348,33 @@ def _download(url: str, part: Path, name: str, auth, timeout: float, position: i
             raise _Retryable(f"connection lost ({e.__class__.__name__})") from None
 
 
-def _open(url: str, offset: int, auth, timeout: float, name: str):
-    """The response for ``url`` from byte ``offset``, answering a 401 with ``auth`` once."""
+def _if_range(part: Path) -> Path:
+    return part.with_name(part.name + ".if-range")
+
+
+def _keep_version(part: Path, response) -> None:
+    """Record which version of the file the part holds (a strong ETag, else Last-Modified)."""
+    etag = response.headers.get("ETag")
+    version = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
+    if version:
+        _if_range(part).write_text(version)
+    else:
+        _if_range(part).unlink(missing_ok=True)
+
+
+def _drop_part(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    _if_range(part).unlink(missing_ok=True)
+
+
+def _open(url: str, offset: int, auth, timeout: float, name: str, version: str | None = None):
+    """The response for ``url`` from byte ``offset`` (only if the file is still ``version``),
+    answering a 401 with ``auth`` once."""
     request = urllib.request.Request(url, headers={"User-Agent": f"agepipe/{__version__}"})
     if offset:
         request.add_header("Range", f"bytes={offset}-")
+        if version:
+            request.add_header("If-Range", version)
     sent_auth = False
     while True:
         try:
@@ -372,7 +405,7 @@ def _open(url: str, offset: int, auth, timeout: float, name: str):
             raise _Retryable(f"{e.__class__.__name__}: {getattr(e, 'reason', e)}") from None
 
 
-def _content_range(response, offset: int, name: str) -> tuple[int, int | None]:
+def _content_range(response, offset: int, name: str, version: str | None = None) -> tuple[int, int | None]:
     """(the first byte the body holds, the file's size or None)."""
     if response.status == 206:
         spec = response.headers.get("Content-Range", "")
@@ -385,7 +418,10 @@ def _content_range(response, offset: int, name: str) -> tuple[int, int | None]:
         if first > offset:
             raise _Retryable(f"asked for byte {offset}, got bytes from {first}")
         return first, size
-    if offset:
+    if offset and version:
+        log.warning("%s: the file changed on the server since the part was fetched; fetching it again "
+                    "from the first byte", name)
+    elif offset:
         log.warning("%s: the server ignored the Range request; fetching again from the first byte", name)
     length = response.headers.get("Content-Length", "")
     return 0, int(length) if length.isdigit() else None

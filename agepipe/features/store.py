@@ -158,11 +158,23 @@ def rows_digest(rows: pa.Table) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def write_shard(table: pa.Table, store: str, feature_set: str, dataset: str, index: int) -> str:
+def inputs_digest(manifest_rows: pa.Table) -> str:
+    """What else of the manifest rows went into a shard: the statuses (which photos were
+    embedded), the face boxes (which face) and age_bin, so a rerun redoes a shard whose
+    manifest changed there while its rows_digest stayed the same."""
+    columns = [manifest_rows[name].to_pylist() for name in ("status", "face_hint", "age_bin")]
+    text = "\n".join("\t".join(map(str, values)) for values in zip(*columns))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def write_shard(table: pa.Table, store: str, feature_set: str, dataset: str, index: int,
+                inputs: str | None = None) -> str:
     """Write one shard atomically (a temporary name in the same folder, then a rename) under a
-    name of its own; it counts once an index commit lists it. Returns its path."""
+    name of its own; it counts once an index commit lists it. ``inputs``: the inputs_digest of
+    the manifest rows it was made from (default: the table's own). Returns its path."""
     table = without_nulls(table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA))
-    table = table.replace_schema_metadata({"agepipe.rows": rows_digest(table)})
+    table = table.replace_schema_metadata({"agepipe.rows": rows_digest(table),
+                                           "agepipe.inputs": inputs or inputs_digest(table)})
     fs, root = _fs(dataset_dir(store, feature_set, dataset))
     final = _join(root, shard_name(index))
     with open_atomic(fs, final, "wb") as f:
@@ -178,30 +190,32 @@ def write_shard(table: pa.Table, store: str, feature_set: str, dataset: str, ind
     return final
 
 
-def shard_digest(store: str, path: str) -> str | None:
-    """The rows digest of a complete shard with the current schema; None for anything else."""
+def shard_digests(store: str, path: str) -> tuple[str, str | None] | None:
+    """(rows digest, inputs digest or None if written before agepipe recorded it) of a complete
+    shard with the current schema; None for anything else."""
     fs, _ = _fs(store)
     try:
         with fs.open(path, "rb") as f:
             schema = pq.ParquetFile(f).schema_arrow
     except Exception:
         return None
-    if schema.names != SHARD_SCHEMA.names:
+    meta = schema.metadata or {}
+    if schema.names != SHARD_SCHEMA.names or not meta.get(b"agepipe.rows"):
         return None
-    return (schema.metadata or {}).get(b"agepipe.rows", b"").decode() or None
+    return meta[b"agepipe.rows"].decode(), meta.get(b"agepipe.inputs", b"").decode() or None
 
 
-def shards_on_disk(store: str, feature_set: str, dataset: str) -> dict[str, list[str]]:
-    """{rows digest: [paths]} of every readable shard in the dataset folder, listed or not:
-    a crashed run's finished shards are found again by the rows they hold."""
+def shards_on_disk(store: str, feature_set: str, dataset: str) -> dict[str, list[tuple[str, str | None]]]:
+    """{rows digest: [(path, inputs digest)]} of every readable shard in the dataset folder,
+    listed or not: a crashed run's finished shards are found again by the rows they hold."""
     fs, root = _fs(dataset_dir(store, feature_set, dataset))
     if not fs.exists(root):
         return {}
-    found: dict[str, list[str]] = {}
+    found: dict[str, list[tuple[str, str | None]]] = {}
     for path in sorted(fs.glob(_join(root, SHARD_GLOB))):
-        digest = shard_digest(store, path)
-        if digest:
-            found.setdefault(digest, []).append(path)
+        digests = shard_digests(store, path)
+        if digests:
+            found.setdefault(digests[0], []).append((path, digests[1]))
     return found
 
 

@@ -250,7 +250,8 @@ def extract_shard(task: dict) -> dict:
     if not task.get("write", True):
         return {"table": table, "embedded": embedded, "seconds": time.perf_counter() - started}
     t = time.perf_counter()
-    fstore.write_shard(table, task["store"], task["feature_set"], task["dataset"], task["index"])
+    fstore.write_shard(table, task["store"], task["feature_set"], task["dataset"], task["index"],
+                       fstore.inputs_digest(rows))
     timings["write"] += time.perf_counter() - t
     return {"dataset": task["dataset"], "index": task["index"], "rows": table.num_rows,
             "status": dict(Counter(table["status"].to_pylist())), "faces_rescued": timings.pop("faces_rescued", 0),
@@ -262,7 +263,7 @@ def _retry_transient(store: str, path: str, rows: pa.Table, data_root: str, cfg:
                      timings: Counter) -> pa.Table:
     """Keep a finished shard's rows, redo only those whose status was a transient failure."""
     existing = fstore.read_shard_file(store, path)
-    transient = np.isin(np.array(existing["status"].to_pylist(), dtype=object), list(fstore.TRANSIENT_STATUSES))
+    transient = to_retry(existing["status"].to_pylist(), rows["status"].to_pylist())
     if not transient.any():
         return existing
     redo = embed_rows(rows.filter(pa.array(transient)), data_root, cfg, timings)
@@ -334,15 +335,23 @@ def plan_shards(manifest: pa.Table, shard_rows: int) -> list[pa.Table]:
     return [manifest.slice(start, shard_rows) for start in range(0, manifest.num_rows, shard_rows)]
 
 
-def shard_has_transient(store: str, path: str) -> bool:
+def to_retry(statuses: list[str], manifest_statuses: list[str]) -> np.ndarray:
+    """Rows --retry-failed redoes: transient failures, and photos the manifest lists that were
+    missing when extracted (they may have arrived since)."""
+    shard, manifest = np.array(statuses, dtype=object), np.array(manifest_statuses, dtype=object)
+    return np.isin(shard, list(fstore.TRANSIENT_STATUSES)) | ((shard == "missing_image") & (manifest == "ok"))
+
+
+def shard_has_transient(store: str, path: str, rows: pa.Table) -> bool:
     statuses = fstore.read_shard_file(store, path, columns=["status"])["status"].to_pylist()
-    return bool(fstore.TRANSIENT_STATUSES & set(statuses))
+    return bool(to_retry(statuses, rows["status"].to_pylist()).any())
 
 
 @dataclass
 class Cut:
-    """One dataset's shards as this run cuts them: (start, rows, digest, finished path or None)."""
-    shards: list[tuple[int, int, str, str | None]]
+    """One dataset's shards as this run cuts them: (start, rows, digest, inputs digest,
+    finished path or None)."""
+    shards: list[tuple[int, int, str, str, str | None]]
     manifest_sha256: str
     generation: str | None    # the index planned from, so a commit notices another writer
 
@@ -359,8 +368,8 @@ def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature
               cfg: ExtractConfig, shard_rows: int, retry_failed: bool,
               manifest_sha256: dict[str, str] | None = None) -> Plan:
     """Tasks for the shards not yet on disk. A shard counts as finished when a complete file
-    holding exactly its rows exists, listed in the index or left by a run that crashed
-    before its commit."""
+    holding exactly its rows, made from the manifest rows as they are now, exists, listed in
+    the index or left by a run that crashed before its commit."""
     tasks, skipped, skipped_rows, cuts = [], 0, 0, {}
     for dataset, manifest in manifests.items():
         fstore.remove_stale_temporaries(store, feature_set, dataset)
@@ -374,15 +383,17 @@ def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature
         shards = []
         start = 0
         for index_no, rows in enumerate(plan_shards(manifest, shard_rows)):
-            digest = fstore.rows_digest(rows)
-            found = sorted(on_disk.get(digest, []), key=lambda p: p.rsplit("/", 1)[-1] not in listed)
+            digest, inputs = fstore.rows_digest(rows), fstore.inputs_digest(rows)
+            # A shard from before inputs were recorded (None) is taken as made from these rows.
+            found = sorted((p for p, made_from in on_disk.get(digest, []) if made_from in (None, inputs)),
+                           key=lambda p: p.rsplit("/", 1)[-1] not in listed)
             path = found[0] if found else None
-            shards.append((start, rows.num_rows, digest, path))
+            shards.append((start, rows.num_rows, digest, inputs, path))
             start += rows.num_rows
             task = {"rows": rows.to_pylist(), "data_root": data_root, "store": store,
                     "feature_set": feature_set, "dataset": dataset, "index": index_no, "config": asdict(cfg)}
             if path:
-                if not (retry_failed and shard_has_transient(store, path)):
+                if not (retry_failed and shard_has_transient(store, path, rows)):
                     skipped += 1
                     skipped_rows += rows.num_rows
                     continue
@@ -417,9 +428,9 @@ def commit_plan(plan: Plan, store: str, feature_set: str) -> None:
         on_disk = fstore.shards_on_disk(store, feature_set, dataset)
         entries = []
         redone = {t["index"]: t.get("retry_path") for t in plan.tasks if t["dataset"] == dataset}
-        for index_no, (start, rows, digest, path) in enumerate(cut.shards):
+        for index_no, (start, rows, digest, inputs, path) in enumerate(cut.shards):
             if index_no in redone:
-                fresh = [p for p in on_disk.get(digest, []) if p != redone[index_no]]
+                fresh = [p for p, made_from in on_disk.get(digest, []) if p != redone[index_no] and made_from == inputs]
                 if not fresh:
                     raise fstore.StoreError(f"shard {index_no} of {dataset} was not written, so nothing was "
                                             f"committed; rerun `agepipe extract --dataset {dataset}`")
@@ -527,7 +538,9 @@ def _rescue_shard(client, task: dict, error: Exception) -> dict:
 
 
 def _write_rescued(task: dict, result: dict) -> None:
-    fstore.write_shard(result.pop("table"), task["store"], task["feature_set"], task["dataset"], task["index"])
+    rows = pa.Table.from_pylist(task["rows"], schema=fstore.MANIFEST_SCHEMA)
+    fstore.write_shard(result.pop("table"), task["store"], task["feature_set"], task["dataset"], task["index"],
+                       fstore.inputs_digest(rows))
 
 
 def run_stats(results: list[dict], wall: float) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import socket
 import threading
 import time
@@ -18,6 +19,7 @@ class Served:
     authorization: str | None
     status: int
     body_bytes: int
+    if_range: str | None = None
 
 
 class FlakyServer(ThreadingHTTPServer):
@@ -28,6 +30,8 @@ class FlakyServer(ThreadingHTTPServer):
     script   {path: [action, ...]}: each request for path takes the next action, if any:
              ("drop", n)      send n bytes of the body, then cut the connection
              ("ignore_range",) answer a Range request with the whole file (200)
+             ("ignore_if_range",) answer a Range request from the file as it is now (206), even
+                              when If-Range names another version
              ("status", code) answer with that error status
              ("trickle", n, s) send n bytes every s seconds
     """
@@ -66,7 +70,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _record(self, path, status, body_bytes):
         with self.server.lock:
             self.server.log.append(Served(path, self.headers.get("Range"),
-                                          self.headers.get("Authorization"), status, body_bytes))
+                                          self.headers.get("Authorization"), status, body_bytes,
+                                          self.headers.get("If-Range")))
 
     # Each response is logged before it is sent, so the log follows the client's order.
     def _reply(self, path, status, headers=(), body=b""):
@@ -93,13 +98,17 @@ class _Handler(BaseHTTPRequestHandler):
         body = srv.files[path]
         if path in srv.corrupt:
             body = bytes([body[0] ^ 0xFF]) + body[1:]
-        start, status, headers = 0, 200, []
+        etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'  # a strong ETag: the version served
+        start, status, headers = 0, 200, [("ETag", etag)]
         wanted = self.headers.get("Range")
+        if_range = self.headers.get("If-Range")
+        if if_range and if_range != etag and action[0] != "ignore_if_range":
+            wanted = None  # another version than the client holds: the whole file (RFC 9110 13.1.5)
         if wanted and action[0] != "ignore_range":
             start = int(wanted.removeprefix("bytes=").split("-")[0])
             if start >= len(body):
                 return self._reply(path, 416, [("Content-Range", f"bytes */{len(body)}")])
-            status, headers = 206, [("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")]
+            status, headers = 206, [("ETag", etag), ("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")]
         payload = body[start:]
         self.send_response(status)
         for k, v in headers:

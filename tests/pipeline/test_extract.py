@@ -111,25 +111,78 @@ def test_a_dataset_whose_photos_are_all_absent_stops_before_any_row(mini_data, t
     assert not list(store.glob("**/part-*.parquet")) and not list(store.glob("**/_index.json"))
 
 
+def test_a_manifest_changed_where_the_row_digest_does_not_look_redoes_those_shards(mini_data, tmp_path):
+    """A rebuilt manifest gives one row another status and another row another age_bin: the
+    ids, subjects, folds, ages and genders (the rows digest) are unchanged. Only the two shards
+    holding them are redone, and the store says what the manifest now says. (Both shards were
+    kept as finished, with the old status and age_bin.)"""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(mini_data, data)
+    store = tmp_path / "store"
+    assert extract(data, store, "--shard-rows", 5, "--workers", 1).exit_code == 0
+    path = data / "mini" / "manifest.parquet"
+    manifest = pq.read_table(path)
+    rows = manifest.to_pylist()
+    embedded = set(store_rows(store).query("status == 'ok'").image_id)
+    ok = [i for i, r in enumerate(rows) if r["image_id"] in embedded]
+    rows[ok[0]]["status"] = "bad_label"         # shard 0 (rows 0-4)
+    rows[ok[-1]]["age_bin"] = (rows[ok[-1]]["age_bin"] + 1) % 8   # the last shard
+    pq.write_table(pa.Table.from_pylist(rows, schema=manifest.schema), path)
+    result = extract(data, store, "--shard-rows", 5, "--workers", 1)
+    assert result.exit_code == 0, result.output
+    assert "2 to do (9 rows), 2 already finished (10 rows)" in result.output
+    now = store_rows(store).set_index("image_id")
+    changed, relabelled = rows[ok[0]]["image_id"], rows[ok[-1]]["image_id"]
+    assert now.loc[changed, "status"] == "bad_label" and np.isnan(now.loc[changed, "embedding"]).all()
+    assert now.loc[relabelled, "age_bin"] == rows[ok[-1]]["age_bin"] and now.loc[relabelled, "status"] == "ok"
+    again = extract(data, store, "--shard-rows", 5, "--workers", 1)
+    assert "0 to do (0 rows), 4 already finished (19 rows)" in again.output
+
+
 def test_retry_failed_redoes_only_transient_rows(mini_data, tmp_path):
     store = tmp_path / "store"
     assert extract(mini_data, store, "--shard-rows", 10, "--workers", 1).exit_code == 0
     name = the_feature_set(store)
     index = fstore.read_index(str(store), name, "mini")
-    table = pq.read_table(fstore.shard_files(str(store), name, "mini")[0])
+    first = fstore.shard_files(str(store), name, "mini")[0]
+    table = pq.read_table(first)
     status = table["status"].to_pylist()
     status[2] = "worker_lost"
     table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status))
-    lost = fstore.write_shard(table, str(store), name, "mini", 0)
+    _, made_from = fstore.shard_digests(str(store), first)
+    lost = fstore.write_shard(table, str(store), name, "mini", 0, made_from)
     fstore.commit_shards(str(store), name, "mini", [replace(index.shards[0], file=Path(lost).name), index.shards[1]],
                          index.manifest_sha256, index.generation)
     assert "0 to do (0 rows), 2 already finished" in extract(mini_data, store, "--shard-rows", 10, "--workers", 1).output
     result = extract(mini_data, store, "--shard-rows", 10, "--workers", 1, "--retry-failed")
-    assert "1 to do (10 rows)" in result.output
+    assert "2 to do (19 rows)" in result.output  # and the shard holding photos/gone.jpg (missing_image)
     first = fstore.shard_files(str(store), name, "mini")[0]
     assert first != lost and pq.read_table(first)["status"].to_pylist()[2] == "ok"
     assert len(list((store / name / "mini").glob("part-*.parquet"))) == 2  # the rewritten one is gone
     assert_each_manifest_row_once(mini_data, store)
+
+
+def test_retry_failed_redoes_photos_that_were_missing_and_have_arrived(mini_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(mini_data, data)
+    late = next(p for p in sorted((data / "mini" / "photos").rglob("*.jpg")) if "bad" not in p.name)
+    held = tmp_path / late.name
+    late.rename(held)
+    store = tmp_path / "store"
+    assert extract(data, store, "--shard-rows", 100, "--workers", 1).exit_code == 0
+    image_id = str(late.relative_to(data / "mini"))
+    assert store_rows(store).set_index("image_id").loc[image_id, "status"] == "missing_image"
+    held.rename(late)
+    assert "0 to do" in extract(data, store, "--shard-rows", 100, "--workers", 1).output  # a plain rerun keeps it
+    result = extract(data, store, "--shard-rows", 100, "--workers", 1, "--retry-failed")
+    assert "1 to do (19 rows)" in result.output, result.output
+    rows = assert_each_manifest_row_once(data, store).set_index("image_id")
+    assert rows.loc[image_id, "status"] == "ok"
+    assert rows.loc["photos/gone.jpg", "status"] == "missing_image"  # still missing: still that
 
 
 def test_a_photo_that_breaks_its_task_costs_only_that_photo(mini_data, tmp_path, monkeypatch):
