@@ -130,6 +130,7 @@ def local_source(root: Path) -> str:
     folder = Path(root).parent / ".sample-source"
     if not (Path(root) / ARCHIVE).exists() and not (folder / ARCHIVE).exists():
         build_archive(folder)
+    folder.mkdir(parents=True, exist_ok=True)  # a source folder, even where only the fetched copy is left
     return str(folder)
 
 

@@ -105,3 +105,16 @@ def test_real_subprocess(tmp_path):
     assert proc.returncode == 0, proc.stderr
     check_adience(tmp_path / "data", proc.stdout)
     assert "third party lists (unverified)" in proc.stderr     # the fixture is not the real file
+
+
+def test_the_sample_downloads_again_after_its_build_folder_was_removed(tmp_path):
+    """DATA/.sample-source is a build cache beside DATA/sample; once removed, a rerun verifies
+    the fetched copy instead of failing on a missing --source folder."""
+    import shutil
+
+    data = tmp_path / "data"
+    assert run("--dataset", "sample", "--data-dir", data).exit_code == 0
+    shutil.rmtree(data / ".sample-source")
+    result = run("--dataset", "sample", "--data-dir", data)
+    assert result.exit_code == 0, result.output
+    assert f"manifest: {data / 'sample' / 'manifest.parquet'}" in result.output
