@@ -87,6 +87,10 @@ class UnsafeArchiveError(DownloadError):
     pass
 
 
+class DamagedArchive(DownloadError):
+    """An archive that cannot be read to its end (a truncated or corrupt copy)."""
+
+
 class NotEnoughSpace(DownloadError):
     pass
 
@@ -130,7 +134,14 @@ def fetch(files: list[RemoteFile], dest_dir: str | os.PathLike, source: str | No
         try:
             path = _get(f, locations[index], dest_dir, auth, retries, backoff, timeout, index, stop)
             if extract and f.extract:
-                safe_extract(path, dest_dir, protected={g.name for g in files}, _stop=stop, _position=index)
+                try:
+                    safe_extract(path, dest_dir, protected={g.name for g in files}, _stop=stop, _position=index)
+                except DamagedArchive as e:
+                    if f.sha256:  # as published: nothing a new copy would change
+                        raise
+                    _forget(f, dest_dir)
+                    raise DamagedArchive(f"{e}; deleted it and the sha256 recorded for it, which were of this "
+                                         f"damaged copy: give a whole {f.name} and rerun") from None
         except OSError as e:        # e.g. a full disk: the message alone would not name the file
             raise DownloadError(f"{f.name}: {e}") from e
         return path
@@ -483,6 +494,16 @@ def _verify(f: RemoteFile, path: Path, dest_dir: Path, where, fresh: bool, posit
                     "the sha256 is recorded and checked from now on", f.name, md5, f.unverified_md5)
 
 
+def _forget(f: RemoteFile, dest_dir: Path) -> None:
+    """Drop a damaged copy and its sha256 recorded on first use, so a whole copy is not refused
+    against it (a truncated download from a --source folder would be, forever)."""
+    with _records_lock:
+        records = _read_checksums(dest_dir / CHECKSUMS_FILE)
+        if records.pop(f.name, None) is not None:
+            _write_json(dest_dir / CHECKSUMS_FILE, records)
+    (dest_dir / f.name).unlink(missing_ok=True)
+
+
 def _hash(path: Path, with_md5: bool, position: int, stop: threading.Event | None) -> tuple[str, str | None]:
     sha256 = hashlib.sha256()
     md5 = hashlib.md5(usedforsecurity=False) if with_md5 else None
@@ -512,7 +533,7 @@ def _extract_members(archive: Path, work: Path, protected: set[str], stop: threa
     try:
         tar = tarfile.open(archive, "r:*")
     except (tarfile.TarError, OSError) as e:
-        raise DownloadError(f"{archive}: not a readable tar archive ({e})") from None
+        raise DamagedArchive(f"{archive}: not a readable tar archive ({e})") from None
     count = 0
     resolved: dict[str, str] = {}
     with tar, tqdm(desc=f"{archive.name} unpack", unit=" files", position=position, leave=False,
@@ -530,7 +551,7 @@ def _extract_members(archive: Path, work: Path, protected: set[str], stop: threa
                 count += 1
                 bar.update()
         except _DAMAGED as e:
-            raise DownloadError(f"{archive}: damaged archive after {count} members "
+            raise DamagedArchive(f"{archive}: damaged archive after {count} members "
                                 f"({e.__class__.__name__}: {e})") from None
     _check_links(archive, root)
     return count

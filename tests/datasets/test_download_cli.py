@@ -118,3 +118,23 @@ def test_the_sample_downloads_again_after_its_build_folder_was_removed(tmp_path)
     result = run("--dataset", "sample", "--data-dir", data)
     assert result.exit_code == 0, result.output
     assert f"manifest: {data / 'sample' / 'manifest.parquet'}" in result.output
+
+
+def test_a_truncated_archive_is_forgotten_so_a_whole_copy_is_taken_next(tmp_path):
+    """--source holds half a browser download of aligned.tar.gz: it fails as damaged, and its
+    sha256 (recorded on first use) goes with it; the whole copy then downloads. (Every later
+    copy was refused against the truncated one's sha256, and deleted.)"""
+    files = adience_files()
+    good = files["aligned.tar.gz"]
+    source = tmp_path / "Downloads"
+    write_files(source, {**files, "aligned.tar.gz": good[: len(good) // 2]})
+    args = ("--dataset", "adience", "--data-dir", tmp_path / "data", "--source", source)
+    result = run(*args)
+    assert result.exit_code == 1 and "damaged archive" in result.output
+    assert "deleted it and the sha256 recorded for it" in result.output
+    assert "aligned.tar.gz" not in (tmp_path / "data" / "adience" / ".checksums.json").read_text()
+    (source / "aligned.tar.gz").unlink()
+    (source / "aligned.tar.gz").write_bytes(good)
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    check_adience(tmp_path / "data", result.output)
