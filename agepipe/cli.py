@@ -521,7 +521,7 @@ def table(store, feature_set, out, tasks, variants, inits, folds, seeds, epochs,
 
 
 def _echo_metrics(metrics: dict, run: str):
-    from agepipe.train.evaluate import baseline_sentence
+    from agepipe.train.report import baseline_sentence
 
     test = metrics["test"]
     sizes = metrics.get("split_sizes")

@@ -20,7 +20,7 @@ from typing import Callable
 import click
 
 from agepipe.datasets.sample import HELD_OUT_PHOTO, photo_path
-from agepipe.train.evaluate import baseline_sentence
+from agepipe.train.report import baseline_sentence
 
 
 def run_demo(workdir: Path, run: Callable[[list[str]], None], echo=click.echo) -> dict:

@@ -535,12 +535,30 @@ def test_9_a_bug_is_no_photo_fault_even_beside_rows_that_never_reach_the_models(
 
     write_manifest(tiny / "mini", [row(f"{i}.jpg") for i in range(3)] + [row("gone.jpg"), row("x.jpg", "bad_label")])
     store = tmp_path / "store"
-    with pytest.raises(ex.ExtractError, match=r"every photo that reached the models failed \(\d.jpg: RuntimeError"):
+    with pytest.raises(ex.ExtractError, match=r"every photo that reached the models failed \(3 photos; \d.jpg: "
+                                              r"RuntimeError.*nothing written"):
         run_inprocess(tiny, store, ex.ExtractConfig(pack="buffalo_s"), raising_for(None), monkeypatch)
     assert not list(store.glob("**/part-*.parquet"))
-    with pytest.raises(ex.ExtractError, match="no photo of this run got through"):  # one row a shard: the 2nd stops it
+    with pytest.raises(ex.ExtractError, match=r"failed \(1 photo; "):  # one row a shard: the 2nd lone failure stops it
         run_inprocess(tiny, store, ex.ExtractConfig(pack="buffalo_s"), raising_for(None), monkeypatch, shard_rows=1)
     assert not any(ex.fstore.read_shard_file(str(store), str(p))["status"].to_pylist() == ["error"]
+                   for p in store.glob("**/part-*.parquet"))
+
+
+def test_9_a_fault_that_starts_after_the_first_shard_still_stops_the_run(tiny, tmp_path, monkeypatch):
+    """The models work for the first shard, then fail for every photo (as after a CUDA fault):
+    photos having got through earlier prove nothing about this shard, whose two photos both
+    failed. The run stops; the failed shard is not written as "error" rows."""
+    from agepipe.pipeline import extract as ex
+
+    for i in range(3, 5):
+        (tiny / "mini" / f"{i}.jpg").write_bytes((tiny / "mini" / "0.jpg").read_bytes())
+    write_manifest(tiny / "mini", [row(f"{i}.jpg") for i in range(5)])
+    store = tmp_path / "store"
+    with pytest.raises(ex.ExtractError, match=r"shard [12] of mini: every photo that reached the models failed \(2 photos"):
+        run_inprocess(tiny, store, ex.ExtractConfig(pack="buffalo_s"), raising_for({"2.jpg", "3.jpg", "4.jpg"}),
+                      monkeypatch, shard_rows=2)
+    assert not any("error" in ex.fstore.read_shard_file(str(store), str(p))["status"].to_pylist()
                    for p in store.glob("**/part-*.parquet"))
 
 

@@ -127,6 +127,10 @@ class StoreError(ValueError):
     """A store that cannot be read as it is; the message names the file or folder and what to run."""
 
 
+class UnfinishedExtract(StoreError):
+    """Shards that no index lists yet: an extract of the dataset is running or stopped before its commit."""
+
+
 def _rerun(dataset: str) -> str:
     return f"run `agepipe extract --dataset {dataset}` to redo it"
 
@@ -162,7 +166,9 @@ def inputs_digest(manifest_rows: pa.Table) -> str:
     """What else of the manifest rows went into a shard: the statuses (which photos were
     embedded), the face boxes (which face) and age_bin, so a rerun redoes a shard whose
     manifest changed there while its rows_digest stayed the same."""
-    columns = [manifest_rows[name].to_pylist() for name in ("status", "face_hint", "age_bin")]
+    # A missing face box is null in agepipe 0.1.0's manifests and NaN since: the same input.
+    hints = [None if h is None or all(v != v for v in h) else h for h in manifest_rows["face_hint"].to_pylist()]
+    columns = [manifest_rows["status"].to_pylist(), hints, manifest_rows["age_bin"].to_pylist()]
     text = "\n".join("\t".join(map(str, values)) for values in zip(*columns))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -404,8 +410,10 @@ def _listed(store: str, feature_set: str, dataset: str) -> list[tuple[str, Shard
         if not all(map(_is_legacy_shard, found)):
             # Shards this version wrote and no index: an extract stopped before its commit. They
             # may cover part of the manifest only; the rerun keeps them and finishes the rest.
-            raise StoreError(f"{root}: the extract that wrote these shards did not finish (no {INDEX_FILE} "
-                             f"lists them); run `agepipe extract --dataset {dataset}` to finish it")
+            raise UnfinishedExtract(
+                f"{root}: the extract that wrote these shards has not finished (no {INDEX_FILE} lists them); "
+                f"run `agepipe extract --dataset {dataset}` to finish it (a tool that wrote them with write_shard "
+                "commits them with store.commit_shards, or writes them with store.write_dataset)")
         return [(p, None) for p in found]
     out = []
     for entry in index.shards:
@@ -423,7 +431,12 @@ def _shard_paths(store: str, feature_set: str, datasets: list[str] | str | None)
         datasets = [datasets]
     out = []
     for dataset in datasets or list_datasets(store, feature_set):
-        shards = _listed(store, feature_set, dataset)
+        try:
+            shards = _listed(store, feature_set, dataset)
+        except UnfinishedExtract:
+            if datasets:
+                raise
+            continue  # all datasets: those not yet extracted (or still being extracted) are not there yet
         if not shards and datasets:
             raise FileNotFoundError(
                 f"no shards for dataset {dataset!r} in {dataset_dir(store, feature_set, dataset)}; "
@@ -551,8 +564,11 @@ def status_counts(store: str, feature_set: str) -> dict[str, dict[str, int]]:
     """{dataset: {status: rows}} read from the shards themselves."""
     out = {}
     for dataset in list_datasets(store, feature_set):
-        if not _listed(store, feature_set, dataset):
-            continue
+        try:
+            if not _listed(store, feature_set, dataset):
+                continue
+        except UnfinishedExtract:
+            continue  # being extracted, or stopped before its first commit: no rows yet
         t = read_table(store, feature_set, dataset, columns=["status"])
         counts = pc.value_counts(t["status"]).to_pylist()
         out[dataset] = {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: c["values"])}

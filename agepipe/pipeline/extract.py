@@ -455,10 +455,12 @@ def run_tasks(client, tasks: list[dict], progress: bool) -> list[dict]:
     per photo for a shard that keeps failing. A setup error stops the run (ExtractError) and
     cancels what is left: it would otherwise become an "error" row for every photo.
 
-    A photo that fails alone costs only its row, but only once the models have been seen to
-    work in this run (some photo embedded): until then a shard whose every photo that reached
-    them failed waits unwritten, and a second such shard, or the run's end without that proof,
-    stops the run as a setup error or a bug."""
+    A rescued shard where photos got through the models is written, its failed photos as rows.
+    Where none did, the models are to blame, not the photos: with two or more failed photos the
+    run stops (a setup error or a bug); a lone failed photo costs its row when a shard of its
+    dataset has gone through the models since the last such failure (so a fault that persists
+    is not excused by old successes), and until then waits unwritten: a second such shard, or
+    the run's end without that proof, stops the run."""
     from distributed import as_completed
     from tqdm import tqdm
 
@@ -466,7 +468,8 @@ def run_tasks(client, tasks: list[dict], progress: bool) -> list[dict]:
     bar = tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1)
     futures = {client.submit(extract_shard, t, key=f"shard-{t['dataset']}-{t['index']:05d}-{time.time_ns()}",
                              retries=1, pure=False): t for t in tasks}
-    results, waiting, proven = [], [], False
+    results, waiting = [], []
+    proof: dict[str, bool] = {}  # per dataset: photos got through the models since the last lone failure
     try:
         for future in as_completed(futures):
             task = futures[future]
@@ -476,18 +479,22 @@ def run_tasks(client, tasks: list[dict], progress: bool) -> list[dict]:
                 if _is_setup_error(e):
                     raise ExtractError(f"shard {task['index']} of {task['dataset']}: {type(e).__name__}: {e}") from None
                 result = _rescue_shard(client, task, e)
-                if result["raised"] and not (proven or result["embedded"]):
-                    if waiting:
-                        raise _unproven(task, result)
-                    waiting.append((task, result))
-                    continue
+                if result["raised"] and not result["embedded"]:
+                    if len(result["raised"]) > 1:
+                        raise _models_failed(task, result)
+                    if not proof.pop(task["dataset"], False):
+                        if waiting:
+                            raise _models_failed(task, result)
+                        waiting.append((task, result))
+                        continue
                 _write_rescued(task, result)
-            proven = proven or result["embedded"] > 0
+            if result["embedded"]:
+                proof[task["dataset"]] = True
             results.append(result)
             bar.update(result["rows"])
         for task, result in waiting:
-            if not proven:
-                raise _unproven(task, result)
+            if not proof.pop(task["dataset"], False):
+                raise _models_failed(task, result)
             _write_rescued(task, result)
             results.append(result)
             bar.update(result["rows"])
@@ -497,10 +504,11 @@ def run_tasks(client, tasks: list[dict], progress: bool) -> list[dict]:
     return results
 
 
-def _unproven(task: dict, result: dict) -> ExtractError:
+def _models_failed(task: dict, result: dict) -> ExtractError:
+    raised = result["raised"]
     return ExtractError(f"shard {task['index']} of {task['dataset']}: every photo that reached the models failed "
-                        f"({result['raised'][0]}), and no photo of this run got through them: not the photos' "
-                        "fault; nothing written for such shards")
+                        f"({len(raised)} photo{'s' if len(raised) > 1 else ''}; {raised[0]}), none got through "
+                        "them: not the photos' fault; nothing written for it")
 
 
 def _rescue_shard(client, task: dict, error: Exception) -> dict:

@@ -23,7 +23,7 @@ from agepipe.atomic import atomic_path
 from agepipe.train.checkpoint import CONFIG, CheckpointError, load_checkpoint, write_json
 from agepipe.train.data import class_ages, class_names, load_task_data, make_split, true_ages
 from agepipe.train.model import ResMLP, autocast, has_dropout, mc_dropout_mode, resolve_device
-from agepipe.train.report import write_report
+from agepipe.train.report import headline, write_report
 
 ECE_BINS = 15
 COVERAGES = (0.5, 0.8, 0.9, 1.0)
@@ -254,11 +254,6 @@ def evaluate_split(model: ResMLP, x: torch.Tensor, y: torch.Tensor, task: str, a
     return out
 
 
-def headline(split: dict) -> dict:
-    """The final prediction's scores: the MC-dropout mean's when there is one."""
-    return split.get("mc", split)
-
-
 def split_warnings(split: dict, pred: np.ndarray) -> list[str]:
     """Plain sentences for what a reader of the numbers must not miss."""
     out = []
@@ -276,27 +271,6 @@ def split_warnings(split: dict, pred: np.ndarray) -> list[str]:
         out.append(f"the uncertainty ({split['risk_coverage']['measure']}) ranks errors worse than chance "
                    f"(error AUROC {auroc:.2f} < 0.5): do not use it to set predictions aside")
     return out
-
-
-def baseline_sentence(kind: str, split: dict) -> str:
-    """One line a newcomer reads: does the model beat the constant guess on its held-out rows?"""
-    base, h, n = split.get("majority_baseline"), headline(split), split["n"]
-    if not base or not n:
-        return f"the {kind} model: no held-out rows to score"
-    bal, ci = h["balanced_accuracy"], split.get("bootstrap_95", {}).get("balanced_accuracy")
-    points = 100 * (bal - base["balanced_accuracy"])
-    interval = f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
-    numbers = (f"balanced accuracy {bal:.2f}{interval} on {n} held-out faces vs the majority baseline's "
-               f"{base['balanced_accuracy']:.2f} (always {base['class']})")
-    if points <= 0 and base["balanced_accuracy"] >= 1:
-        return (f"the {kind} model does not beat the majority baseline, nor can it here: every held-out face "
-                f"is {base['class']}, so the constant guess is already right; {numbers}")
-    if points <= 0:
-        return f"the {kind} model does not beat the majority baseline: too little data to learn; {numbers}"
-    if ci and ci[0] <= base["balanced_accuracy"]:
-        return (f"the {kind} model beats the majority baseline by {points:.0f} points, but the 95% interval "
-                f"includes the baseline: not conclusive on {n} faces; {numbers}")
-    return f"the {kind} model beats the majority baseline by {points:.0f} points; {numbers}"
 
 
 def _nan_to_none(a: np.ndarray) -> list:

@@ -20,8 +20,9 @@ from agepipe.features.embed import FaceEmbedder
 from agepipe.features.images import ImageError, read_image
 from agepipe.train.checkpoint import CheckpointError, load_checkpoint
 from agepipe.train.data import class_names
-from agepipe.train.evaluate import entropy, expected_age, headline, logits_of, mc_dropout
+from agepipe.train.evaluate import entropy, expected_age, logits_of, mc_dropout
 from agepipe.train.model import ResMLP, has_dropout, resolve_device
+from agepipe.train.report import headline
 
 AGE_TASKS = ("age", "age101")
 

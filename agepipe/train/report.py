@@ -108,23 +108,40 @@ def write_report(run_dir: str | Path) -> Path:
     return path
 
 
+# A child draws its share of the run folders with the parent's own import path: -I keeps the
+# working folder (which may hold another checkout) and PYTHON* variables out of it.
+_DRAW = "import json, sys; sys.path[:] = json.loads(sys.argv[1]); from agepipe.train.report import write_report; " \
+        "[write_report(run) for run in sys.argv[2:]]"
+
+
 def write_reports(run_dirs: list[Path]) -> None:
     """write_report for each run folder, on the machine's cores: drawing takes about a second a
     run, most of a cross-validation's wait on a CPU. Each core's share is drawn by a fresh
-    ``python -m agepipe.train.report`` (no CUDA state forked, the caller's script not re-run)."""
+    Python process (no CUDA state forked, the caller's script not re-run)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     workers = min(len(run_dirs), cores)
     if workers < 2:
         for run in run_dirs:
             write_report(run)
         return
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    procs = [subprocess.Popen([sys.executable, "-m", "agepipe.train.report", *map(str, run_dirs[k::workers])],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-             for k in range(workers)]
-    failed = [err.decode(errors="replace").strip() for p in procs for err in [p.communicate()[1]] if p.returncode]
+    procs = []
+    try:
+        for k in range(workers):
+            procs.append(subprocess.Popen([sys.executable, "-I", "-c", _DRAW, json.dumps(sys.path),
+                                           *map(str, run_dirs[k::workers])],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        errors = [p.communicate()[1].decode(errors="replace").strip() for p in procs]
+    finally:
+        for p in procs:  # Ctrl-C, or a failure to start one: none keeps drawing after we return
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    failed = [e for p, e in zip(procs, errors) if p.returncode]
     if failed:
         raise RuntimeError(f"drawing the runs' reports failed: {failed[0][-2000:]}")
+    missing = [str(run) for run in run_dirs if not (Path(run) / "report.md").exists()]
+    if missing:
+        raise RuntimeError(f"drawing the runs' reports left no report.md in {missing[0]}")
 
 
 def headline_reliability(split: dict) -> dict:
@@ -135,6 +152,32 @@ def warnings_section(warnings: list[str]) -> list[str]:
     if not warnings:
         return ["## Warnings", "", "none", ""]
     return ["## Warnings", ""] + [f"- **warning:** {w}" for w in warnings] + [""]
+
+
+def headline(split: dict) -> dict:
+    """The final prediction's scores: the MC-dropout mean's when there is one."""
+    return split.get("mc", split)
+
+
+def baseline_sentence(kind: str, split: dict) -> str:
+    """One line a newcomer reads: does the model beat the constant guess on its held-out rows?"""
+    base, h, n = split.get("majority_baseline"), headline(split), split["n"]
+    if not base or not n:
+        return f"the {kind} model: no held-out rows to score"
+    bal, ci = h["balanced_accuracy"], split.get("bootstrap_95", {}).get("balanced_accuracy")
+    points = 100 * (bal - base["balanced_accuracy"])
+    interval = f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
+    numbers = (f"balanced accuracy {bal:.2f}{interval} on {n} held-out faces vs the majority baseline's "
+               f"{base['balanced_accuracy']:.2f} (always {base['class']})")
+    if points <= 0 and base["balanced_accuracy"] >= 1:
+        return (f"the {kind} model does not beat the majority baseline, nor can it here: every held-out face "
+                f"is {base['class']}, so the constant guess is already right; {numbers}")
+    if points <= 0:
+        return f"the {kind} model does not beat the majority baseline: too little data to learn; {numbers}"
+    if ci and ci[0] <= base["balanced_accuracy"]:
+        return (f"the {kind} model beats the majority baseline by {points:.0f} points, but the 95% interval "
+                f"includes the baseline: not conclusive on {n} faces; {numbers}")
+    return f"the {kind} model beats the majority baseline by {points:.0f} points; {numbers}"
 
 
 def headline_section(task: str, test: dict) -> list[str]:
@@ -151,7 +194,6 @@ def headline_section(task: str, test: dict) -> list[str]:
     if base:
         lines.append(f"| majority baseline (always {base['class']}) | {_fmt(base['accuracy'])} | "
                      f"{_fmt(base['balanced_accuracy'])} |")
-        from agepipe.train.evaluate import baseline_sentence
         sentence = baseline_sentence(task, test)
         lines += ["", sentence[0].upper() + sentence[1:] + "."]
     return lines + [""]
@@ -367,7 +409,3 @@ def plot_risk_coverage(curves: list[tuple[str, dict]], measure: str, path: Path)
     ax.legend(fontsize=7, loc="lower left")
     _save(fig, path)
 
-
-if __name__ == "__main__":  # write_reports: one process's share of the run folders
-    for run in sys.argv[1:]:
-        write_report(run)

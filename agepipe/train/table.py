@@ -168,14 +168,16 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
     dev = resolve_device(device)
     cells, rows = grid.cells(), []
     for task in grid.tasks:
+        # A cell is reused only on the same rows; the cut is read before the rows, so an extract
+        # that commits in between makes the recorded cut older than the rows, never newer.
+        cut = fstore.cut_digest(store, feature_set, datasets)
         data = load_task_data(store, feature_set, datasets, task, min_det_score, dev)
         record = data_record(store, feature_set, datasets, None, min_det_score)
-        cut = fstore.cut_digest(store, feature_set, datasets)  # a cell is reused only on the same rows
         pre = pre_record = pre_cut = None
         if "pretrained" in grid.inits:
+            pre_cut = fstore.cut_digest(store, feature_set, pretrain_datasets)
             pre = load_task_data(store, feature_set, pretrain_datasets, task, min_det_score, dev)
             pre_record = data_record(store, feature_set, pretrain_datasets, None, min_det_score)
-            pre_cut = fstore.cut_digest(store, feature_set, pretrain_datasets)
         for init in grid.inits:
             for variant in grid.variants:
                 overrides = {**cell_train_overrides(task, variant, grid.settings), "epochs": grid.epochs}
@@ -186,7 +188,7 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
                             "model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "data": record, "cut": cut,
                             "pretrain_data": pre_record if init == "pretrained" else None,
                             "pretrain_cut": pre_cut if init == "pretrained" else None, "mc_samples": mc_samples}
-                done = _finished_cell(cell_dir, identity)
+                done, changed = _finished_cell(cell_dir, identity)
                 if done is None:
                     cell_start, pretrain_seconds, init_run = time.perf_counter(), None, None
                     if init == "pretrained":
@@ -205,7 +207,7 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
                             "pretrain_seconds": pretrain_seconds,
                             "accuracy": [r["test_accuracy"] for r in cv["runs"]]}
                     write_json(cell_dir / "cell.json", done)
-                    how = f"trained in {done['seconds']:.1f} s"
+                    how = f"trained in {done['seconds']:.1f} s" + (f" (again: {changed} changed)" if changed else "")
                 else:
                     how = f"reused (trained in {done['seconds']:.1f} s before)"
                 row = {"task": task, "variant": variant, "init": init, **accuracy_stats(done["accuracy"])}
@@ -224,15 +226,17 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
     return rows
 
 
-def _finished_cell(cell_dir: Path, identity: dict) -> dict | None:
-    """The recorded result of a cell trained with exactly these settings, if there is one."""
+def _finished_cell(cell_dir: Path, identity: dict) -> tuple[dict | None, str]:
+    """The recorded result of a cell trained with exactly these settings on these rows, if there
+    is one; else None and what differs from the one recorded ("" when none is)."""
     path = cell_dir / "cell.json"
     if not path.exists():
-        return None
+        return None, ""
     with open(path) as f:
         done = json.load(f)
-    # Through JSON so tuples and lists compare alike.
-    return done if done.get("identity") == json.loads(json.dumps(identity)) else None
+    old, new = done.get("identity", {}), json.loads(json.dumps(identity))  # tuples and lists alike
+    changed = [k for k in new if old.get(k) != new[k]]
+    return (done, "") if not changed else (None, ", ".join(changed))
 
 
 def _num(v, digits: int = 4) -> str:

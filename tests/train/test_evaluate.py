@@ -120,7 +120,8 @@ def test_risk_coverage_names_its_measure_and_the_random_baseline():
 
 
 def test_warnings_for_a_constant_model_and_an_uncertainty_worse_than_chance():
-    from agepipe.train.evaluate import baseline_sentence, split_warnings
+    from agepipe.train.evaluate import split_warnings
+    from agepipe.train.report import baseline_sentence
 
     split = {"classes": ["female", "male"], "n": 4, "balanced_accuracy": 0.5,
              "majority_baseline": {"class": "male", "accuracy": 0.5, "balanced_accuracy": 0.5},

@@ -122,6 +122,7 @@ def test_a_cell_trained_on_rows_the_store_no_longer_holds_is_trained_again(table
     assert result.output.count("reused") == 1 and "gender scratch full" in \
         next(line for line in result.output.splitlines() if "reused" in line)
     assert result.output.count("pre-trained on") == 1
+    assert "(again: pretrain_cut changed)" in result.output
 
 
 def test_blank_where_nothing_was_published(tmp_path):
