@@ -408,4 +408,3 @@ def plot_risk_coverage(curves: list[tuple[str, dict]], measure: str, path: Path)
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7, loc="lower left")
     _save(fig, path)
-

@@ -62,7 +62,8 @@ def test_cv_report_has_every_section_and_a_report_per_fold(cv_runs):
         assert (out / plot).stat().st_size > 5000
 
 
-def test_reports_drawn_on_several_cores_match_one_drawn_here_and_a_failure_names_the_file(cv_runs, tmp_path):
+def test_reports_drawn_on_several_cores_match_one_drawn_here_and_a_failure_names_the_file(cv_runs, tmp_path,
+                                                                                         monkeypatch):
     import shutil
 
     _, runs = cv_runs
@@ -70,6 +71,14 @@ def test_reports_drawn_on_several_cores_match_one_drawn_here_and_a_failure_names
     for copy in copies:
         for name in ["report.md", *PLOTS]:
             (copy / name).unlink(missing_ok=True)
+    # The working folder holds another agepipe whose report draws nothing: the children must
+    # import this one (started with `python -m` they took the folder's, exited 0, drew nothing).
+    other = tmp_path / "other-checkout" / "agepipe" / "train"
+    other.mkdir(parents=True)
+    for init in (other.parent / "__init__.py", other / "__init__.py"):
+        init.write_text("")
+    (other / "report.py").write_text("def write_report(run):\n    pass\n")
+    monkeypatch.chdir(other.parent.parent)
     write_reports(copies)  # in other processes (with 2 cores or more)
     for copy, run in zip(copies, runs):
         assert (copy / "report.md").read_text().replace(copy.name, run.name) == (run / "report.md").read_text()
