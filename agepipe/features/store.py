@@ -154,12 +154,16 @@ def feature_set_name(label: str, config: dict) -> str:
 ROW_KEY = ["image_id", "subject_id", "fold", "age", "gender"]
 
 
+def _digest(columns: list[list]) -> str:
+    """A short sha256 of rows given as columns: a line a row, its values tab-separated."""
+    text = "\n".join("\t".join(map(str, values)) for values in zip(*columns))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def rows_digest(rows: pa.Table) -> str:
     """Which manifest rows a shard holds (ids and labels), so a rerun can tell a finished
     shard from one cut differently, or from rows whose labels changed since."""
-    columns = [rows[name].to_pylist() for name in ROW_KEY]
-    text = "\n".join("\t".join(map(str, values)) for values in zip(*columns))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _digest([rows[name].to_pylist() for name in ROW_KEY])
 
 
 def inputs_digest(manifest_rows: pa.Table) -> str:
@@ -168,9 +172,7 @@ def inputs_digest(manifest_rows: pa.Table) -> str:
     manifest changed there while its rows_digest stayed the same."""
     # A missing face box is null in agepipe 0.1.0's manifests and NaN since: the same input.
     hints = [None if h is None or all(v != v for v in h) else h for h in manifest_rows["face_hint"].to_pylist()]
-    columns = [manifest_rows["status"].to_pylist(), hints, manifest_rows["age_bin"].to_pylist()]
-    text = "\n".join("\t".join(map(str, values)) for values in zip(*columns))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _digest([manifest_rows["status"].to_pylist(), hints, manifest_rows["age_bin"].to_pylist()])
 
 
 def write_shard(table: pa.Table, store: str, feature_set: str, dataset: str, index: int,
@@ -450,8 +452,7 @@ def _shard_paths(store: str, feature_set: str, datasets: list[str] | str | None)
 def cut_digest(store: str, feature_set: str, datasets: list[str] | str | None) -> str:
     """Which cut of the store the datasets are now: every write that changes a row (a new cut,
     a --retry-failed rewrite) gives its shard a new file name, so equal digests mean equal rows."""
-    files = [f"{dataset}/{_name(path)}" for dataset, path, _ in _shard_paths(store, feature_set, datasets)]
-    return hashlib.sha256("\n".join(files).encode()).hexdigest()[:16]
+    return _digest([[f"{dataset}/{_name(path)}" for dataset, path, _ in _shard_paths(store, feature_set, datasets)]])
 
 
 def read_shard_file(store: str, path: str, columns: list[str] | None = None,

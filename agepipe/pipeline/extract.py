@@ -250,8 +250,7 @@ def extract_shard(task: dict) -> dict:
     if not task.get("write", True):
         return {"table": table, "embedded": embedded, "seconds": time.perf_counter() - started}
     t = time.perf_counter()
-    fstore.write_shard(table, task["store"], task["feature_set"], task["dataset"], task["index"],
-                       fstore.inputs_digest(rows))
+    fstore.write_shard(table, task["store"], task["feature_set"], task["dataset"], task["index"], task["inputs"])
     timings["write"] += time.perf_counter() - t
     return {"dataset": task["dataset"], "index": task["index"], "rows": table.num_rows,
             "status": dict(Counter(table["status"].to_pylist())), "faces_rescued": timings.pop("faces_rescued", 0),
@@ -390,8 +389,8 @@ def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature
             path = found[0] if found else None
             shards.append((start, rows.num_rows, digest, inputs, path))
             start += rows.num_rows
-            task = {"rows": rows.to_pylist(), "data_root": data_root, "store": store,
-                    "feature_set": feature_set, "dataset": dataset, "index": index_no, "config": asdict(cfg)}
+            task = {"rows": rows.to_pylist(), "data_root": data_root, "store": store, "feature_set": feature_set,
+                    "dataset": dataset, "index": index_no, "inputs": inputs, "config": asdict(cfg)}
             if path:
                 if not (retry_failed and shard_has_transient(store, path, rows)):
                     skipped += 1
@@ -546,9 +545,8 @@ def _rescue_shard(client, task: dict, error: Exception) -> dict:
 
 
 def _write_rescued(task: dict, result: dict) -> None:
-    rows = pa.Table.from_pylist(task["rows"], schema=fstore.MANIFEST_SCHEMA)
     fstore.write_shard(result.pop("table"), task["store"], task["feature_set"], task["dataset"], task["index"],
-                       fstore.inputs_digest(rows))
+                       task["inputs"])
 
 
 def run_stats(results: list[dict], wall: float) -> dict:

@@ -163,9 +163,11 @@ def test_extract_and_embed_count_and_keep_rescued_faces(photos, embedder, buffal
     (embed_files) and `agepipe extract` (a shard through extract_shard), whose summary counts
     the rescued photos."""
     import cv2
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from agepipe.features.embed import embed_files, feature_identity
+    from agepipe.features.store import MANIFEST_SCHEMA, inputs_digest
     from agepipe.pipeline.extract import ExtractConfig, extract_shard, run_stats
 
     image = read_image(str(photos["obama"]))
@@ -188,7 +190,8 @@ def test_extract_and_embed_count_and_keep_rescued_faces(photos, embedder, buffal
     cfg = ExtractConfig(pack="buffalo_s", detector_sha256=identity["detector_sha256"],
                         recognizer_sha256=identity["recognizer_sha256"])
     result = extract_shard({"rows": rows, "data_root": str(data), "store": str(tmp_path / "store"),
-                            "feature_set": "fs", "dataset": "d", "index": 0, "config": cfg.__dict__})
+                            "feature_set": "fs", "dataset": "d", "index": 0, "config": cfg.__dict__,
+                            "inputs": inputs_digest(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))})
     assert result["faces_rescued"] == 1 and "faces_rescued" not in result["timings"]
     assert run_stats([result, {**result, "index": 1}], 1.0)["faces_rescued"] == 2
     shard = pq.read_table(next((tmp_path / "store").rglob("part-*.parquet")))
