@@ -25,6 +25,8 @@ ROWS = [("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"),
         ("cross_entropy", "cross-entropy (nats)"), ("ece", "expected calibration error"),
         ("mean_predictive_entropy", "mean predictive entropy (nats)"),
         ("mean_mutual_information", "mean mutual information (nats)")]
+MANY_CURVES = 3  # more than this (a cross-validation's runs): drawn alike, the last one stands out
+RUN_STYLE = {"color": "tab:grey", "alpha": 0.5, "linewidth": 0.8}
 
 
 def _read(path: Path) -> dict:
@@ -50,10 +52,19 @@ def _names(task: str, test: dict) -> list[str]:
     return class_names(task)
 
 
+def _margins(fig: Figure, left: float, bottom: float, right: float, top: float, **space) -> None:
+    """Margins around the axes, in inches: room for the tick labels and axis titles these plots
+    have. Fixed, because bbox_inches="tight" draws each figure twice to find them: half the time
+    a report took (tests/train/test_report.py checks no text falls outside)."""
+    width, height = fig.get_size_inches()
+    fig.subplots_adjust(left=left / width, bottom=bottom / height, right=1 - right / width,
+                        top=1 - top / height, **space)
+
+
 def _save(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=110)
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -330,7 +341,9 @@ def write_cv_table(path: Path, cv: dict) -> None:
 def plot_learning_curves(history: dict, path: Path) -> None:
     epochs = [h["epoch"] for h in history["history"]]
     fig = Figure(figsize=(9, 3.5))
-    for ax, what in zip(fig.subplots(1, 2), ("loss", "accuracy")):
+    axes = fig.subplots(1, 2)
+    _margins(fig, 0.8, 0.55, 0.3, 0.15, wspace=0.3)
+    for ax, what in zip(axes, ("loss", "accuracy")):
         for split in ("train", "val"):
             ax.plot(epochs, [h[f"{split}_{what}"] for h in history["history"]], marker=".", label=split)
         ax.axvline(history["best_epoch"], color="grey", linestyle=":", label="best epoch")
@@ -343,6 +356,7 @@ def plot_learning_curves(history: dict, path: Path) -> None:
 def plot_confusion(cm: np.ndarray, names: list[str], path: Path) -> None:
     fig = Figure(figsize=(6, 5) if len(names) <= 10 else (9, 8))
     ax = fig.subplots()
+    _margins(fig, 1.0, 1.0, 0.2, 0.15)
     with np.errstate(invalid="ignore", divide="ignore"):
         share = cm / cm.sum(1, keepdims=True)
     im = ax.imshow(np.nan_to_num(share), cmap="Blues", vmin=0, vmax=1)
@@ -358,22 +372,34 @@ def plot_confusion(cm: np.ndarray, names: list[str], path: Path) -> None:
     _save(fig, path)
 
 
+def _runs_label(curves: list[tuple[str, dict]], what: str, key: str) -> str:
+    values = [rec[key] for _, rec in curves[:-1]]
+    return f"each of {len(values)} runs ({what} {np.nanmin(values):.3f}-{np.nanmax(values):.3f})"
+
+
 def plot_reliability(curves: list[tuple[str, dict]], path: Path) -> None:
     """Accuracy against confidence per bin, each point labelled with its row count; below,
-    the rows per bin of the last curve (the final prediction, or the pooled one)."""
+    the rows per bin of the last curve (the final prediction, or the pooled one). Past
+    MANY_CURVES, the curves but the last (a cross-validation's runs) are drawn alike in grey."""
     fig = Figure(figsize=(5.5, 6.5))
     ax, counts = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    _margins(fig, 0.95, 0.55, 0.25, 0.15, hspace=0.1)
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
-    for label, rel in curves:
+    many = len(curves) > MANY_CURVES
+    for k, (label, rel) in enumerate(curves):
         kept = [(c, a, n) for c, a, n in zip(rel["bin_confidence"], rel["bin_accuracy"], rel["bin_count"]) if n]
         if not kept:
             continue
         conf, acc, n = zip(*kept)
+        if many and k < len(curves) - 1:
+            ax.plot(conf, acc, **RUN_STYLE, label=_runs_label(curves, "ECE", "ece") if k == 0 else None)
+            continue
         line, = ax.plot(conf, acc, marker="o", label=f"{label} (ECE {rel['ece']:.3f})")
-        if len(curves) <= 3:
-            for c, a, k in kept:
-                ax.annotate(f"n={k}", (c, a), textcoords="offset points", xytext=(4, -10), fontsize=7,
-                            color=line.get_color())
+        if not many:
+            for c, a, rows in kept:
+                left = c > 0.8  # near the right edge: the label goes to the point's left
+                ax.annotate(f"n={rows}", (c, a), textcoords="offset points", xytext=(-4 if left else 4, -10),
+                            ha="right" if left else "left", fontsize=7, color=line.get_color())
     last = curves[-1][1]
     edges = np.array(last["bin_edges"])
     counts.bar(edges[:-1], last["bin_count"], width=np.diff(edges), align="edge", color="tab:grey",
@@ -389,18 +415,21 @@ def plot_reliability(curves: list[tuple[str, dict]], path: Path) -> None:
 
 def plot_risk_coverage(curves: list[tuple[str, dict]], measure: str, path: Path) -> None:
     """Accuracy as the most uncertain predictions are set aside, against a random ranking
-    (which keeps the overall accuracy at every coverage)."""
+    (which keeps the overall accuracy at every coverage). Past MANY_CURVES, as in
+    plot_reliability."""
     fig = Figure(figsize=(6, 4.5))
     ax = fig.subplots()
-    for label, rc in curves:
+    _margins(fig, 0.8, 0.55, 0.25, 0.35)
+    many = len(curves) > MANY_CURVES
+    for k, (label, rc) in enumerate(curves):
+        if many and k < len(curves) - 1:
+            ax.plot(rc["coverage"], rc["accuracy"], **RUN_STYLE,
+                    label=_runs_label(curves, "AURC", "aurc") if k == 0 else None)
+            continue
         line, = ax.plot(rc["coverage"], rc["accuracy"], label=f"{label} (AURC {rc['aurc']:.3f})")
-        if rc.get("random_accuracy") is not None and len(curves) <= 3:
+        if rc.get("random_accuracy") is not None:
             ax.axhline(rc["random_accuracy"], color=line.get_color(), linestyle=":",
                        label=f"{label}: random ranking (AURC {rc['random_aurc']:.3f})")
-    if len(curves) > 3:
-        rc = curves[-1][1]
-        ax.axhline(rc["random_accuracy"], color="black", linestyle=":",
-                   label=f"{curves[-1][0]}: random ranking (AURC {rc['random_aurc']:.3f})")
     ax.set_title(f"ranked by {measure}", fontsize=9)
     ax.set_xlabel("coverage (share of predictions kept, most certain first)")
     ax.set_ylabel("accuracy")

@@ -86,3 +86,46 @@ def test_reports_drawn_on_several_cores_match_one_drawn_here_and_a_failure_names
     (copies[1] / "metrics.json").unlink()
     with pytest.raises((RuntimeError, FileNotFoundError), match="metrics.json"):
         write_reports(copies)
+
+
+def test_no_text_of_any_plot_falls_outside_its_figure(cv_runs, tmp_path, monkeypatch):
+    """The plots have fixed margins (no bbox_inches="tight"): every label, tick label, legend and
+    annotation they draw must still lie inside the saved image, at the extremes of what they show."""
+    import shutil
+
+    from matplotlib.text import Text
+
+    from agepipe.train import report
+
+    drawn, outside = [], []
+    draw = Text.draw
+
+    def recording_draw(text, renderer):
+        draw(text, renderer)
+        if text.get_visible() and text.get_text():  # ticks outside the view are never drawn
+            drawn.append((text.get_text(), text.get_window_extent(renderer).frozen(), text.figure.bbox.frozen()))
+
+    save = report._save
+
+    def checked_save(fig, path):
+        drawn.clear()
+        save(fig, path)
+        assert drawn, path
+        outside.extend((path.name, t) for t, box, page in drawn
+                       if box.x0 < 0 or box.y0 < 0 or box.x1 > page.width or box.y1 > page.height)
+
+    monkeypatch.setattr(Text, "draw", recording_draw)
+    monkeypatch.setattr(report, "_save", checked_save)
+    _, runs = cv_runs
+    run = shutil.copytree(runs[0], tmp_path / "run")
+    report.write_report(run)  # a run's four plots, and the CV's three with one curve per run
+    (tmp_path / "cv").mkdir()
+    report.write_cv_report(tmp_path / "cv", runs)
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    many_rows = {**test["reliability"], "bin_count": [c * 10_000 for c in test["reliability"]["bin_count"]]}
+    report.plot_reliability([("MC dropout K=32", many_rows)], tmp_path / "reliability.png")
+    report.plot_confusion(np.array([[900, 100], [80, 920]]), ["female", "male"], tmp_path / "gender.png")
+    report.plot_confusion(np.ones((101, 101), int), [str(k) for k in range(101)], tmp_path / "age101.png")
+    long_measure = "MC-dropout predictive entropy (K=32)"
+    report.plot_risk_coverage([("this run", test["risk_coverage"])], long_measure, tmp_path / "rc.png")
+    assert not outside
