@@ -326,7 +326,8 @@ def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, bat
         fail(str(e))
     stats = result["stats"]
     click.echo(f"\nthis run: {stats['rows']} rows in {stats['wall_seconds']:.1f} s"
-               + (f" ({stats['images_per_second']:.1f} images/s)" if stats["rows"] else ""))
+               + (f" ({stats['images_per_second']:.1f} images/s)" if stats["rows"] > stats["kept"] else "")
+               + (f"; {stats['kept']} of them kept from finished shards" if stats["kept"] else ""))
     if stats["rows"]:
         click.echo("  time per stage (summed over workers): " + ", ".join(
             f"{k} {v:.1f} s" for k, v in stats["stage_seconds"].items()))

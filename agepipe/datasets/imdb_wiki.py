@@ -11,9 +11,10 @@ Published totals: IMDB 460,723 images, WIKI 62,328.
 ``age``: photo_taken minus the birth year, one less when the birthday falls in the second half of
 the year (the original code's convention: a photo is assumed taken mid-year). MATLAB's day 1 is
 1 January of year 0, so Python's ordinal is dob - 366. ``image_id``: ``{name}_crop/`` + full_path.
-``subject_id``: the celebrity id (IMDB) or the name (WIKI; namesakes share a subject, which makes
-folds coarser, never leaky); a row with neither is its own subject (its image_id). ``fold``: a hash
-of subject_id. ``face_hint``: face_location (x1, y1, x2, y2 in the cropped image's pixels) unless
+``subject_id``: the person's name in both datasets, so that one person's IMDB and Wikipedia photos
+are one subject, in one fold, on one side of every split (namesakes share a subject too, which makes
+folds coarser, never leaky); without a name, IMDB's celebrity id; with neither, the row is its own
+subject (its image_id). ``fold``: a hash of subject_id. ``face_hint``: face_location (x1, y1, x2, y2 in the cropped image's pixels) unless
 no face was found. Extra columns keep dob, photo_taken, name, face_score, second_face_score (and
 celeb_id), so a trainer can apply the usual filters (face_score >= 1, no second face).
 
@@ -198,12 +199,12 @@ def build_manifest(root: Path, name: str) -> pd.DataFrame:
     image_ids = mark_duplicates(image_ids, status)
 
     names = cell_strings(meta["name"])
+    subjects = names
     if name == "imdb":
         celeb_id = np.asarray(meta["celeb_id"], dtype=np.float64)
         known = np.isfinite(celeb_id) & (celeb_id > 0)
-        subjects = [str(int(c)) if k else (nm or i) for c, k, nm, i in zip(celeb_id, known, names, image_ids)]
-    else:
-        subjects = [nm or i for nm, i in zip(names, image_ids)]
+        subjects = [nm or (str(int(c)) if k else "") for nm, c, k in zip(names, celeb_id, known)]
+    subjects = [s or i for s, i in zip(subjects, image_ids)]
 
     frame = pd.DataFrame({
         "image_id": image_ids,

@@ -242,8 +242,9 @@ def extract_shard(task: dict) -> dict:
     rows = pa.Table.from_pylist(task["rows"], schema=fstore.MANIFEST_SCHEMA)
     timings: Counter = Counter()
     started = time.perf_counter()
-    if task.get("retry_path"):
-        table = _retry_transient(task["store"], task["retry_path"], rows, task["data_root"], cfg, timings)
+    if task.get("keep_from"):
+        table = _keep_results(task["store"], task["keep_from"], rows, task["data_root"], cfg, timings,
+                              task["retry_failed"])
     else:
         table = embed_rows(rows, task["data_root"], cfg, timings)
     embedded = timings.pop("embedded", 0)
@@ -254,20 +255,31 @@ def extract_shard(task: dict) -> dict:
     timings["write"] += time.perf_counter() - t
     return {"dataset": task["dataset"], "index": task["index"], "rows": table.num_rows,
             "status": dict(Counter(table["status"].to_pylist())), "faces_rescued": timings.pop("faces_rescued", 0),
-            "embedded": embedded, "timings": dict(timings),
+            "kept": int(timings.pop("kept", 0)), "embedded": embedded, "timings": dict(timings),
             "seconds": time.perf_counter() - started, "worker_pid": os.getpid()}
 
 
-def _retry_transient(store: str, path: str, rows: pa.Table, data_root: str, cfg: ExtractConfig,
-                     timings: Counter) -> pa.Table:
-    """Keep a finished shard's rows, redo only those whose status was a transient failure."""
+def _keep_results(store: str, path: str, rows: pa.Table, data_root: str, cfg: ExtractConfig,
+                  timings: Counter, retry_failed: bool) -> pa.Table:
+    """A finished shard's results for the same photos, under the manifest rows as they are now
+    (their labels may have changed since); with --retry-failed its transient failures redone."""
     existing = fstore.read_shard_file(store, path)
-    transient = to_retry(existing["status"].to_pylist(), rows["status"].to_pylist())
-    if not transient.any():
-        return existing
-    redo = embed_rows(rows.filter(pa.array(transient)), data_root, cfg, timings)
-    positions = np.concatenate([np.flatnonzero(~transient), np.flatnonzero(transient)])
-    merged = pa.concat_tables([existing.filter(pa.array(~transient)), redo])
+    if not existing["image_id"].equals(rows["image_id"]):
+        raise fstore.StoreError(f"{path}: holds other photos than the manifest rows it was planned for; "
+                                "rerun the extract")
+    redo = to_retry(existing["status"].to_pylist(), rows["status"].to_pylist()) if retry_failed \
+        else np.zeros(rows.num_rows, dtype=bool)
+    kept = existing.filter(pa.array(~redo))
+    for name in fstore.MANIFEST_SCHEMA.names:
+        if name != "status":  # the shard's status is what extraction found
+            kept = kept.set_column(kept.schema.get_field_index(name), name, rows.filter(pa.array(~redo))[name])
+    kept = kept.cast(fstore.SHARD_SCHEMA)
+    timings["kept"] += kept.num_rows
+    if not redo.any():
+        return kept
+    redone = embed_rows(rows.filter(pa.array(redo)), data_root, cfg, timings)
+    positions = np.concatenate([np.flatnonzero(~redo), np.flatnonzero(redo)])
+    merged = pa.concat_tables([kept, redone])
     return merged.take(pa.array(np.argsort(positions, kind="stable")))
 
 
@@ -378,28 +390,53 @@ def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature
             index = None  # a damaged index is rebuilt from the shards on disk
         on_disk = fstore.shards_on_disk(store, feature_set, dataset)
         listed = {e.file for e in index.shards} if index else set()
+        placed = {(e.start, e.rows): e for e in index.shards} if index else {}
         data_root = os.path.join(os.path.expanduser(data_dir), dataset)
         shards = []
         start = 0
         for index_no, rows in enumerate(plan_shards(manifest, shard_rows)):
             digest, inputs = fstore.rows_digest(rows), fstore.inputs_digest(rows)
-            # A shard from before inputs were recorded (None) is taken as made from these rows.
-            found = sorted((p for p, made_from in on_disk.get(digest, []) if made_from in (None, inputs)),
+            found = sorted((p for p, made_from in on_disk.get(digest, []) if made_by(made_from, inputs)),
                            key=lambda p: p.rsplit("/", 1)[-1] not in listed)
             path = found[0] if found else None
-            shards.append((start, rows.num_rows, digest, inputs, path))
-            start += rows.num_rows
             task = {"rows": rows.to_pylist(), "data_root": data_root, "store": store, "feature_set": feature_set,
-                    "dataset": dataset, "index": index_no, "inputs": inputs, "config": asdict(cfg)}
+                    "dataset": dataset, "index": index_no, "inputs": inputs, "retry_failed": retry_failed,
+                    "config": asdict(cfg)}
+            shards.append((start, rows.num_rows, digest, inputs, path))
+            place, start = (start, rows.num_rows), start + rows.num_rows
             if path:
                 if not (retry_failed and shard_has_transient(store, path, rows)):
                     skipped += 1
                     skipped_rows += rows.num_rows
                     continue
-                task["retry_path"] = path
+                task["keep_from"] = path
+            else:
+                task["keep_from"] = same_photos(store, on_disk, placed.get(place), rows, inputs)
+                task["relabel"] = task["keep_from"] is not None
             tasks.append(task)
         cuts[dataset] = Cut(shards, (manifest_sha256 or {}).get(dataset, ""), index.generation if index else None)
     return Plan(tasks, skipped, skipped_rows, cuts)
+
+
+def made_by(made_from: str | None, inputs: str) -> bool:
+    """Whether a shard that recorded ``made_from`` was made from manifest rows whose inputs
+    digest is ``inputs``; a shard from before inputs were recorded (None) is taken as made from them."""
+    return made_from in (None, inputs)
+
+
+def same_photos(store: str, on_disk: dict, entry: fstore.ShardEntry | None, rows: pa.Table,
+                inputs: str) -> str | None:
+    """The committed shard at these rows' place, when it holds the same photos made from the same
+    inputs and only their labels (subject, fold, age, gender) changed since, e.g. a manifest
+    rebuilt after a fix of its labels: its results are kept under the new labels, not extracted
+    again. None otherwise."""
+    if entry is None:
+        return None
+    for path, made_from in on_disk.get(entry.digest, []):
+        if path.rsplit("/", 1)[-1] == entry.file and made_by(made_from, inputs):
+            ids = fstore.read_shard_file(store, path, columns=["image_id"])["image_id"]
+            return path if ids.equals(rows["image_id"]) else None
+    return None
 
 
 def check_photos_there(tasks: list[dict], sample: int = 64) -> None:
@@ -408,6 +445,8 @@ def check_photos_there(tasks: list[dict], sample: int = 64) -> None:
     which a rerun keeps. Looks at the first ``sample`` photos to do of each dataset."""
     wanted: dict[str, list[str]] = {}
     for task in tasks:
+        if task.get("keep_from"):
+            continue  # a finished shard's results kept: its photos are not read
         paths = wanted.setdefault(task["data_root"], [])
         paths += [os.path.join(task["data_root"], r["image_id"]) for r in task["rows"][:sample - len(paths)]
                   if r["status"] == "ok"]
@@ -426,7 +465,7 @@ def commit_plan(plan: Plan, store: str, feature_set: str) -> None:
     for dataset, cut in plan.cuts.items():
         on_disk = fstore.shards_on_disk(store, feature_set, dataset)
         entries = []
-        redone = {t["index"]: t.get("retry_path") for t in plan.tasks if t["dataset"] == dataset}
+        redone = {t["index"]: t.get("keep_from") for t in plan.tasks if t["dataset"] == dataset}
         for index_no, (start, rows, digest, inputs, path) in enumerate(cut.shards):
             if index_no in redone:
                 fresh = [p for p, made_from in on_disk.get(digest, []) if p != redone[index_no] and made_from == inputs]
@@ -515,7 +554,7 @@ def _rescue_shard(client, task: dict, error: Exception) -> dict:
     "worker_lost" (its worker died) or "error" (it raised), and a rerun with --retry-failed
     tries it again. Returns the shard's result with its table, not yet written."""
     started = time.perf_counter()
-    singles = [{**task, "rows": [row], "write": False, "retry_path": None} for row in task["rows"]]
+    singles = [{**task, "rows": [row], "write": False, "keep_from": None} for row in task["rows"]]
     futures = [client.submit(extract_shard, s, retries=0, pure=False,
                              key=f"photo-{task['dataset']}-{task['index']}-{i}-{time.time_ns()}")
                for i, s in enumerate(singles)]
@@ -557,8 +596,9 @@ def run_stats(results: list[dict], wall: float) -> dict:
         status.update(r["status"])
         timings.update(r.get("timings", {}))
     rows = sum(r["rows"] for r in results)
-    return {"rows": rows, "status": dict(sorted(status.items())), "wall_seconds": round(wall, 3),
-            "images_per_second": round(rows / wall, 2) if wall > 0 else None,
+    kept = sum(r.get("kept", 0) for r in results)  # results kept from finished shards: not extracted
+    return {"rows": rows, "kept": kept, "status": dict(sorted(status.items())), "wall_seconds": round(wall, 3),
+            "images_per_second": round((rows - kept) / wall, 2) if wall > 0 else None,
             "stage_seconds": {s: round(timings.get(s, 0.0), 3) for s in STAGES},
             "faces_rescued": sum(r.get("faces_rescued", 0) for r in results),  # found only by face rescue
             "rescued_shards": [r["index"] for r in results if "rescued" in r],
@@ -637,8 +677,10 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
                              shard_rows or default_shard_rows(runtime, device), retry_failed,
                              {name: manifest_sha256(data_dir, name) for name in names})
             todo_rows = sum(len(t["rows"]) for t in plan.tasks)
+            relabel = sum(bool(t.get("relabel")) for t in plan.tasks)
             echo(f"shards: {len(plan.tasks)} to do ({todo_rows} rows), {plan.skipped} already finished "
-                 f"({plan.skipped_rows} rows)")
+                 f"({plan.skipped_rows} rows)" + (f"; {relabel} of those to do only relabelled: the same photos, "
+                                                  "their labels changed, their results kept" if relabel else ""))
             check_photos_there(plan.tasks)
             if plan.tasks:  # every worker loads its models first: a setup error stops the run before any shard
                 batches = client.run(load_models, cfg)

@@ -129,10 +129,12 @@ class Split:
 
 
 def subject_keys(rows: pd.DataFrame) -> np.ndarray:
-    """A stable 64-bit hash per row's subject (the image itself when the subject is unknown)."""
+    """A stable 64-bit hash per row's subject (the image itself when the subject is unknown).
+    Not per dataset: one person's IMDB and Wikipedia photos share a subject_id (their name) and
+    must stay on one side of the split; ids of different datasets that happen to be equal only
+    make the split coarser."""
     subjects = rows["subject_id"].astype(object).where(rows["subject_id"].notna(), rows["image_id"])
-    subjects = (rows["dataset"].astype(str) + "/" + subjects.astype(str)).to_numpy(dtype=object)
-    return pd.util.hash_array(subjects)
+    return pd.util.hash_array(subjects.astype(str).to_numpy(dtype=object))
 
 
 def make_split(rows: pd.DataFrame, test_fold: int | None, val_fraction: float = VAL_FRACTION) -> Split:

@@ -199,6 +199,8 @@ def mat_rows(name: str) -> list[MatRow]:
                "Fred Astaire", celeb_id=6488, age=69, status="duplicate"),
         MatRow("06/nm0000006_rm8_1960-2-2_2000.jpg", d(date(1960, 2, 2)), 2000, 0.0, "",
                celeb_id=0, age=40),       # no name and no id: its own subject
+        MatRow("06/nm0000007_rm9_1970-3-3_2001.jpg", d(date(1970, 3, 3)), 2001, 1.0, "",
+               celeb_id=7777, age=31),    # no name: IMDB's celebrity id
     ]
 
 

@@ -141,6 +141,46 @@ def test_a_manifest_changed_where_the_row_digest_does_not_look_redoes_those_shar
     assert "0 to do (0 rows), 4 already finished (19 rows)" in again.output
 
 
+def test_a_manifest_whose_labels_alone_changed_relabels_its_shards_without_reading_a_photo(mini_data, tmp_path):
+    """A manifest rebuilt after a label fix (new subjects and folds, a corrected gender and age)
+    holds the same photos: the shards holding changed rows are rewritten under the new labels with
+    their results kept, so their photos are not read again (here they are gone from disk, and
+    they stay "ok" with their embeddings); the other shards are left alone."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(mini_data, data)
+    store = tmp_path / "store"
+    assert extract(data, store, "--shard-rows", 5, "--workers", 1).exit_code == 0
+    before = store_rows(store).set_index("image_id")
+    path = data / "mini" / "manifest.parquet"
+    manifest = pq.read_table(path)
+    rows = manifest.to_pylist()
+    for r in rows[5:10]:                                    # shard 1: another subject and fold for each
+        r["subject_id"], r["fold"] = f"{r['subject_id']}-fixed", (r["fold"] + 1) % 5
+    rows[11]["gender"], rows[11]["age"] = 1 - rows[11]["gender"], 33.0    # shard 2: one row's labels
+    pq.write_table(pa.Table.from_pylist(rows, schema=manifest.schema), path)
+    for r in rows[5:15]:
+        (data / "mini" / r["image_id"]).unlink(missing_ok=True)
+    result = extract(data, store, "--shard-rows", 5, "--workers", 1)
+    assert result.exit_code == 0, result.output
+    assert "2 to do (10 rows), 2 already finished (9 rows); 2 of those to do only relabelled" in result.output
+    assert "10 of them kept from finished shards" in result.output
+    now = assert_each_manifest_row_once(data, store).set_index("image_id")
+    for r in rows:
+        got = now.loc[r["image_id"]]
+        assert (got.subject_id, got.fold, got.gender) == (r["subject_id"], r["fold"], r["gender"]), r["image_id"]
+        assert got.status == before.loc[r["image_id"], "status"], r["image_id"]  # not "missing_image"
+    ok = (before.status == "ok").to_numpy()
+    assert ok[5:15].any()
+    np.testing.assert_array_equal(np.stack(now.embedding[ok]), np.stack(before.embedding[ok]))
+    assert now.loc[rows[11]["image_id"], "age"] == 33.0
+    assert len(fstore.shard_files(str(store), the_feature_set(store), "mini")) == 4  # the old two deleted
+    assert len(list((store / the_feature_set(store) / "mini").glob("part-*.parquet"))) == 4
+    again = extract(data, store, "--shard-rows", 5, "--workers", 1)
+    assert "0 to do (0 rows), 4 already finished (19 rows)" in again.output
+
+
 def test_retry_failed_redoes_only_transient_rows(mini_data, tmp_path):
     store = tmp_path / "store"
     assert extract(mini_data, store, "--shard-rows", 10, "--workers", 1).exit_code == 0

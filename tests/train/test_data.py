@@ -75,6 +75,15 @@ def test_split_without_subjects_treats_each_image_as_its_own():
     assert len(split.val) == 200
 
 
+def test_one_person_in_two_datasets_stays_on_one_side_of_the_split():
+    # IMDB's and Wikipedia's photos of the same 40 people: the manifests give both the name
+    rows = pd.concat([adience_rows(600, 40, seed=1).assign(dataset="imdb"),
+                      adience_rows(600, 40, seed=2).assign(dataset="wiki")], ignore_index=True)
+    rows["image_id"] = rows["dataset"] + "/" + rows["image_id"]
+    split = make_split(rows, test_fold=None, val_fraction=0.3)
+    assert len(split.val) and not set(rows["subject_id"].iloc[split.train]) & set(rows["subject_id"].iloc[split.val])
+
+
 # Every age exactly between two class midpoints, and the class the original's code gives it
 # (its midpoint list, in the order [28.5, 40.5, 5, 80, 17.5, 50.5, 10, 1], takes the first nearest).
 TIES = {3.0: 1, 7.5: 1, 13.75: 3, 23.0: 4, 34.5: 4, 45.5: 5, 65.25: 7}
