@@ -279,6 +279,7 @@ class Index:
     rows: int                 # manifest rows the shards cover (a --limit run covers fewer)
     manifest_sha256: str
     generation: str           # changes with every commit
+    manifest: str = ""        # the manifest file's path where extract read it ("" before 2026-11-28)
 
 
 def index_path(store: str, feature_set: str, dataset: str) -> str:
@@ -294,7 +295,7 @@ def read_index(store: str, feature_set: str, dataset: str) -> Index | None:
         with fs.open(path, "r") as f:
             raw = json.load(f)
         index = Index([ShardEntry(**e) for e in raw["shards"]], int(raw["rows"]),
-                      str(raw["manifest_sha256"]), str(raw["generation"]))
+                      str(raw["manifest_sha256"]), str(raw["generation"]), str(raw.get("manifest", "")))
     except (ValueError, KeyError, TypeError) as e:
         raise StoreError(f"{path}: not a readable shard index ({e}); {_rerun(dataset)}") from None
     expected = 0
@@ -311,10 +312,11 @@ def read_index(store: str, feature_set: str, dataset: str) -> Index | None:
 
 
 def commit_shards(store: str, feature_set: str, dataset: str, shards: list[ShardEntry],
-                  manifest_sha256: str = "", expected_generation: str | None = None) -> Index:
+                  manifest_sha256: str = "", expected_generation: str | None = None, manifest: str = "") -> Index:
     """Make ``shards`` the dataset's content in one step: the index is written under a
     temporary name and renamed over the old one, then every shard it does not list is
-    deleted. ``expected_generation`` is the index the caller planned from (None: none)."""
+    deleted. ``expected_generation`` is the index the caller planned from (None: none);
+    ``manifest`` the path of the manifest file whose sha256 is ``manifest_sha256``."""
     fs, path = _fs(index_path(store, feature_set, dataset))
     try:
         current = read_index(store, feature_set, dataset)
@@ -324,9 +326,9 @@ def commit_shards(store: str, feature_set: str, dataset: str, shards: list[Shard
         raise StoreError(f"{path} changed while this run worked (another writer?); rerun "
                          f"`agepipe extract --dataset {dataset}`")
     index = Index(sorted(shards, key=lambda e: e.start), sum(e.rows for e in shards), manifest_sha256,
-                  uuid.uuid4().hex)
+                  uuid.uuid4().hex, manifest)
     with open_atomic(fs, path, "w") as f:
-        json.dump({"shards": [asdict(e) for e in index.shards], "rows": index.rows,
+        json.dump({"shards": [asdict(e) for e in index.shards], "rows": index.rows, "manifest": manifest,
                    "manifest_sha256": manifest_sha256, "generation": index.generation}, f, indent=1)
     listed = {e.file for e in index.shards}
     root = path.rsplit("/", 1)[0]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import os
 import time
 from collections import Counter
@@ -331,17 +330,6 @@ def manifest_table(data_dir: str, dataset: str) -> pa.Table:
     return table
 
 
-def manifest_sha256(data_dir: str, dataset: str) -> str:
-    """The manifest file's sha256, recorded in the index: which manifest the shards were cut from."""
-    from agepipe.datasets.manifest import MANIFEST_FILE
-
-    digest = hashlib.sha256()
-    with open(Path(data_dir).expanduser() / dataset / MANIFEST_FILE, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def plan_shards(manifest: pa.Table, shard_rows: int) -> list[pa.Table]:
     return [manifest.slice(start, shard_rows) for start in range(0, manifest.num_rows, shard_rows)]
 
@@ -363,6 +351,7 @@ class Cut:
     """One dataset's shards as this run cuts them: (start, rows, digest, inputs digest,
     finished path or None)."""
     shards: list[tuple[int, int, str, str, str | None]]
+    manifest: str             # the manifest file cut, and its sha256 (both "" when there is none)
     manifest_sha256: str
     generation: str | None    # the index planned from, so a commit notices another writer
 
@@ -376,11 +365,12 @@ class Plan:
 
 
 def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature_set: str,
-              cfg: ExtractConfig, shard_rows: int, retry_failed: bool,
-              manifest_sha256: dict[str, str] | None = None) -> Plan:
+              cfg: ExtractConfig, shard_rows: int, retry_failed: bool) -> Plan:
     """Tasks for the shards not yet on disk. A shard counts as finished when a complete file
     holding exactly its rows, made from the manifest rows as they are now, exists, listed in
     the index or left by a run that crashed before its commit."""
+    from agepipe.datasets.manifest import MANIFEST_FILE, manifest_sha256
+
     tasks, skipped, skipped_rows, cuts = [], 0, 0, {}
     for dataset, manifest in manifests.items():
         fstore.remove_stale_temporaries(store, feature_set, dataset)
@@ -414,7 +404,9 @@ def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature
                 task["keep_from"] = same_photos(store, on_disk, placed.get(place), rows, inputs)
                 task["relabel"] = task["keep_from"] is not None
             tasks.append(task)
-        cuts[dataset] = Cut(shards, (manifest_sha256 or {}).get(dataset, ""), index.generation if index else None)
+        manifest_file = os.path.abspath(os.path.join(data_root, MANIFEST_FILE))
+        sha256 = manifest_sha256(manifest_file) if os.path.exists(manifest_file) else ""
+        cuts[dataset] = Cut(shards, manifest_file if sha256 else "", sha256, index.generation if index else None)
     return Plan(tasks, skipped, skipped_rows, cuts)
 
 
@@ -474,7 +466,7 @@ def commit_plan(plan: Plan, store: str, feature_set: str) -> None:
                                             f"committed; rerun `agepipe extract --dataset {dataset}`")
                 path = fresh[0]
             entries.append(fstore.ShardEntry(path.rsplit("/", 1)[-1], start, rows, digest))
-        fstore.commit_shards(store, feature_set, dataset, entries, cut.manifest_sha256, cut.generation)
+        fstore.commit_shards(store, feature_set, dataset, entries, cut.manifest_sha256, cut.generation, cut.manifest)
 
 
 class ExtractError(Exception):
@@ -674,8 +666,7 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
             for name in names:
                 locks.enter_context(fstore.writer_lock(store, feature_set, name))
             plan = make_plan(manifests, data_dir, store, feature_set, cfg,
-                             shard_rows or default_shard_rows(runtime, device), retry_failed,
-                             {name: manifest_sha256(data_dir, name) for name in names})
+                             shard_rows or default_shard_rows(runtime, device), retry_failed)
             todo_rows = sum(len(t["rows"]) for t in plan.tasks)
             relabel = sum(bool(t.get("relabel")) for t in plan.tasks)
             echo(f"shards: {len(plan.tasks)} to do ({todo_rows} rows), {plan.skipped} already finished "

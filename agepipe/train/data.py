@@ -13,13 +13,14 @@ against 0.60 on test.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 import torch
 
-from agepipe.datasets.manifest import AGE_CLASSES, CLASS_MIDPOINTS, age_bin
+from agepipe.datasets.manifest import AGE_CLASSES, CLASS_MIDPOINTS, age_bin, manifest_sha256
 from agepipe.features import store as fstore
 
 TASKS = ("age", "age101", "gender")
@@ -89,6 +90,7 @@ class TaskData:
     y: torch.Tensor          # (n,) int64
     rows: pd.DataFrame       # the same n rows, index 0..n-1
     dropped: dict[str, int]  # rows left out and why
+    warnings: list[str] = field(default_factory=list)  # what the runs must say about these rows
 
 
 def resolve_feature_set(store: str, feature_set: str | None) -> str:
@@ -115,7 +117,24 @@ def load_task_data(store: str, feature_set: str, datasets: list[str], task: str,
     rows = feats.rows.loc[known].reset_index(drop=True)
     x = torch.from_numpy(feats.embeddings if known.all() else feats.embeddings[known])
     dropped = {"unknown_label": int((~known).sum())}
-    return TaskData(task, x.to(device), torch.from_numpy(y[known]).to(device), rows, dropped)
+    return TaskData(task, x.to(device), torch.from_numpy(y[known]).to(device), rows, dropped,
+                    stale_labels(store, feature_set, datasets))
+
+
+def stale_labels(store: str, feature_set: str, datasets: list[str]) -> list[str]:
+    """A sentence for each dataset whose manifest file has changed since extract cut the store's
+    shards from it: the store's labels (subjects, folds, ages, genders) may no longer be the
+    manifest's. Checked where that file is still there (not on another machine)."""
+    out = []
+    for dataset in datasets:
+        index = fstore.read_index(store, feature_set, dataset)
+        if index and index.manifest and os.path.isfile(index.manifest) \
+                and manifest_sha256(index.manifest) != index.manifest_sha256:
+            out.append(f"{dataset}: its manifest ({index.manifest}) has changed since the store's shards were cut "
+                       "from it, so the labels trained on (subjects, folds, ages, genders) may not be the "
+                       f"manifest's; `agepipe extract --dataset {dataset}` brings the store up to date (shards "
+                       "whose labels alone changed are rewritten without reading a photo)")
+    return out
 
 
 @dataclass

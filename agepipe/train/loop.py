@@ -259,7 +259,7 @@ def train_run(data: TaskData, split: Split, model_cfg: ModelConfig, train_cfg: T
     """Fit one model on ``split``, save the run folder (checkpoint, history, metrics and,
     when ``report``, report.md with plots) and return its metrics."""
     model, fresh = initial_model(model_cfg, train_cfg.seed, init, data.x.device)
-    warned = warn_before(split, train_cfg)
+    warned = warn_before(data, split, train_cfg)
     index = {k: torch.from_numpy(v) for k, v in vars(split).items()}
     start = time.perf_counter()
     result = fit(model, data.x, data.y, index["train"], index["val"], train_cfg, progress)
@@ -276,8 +276,8 @@ def initial_model(model_cfg: ModelConfig, seed: int, init: str | None, device) -
     return model.to(device), fresh
 
 
-def warn_before(split: Split, train_cfg: TrainConfig) -> list[str]:
-    warned = training_warnings(len(split.train), len(split.val), train_cfg)
+def warn_before(data: TaskData, split: Split, train_cfg: TrainConfig) -> list[str]:
+    warned = data.warnings + training_warnings(len(split.train), len(split.val), train_cfg)
     for message in warned:
         warnings.warn(message, TrainingWarning, stacklevel=3)
     return warned
@@ -315,7 +315,7 @@ def train_runs_batched(data: TaskData, jobs: list[tuple[Split, int]], model_cfg:
     """The runs ``jobs`` (split, seed) as one stacked model (batched.py); each saved as train_run saves it."""
     device = data.x.device
     starts = [initial_model(model_cfg, seed, init, device) for _, seed in jobs]
-    warned = [warn_before(split, train_cfg) for split, _ in jobs]
+    warned = [warn_before(data, split, train_cfg) for split, _ in jobs]
     stacked = StackedResMLP([m for m, _ in starts]).to(device)
     train_idx = [torch.from_numpy(split.train) for split, _ in jobs]
     weight = (torch.stack([class_weights(data.y[i.to(device)], model_cfg.num_classes) for i in train_idx])

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from agepipe.cli import cli
 from agepipe.features import store as fstore
 from agepipe.features.images import read_photo
+from agepipe.train.data import stale_labels
 from tests.conftest import chosen_face
 
 
@@ -153,6 +154,7 @@ def test_a_manifest_whose_labels_alone_changed_relabels_its_shards_without_readi
     store = tmp_path / "store"
     assert extract(data, store, "--shard-rows", 5, "--workers", 1).exit_code == 0
     before = store_rows(store).set_index("image_id")
+    assert stale_labels(str(store), the_feature_set(store), ["mini"]) == []
     path = data / "mini" / "manifest.parquet"
     manifest = pq.read_table(path)
     rows = manifest.to_pylist()
@@ -162,6 +164,9 @@ def test_a_manifest_whose_labels_alone_changed_relabels_its_shards_without_readi
     pq.write_table(pa.Table.from_pylist(rows, schema=manifest.schema), path)
     for r in rows[5:15]:
         (data / "mini" / r["image_id"]).unlink(missing_ok=True)
+    # Until extract runs again, training says its labels may not be the manifest's.
+    [stale] = stale_labels(str(store), the_feature_set(store), ["mini"])
+    assert stale.startswith(f"mini: its manifest ({path}) has changed since") and "agepipe extract --dataset mini" in stale
     result = extract(data, store, "--shard-rows", 5, "--workers", 1)
     assert result.exit_code == 0, result.output
     assert "2 to do (10 rows), 2 already finished (9 rows); 2 of those to do only relabelled" in result.output
@@ -179,6 +184,7 @@ def test_a_manifest_whose_labels_alone_changed_relabels_its_shards_without_readi
     assert len(list((store / the_feature_set(store) / "mini").glob("part-*.parquet"))) == 4
     again = extract(data, store, "--shard-rows", 5, "--workers", 1)
     assert "0 to do (0 rows), 4 already finished (19 rows)" in again.output
+    assert stale_labels(str(store), the_feature_set(store), ["mini"]) == []
 
 
 def test_retry_failed_redoes_only_transient_rows(mini_data, tmp_path):
