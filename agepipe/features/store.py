@@ -311,6 +311,15 @@ def read_index(store: str, feature_set: str, dataset: str) -> Index | None:
     return index
 
 
+def index_to_replace(store: str, feature_set: str, dataset: str) -> Index | None:
+    """The index a writer plans from and replaces: None when there is none, or a damaged one
+    (the writer rebuilds it from the shards on disk, which readers refuse it for)."""
+    try:
+        return read_index(store, feature_set, dataset)
+    except StoreError:
+        return None
+
+
 def commit_shards(store: str, feature_set: str, dataset: str, shards: list[ShardEntry],
                   manifest_sha256: str = "", expected_generation: str | None = None, manifest: str = "") -> Index:
     """Make ``shards`` the dataset's content in one step: the index is written under a
@@ -318,10 +327,7 @@ def commit_shards(store: str, feature_set: str, dataset: str, shards: list[Shard
     deleted. ``expected_generation`` is the index the caller planned from (None: none);
     ``manifest`` the path of the manifest file whose sha256 is ``manifest_sha256``."""
     fs, path = _fs(index_path(store, feature_set, dataset))
-    try:
-        current = read_index(store, feature_set, dataset)
-    except StoreError:
-        current = None  # a damaged index: make_plan planned without it too
+    current = index_to_replace(store, feature_set, dataset)
     if (current.generation if current else None) != expected_generation:
         raise StoreError(f"{path} changed while this run worked (another writer?); rerun "
                          f"`agepipe extract --dataset {dataset}`")
@@ -350,10 +356,7 @@ def write_dataset(table: pa.Table, store: str, feature_set: str, dataset: str, s
         path = write_shard(part, store, feature_set, dataset, i)
         entries.append(ShardEntry(_name(path), start, part.num_rows, rows_digest(part)))
     with writer_lock(store, feature_set, dataset):
-        try:
-            current = read_index(store, feature_set, dataset)
-        except StoreError:
-            current = None
+        current = index_to_replace(store, feature_set, dataset)
         return commit_shards(store, feature_set, dataset, entries, manifest_sha256,
                              current.generation if current else None)
 

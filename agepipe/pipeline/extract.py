@@ -374,10 +374,7 @@ def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature
     tasks, skipped, skipped_rows, cuts = [], 0, 0, {}
     for dataset, manifest in manifests.items():
         fstore.remove_stale_temporaries(store, feature_set, dataset)
-        try:
-            index = fstore.read_index(store, feature_set, dataset)
-        except fstore.StoreError:
-            index = None  # a damaged index is rebuilt from the shards on disk
+        index = fstore.index_to_replace(store, feature_set, dataset)
         on_disk = fstore.shards_on_disk(store, feature_set, dataset)
         listed = {e.file for e in index.shards} if index else set()
         placed = {(e.start, e.rows): e for e in index.shards} if index else {}
@@ -500,6 +497,11 @@ def run_tasks(client, tasks: list[dict], progress: bool) -> list[dict]:
                              retries=1, pure=False): t for t in tasks}
     results, waiting = [], []
     proof: dict[str, bool] = {}  # per dataset: photos got through the models since the last lone failure
+
+    def done(result: dict) -> None:
+        results.append(result)
+        bar.update(result["rows"])
+
     try:
         for future in as_completed(futures):
             task = futures[future]
@@ -520,14 +522,12 @@ def run_tasks(client, tasks: list[dict], progress: bool) -> list[dict]:
                 _write_rescued(task, result)
             if result["embedded"]:
                 proof[task["dataset"]] = True
-            results.append(result)
-            bar.update(result["rows"])
-        for task, result in waiting:
+            done(result)
+        for task, result in waiting:  # at most one: a second would have stopped the run
             if not proof.pop(task["dataset"], False):
                 raise _models_failed(task, result)
             _write_rescued(task, result)
-            results.append(result)
-            bar.update(result["rows"])
+            done(result)
     finally:
         client.cancel(list(futures))  # nothing left running after an error or Ctrl-C
         bar.close()
