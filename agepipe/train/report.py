@@ -54,8 +54,8 @@ def _names(task: str, test: dict) -> list[str]:
 
 def _margins(fig: Figure, left: float, bottom: float, right: float, top: float, **space) -> None:
     """Margins around the axes, in inches: room for the tick labels and axis titles these plots
-    have. Fixed, because bbox_inches="tight" draws each figure twice to find them: half the time
-    a report took (tests/train/test_report.py checks no text falls outside)."""
+    have. Fixed, because bbox_inches="tight" draws each figure twice to find them: a third of the
+    time a report took (tests/train/test_report.py checks no text falls outside)."""
     width, height = fig.get_size_inches()
     fig.subplots_adjust(left=left / width, bottom=bottom / height, right=1 - right / width,
                         top=1 - top / height, **space)
@@ -385,14 +385,15 @@ def plot_reliability(curves: list[tuple[str, dict]], path: Path) -> None:
     ax, counts = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     _margins(fig, 0.95, 0.55, 0.25, 0.15, hspace=0.1)
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
-    many = len(curves) > MANY_CURVES
+    many, labelled = len(curves) > MANY_CURVES, False
     for k, (label, rel) in enumerate(curves):
         kept = [(c, a, n) for c, a, n in zip(rel["bin_confidence"], rel["bin_accuracy"], rel["bin_count"]) if n]
         if not kept:
             continue
         conf, acc, n = zip(*kept)
         if many and k < len(curves) - 1:
-            ax.plot(conf, acc, **RUN_STYLE, label=_runs_label(curves, "ECE", "ece") if k == 0 else None)
+            ax.plot(conf, acc, **RUN_STYLE, label=None if labelled else _runs_label(curves, "ECE", "ece"))
+            labelled = True
             continue
         line, = ax.plot(conf, acc, marker="o", label=f"{label} (ECE {rel['ece']:.3f})")
         if not many:

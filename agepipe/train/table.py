@@ -166,7 +166,7 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
     feature_set = resolve_feature_set(store, feature_set)
     datasets, pretrain_datasets = expand_groups(list(datasets)), expand_groups(list(pretrain_datasets))
     dev = resolve_device(device)
-    cells, rows = grid.cells(), []
+    cells, rows, said = grid.cells(), [], set()
     for task in grid.tasks:
         # A cell is reused only on the same rows; the cut is read before the rows, so an extract
         # that commits in between makes the recorded cut older than the rows, never newer.
@@ -178,6 +178,10 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
             pre_cut = fstore.cut_digest(store, feature_set, pretrain_datasets)
             pre = load_task_data(store, feature_set, pretrain_datasets, task, min_det_score, dev)
             pre_record = data_record(store, feature_set, pretrain_datasets, None, min_det_score)
+        for message in data.warnings + (pre.warnings if pre else []):  # stale labels: said once a table
+            if message not in said:
+                said.add(message)
+                echo(f"warning: {message}")
         for init in grid.inits:
             for variant in grid.variants:
                 overrides = {**cell_train_overrides(task, variant, grid.settings), "epochs": grid.epochs}

@@ -98,11 +98,24 @@ def _section(md, line):
     return head[head.rindex("## ") + 3:].split("\n", 1)[0]
 
 
-def test_a_rerun_reuses_every_finished_cell(table_run):
-    _, out, args, _ = table_run
+def test_a_rerun_reuses_every_finished_cell_and_says_once_that_a_manifest_changed(table_run, tmp_path):
+    from agepipe.datasets.manifest import manifest_sha256
+    from agepipe.features import store as fstore
+    from tests.train.synthetic_store import FEATURE_SET
+
+    store, out, args, first = table_run
+    assert "warning" not in first
+    # WIKI's shards were cut from a manifest that has changed since (the same shards: cells reused)
+    manifest = tmp_path / "manifest.parquet"
+    manifest.write_bytes(b"the manifest the shards were cut from")
+    index = fstore.read_index(store, FEATURE_SET, "wiki")
+    fstore.commit_shards(store, FEATURE_SET, "wiki", index.shards, manifest_sha256(manifest), index.generation,
+                         str(manifest))
+    manifest.write_bytes(b"that manifest rebuilt since")
     before = (out / "gender" / "scratch" / "full" / "fold0-seed0" / "model.safetensors").stat().st_mtime_ns
     result = invoke(*args)
     assert result.exit_code == 0, result.output
+    assert result.output.count(f"warning: wiki: its manifest ({manifest}) has changed since") == 1
     assert result.output.count("reused") == 8 and "pre-trained on" not in result.output
     assert (out / "gender" / "scratch" / "full" / "fold0-seed0" / "model.safetensors").stat().st_mtime_ns == before
 
