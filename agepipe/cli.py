@@ -299,7 +299,9 @@ def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, bat
     """Detect, align and embed every manifest row into the feature store.
 
     Every manifest row becomes exactly one store row with its status. Finished shards are
-    skipped, so rerunning after a crash or Ctrl-C resumes.
+    skipped, so rerunning after a crash or Ctrl-C resumes. After a manifest is rebuilt, shards
+    whose rows changed are done again, and those whose labels alone changed are rewritten
+    without reading a photo.
 
     \b
     Examples:
