@@ -383,7 +383,8 @@ def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature
         start = 0
         for index_no, rows in enumerate(plan_shards(manifest, shard_rows)):
             digest, inputs = fstore.rows_digest(rows), fstore.inputs_digest(rows)
-            found = sorted((p for p, made_from in on_disk.get(digest, []) if made_by(made_from, inputs)),
+            # A shard from before inputs were recorded (None) is taken as made from these rows.
+            found = sorted((p for p, made_from in on_disk.get(digest, []) if made_from in (None, inputs)),
                            key=lambda p: p.rsplit("/", 1)[-1] not in listed)
             path = found[0] if found else None
             task = {"rows": rows.to_pylist(), "data_root": data_root, "store": store, "feature_set": feature_set,
@@ -407,22 +408,16 @@ def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature
     return Plan(tasks, skipped, skipped_rows, cuts)
 
 
-def made_by(made_from: str | None, inputs: str) -> bool:
-    """Whether a shard that recorded ``made_from`` was made from manifest rows whose inputs
-    digest is ``inputs``; a shard from before inputs were recorded (None) is taken as made from them."""
-    return made_from in (None, inputs)
-
-
 def same_photos(store: str, on_disk: dict, entry: fstore.ShardEntry | None, rows: pa.Table,
                 inputs: str) -> str | None:
     """The committed shard at these rows' place, when it holds the same photos made from the same
     inputs and only their labels (subject, fold, age, gender) changed since, e.g. a manifest
     rebuilt after a fix of its labels: its results are kept under the new labels, not extracted
-    again. None otherwise."""
+    again. None otherwise, and for a shard that recorded no inputs: its statuses may be stale."""
     if entry is None:
         return None
     for path, made_from in on_disk.get(entry.digest, []):
-        if path.rsplit("/", 1)[-1] == entry.file and made_by(made_from, inputs):
+        if path.rsplit("/", 1)[-1] == entry.file and made_from == inputs:
             ids = fstore.read_shard_file(store, path, columns=["image_id"])["image_id"]
             return path if ids.equals(rows["image_id"]) else None
     return None
@@ -434,8 +429,8 @@ def check_photos_there(tasks: list[dict], sample: int = 64) -> None:
     which a rerun keeps. Looks at the first ``sample`` photos to do of each dataset."""
     wanted: dict[str, list[str]] = {}
     for task in tasks:
-        if task.get("keep_from"):
-            continue  # a finished shard's results kept: its photos are not read
+        if task.get("keep_from") and not task["retry_failed"]:
+            continue  # a relabelled shard: its results kept, its photos not read
         paths = wanted.setdefault(task["data_root"], [])
         paths += [os.path.join(task["data_root"], r["image_id"]) for r in task["rows"][:sample - len(paths)]
                   if r["status"] == "ok"]

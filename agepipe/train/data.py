@@ -13,7 +13,6 @@ against 0.60 on test.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -128,8 +127,13 @@ def stale_labels(store: str, feature_set: str, datasets: list[str]) -> list[str]
     out = []
     for dataset in datasets:
         index = fstore.read_index(store, feature_set, dataset)
-        if index and index.manifest and os.path.isfile(index.manifest) \
-                and manifest_sha256(index.manifest) != index.manifest_sha256:
+        if not (index and index.manifest):
+            continue
+        try:
+            changed = manifest_sha256(index.manifest) != index.manifest_sha256
+        except OSError:  # gone, or unreadable here: nothing to compare with
+            continue
+        if changed:
             out.append(f"{dataset}: its manifest ({index.manifest}) has changed since the store's shards were cut "
                        "from it, so the labels trained on (subjects, folds, ages, genders) may not be the "
                        f"manifest's; `agepipe extract --dataset {dataset}` brings the store up to date (shards "
@@ -147,23 +151,31 @@ class Split:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
-def subject_keys(rows: pd.DataFrame) -> np.ndarray:
+# How make_split keys subjects, recorded in each run's data record. Runs recorded without it
+# were split with the subjects keyed per dataset; `evaluate` rebuilds their split that way.
+SUBJECTS_ACROSS_DATASETS = "across datasets"
+
+
+def subject_keys(rows: pd.DataFrame, per_dataset: bool = False) -> np.ndarray:
     """A stable 64-bit hash per row's subject (the image itself when the subject is unknown).
     Not per dataset: one person's IMDB and Wikipedia photos share a subject_id (their name) and
     must stay on one side of the split; ids of different datasets that happen to be equal only
-    make the split coarser."""
-    subjects = rows["subject_id"].astype(object).where(rows["subject_id"].notna(), rows["image_id"])
-    return pd.util.hash_array(subjects.astype(str).to_numpy(dtype=object))
+    make the split coarser. ``per_dataset``: the keys of runs trained before 2026-11-28."""
+    subjects = rows["subject_id"].astype(object).where(rows["subject_id"].notna(), rows["image_id"]).astype(str)
+    if per_dataset:
+        subjects = rows["dataset"].astype(str) + "/" + subjects
+    return pd.util.hash_array(subjects.to_numpy(dtype=object))
 
 
-def make_split(rows: pd.DataFrame, test_fold: int | None, val_fraction: float = VAL_FRACTION) -> Split:
+def make_split(rows: pd.DataFrame, test_fold: int | None, val_fraction: float = VAL_FRACTION,
+               subjects_per_dataset: bool = False) -> Split:
     """Test: rows of ``test_fold`` (none when None). Validation: whole subjects of the other
     folds, in hash order, until ``val_fraction`` of their rows. Train: the rest."""
     n = len(rows)
     fold = rows["fold"].to_numpy(dtype=np.float64, na_value=-1)
     is_test = fold == test_fold if test_fold is not None else np.zeros(n, dtype=bool)
     rest = np.flatnonzero(~is_test)
-    keys = subject_keys(rows.iloc[rest])
+    keys = subject_keys(rows.iloc[rest], subjects_per_dataset)
     uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
     # np.unique sorts the hashes: a fixed, label-blind order of subjects.
     taken = np.zeros(len(uniq), dtype=bool)

@@ -21,7 +21,8 @@ import torch
 
 from agepipe.atomic import atomic_path
 from agepipe.train.checkpoint import CONFIG, CheckpointError, load_checkpoint, write_json
-from agepipe.train.data import class_ages, class_names, load_task_data, make_split, true_ages
+from agepipe.train.data import (SUBJECTS_ACROSS_DATASETS, class_ages, class_names, load_task_data, make_split,
+                                true_ages)
 from agepipe.train.model import ResMLP, autocast, has_dropout, mc_dropout_mode, resolve_device
 from agepipe.train.report import headline, write_report
 
@@ -291,7 +292,8 @@ def evaluate_run(run_dir: str | Path, store: str | None = None, mc_samples: int 
                               f"(no {', '.join(missing)}), so its split cannot be rebuilt")
     data = load_task_data(store or rec["store"], rec["feature_set"], rec["datasets"], task,
                           rec["min_det_score"], next(model.parameters()).device)
-    split = make_split(data.rows, rec["test_fold"], rec["val_fraction"])
+    split = make_split(data.rows, rec["test_fold"], rec["val_fraction"],
+                       subjects_per_dataset=rec.get("subjects") != SUBJECTS_ACROSS_DATASETS)
     path = run_dir / "metrics.json"
     metrics = json.loads(path.read_text()) if path.exists() else {"task": task}
     metrics["split_sizes"] = split.sizes()

@@ -28,8 +28,8 @@ from agepipe.features import store as fstore
 from agepipe.train import graphs
 from agepipe.train.batched import StackedResMLP, fit_stacked
 from agepipe.train.checkpoint import init_from, model_config_from, read_config, save_checkpoint, write_json
-from agepipe.train.data import (NUM_CLASSES, VAL_FRACTION, Split, TaskData, check_task, load_task_data,
-                                make_split, resolve_feature_set)
+from agepipe.train.data import (NUM_CLASSES, SUBJECTS_ACROSS_DATASETS, VAL_FRACTION, Split, TaskData, check_task,
+                                load_task_data, make_split, resolve_feature_set)
 from agepipe.train.evaluate import logits_of, score_splits
 from agepipe.train.model import ModelConfig, ResMLP, autocast, paper_config, resolve_device
 from agepipe.train.report import PLOTS, write_cv_table, write_report
@@ -339,8 +339,8 @@ def data_record(store: str, feature_set: str, datasets: list[str], test_fold: in
     if "://" not in str(store):  # a local folder: absolute, so evaluate works from any directory
         store = os.path.abspath(os.path.expanduser(store))
     return {"store": str(store), "feature_set": feature_set, "datasets": list(datasets),
-            "test_fold": test_fold, "val_fraction": val_fraction, "min_det_score": min_det_score,
-            "features": feature_models(store, feature_set)}
+            "test_fold": test_fold, "val_fraction": val_fraction, "subjects": SUBJECTS_ACROSS_DATASETS,
+            "min_det_score": min_det_score, "features": feature_models(store, feature_set)}
 
 
 FEATURE_KEYS = ("pack", "det_size", "detector_sha256", "recognizer_sha256")

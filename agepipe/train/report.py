@@ -342,7 +342,7 @@ def plot_learning_curves(history: dict, path: Path) -> None:
     epochs = [h["epoch"] for h in history["history"]]
     fig = Figure(figsize=(9, 3.5))
     axes = fig.subplots(1, 2)
-    _margins(fig, 0.8, 0.55, 0.3, 0.15, wspace=0.3)
+    _margins(fig, 1.0, 0.55, 0.3, 0.15, wspace=0.35)  # room for a diverging run's 6-digit losses
     for ax, what in zip(axes, ("loss", "accuracy")):
         for split in ("train", "val"):
             ax.plot(epochs, [h[f"{split}_{what}"] for h in history["history"]], marker=".", label=split)

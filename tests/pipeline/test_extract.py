@@ -161,6 +161,13 @@ def test_a_manifest_whose_labels_alone_changed_relabels_its_shards_without_readi
     for r in rows[5:10]:                                    # shard 1: another subject and fold for each
         r["subject_id"], r["fold"] = f"{r['subject_id']}-fixed", (r["fold"] + 1) % 5
     rows[11]["gender"], rows[11]["age"] = 1 - rows[11]["gender"], 33.0    # shard 2: one row's labels
+    # Shard 3 recorded no inputs (written before they were): a label and a status changed there,
+    # so its old statuses cannot be trusted under the new labels. It is extracted again.
+    legacy = fstore.shard_files(str(store), the_feature_set(store), "mini")[3]
+    table = pq.read_table(legacy)
+    pq.write_table(table.replace_schema_metadata({b"agepipe.rows": table.schema.metadata[b"agepipe.rows"]}), legacy)
+    dropped = next(i for i in range(15, 19) if rows[i]["status"] == "ok" and before.loc[rows[i]["image_id"], "status"] == "ok")
+    rows[15]["subject_id"], rows[dropped]["status"] = f"{rows[15]['subject_id']}-fixed", "duplicate"
     pq.write_table(pa.Table.from_pylist(rows, schema=manifest.schema), path)
     for r in rows[5:15]:
         (data / "mini" / r["image_id"]).unlink(missing_ok=True)
@@ -169,14 +176,16 @@ def test_a_manifest_whose_labels_alone_changed_relabels_its_shards_without_readi
     assert stale.startswith(f"mini: its manifest ({path}) has changed since") and "agepipe extract --dataset mini" in stale
     result = extract(data, store, "--shard-rows", 5, "--workers", 1)
     assert result.exit_code == 0, result.output
-    assert "2 to do (10 rows), 2 already finished (9 rows); 2 of those to do only relabelled" in result.output
+    assert "3 to do (14 rows), 1 already finished (5 rows); 2 of those to do only relabelled" in result.output
     assert "10 of them kept from finished shards" in result.output
     now = assert_each_manifest_row_once(data, store).set_index("image_id")
+    assert now.loc[rows[dropped]["image_id"], "status"] == "duplicate"
     for r in rows:
         got = now.loc[r["image_id"]]
         assert (got.subject_id, got.fold, got.gender) == (r["subject_id"], r["fold"], r["gender"]), r["image_id"]
-        assert got.status == before.loc[r["image_id"], "status"], r["image_id"]  # not "missing_image"
-    ok = (before.status == "ok").to_numpy()
+        if r["image_id"] != rows[dropped]["image_id"]:
+            assert got.status == before.loc[r["image_id"], "status"], r["image_id"]  # not "missing_image"
+    ok = (before.status == "ok").to_numpy() & (before.index != rows[dropped]["image_id"])
     assert ok[5:15].any()
     np.testing.assert_array_equal(np.stack(now.embedding[ok]), np.stack(before.embedding[ok]))
     assert now.loc[rows[11]["image_id"], "age"] == 33.0
@@ -202,6 +211,13 @@ def test_retry_failed_redoes_only_transient_rows(mini_data, tmp_path):
     fstore.commit_shards(str(store), name, "mini", [replace(index.shards[0], file=Path(lost).name), index.shards[1]],
                          index.manifest_sha256, index.generation)
     assert "0 to do (0 rows), 2 already finished" in extract(mini_data, store, "--shard-rows", 10, "--workers", 1).output
+    # Retrying reads photos: from a --data-dir without them the run stops, the store unchanged.
+    elsewhere = tmp_path / "elsewhere" / "mini"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "manifest.parquet").write_bytes((mini_data / "mini" / "manifest.parquet").read_bytes())
+    stopped = extract(elsewhere.parent, store, "--shard-rows", 10, "--workers", 1, "--retry-failed")
+    assert stopped.exit_code == 1 and "none of the first" in stopped.output, stopped.output
+    assert fstore.shard_files(str(store), name, "mini")[0] == lost
     result = extract(mini_data, store, "--shard-rows", 10, "--workers", 1, "--retry-failed")
     assert "2 to do (19 rows)" in result.output  # and the shard holding photos/gone.jpg (missing_image)
     first = fstore.shard_files(str(store), name, "mini")[0]

@@ -75,6 +75,33 @@ def test_evaluate_rebuilds_the_same_test_split(trained):
     assert "warning" not in again
 
 
+def test_evaluate_rebuilds_the_split_of_a_run_that_keyed_subjects_per_dataset(trained, tmp_path):
+    """Runs trained before 2026-11-28 keyed subjects per dataset, which put other subjects in
+    validation: evaluate scores them on the validation rows they were trained beside, not on
+    rows the model trained on."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from agepipe.train.data import load_task_data, make_split
+
+    run, _, _ = trained
+    old = shutil.copytree(run, tmp_path / "old-run")
+    config = json.loads((old / "config.json").read_text())
+    rec = config["data"]
+    assert rec.pop("subjects") == "across datasets"
+    data = load_task_data(rec["store"], rec["feature_set"], rec["datasets"], config["task"], rec["min_det_score"])
+    then = make_split(data.rows, rec["test_fold"], rec["val_fraction"], subjects_per_dataset=True)
+    now = make_split(data.rows, rec["test_fold"], rec["val_fraction"])
+    assert set(then.val) != set(now.val) and list(now.test) == list(then.test)
+    rec["split_sizes"] = then.sizes()
+    (old / "config.json").write_text(json.dumps(config))
+    again = evaluate_run(old, mc_samples=0, device="cpu")
+    assert "warning" not in again and again["val"]["n"] == len(then.val)
+    scored = pq.read_table(old / "predictions.parquet", filters=[("split", "==", "val")])["image_id"].to_pylist()
+    assert sorted(scored) == sorted(data.rows["image_id"].iloc[then.val])
+
+
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory):
     mixture = Mixture.make(seed=5)

@@ -126,6 +126,9 @@ def test_no_text_of_any_plot_falls_outside_its_figure(cv_runs, tmp_path, monkeyp
     report.plot_reliability([("MC dropout K=32", many_rows)], tmp_path / "reliability.png")
     report.plot_confusion(np.array([[900, 100], [80, 920]]), ["female", "male"], tmp_path / "gender.png")
     report.plot_confusion(np.ones((101, 101), int), [str(k) for k in range(101)], tmp_path / "age101.png")
+    diverging = {"best_epoch": 1, "history": [{"epoch": e, "train_loss": 1e5 / e, "val_loss": 2e5 / e,
+                                               "train_accuracy": 0.5, "val_accuracy": 0.5} for e in range(1, 31)]}
+    report.plot_learning_curves(diverging, tmp_path / "diverging.png")  # 6-digit loss tick labels
     long_measure = "MC-dropout predictive entropy (K=32)"
     report.plot_risk_coverage([("this run", test["risk_coverage"])], long_measure, tmp_path / "rc.png")
     assert not outside
