@@ -15,8 +15,9 @@ the year (the original code's convention: a photo is assumed taken mid-year). MA
 are one subject, in one fold, on one side of every split (namesakes share a subject too, which makes
 folds coarser, never leaky); without a name, IMDB's celebrity id; with neither, the row is its own
 subject (its image_id). ``fold``: a hash of subject_id. ``face_hint``: face_location (x1, y1, x2,
-y2 in the cropped image's pixels) unless no face was found. Extra columns keep dob, photo_taken, name, face_score, second_face_score (and
-celeb_id), so a trainer can apply the usual filters (face_score >= 1, no second face).
+y2 in the cropped image's pixels) unless no face was found. Extra columns keep dob, photo_taken,
+name, face_score, second_face_score (and celeb_id), so a trainer can apply the usual filters
+(face_score >= 1, no second face).
 
 Statuses, the first that applies:
     bad_path             full_path would leave the dataset folder

@@ -144,15 +144,6 @@ def write_manifest(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
     return path
 
 
-def manifest_sha256(path: str | os.PathLike) -> str:
-    """The manifest file's sha256: the store's index records which manifest its shards were cut from."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     return pq.read_table(path).to_pandas()
 

@@ -8,19 +8,18 @@ providers, or our torch interpreter of the same graph (``--runtime torch``).
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import zipfile
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from agepipe import atomic
+from agepipe.hashing import file_sha256
 from agepipe.features.store import EMBEDDING_DIM
 
 BUFFALO_S_FILES = ("scrfd_500m_bnkps.onnx", "w600k_mbf.onnx")
@@ -41,20 +40,6 @@ class ModelPack:
     def identity(self) -> dict:
         return {"pack": self.name, "detector_sha256": file_sha256(self.detector),
                 "recognizer_sha256": file_sha256(self.recognizer)}
-
-
-def file_sha256(path: Path) -> str:
-    st = os.stat(path)
-    return _sha256_cached(str(path), st.st_size, st.st_mtime_ns)
-
-
-@lru_cache(maxsize=64)
-def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def insightface_root() -> Path:

@@ -268,10 +268,11 @@ def _keep_results(store: str, path: str, rows: pa.Table, data_root: str, cfg: Ex
                                 "rerun the extract")
     redo = to_retry(existing["status"].to_pylist(), rows["status"].to_pylist()) if retry_failed \
         else np.zeros(rows.num_rows, dtype=bool)
-    kept = existing.filter(pa.array(~redo))
+    keep = pa.array(~redo)
+    kept, labels = existing.filter(keep), rows.filter(keep)
     for name in fstore.MANIFEST_SCHEMA.names:
         if name != "status":  # the shard's status is what extraction found
-            kept = kept.set_column(kept.schema.get_field_index(name), name, rows.filter(pa.array(~redo))[name])
+            kept = kept.set_column(kept.schema.get_field_index(name), name, labels[name])
     kept = kept.cast(fstore.SHARD_SCHEMA)
     timings["kept"] += kept.num_rows
     if not redo.any():
@@ -369,7 +370,8 @@ def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature
     """Tasks for the shards not yet on disk. A shard counts as finished when a complete file
     holding exactly its rows, made from the manifest rows as they are now, exists, listed in
     the index or left by a run that crashed before its commit."""
-    from agepipe.datasets.manifest import MANIFEST_FILE, manifest_sha256
+    from agepipe.datasets.manifest import MANIFEST_FILE
+    from agepipe.hashing import file_sha256
 
     tasks, skipped, skipped_rows, cuts = [], 0, 0, {}
     for dataset, manifest in manifests.items():
@@ -403,7 +405,7 @@ def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature
                 task["relabel"] = task["keep_from"] is not None
             tasks.append(task)
         manifest_file = os.path.abspath(os.path.join(data_root, MANIFEST_FILE))
-        sha256 = manifest_sha256(manifest_file) if os.path.exists(manifest_file) else ""
+        sha256 = file_sha256(manifest_file) if os.path.exists(manifest_file) else ""
         cuts[dataset] = Cut(shards, manifest_file if sha256 else "", sha256, index.generation if index else None)
     return Plan(tasks, skipped, skipped_rows, cuts)
 

@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from agepipe.datasets.manifest import AGE_CLASSES, CLASS_MIDPOINTS, age_bin, manifest_sha256
+from agepipe.datasets.manifest import AGE_CLASSES, CLASS_MIDPOINTS, age_bin
 from agepipe.features import store as fstore
+from agepipe.hashing import file_sha256
 
 TASKS = ("age", "age101", "gender")
 NUM_CLASSES = {"age": 8, "age101": 101, "gender": 2}
@@ -130,7 +131,7 @@ def stale_labels(store: str, feature_set: str, datasets: list[str]) -> list[str]
         if not (index and index.manifest):
             continue
         try:
-            changed = manifest_sha256(index.manifest) != index.manifest_sha256
+            changed = file_sha256(index.manifest) != index.manifest_sha256
         except OSError:  # gone, or unreadable here: nothing to compare with
             continue
         if changed:

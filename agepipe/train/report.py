@@ -192,7 +192,7 @@ def baseline_sentence(kind: str, split: dict) -> str:
 
 
 def headline_section(task: str, test: dict) -> list[str]:
-    h = test.get("mc", test)
+    h = headline(test)
     ci = test.get("bootstrap_95", {})
     which = test.get("prediction", "deterministic")
     lines = ["## Headline (test fold)", "",
@@ -282,7 +282,7 @@ def write_cv_report(out_dir: str | Path, run_dirs: list[str | Path]) -> Path:
     table = {"accuracy": [], "balanced_accuracy": [], "baseline": [], "ece": [], "error_auroc": []}
     for run, config, metrics, _ in entries:
         test = metrics["test"]
-        h, ci, base = test.get("mc", test), test.get("bootstrap_95", {}), test.get("majority_baseline", {})
+        h, ci, base = headline(test), test.get("bootstrap_95", {}), test.get("majority_baseline", {})
         rel, rc = headline_reliability(test), test["risk_coverage"]
         points = 100 * (h["balanced_accuracy"] - base["balanced_accuracy"]) if base else math.nan
         for key, v in (("accuracy", h["accuracy"]), ("balanced_accuracy", h["balanced_accuracy"]),

@@ -99,8 +99,8 @@ def _section(md, line):
 
 
 def test_a_rerun_reuses_every_finished_cell_and_says_once_that_a_manifest_changed(table_run, tmp_path):
-    from agepipe.datasets.manifest import manifest_sha256
     from agepipe.features import store as fstore
+    from agepipe.hashing import file_sha256
     from tests.train.synthetic_store import FEATURE_SET
 
     store, out, args, first = table_run
@@ -109,7 +109,7 @@ def test_a_rerun_reuses_every_finished_cell_and_says_once_that_a_manifest_change
     manifest = tmp_path / "manifest.parquet"
     manifest.write_bytes(b"the manifest the shards were cut from")
     index = fstore.read_index(store, FEATURE_SET, "wiki")
-    fstore.commit_shards(store, FEATURE_SET, "wiki", index.shards, manifest_sha256(manifest), index.generation,
+    fstore.commit_shards(store, FEATURE_SET, "wiki", index.shards, file_sha256(manifest), index.generation,
                          str(manifest))
     manifest.write_bytes(b"that manifest rebuilt since")
     before = (out / "gender" / "scratch" / "full" / "fold0-seed0" / "model.safetensors").stat().st_mtime_ns
