@@ -347,6 +347,10 @@ def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, bat
 
 # --- commands: train, evaluate, predict ---
 
+FP32_HELP = ("Train and score in float32. Default: bfloat16 mixed precision where the device has it "
+             "natively (CUDA GPUs; CPUs with AVX512-BF16 or AMX), float32 elsewhere; config.json records which ran.")
+
+
 @cli.command(context_settings={"show_default": True})
 @store_option
 @click.option("--feature-set", default=None, help="Feature set in the store (may be omitted when there is one).")
@@ -386,9 +390,10 @@ def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, bat
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--mc-samples", type=click.IntRange(0), default=32, show_default=True,
               help="MC-dropout passes for the test metrics (0: none).")
+@click.option("--fp32", is_flag=True, help=FP32_HELP)
 def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, init, epochs, batch_size, lr,
           weight_decay, gamma, patience, dropout, balance, no_batch_norm, no_skip, blocks, residuals_per_block,
-          min_det_score, device, mc_samples):
+          min_det_score, device, mc_samples, fp32):
     """Train the MLP of Kim 2021 on cached embeddings from the feature store.
 
     The paper's architecture and hyper-parameters are the defaults: options shown without a
@@ -411,7 +416,8 @@ def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, i
     model_overrides = {"dropout": dropout, "num_blocks": blocks, "residuals_per_block": residuals_per_block,
                        "batch_norm": False if no_batch_norm else None, "skip": False if no_skip else None}
     train_overrides = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                       "gamma": gamma, "patience": patience, "seed": seed, "balance": balance or None}
+                       "gamma": gamma, "patience": patience, "seed": seed, "balance": balance or None,
+                       "amp": False if fp32 else None}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TrainingWarning)  # echoed below, once, without a traceback line
@@ -490,8 +496,9 @@ def _fold_list(ctx, param, value):
 @click.option("--cuda-graphs", is_flag=True,
               help="Experimental, CUDA only: each step of a cell's stacked runs as one CUDA graph replay "
                    "rather than ~500 kernel launches (not yet measured on a GPU, hence off).")
+@click.option("--fp32", is_flag=True, help=FP32_HELP)
 def table(store, feature_set, out, tasks, variants, inits, folds, seeds, epochs, settings, datasets,
-          pretrain_datasets, min_det_score, mc_samples, device, cuda_graphs):
+          pretrain_datasets, min_det_score, mc_samples, device, cuda_graphs, fp32):
     """Kim 2021's whole table in one command: test accuracy per task, model variant and
     initialisation, each cell a cross-validation on Adience (folds x seeds), written as
     OUT/table.md and OUT/table.csv with mean +- std, a 95% confidence interval, the original's
@@ -518,7 +525,7 @@ def table(store, feature_set, out, tasks, variants, inits, folds, seeds, epochs,
         grid = Grid(tasks, variants, inits, folds, seeds, epochs, parse_settings(list(settings)))
         run_table(store, out, grid, feature_set=feature_set, datasets=tuple(datasets),
                   pretrain_datasets=tuple(pretrain_datasets), device=device, min_det_score=min_det_score,
-                  mc_samples=mc_samples, cuda_graphs=cuda_graphs, echo=click.echo)
+                  mc_samples=mc_samples, cuda_graphs=cuda_graphs, amp=not fp32, echo=click.echo)
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
 

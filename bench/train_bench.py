@@ -14,6 +14,9 @@
    sequential `cross_validate(..., batched=False)` against the stacked
    `cross_validate(..., batched=True)`, same data, config and epoch limit (the paper's early
    stopping on both), checkpoints and test metrics included; test accuracy mean +- std of both.
+   Each in float32 and, where the device multiplies bfloat16 natively (`model.precision`: GPUs,
+   CPUs with AVX512-BF16 or AMX), in bfloat16 autocast, agepipe's default there; the
+   precision's gain is a row of its own.
 
     python bench/train_bench.py --threads 1  # about 5 minutes on 2 shared CPU cores
     python bench/train_bench.py --quick      # smoke run (1 seed, tiny stores)
@@ -44,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from agepipe.datasets.manifest import age_bin  # noqa: E402
 from agepipe.train.data import load_task_data  # noqa: E402
 from agepipe.train.loop import PAPER_TRAIN, TrainStep, cross_validate, data_record, fit, make_optimizer  # noqa: E402
-from agepipe.train.model import ResMLP, autocast, paper_config, resolve_device  # noqa: E402
+from agepipe.train.model import ResMLP, autocast, paper_config, precision, resolve_device  # noqa: E402
 from tests.train.synthetic_store import FEATURE_SET, Mixture, adience_like, write_store  # noqa: E402
 
 CFG = PAPER_TRAIN["age"]
@@ -192,14 +195,19 @@ def cv_bench(args, device, tmp: Path) -> list[tuple]:
     n = 5 * args.cv_seeds
     print(f"cross-validation, {n} runs on {args.cv_rows} rows, at most {cfg.epochs} epochs, patience "
           f"{cfg.patience}; {load()}", flush=True)
-    sides = {"sequential": (False, False), "batched": (True, False)}
+    # Each side: (batched, CUDA graphs, amp). bfloat16 sides where the device has it natively
+    # (agepipe's default there); float32 is the precision the "today" ran in on a CPU.
+    sides = {"sequential, float32": (False, False, False), "batched, float32": (True, False, False)}
+    bf16 = precision(device, True) == "bfloat16"
+    if bf16:
+        sides.update({"sequential, bfloat16": (False, False, True), "batched, bfloat16": (True, False, True)})
     if device.type == "cuda":  # the stack's step as one CUDA graph replay, not yet the default
-        sides["batched, CUDA graphs"] = (True, True)
+        sides["batched, bfloat16, CUDA graphs"] = (True, True, True)
     out = {}
-    for name, (batched, graphed) in sides.items():
+    for name, (batched, graphed, amp) in sides.items():
         sync(device)
         t = time.perf_counter()
-        cv = cross_validate(data, paper_config("age", 8), cfg, tmp / f"cv-{batched}-{graphed}", record,
+        cv = cross_validate(data, paper_config("age", 8), dataclasses.replace(cfg, amp=amp), tmp / name, record,
                             seeds=args.cv_seeds, mc_samples=args.mc_samples, progress=False, batched=batched,
                             cuda_graphs=graphed)
         sync(device)
@@ -211,10 +219,17 @@ def cv_bench(args, device, tmp: Path) -> list[tuple]:
         print(f"  {name}: {seconds:.1f} s, {epochs} run-epochs, test accuracy "
               f"{acc['mean']:.4f} +- {acc['std']:.4f}; {load()}", flush=True)
     label = f"CV wall seconds, {n} runs, {args.cv_rows:,} rows"
-    rows = [(f"{label}: batched vs sequential `cross_validate`", out["batched"], out["sequential"])]
-    if "batched, CUDA graphs" in out:
-        rows += [(f"{label}: batched with CUDA graphs vs sequential", out["batched, CUDA graphs"], out["sequential"]),
-                 (f"{label}: batched with CUDA graphs vs batched eager", out["batched, CUDA graphs"], out["batched"])]
+    rows = [(f"{label}: batched vs sequential `cross_validate`, float32", out["batched, float32"],
+             out["sequential, float32"])]
+    if bf16:
+        rows += [(f"{label}: batched vs sequential, bfloat16 autocast", out["batched, bfloat16"],
+                  out["sequential, bfloat16"]),
+                 (f"{label}: batched, bfloat16 autocast vs float32", out["batched, bfloat16"], out["batched, float32"]),
+                 (f"{label}: agepipe's default here (batched, bfloat16) vs sequential float32 (the issue's)",
+                  out["batched, bfloat16"], out["sequential, float32"])]
+    if device.type == "cuda":
+        rows += [(f"{label}: batched with CUDA graphs vs batched eager", out["batched, bfloat16, CUDA graphs"],
+                  out["batched, bfloat16"])]
     return rows
 
 

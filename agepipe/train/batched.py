@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agepipe.train import graphs
-from agepipe.train.model import ResMLP
+from agepipe.train.model import ResMLP, autocast
 
 
 def _key(name: str) -> str:
@@ -67,6 +67,7 @@ class StackedResMLP(nn.Module):
     def _batch_norm(self, module: nn.BatchNorm1d, x: torch.Tensor) -> torch.Tensor:
         name = self.names[module]
         mean, var = self._tensor(f"{name}.running_mean"), self._tensor(f"{name}.running_var")
+        x = x.float()  # under autocast a Linear gives bfloat16; statistics stay float32, as nn.BatchNorm1d's
         if self.training:
             # The variance from the centred rows, not x.var: a strided reduction over the batch
             # axis costs 6x more on a CPU (measured), and the centred rows are needed anyway.
@@ -157,8 +158,8 @@ class StackedStep:
     loss and hit sums stay on the device until ``take``."""
 
     def __init__(self, model: StackedResMLP, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                 weight: torch.Tensor | None):
-        self.model, self.optimizer, self.x, self.y, self.weight = model, optimizer, x, y, weight
+                 weight: torch.Tensor | None, amp: bool):
+        self.model, self.optimizer, self.x, self.y, self.weight, self.amp = model, optimizer, x, y, weight, amp
         self._sums()
 
     def _sums(self) -> None:
@@ -167,8 +168,9 @@ class StackedStep:
 
     def run(self, idx: torch.Tensor) -> None:
         yb = self.y[idx]
-        logits = self.model(self.x[idx])
-        losses = _run_losses(logits, yb, None, self.weight)
+        with autocast(self.x.device, self.amp):  # as TrainStep: the runs train as separate ones would
+            logits = self.model(self.x[idx])
+        losses = _run_losses(logits.float(), yb, None, self.weight)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         self.optimizer.step()
@@ -197,8 +199,8 @@ class GraphedStackedStep(graphs.Replayed, StackedStep):
     stack: its tensors are new then. The batch is gathered inside the graph from a fixed index
     buffer."""
 
-    def __init__(self, model, optimizer, x, y, weight, first_batch: torch.Tensor):
-        super().__init__(model, optimizer, x, y, weight)
+    def __init__(self, model, optimizer, x, y, weight, amp: bool, first_batch: torch.Tensor):
+        super().__init__(model, optimizer, x, y, weight, amp)
         self.idx = first_batch.clone()
         self._capture()
 
@@ -244,10 +246,10 @@ def fit_stacked(model: StackedResMLP, x: torch.Tensor, y: torch.Tensor, train_id
 
     val, val_mask, live_weight = of_live()
     if _graphed(cuda_graphs, device):  # captured on each run's first rows; every batch is copied in
-        step = GraphedStackedStep(model, optimizer, x, y, live_weight,
+        step = GraphedStackedStep(model, optimizer, x, y, live_weight, cfg.amp,
                                   torch.stack([i[:batch] for i in train_idx]).to(device))
     else:
-        step = StackedStep(model, optimizer, x, y, live_weight)
+        step = StackedStep(model, optimizer, x, y, live_weight, cfg.amp)
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
         model.train()
@@ -263,8 +265,8 @@ def fit_stacked(model: StackedResMLP, x: torch.Tensor, y: torch.Tensor, train_id
         lr = float(optimizer.param_groups[0]["lr"])
         scheduler.step()
         model.eval()
-        with torch.no_grad():
-            logits = model(x[val])
+        with torch.no_grad(), autocast(device, cfg.amp):
+            logits = model(x[val]).float()
             val_loss = _run_losses(logits, y[val], val_mask, live_weight).tolist()
             val_acc = (((logits.argmax(2) == y[val]) & val_mask).sum(1) / val_mask.sum(1).clamp(min=1)).tolist()
         seconds = time.perf_counter() - start

@@ -31,7 +31,7 @@ from agepipe.train.checkpoint import init_from, model_config_from, read_config, 
 from agepipe.train.data import (NUM_CLASSES, SUBJECTS_ACROSS_DATASETS, VAL_FRACTION, Split, TaskData, check_task,
                                 load_task_data, make_split, resolve_feature_set)
 from agepipe.train.evaluate import logits_of, score_splits
-from agepipe.train.model import ModelConfig, ResMLP, autocast, paper_config, resolve_device
+from agepipe.train.model import ModelConfig, ResMLP, autocast, paper_config, precision, resolve_device
 from agepipe.train.report import PLOTS, write_cv_table, write_report
 
 
@@ -44,7 +44,7 @@ class TrainConfig:
     epochs: int = 30
     patience: int = 5  # epochs without a lower validation loss before stopping
     seed: int = 0
-    amp: bool = True  # bfloat16 autocast on GPU; CPUs train in float32
+    amp: bool = True  # bfloat16 autocast where the device has it natively (model.precision)
     balance: bool = False  # class-balanced loss: see class_weights
 
     def __post_init__(self):
@@ -246,8 +246,10 @@ def fit(model: ResMLP, x: torch.Tensor, y: torch.Tensor, train_idx: torch.Tensor
 
 # --- runs: one split, or the five folds -------------------------------------------------
 
-def run_config(task: str, train_cfg: TrainConfig, data_record: dict, init: str | None) -> dict:
-    return {"task": task, "train": train_cfg.to_dict(), "data": data_record,
+def run_config(task: str, train_cfg: TrainConfig, data_record: dict, init: str | None,
+               device: torch.device) -> dict:
+    return {"task": task, "train": train_cfg.to_dict(), "precision": precision(device, train_cfg.amp),
+            "data": data_record,
             "init": str(init) if init else None,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "versions": {"agepipe": agepipe.__version__, "torch": torch.__version__}}
@@ -294,7 +296,7 @@ def save_run(data: TaskData, split: Split, model: ResMLP, train_cfg: TrainConfig
     for name in ("history.json", "metrics.json", "predictions.parquet", "report.md", *PLOTS):
         (out / name).unlink(missing_ok=True)
     record = {**data_record, "split_sizes": split.sizes(), "dropped": data.dropped}
-    config = run_config(data.task, train_cfg, record, init)
+    config = run_config(data.task, train_cfg, record, init, data.x.device)
     config["warnings"] = warned
     if init:
         config["init_fresh"] = fresh  # tensors not taken from the init run (a head for other classes)

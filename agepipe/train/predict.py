@@ -72,16 +72,17 @@ class Predictor:
         x = torch.from_numpy(np.stack([f.embedding for f in found])).to(self.device)
         out = [{"bbox": [round(float(v), 1) for v in f.bbox], "det_score": round(f.det_score, 4)} for f in found]
         for kind, (model, config) in self.runs.items():
-            probs, h, mi = self._predict(model, x)
+            probs, h, mi = self._predict(model, x, config.get("train", {}).get("amp", True))
             for face, p, hi, mii in zip(out, probs, h, mi):
                 face[kind] = describe(config["task"], p, float(hi), mii)
         return out
 
-    def _predict(self, model: ResMLP, x: torch.Tensor):
+    def _predict(self, model: ResMLP, x: torch.Tensor, amp: bool):
+        """In the run's precision (its config's train.amp), as evaluate scores it."""
         if self.mc_samples > 0 and has_dropout(model):
-            mc = mc_dropout(model, x, self.mc_samples)
+            mc = mc_dropout(model, x, self.mc_samples, amp)
             return mc.probs, mc.predictive_entropy, mc.mutual_information
-        probs = torch.softmax(logits_of(model, x), -1)
+        probs = torch.softmax(logits_of(model, x, amp), -1)
         return probs.cpu().numpy(), entropy(probs).cpu().numpy(), [None] * len(x)
 
 

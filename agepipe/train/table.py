@@ -32,7 +32,7 @@ from agepipe.features import store as fstore
 from agepipe.train.checkpoint import write_json
 from agepipe.train.data import VAL_FRACTION, load_task_data, make_split, resolve_feature_set
 from agepipe.train.loop import (cross_validate, data_record, model_config_for, train_config_for, train_run)
-from agepipe.train.model import resolve_device
+from agepipe.train.model import precision, resolve_device
 
 TASKS = ("age", "gender")
 INITS = ("scratch", "pretrained")
@@ -158,9 +158,9 @@ class Grid:
 def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | None = None,
               datasets: tuple[str, ...] = ("adience",), pretrain_datasets: tuple[str, ...] = ("imdb-wiki",),
               device: str = "auto", min_det_score: float = 0.0, mc_samples: int = 0, cuda_graphs: bool = False,
-              echo: Callable[[str], None] = print) -> list[dict]:
+              amp: bool = True, echo: Callable[[str], None] = print) -> list[dict]:
     """Train every cell of ``grid`` (reusing finished ones), write table.md and table.csv into
-    ``out``, and return the rows. ``cuda_graphs``: see cross_validate."""
+    ``out``, and return the rows. ``cuda_graphs``: see cross_validate; ``amp``: TrainConfig.amp."""
     start = time.perf_counter()
     out = Path(out)
     feature_set = resolve_feature_set(store, feature_set)
@@ -184,12 +184,13 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
                 echo(f"warning: {message}")
         for init in grid.inits:
             for variant in grid.variants:
-                overrides = {**cell_train_overrides(task, variant, grid.settings), "epochs": grid.epochs}
+                overrides = {**cell_train_overrides(task, variant, grid.settings), "epochs": grid.epochs, "amp": amp}
                 train_cfg = train_config_for(task, **overrides)
                 model_cfg = model_config_for(task, None, **VARIANTS[variant])
                 cell_dir = out / task / init / variant
                 identity = {"task": task, "variant": variant, "init": init, "folds": grid.folds, "seeds": grid.seeds,
-                            "model": model_cfg.to_dict(), "train": train_cfg.to_dict(), "data": record, "cut": cut,
+                            "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
+                            "precision": precision(dev, train_cfg.amp), "data": record, "cut": cut,
                             "pretrain_data": pre_record if init == "pretrained" else None,
                             "pretrain_cut": pre_cut if init == "pretrained" else None, "mc_samples": mc_samples}
                 done, changed = _finished_cell(cell_dir, identity)
@@ -225,7 +226,7 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
                      f"+- {row['accuracy_std']:.4f} over {row['runs']} runs, {how}"
                      + (f" (original {published[0]:.4f} +- {published[1]:.4f})" if published else ""))
     wall = time.perf_counter() - start
-    write_table(out, rows, grid, wall, str(dev), feature_set)
+    write_table(out, rows, grid, wall, f"{dev} ({precision(dev, amp)})", feature_set)
     echo(f"{len(rows)} cells in {wall:.1f} s -> {out / 'table.md'}, {out / 'table.csv'}")
     return rows
 

@@ -9,7 +9,7 @@ import torch
 from agepipe.train.batched import StackedResMLP, fit_stacked
 from agepipe.train.checkpoint import load_checkpoint
 from agepipe.train.loop import TrainConfig, class_weights, train
-from agepipe.train.model import ModelConfig, ResMLP
+from agepipe.train.model import ModelConfig, ResMLP, precision
 from tests.train.synthetic_store import Mixture, adience_like, write_store
 
 
@@ -96,11 +96,7 @@ def test_batched_cv_matches_sequential_runs_in_distribution(small_store, tmp_pat
                        progress=False, train_overrides={"epochs": 4}, batched=batched)
 
     runs = {b: cv(b) for b in (True, False)}
-    acc = {b: np.array([r["test_accuracy"] for r in runs[b]["runs"]]) for b in runs}
-    # Same folds, seeds and schedule: the means may differ by the runs' sampling noise only.
-    noise = np.sqrt(acc[True].var(ddof=1) / len(acc[True]) + acc[False].var(ddof=1) / len(acc[False]))
-    assert abs(acc[True].mean() - acc[False].mean()) <= 3 * noise + 0.01, (acc[True], acc[False])
-    assert min(acc[True].mean(), acc[False].mean()) > 1 / 8  # both learn something in 4 short epochs (chance: 1/8)
+    _same_distribution(runs[True], runs[False])
     for k in range(5):
         run = tmp_path / "True" / f"fold{k}-seed1"
         config = json.loads((run / "config.json").read_text())
@@ -109,6 +105,32 @@ def test_batched_cv_matches_sequential_runs_in_distribution(small_store, tmp_pat
         history = json.loads((run / "history.json").read_text())
         assert 1 <= history["best_epoch"] <= len(history["history"]) <= 4
     assert runs[True]["batched"] and not runs[False]["batched"]
+
+
+def _same_distribution(a: dict, b: dict) -> None:
+    """Two cross-validations over the same folds, seeds and schedule: their mean test accuracies
+    may differ by the runs' sampling noise only, and both learn (chance: 1/8)."""
+    acc_a, acc_b = (np.array([r["test_accuracy"] for r in cv["runs"]]) for cv in (a, b))
+    noise = np.sqrt(acc_a.var(ddof=1) / len(acc_a) + acc_b.var(ddof=1) / len(acc_b))
+    assert abs(acc_a.mean() - acc_b.mean()) <= 3 * noise + 0.01, (acc_a, acc_b)
+    assert min(acc_a.mean(), acc_b.mean()) > 1 / 8
+
+
+def test_bfloat16_training_matches_float32_in_distribution(small_store, tmp_path, one_thread, monkeypatch):
+    # bfloat16 autocast wherever the device has it natively; forced here so that any CPU runs the
+    # mixed-precision path (torch emulates it where the CPU lacks it), stacked and sequential.
+    monkeypatch.setattr("agepipe.train.model.bf16_native", lambda device: True)
+    runs = {}
+    for batched in (True, False):
+        for amp in (True, False):
+            out = tmp_path / f"{batched}-{amp}"
+            runs[batched, amp] = train(small_store, ["adience"], "age", out, cv=True, seeds=2, mc_samples=4,
+                                       progress=False, train_overrides={"epochs": 4, "amp": amp}, batched=batched)
+            config = json.loads((out / "fold0-seed0" / "config.json").read_text())
+            assert config["precision"] == ("bfloat16" if amp else "float32")
+        _same_distribution(runs[batched, True], runs[batched, False])
+    monkeypatch.setattr("agepipe.train.model.bf16_native", lambda device: False)
+    assert precision(torch.device("cpu"), True) == "float32"
 
 
 def _runs_leaving(device):

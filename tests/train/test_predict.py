@@ -13,6 +13,7 @@ from agepipe.cli import cli
 from agepipe.train.data import AGE_BIN_MIDPOINTS
 from agepipe.train.checkpoint import CheckpointError, load_checkpoint
 from agepipe.train.loop import train
+from agepipe.train.model import autocast
 from agepipe.train.predict import (UNDECIDED_ENTROPY_SHARE, UNDECIDED_MI, Predictor, face_labels,
                                    label_place, legend_lines)
 
@@ -102,8 +103,8 @@ def test_deterministic_prediction_is_the_model_on_the_face_embedding(runs, photo
     assert len(faces) == 1 and "gender" not in faces[0]
     model, _ = load_checkpoint(age)
     embedding = torch.from_numpy(embedder.faces(image)[0].embedding[None])
-    with torch.no_grad():
-        expected = torch.softmax(model(embedding), -1)[0].numpy()
+    with torch.no_grad(), autocast(torch.device("cpu")):  # the run's precision (train.amp on)
+        expected = torch.softmax(model(embedding).float(), -1)[0].numpy()
     assert np.allclose(list(faces[0]["age"]["probs"].values()), expected, atol=1e-4)
     assert faces[0]["age"]["mutual_information"] is None
 
