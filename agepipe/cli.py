@@ -588,7 +588,8 @@ def evaluate(run, store, mc_samples, device):
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None,
               help="Also write all results to this file as one JSON list.")
 @click.option("--annotate", type=click.Path(), default=None,
-              help="Write the photo with boxes and labels here (a folder when several photos).")
+              help="Write the photo with boxes and labels here (a folder when several photos, or when "
+                   "this is an existing folder or ends in /).")
 @click.option("--models", "pack", default=None,
               help="Face models (default: the pack of the runs' feature set, else buffalo_s).")
 @click.option("--det-size", type=click.IntRange(32, 4096), default=None, callback=_det_size,

@@ -245,9 +245,11 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
 
 
 def annotation_paths(annotate_to: str, images: list[str]) -> list[Path]:
-    """OUT itself for one photo; OUT/<name>.annotated.jpg for each of several, where a name
-    two photos share (a/photo.jpg, b/photo.jpg) takes their folders too (a_photo, b_photo)."""
-    if len(images) == 1:
+    """OUT itself for one photo (unless OUT is a folder, or ends in a separator);
+    OUT/<name>.annotated.jpg for each of several, where a name two photos share (a/photo.jpg,
+    b/photo.jpg) takes their folders too (a_photo, b_photo)."""
+    folder = os.path.isdir(annotate_to) or annotate_to.endswith((os.sep, "/"))
+    if len(images) == 1 and not folder:
         return [Path(annotate_to)]
     stems = [Path(p).stem for p in images]
     repeated = {s for s in stems if stems.count(s) > 1}

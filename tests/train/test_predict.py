@@ -132,3 +132,14 @@ def test_runs_must_match_their_kind_and_the_face_models(runs, tmp_path):
     (other / "model.safetensors").write_bytes((age / "model.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="recogniser sha256 000000000000"):
         Predictor(str(other), None)
+
+
+def test_annotate_to_a_folder_with_one_photo_writes_into_the_folder(tmp_path):
+    from agepipe.train.predict import annotation_paths
+
+    photo = str(tmp_path / "in" / "face.jpg")
+    (tmp_path / "out").mkdir()
+    # an existing folder, or a name ending in a separator, is a folder even for one photo
+    assert annotation_paths(str(tmp_path / "out"), [photo]) == [tmp_path / "out" / "face.annotated.jpg"]
+    assert annotation_paths(str(tmp_path / "new") + "/", [photo]) == [tmp_path / "new" / "face.annotated.jpg"]
+    assert annotation_paths(str(tmp_path / "one.jpg"), [photo]) == [tmp_path / "one.jpg"]
