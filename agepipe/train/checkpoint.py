@@ -96,7 +96,45 @@ def read_config(run_dir: str | Path) -> dict:
                               f"{NUM_CLASSES[config['task']]}")
     if not isinstance(config.get("data", {}), dict):
         raise CheckpointError(f"{path}: \"data\" (where the run's rows came from) is not an object")
+    if not isinstance(config.get("train", {}), dict):
+        raise CheckpointError(f"{path}: \"train\" (the run's training settings) is not an object")
+    check_data_record(config.get("data", {}), path)
     return config
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# What `evaluate` and `predict` read from a run's "data" record, and what each value must be: a
+# value of another type would fail deep inside them (a TypeError, not a sentence naming the file),
+# or quietly rebuild another split (a test_fold of "0" matches no row).
+DATA_FIELDS = {
+    "store": ("a string", lambda v: isinstance(v, str)),
+    "feature_set": ("a string", lambda v: isinstance(v, str)),
+    "datasets": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(d, str) for d in v)),
+    "test_fold": ("a fold 0-4 or null", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)
+                                                                and 0 <= v <= 4)),
+    "val_fraction": ("a number in [0, 1)", lambda v: _number(v) and 0 <= v < 1),
+    "min_det_score": ("a number in [0, 1]", lambda v: _number(v) and 0 <= v <= 1),
+    "subjects": ("a string", lambda v: isinstance(v, str)),
+    "features": ("an object", lambda v: isinstance(v, dict)),
+}
+FEATURE_FIELDS = {
+    "pack": ("a string", lambda v: isinstance(v, str)),
+    "det_size": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "detector_sha256": ("a string", lambda v: isinstance(v, str)),
+    "recognizer_sha256": ("a string", lambda v: isinstance(v, str)),
+}
+
+
+def check_data_record(data: dict, path) -> None:
+    """Refuse a "data" record whose values are not what `evaluate` and `predict` read them as."""
+    for fields, record, where in ((DATA_FIELDS, data, "data"), (FEATURE_FIELDS, data.get("features", {}),
+                                                                "data.features")):
+        for name, (kind, ok) in fields.items():
+            if name in record and not ok(record[name]):
+                raise CheckpointError(f"{path}: {where}.{name} is {record[name]!r}, not {kind}")
 
 
 def model_config_from(values, where) -> ModelConfig:

@@ -63,6 +63,25 @@ def test_malformed_or_foreign_configs_name_the_problem(tmp_path, config, message
         load_checkpoint(run)
 
 
+
+@pytest.mark.parametrize("key, value, message", [
+    ("min_det_score", None, "data.min_det_score is None, not a number"),
+    ("test_fold", "0", "data.test_fold is '0', not a fold 0-4 or null"),
+    ("val_fraction", 5, "data.val_fraction is 5, not a number in"),
+    ("features", "buffalo_s", "data.features is 'buffalo_s', not an object"),
+    ("features", {"pack": ["a"]}, r"data.features.pack is \['a'\], not a string"),
+    ("features", {"det_size": "640"}, "data.features.det_size is '640', not an integer"),
+])
+def test_a_data_record_of_the_wrong_types_names_the_file(tmp_path, key, value, message):
+    """evaluate and predict read these values; a tampered one is refused at load, in a sentence
+    that names config.json, rather than a TypeError deep inside them or another split."""
+    _, run = saved_run(tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    config["data"] = {key: value}
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json: " + message):
+        load_checkpoint(run)
+
 def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     _, run = saved_run(tmp_path)
     tensors = ResMLP(paper_config("gender", 2)).state_dict()
