@@ -137,6 +137,25 @@ def check_data_record(data: dict, path) -> None:
                 raise CheckpointError(f"{path}: {where}.{name} is {record[name]!r}, not {kind}")
 
 
+def metrics_error(run_dir: str | Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{Path(run_dir) / 'metrics.json'}: not a metrics file of `agepipe train` ({why}); "
+                           f"remove it and `agepipe evaluate {run_dir}` scores the run again")
+
+
+def read_metrics(run_dir: str | Path) -> dict:
+    """The run's metrics.json as a dict ({} when there is none)."""
+    path = Path(run_dir) / "metrics.json"
+    if not path.exists():
+        return {}
+    try:
+        metrics = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise metrics_error(run_dir, f"not valid JSON: {e}") from None
+    if not isinstance(metrics, dict):
+        raise metrics_error(run_dir, "not a JSON object")
+    return metrics
+
+
 def model_config_from(values, where) -> ModelConfig:
     fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
     if not isinstance(values, dict):

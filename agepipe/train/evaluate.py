@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from agepipe.atomic import atomic_path
-from agepipe.train.checkpoint import CONFIG, CheckpointError, load_checkpoint, write_json
+from agepipe.train.checkpoint import CONFIG, CheckpointError, load_checkpoint, read_metrics, write_json
 from agepipe.train.data import (SUBJECTS_ACROSS_DATASETS, class_ages, class_names, load_task_data, make_split,
                                 true_ages)
 from agepipe.train.model import ResMLP, autocast, has_dropout, mc_dropout_mode, resolve_device
@@ -295,7 +295,7 @@ def evaluate_run(run_dir: str | Path, store: str | None = None, mc_samples: int 
     split = make_split(data.rows, rec["test_fold"], rec["val_fraction"],
                        subjects_per_dataset=rec.get("subjects") != SUBJECTS_ACROSS_DATASETS)
     path = run_dir / "metrics.json"
-    metrics = json.loads(path.read_text()) if path.exists() else {"task": task}
+    metrics = read_metrics(run_dir) or {"task": task}
     metrics["split_sizes"] = split.sizes()
     metrics.pop("warning", None)
     if rec.get("split_sizes") and rec["split_sizes"] != split.sizes():

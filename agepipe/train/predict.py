@@ -6,7 +6,6 @@ and a recogniser with another hash is refused (its embeddings live in another sp
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from agepipe import atomic
 from agepipe.features.embed import FaceEmbedder
 from agepipe.features.images import ImageError, read_image
-from agepipe.train.checkpoint import CheckpointError, load_checkpoint
+from agepipe.train.checkpoint import CheckpointError, load_checkpoint, metrics_error, read_metrics
 from agepipe.train.data import class_names
 from agepipe.train.evaluate import entropy, expected_age, logits_of, mc_dropout
 from agepipe.train.model import ResMLP, has_dropout, resolve_device
@@ -96,13 +95,13 @@ UNDECIDED_MI = 0.05
 def run_caution(kind: str, run: str | Path) -> str | None:
     """A sentence when the run's own test fold says its predictions are no better than a
     constant guess (from its metrics.json; None when it beats its majority baseline)."""
-    path = Path(run) / "metrics.json"
-    if not path.exists():
-        return None
-    test = json.loads(path.read_text()).get("test", {})
-    base = test.get("majority_baseline")
-    if not base or headline(test)["balanced_accuracy"] > base["balanced_accuracy"]:
-        return None
+    test = read_metrics(run).get("test", {})
+    try:
+        base = test.get("majority_baseline")
+        if not base or headline(test)["balanced_accuracy"] > base["balanced_accuracy"]:
+            return None
+    except (AttributeError, KeyError, TypeError) as e:
+        raise metrics_error(run, f"its test scores: {type(e).__name__} {e}") from None
     return (f"the {kind} model did not beat its majority baseline ({base['class']} for every face) on its "
             "held-out fold: treat its answers as a constant guess")
 

@@ -153,3 +153,19 @@ def test_bootstrap_draws_the_rows_distribution():
     # a class with one row is absent from about a third of the resamples: averaged only where present
     rare = bootstrap_ci(np.array([0] * 50 + [1]), np.array([0] * 50 + [0]))
     assert 0.5 <= rare["balanced_accuracy"][0] and rare["balanced_accuracy"][1] == 1.0
+
+
+def test_evaluate_names_a_damaged_metrics_json(gaussian_store, tmp_path):
+    from agepipe.train.checkpoint import CheckpointError
+    from agepipe.train.evaluate import evaluate_run
+    from agepipe.train.loop import train
+
+    store, _ = gaussian_store
+    run = tmp_path / "run"
+    train(store, ["adience"], "gender", run, mc_samples=0, report=False, progress=False,
+          train_overrides={"epochs": 1})
+    (run / "metrics.json").write_text("{")
+    with pytest.raises(CheckpointError, match="metrics.json: not a metrics file of `agepipe train`"):
+        evaluate_run(run, mc_samples=0)
+    (run / "metrics.json").unlink()  # as the message says: without one, evaluate scores the run again
+    assert evaluate_run(run, mc_samples=0)["test"]["n"] > 0

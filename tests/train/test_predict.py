@@ -143,3 +143,15 @@ def test_annotate_to_a_folder_with_one_photo_writes_into_the_folder(tmp_path):
     assert annotation_paths(str(tmp_path / "out"), [photo]) == [tmp_path / "out" / "face.annotated.jpg"]
     assert annotation_paths(str(tmp_path / "new") + "/", [photo]) == [tmp_path / "new" / "face.annotated.jpg"]
     assert annotation_paths(str(tmp_path / "one.jpg"), [photo]) == [tmp_path / "one.jpg"]
+
+
+@pytest.mark.parametrize("text", ["{", '{"test": 5}', '{"test": {"majority_baseline": {"class": "female"}}}'])
+def test_a_damaged_metrics_json_is_named(tmp_path, text):
+    """predict reads the run's metrics.json for its caution: a damaged one is a sentence naming it."""
+    from agepipe.train.predict import run_caution
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(text)
+    with pytest.raises(CheckpointError, match="metrics.json: not a metrics file of `agepipe train`.*agepipe evaluate"):
+        run_caution("gender", run)
