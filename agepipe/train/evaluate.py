@@ -100,7 +100,7 @@ def reliability(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> dict:
         acc = np.bincount(which, weights=correct, minlength=bins) / count
         mean_conf = np.bincount(which, weights=conf, minlength=bins) / count
     gaps = np.where(count > 0, np.abs(acc - mean_conf), 0.0)
-    ece = float((gaps * count).sum() / max(len(y), 1))
+    ece = float((gaps * count).sum() / len(y)) if len(y) else math.nan  # no rows: no calibration to measure
     return {"ece": ece, "bin_edges": np.linspace(0, 1, bins + 1).tolist(),
             "bin_count": count.tolist(), "bin_accuracy": _nan_to_none(acc),
             "bin_confidence": _nan_to_none(mean_conf)}

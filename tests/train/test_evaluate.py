@@ -169,3 +169,13 @@ def test_evaluate_names_a_damaged_metrics_json(gaussian_store, tmp_path):
         evaluate_run(run, mc_samples=0)
     (run / "metrics.json").unlink()  # as the message says: without one, evaluate scores the run again
     assert evaluate_run(run, mc_samples=0)["test"]["n"] > 0
+
+
+def test_no_rows_have_no_calibration_error():
+    """An empty split (a test fold with no labelled rows) scores NaN everywhere, ECE too: 0 would
+    read as a perfectly calibrated model."""
+    from agepipe.train.evaluate import scores
+
+    out = scores(np.zeros((0, 2), np.float32), np.zeros(0, np.int64), "gender", None)
+    assert math.isnan(out["accuracy"]) and math.isnan(out["ece"])
+    assert math.isnan(reliability(np.zeros((0, 8)), np.zeros(0, np.int64))["ece"])
