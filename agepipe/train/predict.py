@@ -43,6 +43,8 @@ class Predictor:
                     raise CheckpointError(f"{run}: a run for task {config['task']}; "
                                           f"--{kind}-model needs one for {' or '.join(tasks)}")
                 self.runs[kind] = (model, config)
+        if not any(has_dropout(model) for model, _ in self.runs.values()):
+            self.mc_samples = 0  # nothing to sample (--dropout 0): one deterministic pass, as the legend says
         # kind -> why its answers are no better than a constant guess (from the run's own test fold)
         self.cautions = {kind: c for kind, run in (("age", age_run), ("gender", gender_run))
                          if run and (c := run_caution(kind, run))}

@@ -155,3 +155,14 @@ def test_a_damaged_metrics_json_is_named(tmp_path, text):
     (run / "metrics.json").write_text(text)
     with pytest.raises(CheckpointError, match="metrics.json: not a metrics file of `agepipe train`.*agepipe evaluate"):
         run_caution("gender", run)
+
+
+def test_the_legend_of_a_model_without_dropout_says_one_deterministic_pass(gaussian_store, tmp_path):
+    """--mc-samples has no dropout to sample in a --dropout 0 model: its faces get one
+    deterministic pass, and the annotation's legend must say so, not "mean of 8 MC-dropout passes"."""
+    store, _ = gaussian_store
+    train(store, ["adience"], "gender", tmp_path / "g", mc_samples=0, report=False, progress=False,
+          model_overrides={"dropout": 0.0}, train_overrides={"epochs": 1})
+    predictor = Predictor(None, str(tmp_path / "g"), mc_samples=8)
+    lines = legend_lines([{"gender": {}}], predictor.mc_samples)
+    assert any("one deterministic pass" in t for t in lines), lines
