@@ -655,9 +655,6 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
              + (f", GPUs {','.join(layout.gpus)}" if layout.gpus else "")
              + (f"; dashboard {link}" if link else ""))
         echo(f"feature set: {feature_set} ({resolved.name}, det size {det_size}, {runtime} on {device})")
-        info = fstore.read_feature_set_info(store, feature_set) or {}
-        info.update(feature_set_info(feature_set, identity, cfg, layout, workers_env))
-        fstore.write_feature_set_info(store, feature_set, info)
 
         with contextlib.ExitStack() as locks:
             for name in names:
@@ -675,6 +672,11 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
                 if not cfg.batch_size:
                     echo("batch size from each GPU's free memory: "
                          + ", ".join(f"{b} photos" for b in sorted(set(batches.values()))))
+            # Recorded once the setup checks pass: a feature set listed without rows would make
+            # `train` without --feature-set refuse a store whose only data is another's.
+            info = fstore.read_feature_set_info(store, feature_set) or {}
+            info.update(feature_set_info(feature_set, identity, cfg, layout, workers_env))
+            fstore.write_feature_set_info(store, feature_set, info)
             started = time.perf_counter()
             results = run_tasks(client, plan.tasks, progress)
             wall = time.perf_counter() - started

@@ -112,6 +112,20 @@ def test_a_dataset_whose_photos_are_all_absent_stops_before_any_row(mini_data, t
     assert not list(store.glob("**/part-*.parquet")) and not list(store.glob("**/_index.json"))
 
 
+def test_a_setup_error_records_no_feature_set(mini_data, tmp_path):
+    """An extract stopped by a setup error (photos absent, models that do not load) lists no
+    feature set: one recorded before the checks stayed listed with no rows, and `agepipe train`
+    without --feature-set then refused a store whose only data was another feature set's."""
+    import shutil
+
+    data = tmp_path / "data"
+    (data / "mini").mkdir(parents=True)
+    shutil.copy(mini_data / "mini" / "manifest.parquet", data / "mini")
+    store = tmp_path / "store"
+    assert extract(data, store, "--workers", 1, "--det-size", 320).exit_code == 1
+    assert fstore.list_feature_sets(str(store)) == []
+
+
 def test_a_manifest_changed_where_the_row_digest_does_not_look_redoes_those_shards(mini_data, tmp_path):
     """A rebuilt manifest gives one row another status and another row another age_bin: the
     ids, subjects, folds, ages and genders (the rows digest) are unchanged. Only the two shards
