@@ -566,10 +566,10 @@ def load_features(store: str, feature_set: str, datasets: list[str] | str | None
     return Features(embeddings, rows.drop_columns(["status"]).to_pandas())
 
 
-def status_counts(store: str, feature_set: str) -> dict[str, dict[str, int]]:
-    """{dataset: {status: rows}} read from the shards themselves."""
+def status_counts(store: str, feature_set: str, datasets: list[str] | None = None) -> dict[str, dict[str, int]]:
+    """{dataset: {status: rows}} of the datasets (all when None) read from the shards themselves."""
     out = {}
-    for dataset in list_datasets(store, feature_set):
+    for dataset in datasets or list_datasets(store, feature_set):
         try:
             if not _listed(store, feature_set, dataset):
                 continue

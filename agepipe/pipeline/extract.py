@@ -684,8 +684,9 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
 
     stats = run_stats(results, wall)
     info = fstore.read_feature_set_info(store, feature_set)
-    info["counts"] = fstore.status_counts(store, feature_set)
+    counts = fstore.status_counts(store, feature_set, names)  # another dataset's damage is not this run's
+    info["counts"] = {**info.get("counts", {}), **counts}
     info.setdefault("runs", []).append({"datasets": names, "limit": limit, **stats})
     info["stats"] = {"images_per_second": stats["images_per_second"], "stage_seconds": stats["stage_seconds"]}
     fstore.write_feature_set_info(store, feature_set, info)
-    return {"feature_set": feature_set, "stats": stats, "counts": info["counts"]}
+    return {"feature_set": feature_set, "stats": stats, "counts": counts}

@@ -126,6 +126,21 @@ def test_a_setup_error_records_no_feature_set(mini_data, tmp_path):
     assert fstore.list_feature_sets(str(store)) == []
 
 
+def test_a_damaged_other_dataset_does_not_fail_this_datasets_extract(mini_data, tmp_path):
+    """Another dataset of the feature set whose store is damaged is that dataset's problem: an
+    extract of this one committed its rows, then counted every dataset's and ended in exit 1 with
+    the other's error, its run not recorded."""
+    store = tmp_path / "store"
+    assert extract(mini_data, store, "--workers", 1, "--limit", 3).exit_code == 0
+    other = store / the_feature_set(store) / "other"
+    other.mkdir()
+    (other / "_index.json").write_text('{"shards": [')
+    result = extract(mini_data, store, "--workers", 1, "--limit", 4)
+    assert result.exit_code == 0, result.output
+    info = json.loads((store / the_feature_set(store) / "feature_set.json").read_text())
+    assert sum(info["counts"]["mini"].values()) == 4 and info["runs"][-1]["limit"] == 4
+
+
 def test_a_manifest_changed_where_the_row_digest_does_not_look_redoes_those_shards(mini_data, tmp_path):
     """A rebuilt manifest gives one row another status and another row another age_bin: the
     ids, subjects, folds, ages and genders (the rows digest) are unchanged. Only the two shards
