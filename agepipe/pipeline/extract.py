@@ -623,7 +623,7 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
     from agepipe.features.models import resolve_pack
     from agepipe.pipeline.cluster import dashboard_link, local_layout, open_client
 
-    names = expand_groups(datasets)
+    names = list(dict.fromkeys(expand_groups(datasets)))  # a dataset named twice is extracted once
     manifests = {}
     for name in names:
         manifest = manifest_table(data_dir, name)

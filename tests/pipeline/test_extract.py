@@ -141,6 +141,15 @@ def test_a_damaged_other_dataset_does_not_fail_this_datasets_extract(mini_data, 
     assert sum(info["counts"]["mini"].values()) == 4 and info["runs"][-1]["limit"] == 4
 
 
+def test_a_dataset_named_twice_is_extracted_once(mini_data, tmp_path):
+    """--dataset mini --dataset mini (or imdb-wiki and imdb) took the dataset's lock twice and stopped
+    with "another `agepipe extract` is writing", though none was."""
+    store = tmp_path / "store"
+    result = extract(mini_data, store, "--dataset", "mini", "--workers", 1, "--limit", 3)
+    assert result.exit_code == 0, result.output
+    assert len(store_rows(store)) == 3
+
+
 def test_a_manifest_changed_where_the_row_digest_does_not_look_redoes_those_shards(mini_data, tmp_path):
     """A rebuilt manifest gives one row another status and another row another age_bin: the
     ids, subjects, folds, ages and genders (the rows digest) are unchanged. Only the two shards
