@@ -437,7 +437,7 @@ def _shard_paths(store: str, feature_set: str, datasets: list[str] | str | None)
     if isinstance(datasets, str):
         datasets = [datasets]
     out = []
-    for dataset in datasets or list_datasets(store, feature_set):
+    for dataset in dict.fromkeys(datasets or list_datasets(store, feature_set)):  # a dataset named twice: once
         try:
             shards = _listed(store, feature_set, dataset)
         except UnfinishedExtract:

@@ -265,3 +265,12 @@ def test_the_cli_says_which_shard_is_broken_without_a_traceback(tmp_path):
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.output)
         assert f"Error: {path}: cannot read this shard" in result.output, args
         assert "run `agepipe extract --dataset d` to redo it" in result.output and "Traceback" not in result.output
+
+
+def test_a_dataset_named_twice_is_read_once(tmp_path):
+    """load_features(..., ["d", "d"]) (train --dataset imdb-wiki --dataset imdb) read every row of d
+    twice: duplicated rows in training and in the test fold's metrics."""
+    table, _, ok = shard_rows(10)
+    fstore.write_dataset(table, str(tmp_path), FS, "d", shard_rows=4)
+    assert len(fstore.load_features(str(tmp_path), FS, ["d", "d"]).rows) == int(ok.sum())
+    assert fstore.read_table(str(tmp_path), FS, ["d", "d"]).num_rows == 10
