@@ -675,7 +675,9 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
             # Recorded once the setup checks pass: a feature set listed without rows would make
             # `train` without --feature-set refuse a store whose only data is another's.
             info = fstore.read_feature_set_info(store, feature_set) or {}
+            created = info.get("created")  # the feature set's, not this run's
             info.update(feature_set_info(feature_set, identity, cfg, layout, workers_env))
+            info["created"] = created or info["created"]
             fstore.write_feature_set_info(store, feature_set, info)
             started = time.perf_counter()
             results = run_tasks(client, plan.tasks, progress)

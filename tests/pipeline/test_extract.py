@@ -150,6 +150,18 @@ def test_a_dataset_named_twice_is_extracted_once(mini_data, tmp_path):
     assert len(store_rows(store)) == 3
 
 
+def test_feature_set_json_keeps_its_creation_time(mini_data, tmp_path):
+    """feature_set.json's "created" (shown by `agepipe features show`) was the last extract's start."""
+    store = tmp_path / "store"
+    assert extract(mini_data, store, "--workers", 1, "--limit", 2).exit_code == 0
+    path = store / the_feature_set(store) / "feature_set.json"
+    created = json.loads(path.read_text())["created"]
+    time.sleep(1.1)
+    assert extract(mini_data, store, "--workers", 1, "--limit", 3).exit_code == 0
+    info = json.loads(path.read_text())
+    assert info["created"] == created and len(info["runs"]) == 2
+
+
 def test_a_manifest_changed_where_the_row_digest_does_not_look_redoes_those_shards(mini_data, tmp_path):
     """A rebuilt manifest gives one row another status and another row another age_bin: the
     ids, subjects, folds, ages and genders (the rows digest) are unchanged. Only the two shards
