@@ -364,6 +364,20 @@ def test_6_duplicated_ids_and_unknown_statuses_are_refused(tmp_path, rows, messa
         manifest_table(str(tmp_path), "mini")
 
 
+@pytest.mark.parametrize("change", [{"image_id": None}, {"status": None}, {"face_hint": [1.0, 2.0]}, {"fold": 300}])
+def test_6_a_manifest_column_of_the_wrong_type_is_refused_naming_the_file(tmp_path, change):
+    """A manifest agepipe did not write, whose values do not fit the manifest's types: the
+    error was pyarrow's cast message alone ("Casting field 'image_id' with null values ..."),
+    naming neither the file nor the fix."""
+    import pyarrow as pa
+    from agepipe.pipeline.extract import manifest_table
+
+    (tmp_path / "mini").mkdir()
+    pq.write_table(pa.Table.from_pylist([row("a.jpg"), {**row("b.jpg"), **change}]), tmp_path / "mini" / "manifest.parquet")
+    with pytest.raises(ValueError, match=r"mini/manifest.parquet: .*agepipe download --dataset mini"):
+        manifest_table(str(tmp_path), "mini")
+
+
 # --- 7: a structural verdict for truncated JPEGs ------------------------------------------------
 
 def jpeg(photos, progressive=False):

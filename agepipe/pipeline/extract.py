@@ -311,7 +311,11 @@ def manifest_table(data_dir: str, dataset: str) -> pa.Table:
     missing = set(fstore.MANIFEST_SCHEMA.names) - set(table.column_names)
     if missing:
         raise ValueError(f"{path}: manifest lacks columns {sorted(missing)}")
-    table = table.select(fstore.MANIFEST_SCHEMA.names).cast(fstore.MANIFEST_SCHEMA)
+    try:
+        table = table.select(fstore.MANIFEST_SCHEMA.names).cast(fstore.MANIFEST_SCHEMA)
+    except (pa.ArrowException, ValueError) as e:  # values that do not fit the manifest's types
+        raise ValueError(f"{path}: not a manifest agepipe reads ({e}); rebuild it with "
+                         f"`agepipe download --dataset {dataset}`") from None
     image_ids = table["image_id"].to_pylist()
     status = table["status"].to_pylist()
     seen: dict[str, int] = {}
