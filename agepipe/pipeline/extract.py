@@ -370,10 +370,12 @@ class Plan:
 
 
 def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature_set: str,
-              cfg: ExtractConfig, shard_rows: int, retry_failed: bool) -> Plan:
+              cfg: ExtractConfig, shard_rows: int, retry_failed: bool,
+              manifest_sha256: dict[str, str] | None = None) -> Plan:
     """Tasks for the shards not yet on disk. A shard counts as finished when a complete file
     holding exactly its rows, made from the manifest rows as they are now, exists, listed in
-    the index or left by a run that crashed before its commit."""
+    the index or left by a run that crashed before its commit. ``manifest_sha256``: each
+    manifest file's, hashed before its rows were read (else now)."""
     from agepipe.datasets.manifest import MANIFEST_FILE
     from agepipe.hashing import file_sha256
 
@@ -409,7 +411,10 @@ def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature
                 task["relabel"] = task["keep_from"] is not None
             tasks.append(task)
         manifest_file = os.path.abspath(os.path.join(data_root, MANIFEST_FILE))
-        sha256 = file_sha256(manifest_file) if os.path.exists(manifest_file) else ""
+        if manifest_sha256 is not None:
+            sha256 = manifest_sha256.get(dataset, "")
+        else:
+            sha256 = file_sha256(manifest_file) if os.path.exists(manifest_file) else ""
         cuts[dataset] = Cut(shards, manifest_file if sha256 else "", sha256, index.generation if index else None)
     return Plan(tasks, skipped, skipped_rows, cuts)
 
@@ -616,6 +621,18 @@ def feature_set_info(feature_set: str, identity: dict, cfg: ExtractConfig, layou
 
 
 
+def check_limit_keeps_rows(store: str, feature_set: str, manifests: dict[str, pa.Table], limit: int) -> None:
+    """--limit is a quick try: it never shrinks a dataset the store already holds more of (its
+    commit would replace the whole cut with the first rows, hours of extraction at IMDB-WIKI's size)."""
+    for name, manifest in manifests.items():
+        index = fstore.index_to_replace(store, feature_set, name)
+        held = sum(e.rows for e in index.shards) if index else 0
+        if held > manifest.num_rows:
+            raise ValueError(f"{store}/{feature_set}/{name} holds {held} rows; --limit {limit} would replace them "
+                             f"with the first {manifest.num_rows}. Run without --limit (finished shards are kept), "
+                             "or try --limit on another --store")
+
+
 def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buffalo_s", det_size: int = 640,
                 runtime: str = "onnxruntime", device: str = "cpu", shard_rows: int | None = None,
                 limit: int | None = None, retry_failed: bool = False, scheduler: str | None = None,
@@ -623,18 +640,26 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
                 decoders: str | None = None, progress: bool = True, echo=print) -> dict:
     """Extract the datasets' manifests into the store; returns the feature set's info."""
     from agepipe.datasets import expand_groups
+    from agepipe.datasets.manifest import MANIFEST_FILE
     from agepipe.features.embed import feature_identity
+    from agepipe.hashing import file_sha256
     from agepipe.features.models import resolve_pack
     from agepipe.pipeline.cluster import dashboard_link, local_layout, open_client
 
     names = list(dict.fromkeys(expand_groups(datasets)))  # a dataset named twice is extracted once
-    manifests = {}
+    manifests, hashed = {}, {}
     for name in names:
+        # Hashed before it is read: a manifest rebuilt meanwhile is recorded as the older file, so
+        # training warns that its labels changed rather than taking the store's for the new ones.
+        path = Path(data_dir).expanduser() / name / MANIFEST_FILE
+        hashed[name] = file_sha256(str(path)) if path.is_file() else ""
         manifest = manifest_table(data_dir, name)
         manifests[name] = manifest.slice(0, limit) if limit else manifest
     resolved = resolve_pack(pack)
     identity = feature_identity(resolved, det_size)
     feature_set = fstore.feature_set_name(f"{resolved.name}-det{det_size}", identity)
+    if limit:
+        check_limit_keeps_rows(store, feature_set, manifests, limit)
 
     # Starting worker processes takes seconds; say so before the wait.
     if scheduler:
@@ -664,7 +689,7 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
             for name in names:
                 locks.enter_context(fstore.writer_lock(store, feature_set, name))
             plan = make_plan(manifests, data_dir, store, feature_set, cfg,
-                             shard_rows or default_shard_rows(runtime, device), retry_failed)
+                             shard_rows or default_shard_rows(runtime, device), retry_failed, hashed)
             todo_rows = sum(len(t["rows"]) for t in plan.tasks)
             relabel = sum(bool(t.get("relabel")) for t in plan.tasks)
             echo(f"shards: {len(plan.tasks)} to do ({todo_rows} rows), {plan.skipped} already finished "

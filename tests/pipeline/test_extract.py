@@ -141,6 +141,48 @@ def test_a_damaged_other_dataset_does_not_fail_this_datasets_extract(mini_data, 
     assert sum(info["counts"]["mini"].values()) == 4 and info["runs"][-1]["limit"] == 4
 
 
+def test_a_smaller_limit_never_shrinks_what_the_store_holds(mini_data, tmp_path):
+    """--limit on a store that holds more of the dataset would commit the first rows and delete
+    the rest: refused before any work, the store untouched; a larger --limit grows it."""
+    store = tmp_path / "store"
+    assert extract(mini_data, store, "--workers", 1, "--limit", 4, "--shard-rows", 2).exit_code == 0
+    shards = sorted((store / the_feature_set(store) / "mini").glob("part-*.parquet"))
+    result = extract(mini_data, store, "--workers", 1, "--limit", 3, "--shard-rows", 2)
+    assert result.exit_code == 1
+    assert "holds 4 rows; --limit 3 would replace them with the first 3" in result.output
+    assert sorted((store / the_feature_set(store) / "mini").glob("part-*.parquet")) == shards
+    assert len(store_rows(store)) == 4
+    assert extract(mini_data, store, "--workers", 1, "--limit", 6, "--shard-rows", 2).exit_code == 0
+    assert len(store_rows(store)) == 6
+
+
+def test_the_index_records_the_manifest_as_it_was_read(mini_data, tmp_path, monkeypatch):
+    """A manifest rebuilt while extract runs (between its read and the plan, which hashed it):
+    the index must record the file whose rows it holds, or training takes the store's labels
+    for the new file's and never warns."""
+    import shutil
+
+    from agepipe.hashing import file_sha256
+    from agepipe.pipeline import extract as ex
+
+    data = tmp_path / "data"
+    shutil.copytree(mini_data, data)
+    manifest = data / "mini" / "manifest.parquet"
+    read = file_sha256(manifest)
+    real = ex.manifest_table
+
+    def read_then_rebuilt(data_dir, dataset):
+        table = real(data_dir, dataset)
+        pq.write_table(pq.read_table(manifest).replace_schema_metadata({"rebuilt": "since"}), manifest)
+        return table
+
+    monkeypatch.setattr(ex, "manifest_table", read_then_rebuilt)
+    store = tmp_path / "store"
+    assert extract(data, store, "--workers", 1, "--limit", 2).exit_code == 0
+    index = fstore.read_index(str(store), the_feature_set(store), "mini")
+    assert file_sha256(manifest) != read and index.manifest_sha256 == read
+
+
 def test_a_dataset_named_twice_is_extracted_once(mini_data, tmp_path):
     """--dataset mini --dataset mini (or imdb-wiki and imdb) took the dataset's lock twice and stopped
     with "another `agepipe extract` is writing", though none was."""
