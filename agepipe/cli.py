@@ -290,7 +290,7 @@ def download(dataset, data_dir, source, workers, no_extract):
               help="With --runtime torch: what decodes photos beside the device (default: processes on cuda "
                    "where the worker may start them, else threads). Processes keep the GIL free for the "
                    "thread that feeds the GPU and need /dev/shm for two batches (about 1.2 GB at 256).")
-@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N rows, for a quick try.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N rows, for a quick try (refused where the store holds more of the dataset).")
 @click.option("--retry-failed", is_flag=True,
               help="Redo rows whose status was a transient failure (error, worker_lost) or whose photo was missing.")
 @models_options(device_default=None, device_help="Default: cuda with --gpus, else cpu. " + CUDA_HELP)
@@ -519,13 +519,26 @@ def table(store, feature_set, out, tasks, variants, inits, folds, seeds, epochs,
       agepipe table
       agepipe table --tasks gender --variants full,no-ic --folds 0,1 --seeds 2 --epochs 5
     """
+    from agepipe.train.loop import TrainingWarning
     from agepipe.train.table import Grid, parse_settings, run_table
+
+    said, show = set(), warnings.showwarning
+
+    def say_once(message, category, *args, **kwargs):  # as train says them: a sentence, no source line
+        if not issubclass(category, TrainingWarning):
+            show(message, category, *args, **kwargs)
+        elif str(message) not in said:
+            said.add(str(message))
+            click.echo(f"warning: {message}", err=True)
 
     try:
         grid = Grid(tasks, variants, inits, folds, seeds, epochs, parse_settings(list(settings)))
-        run_table(store, out, grid, feature_set=feature_set, datasets=tuple(datasets),
-                  pretrain_datasets=tuple(pretrain_datasets), device=device, min_det_score=min_det_score,
-                  mc_samples=mc_samples, cuda_graphs=cuda_graphs, amp=not fp32, echo=click.echo)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", TrainingWarning)
+            warnings.showwarning = say_once
+            run_table(store, out, grid, feature_set=feature_set, datasets=tuple(datasets),
+                      pretrain_datasets=tuple(pretrain_datasets), device=device, min_det_score=min_det_score,
+                      mc_samples=mc_samples, cuda_graphs=cuda_graphs, amp=not fp32, echo=click.echo)
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
 

@@ -104,7 +104,7 @@ def test_a_rerun_reuses_every_finished_cell_and_says_once_that_a_manifest_change
     from tests.train.synthetic_store import FEATURE_SET
 
     store, out, args, first = table_run
-    assert "warning" not in first
+    assert "has changed since" not in first
     # WIKI's shards were cut from a manifest that has changed since (the same shards: cells reused)
     manifest = tmp_path / "manifest.parquet"
     manifest.write_bytes(b"the manifest the shards were cut from")
@@ -172,3 +172,16 @@ def test_settings_override_in_order_and_bad_ones_are_named():
                      ("all.weight_decay=-0.1", "weight_decay >= 0"), ("all.gamma=2", "gamma must be in")):
         with pytest.raises(ValueError, match=f"--set '{bad}': .*{why}"):
             parse_settings([bad])
+
+
+def test_training_warnings_are_said_once_as_sentences(table_run, tmp_path):
+    """A run's doubts (here: too few steps an epoch) in a sentence each, once, as train says them;
+    not Python's warning lines with a source file and line for every run."""
+    store, *_ = table_run
+    result = invoke("table", "--store", store, "--out", tmp_path / "t", "--tasks", "gender", "--variants", "full",
+                    "--inits", "scratch", "--folds", "0,1", "--seeds", "2", "--epochs", "1", "--device", "cpu",
+                    "--set", "all.batch_size=512")
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.output.splitlines() if line.startswith("warning: an epoch is")]
+    assert said and len(said) == len(set(said)), result.output
+    assert "TrainingWarning" not in result.output and "loop.py" not in result.output
