@@ -169,10 +169,28 @@ def features_list(store):
     if not names:
         click.echo(f"no feature sets in {store}")
         return
+    damaged = []
     for name in names:
-        counts = fstore.status_counts(store, name)
-        parts = [f"{ds}: {sum(c.values())} rows ({c.get('ok', 0)} ok)" for ds, c in counts.items()]
+        parts = []
+        for ds, counts in fstore.dataset_counts(store, name).items():
+            if isinstance(counts, fstore.StoreError):
+                parts.append(f"{ds}: {_unreadable(counts, damaged)}")
+            elif counts:
+                parts.append(f"{ds}: {sum(counts.values())} rows ({counts.get('ok', 0)} ok)")
         click.echo(f"{name}  " + ("; ".join(parts) or "no shards yet"))
+    if damaged:
+        fail("\n".join(damaged))
+
+
+def _unreadable(error, damaged: list[str]) -> str:
+    """What `features` says of a dataset it cannot count; a damaged one's error is kept for the end
+    (the command fails), an extract not yet committed is a state, not a failure."""
+    from agepipe.features import store as fstore
+
+    if isinstance(error, fstore.UnfinishedExtract):
+        return "not committed yet (an extract is running, or stopped before its commit: rerun it)"
+    damaged.append(str(error))
+    return "cannot be read (below)"
 
 
 @features.command("show")
@@ -192,14 +210,21 @@ def features_show(name, store):
     for key in ("pack", "det_size", "runtime", "created", "agepipe_version"):
         if key in info:
             click.echo(f"  {key}: {info[key]}")
-    counts_by_dataset = fstore.status_counts(store, name)
-    for dataset, counts in counts_by_dataset.items():
+    damaged = []
+    for dataset, counts in fstore.dataset_counts(store, name).items():
+        if isinstance(counts, fstore.StoreError):
+            click.echo(f"  {dataset}: {_unreadable(counts, damaged)}")
+            continue
+        if not counts:
+            continue
         total = sum(counts.values())
         click.echo(f"  {dataset}: {total} rows")
         for status, n in counts.items():
             click.echo(f"    {status:<16} {n:>8}  {100 * n / total:5.1f}%")
     if "stats" in info:
         click.echo("  last extract: " + json.dumps(info["stats"]))
+    if damaged:
+        fail("\n".join(damaged))
 
 
 @cli.group()

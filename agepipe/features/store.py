@@ -566,16 +566,36 @@ def load_features(store: str, feature_set: str, datasets: list[str] | str | None
     return Features(embeddings, rows.drop_columns(["status"]).to_pandas())
 
 
+def _counts(store: str, feature_set: str, dataset: str) -> dict[str, int]:
+    """{status: rows} read from the dataset's shards ({} when it has none)."""
+    if not _listed(store, feature_set, dataset):
+        return {}
+    t = read_table(store, feature_set, dataset, columns=["status"])
+    counts = pc.value_counts(t["status"]).to_pylist()
+    return {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: c["values"])}
+
+
 def status_counts(store: str, feature_set: str, datasets: list[str] | None = None) -> dict[str, dict[str, int]]:
     """{dataset: {status: rows}} of the datasets (all when None) read from the shards themselves."""
     out = {}
     for dataset in datasets or list_datasets(store, feature_set):
         try:
-            if not _listed(store, feature_set, dataset):
-                continue
+            counts = _counts(store, feature_set, dataset)
         except UnfinishedExtract:
             continue  # being extracted, or stopped before its first commit: no rows yet
-        t = read_table(store, feature_set, dataset, columns=["status"])
-        counts = pc.value_counts(t["status"]).to_pylist()
-        out[dataset] = {c["values"]: c["counts"] for c in sorted(counts, key=lambda c: c["values"])}
+        if counts:
+            out[dataset] = counts
+    return out
+
+
+def dataset_counts(store: str, feature_set: str) -> dict[str, dict[str, int] | StoreError]:
+    """Every dataset of the feature set: its {status: rows} ({} before any shard), or the
+    StoreError that keeps it from being counted (UnfinishedExtract: an extract not yet
+    committed; any other: a damaged store), so one dataset's state hides no other's."""
+    out: dict[str, dict[str, int] | StoreError] = {}
+    for dataset in list_datasets(store, feature_set):
+        try:
+            out[dataset] = _counts(store, feature_set, dataset)
+        except StoreError as e:
+            out[dataset] = e
     return out

@@ -274,3 +274,26 @@ def test_a_dataset_named_twice_is_read_once(tmp_path):
     fstore.write_dataset(table, str(tmp_path), FS, "d", shard_rows=4)
     assert len(fstore.load_features(str(tmp_path), FS, ["d", "d"]).rows) == int(ok.sum())
     assert fstore.read_table(str(tmp_path), FS, ["d", "d"]).num_rows == 10
+
+
+def test_features_shows_every_dataset_whatever_state_another_is_in(tmp_path):
+    """One damaged dataset made `features list` and `show` fail without a word of the others, and
+    one whose first extract had not committed read "no shards yet" though its shards were there."""
+    from click.testing import CliRunner
+
+    from agepipe.cli import cli
+
+    table, _, ok = shard_rows(30)
+    write_cut(tmp_path, table, 10, dataset="good")
+    write_cut(tmp_path, table, 10, dataset="broken")
+    fstore.write_shard(table, str(tmp_path), FS, "unfinished", 0)
+    fstore.write_feature_set_info(str(tmp_path), FS, {"pack": "buffalo_s", "det_size": 640})
+    path = fstore.shard_files(str(tmp_path), FS, "broken")[1]
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 3])
+    for args in (["features", "list"], ["features", "show", FS]):
+        result = CliRunner().invoke(cli, [*args, "--store", str(tmp_path)])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert "good: 30 rows" in result.output, result.output
+        assert "broken: cannot be read (below)" in result.output and f"Error: {path}: cannot read" in result.output
+        assert "unfinished: not committed yet" in result.output
