@@ -12,6 +12,7 @@ connection (``skip=False``): the paper's ablation variants.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -139,13 +140,17 @@ def has_dropout(model: nn.Module) -> bool:
 
 
 def bf16_native(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bfloat16 in hardware: CUDA GPUs, and CPUs with AVX512-BF16 or
-    AMX (on this project's AVX512-BF16 CPU a bfloat16 batched matmul ran 2.4x float32's rate).
-    torch's CPU probes are private; a torch without them gets float32."""
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and any(getattr(torch.cpu, probe, lambda: False)()
-                                        for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    """Whether ``device`` multiplies bfloat16 natively: CUDA GPUs (Ampere and later in hardware;
+    agepipe has trained in bfloat16 on every GPU), and CPUs with AVX512-BF16 or AMX (on this
+    project's AVX512-BF16 CPU a bfloat16 batched matmul ran 2.4x float32's rate)."""
+    return device.type == "cuda" or (device.type == "cpu" and _cpu_has_bf16())
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_bf16() -> bool:
+    # torch's CPU probes are private; a torch without them gets float32.
+    return any(getattr(torch.cpu, probe, lambda: False)()
+               for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def precision(device: torch.device, amp: bool = True) -> str:
