@@ -156,6 +156,15 @@ def read_metrics(run_dir: str | Path) -> dict:
     return metrics
 
 
+def scoring_amp(config: dict, device: torch.device) -> bool:
+    """Whether a run is scored under bfloat16 autocast: as it trained. Its "precision" says what
+    ran; a run from before agepipe recorded one trained in bfloat16 only on a GPU (train.amp on),
+    on a CPU in float32, and is scored as it was then."""
+    if "precision" in config:
+        return config["precision"] == "bfloat16"
+    return bool(config.get("train", {}).get("amp", True)) and torch.device(device).type == "cuda"
+
+
 def model_config_from(values, where) -> ModelConfig:
     fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
     if not isinstance(values, dict):

@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 import torch
 
 from agepipe.atomic import atomic_path
-from agepipe.train.checkpoint import CONFIG, CheckpointError, load_checkpoint, read_metrics, write_json
+from agepipe.train.checkpoint import (CONFIG, CheckpointError, load_checkpoint, read_metrics, scoring_amp,
+                                      write_json)
 from agepipe.train.data import (SUBJECTS_ACROSS_DATASETS, class_ages, class_names, load_task_data, make_split,
                                 true_ages)
 from agepipe.train.model import ResMLP, autocast, has_dropout, mc_dropout_mode, resolve_device
@@ -302,7 +303,7 @@ def evaluate_run(run_dir: str | Path, store: str | None = None, mc_samples: int 
         # The store changed since training (rows added or re-extracted): say so in the metrics.
         metrics["warning"] = (f"split sizes {split.sizes()} differ from training's {rec['split_sizes']}; "
                               "the store changed since this run was trained")
-    amp = config.get("train", {}).get("amp", True)
+    amp = scoring_amp(config, next(model.parameters()).device)  # the precision the run trained in
     metrics.update(score_splits(model, data, split, mc_samples, amp, run_dir))
     write_json(path, metrics)
     write_report(run_dir)

@@ -17,7 +17,7 @@ import torch
 from agepipe import atomic
 from agepipe.features.embed import FaceEmbedder
 from agepipe.features.images import ImageError, read_image
-from agepipe.train.checkpoint import CheckpointError, load_checkpoint, metrics_error, read_metrics
+from agepipe.train.checkpoint import CheckpointError, load_checkpoint, metrics_error, read_metrics, scoring_amp
 from agepipe.train.data import class_names
 from agepipe.train.evaluate import entropy, expected_age, logits_of, mc_dropout
 from agepipe.train.model import ResMLP, has_dropout, resolve_device
@@ -73,13 +73,13 @@ class Predictor:
         x = torch.from_numpy(np.stack([f.embedding for f in found])).to(self.device)
         out = [{"bbox": [round(float(v), 1) for v in f.bbox], "det_score": round(f.det_score, 4)} for f in found]
         for kind, (model, config) in self.runs.items():
-            probs, h, mi = self._predict(model, x, config.get("train", {}).get("amp", True))
+            probs, h, mi = self._predict(model, x, scoring_amp(config, self.device))
             for face, p, hi, mii in zip(out, probs, h, mi):
                 face[kind] = describe(config["task"], p, float(hi), mii)
         return out
 
     def _predict(self, model: ResMLP, x: torch.Tensor, amp: bool):
-        """In the run's precision (its config's train.amp), as evaluate scores it."""
+        """In the run's precision (checkpoint.scoring_amp), as evaluate scores it."""
         if self.mc_samples > 0 and has_dropout(model):
             mc = mc_dropout(model, x, self.mc_samples, amp)
             return mc.probs, mc.predictive_entropy, mc.mutual_information

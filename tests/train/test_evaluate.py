@@ -179,3 +179,32 @@ def test_no_rows_have_no_calibration_error():
     out = scores(np.zeros((0, 2), np.float32), np.zeros(0, np.int64), "gender", None)
     assert math.isnan(out["accuracy"]) and math.isnan(out["ece"])
     assert math.isnan(reliability(np.zeros((0, 8)), np.zeros(0, np.int64))["ece"])
+
+
+@pytest.mark.parametrize("old", [False, True])
+def test_a_float32_run_is_scored_in_float32_where_the_device_has_bfloat16(gaussian_store, tmp_path, monkeypatch,
+                                                                          old):
+    """A run trained in float32 (a CPU without bfloat16, "precision": "float32"; or one trained on a
+    CPU before agepipe recorded a precision, which always trained CPUs in float32) evaluated on a
+    device with bfloat16: it was scored in bfloat16 (train.amp is on), not in the precision it ran."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from agepipe.train.evaluate import evaluate_run
+    from agepipe.train.loop import train
+
+    store, _ = gaussian_store
+    run = tmp_path / "run"
+    monkeypatch.setattr("agepipe.train.model.bf16_native", lambda device: False)
+    train(store, ["adience"], "age", run, mc_samples=0, report=False, progress=False, train_overrides={"epochs": 2})
+    config = json.loads((run / "config.json").read_text())
+    assert config["precision"] == "float32" and config["train"]["amp"]
+    if old:
+        del config["precision"]
+        (run / "config.json").write_text(json.dumps(config))
+    trained = pq.read_table(run / "predictions.parquet").to_pandas()
+    monkeypatch.setattr("agepipe.train.model.bf16_native", lambda device: True)
+    evaluate_run(run, mc_samples=0)
+    scored = pq.read_table(run / "predictions.parquet").to_pandas()
+    assert np.allclose(np.stack(trained["probabilities"]), np.stack(scored["probabilities"]), atol=1e-6)
