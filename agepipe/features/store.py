@@ -227,6 +227,21 @@ def shards_on_disk(store: str, feature_set: str, dataset: str) -> dict[str, list
     return found
 
 
+def rows_on_disk(store: str, feature_set: str, dataset: str) -> int:
+    """Distinct rows in the dataset folder's readable shards, listed or not (what a writer finds
+    again where no readable index lists them)."""
+    fs, root = _fs(dataset_dir(store, feature_set, dataset))
+    if not fs.exists(root):
+        return 0
+    ids: set[str] = set()
+    for path in fs.glob(_join(root, SHARD_GLOB)):
+        try:
+            ids.update(read_shard_file(store, path, ["image_id"])["image_id"].to_pylist())
+        except StoreError:
+            continue  # unreadable: nothing a writer keeps
+    return len(ids)
+
+
 def remove_stale_temporaries(store: str, feature_set: str, dataset: str) -> int:
     fs, root = _fs(dataset_dir(store, feature_set, dataset))
     if not fs.exists(root):

@@ -626,7 +626,9 @@ def check_limit_keeps_rows(store: str, feature_set: str, manifests: dict[str, pa
     commit would replace the whole cut with the first rows, hours of extraction at IMDB-WIKI's size)."""
     for name, manifest in manifests.items():
         index = fstore.index_to_replace(store, feature_set, name)
-        held = sum(e.rows for e in index.shards) if index else 0
+        # No readable index (a damaged one, an extract stopped before its commit): the shards on
+        # disk are the rows, and the commit would delete those it does not list as well.
+        held = sum(e.rows for e in index.shards) if index else fstore.rows_on_disk(store, feature_set, name)
         if held > manifest.num_rows:
             raise ValueError(f"{store}/{feature_set}/{name} holds {held} rows; --limit {limit} would replace them "
                              f"with the first {manifest.num_rows}. Run without --limit (finished shards are kept), "

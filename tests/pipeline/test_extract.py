@@ -156,6 +156,25 @@ def test_a_smaller_limit_never_shrinks_what_the_store_holds(mini_data, tmp_path)
     assert len(store_rows(store)) == 6
 
 
+@pytest.mark.parametrize("damage", ["index damaged", "not committed"])
+def test_a_smaller_limit_never_shrinks_rows_no_readable_index_lists(mini_data, tmp_path, damage):
+    """Shards on disk that no readable index lists (a damaged _index.json, or an extract stopped
+    before its commit) are rows the writer plans from: the check counted only an index's rows, so
+    --limit 3 committed the first 3 and deleted every other shard, hours of work at scale."""
+    store = tmp_path / "store"
+    assert extract(mini_data, store, "--workers", 1, "--limit", 4, "--shard-rows", 2).exit_code == 0
+    folder = store / the_feature_set(store) / "mini"
+    if damage == "index damaged":
+        (folder / "_index.json").write_text('{"shards": [')
+    else:
+        (folder / "_index.json").unlink()
+    shards = sorted(folder.glob("part-*.parquet"))
+    result = extract(mini_data, store, "--workers", 1, "--limit", 3, "--shard-rows", 2)
+    assert result.exit_code == 1, result.output
+    assert "holds 4 rows; --limit 3 would replace them" in result.output
+    assert sorted(folder.glob("part-*.parquet")) == shards
+
+
 def test_the_index_records_the_manifest_as_it_was_read(mini_data, tmp_path, monkeypatch):
     """A manifest rebuilt while extract runs (between its read and the plan, which hashed it):
     the index must record the file whose rows it holds, or training takes the store's labels
