@@ -623,15 +623,18 @@ def feature_set_info(feature_set: str, identity: dict, cfg: ExtractConfig, layou
 
 def check_limit_keeps_rows(store: str, feature_set: str, manifests: dict[str, pa.Table], limit: int) -> None:
     """--limit is a quick try: it never shrinks a dataset the store already holds more of (its
-    commit would replace the whole cut with the first rows, hours of extraction at IMDB-WIKI's size)."""
+    commit would replace the whole cut with the first rows, hours of extraction at IMDB-WIKI's size).
+    ``manifests``: whole, before the limit's cut."""
     for name, manifest in manifests.items():
+        if manifest.num_rows <= limit:
+            continue  # the limit cuts nothing: the extract is the one without it
         index = fstore.index_to_replace(store, feature_set, name)
         # No readable index (a damaged one, an extract stopped before its commit): the shards on
         # disk are the rows, and the commit would delete those it does not list as well.
         held = sum(e.rows for e in index.shards) if index else fstore.rows_on_disk(store, feature_set, name)
-        if held > manifest.num_rows:
+        if held > limit:
             raise ValueError(f"{store}/{feature_set}/{name} holds {held} rows; --limit {limit} would replace them "
-                             f"with the first {manifest.num_rows}. Run without --limit (finished shards are kept), "
+                             f"with the first {limit}. Run without --limit (finished shards are kept), "
                              "or try --limit on another --store")
 
 
@@ -649,19 +652,19 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
     from agepipe.pipeline.cluster import dashboard_link, local_layout, open_client
 
     names = list(dict.fromkeys(expand_groups(datasets)))  # a dataset named twice is extracted once
-    manifests, hashed = {}, {}
+    manifests, whole, hashed = {}, {}, {}
     for name in names:
         # Hashed before it is read: a manifest rebuilt meanwhile is recorded as the older file, so
         # training warns that its labels changed rather than taking the store's for the new ones.
         path = Path(data_dir).expanduser() / name / MANIFEST_FILE
         hashed[name] = file_sha256(str(path)) if path.is_file() else ""
-        manifest = manifest_table(data_dir, name)
+        whole[name] = manifest = manifest_table(data_dir, name)
         manifests[name] = manifest.slice(0, limit) if limit else manifest
     resolved = resolve_pack(pack)
     identity = feature_identity(resolved, det_size)
     feature_set = fstore.feature_set_name(f"{resolved.name}-det{det_size}", identity)
     if limit:
-        check_limit_keeps_rows(store, feature_set, manifests, limit)
+        check_limit_keeps_rows(store, feature_set, whole, limit)
 
     # Starting worker processes takes seconds; say so before the wait.
     if scheduler:

@@ -175,6 +175,23 @@ def test_a_smaller_limit_never_shrinks_rows_no_readable_index_lists(mini_data, t
     assert sorted(folder.glob("part-*.parquet")) == shards
 
 
+def test_a_limit_that_cuts_nothing_is_not_refused(mini_data, tmp_path):
+    """A manifest rebuilt with fewer rows than the store holds: extract without --limit takes the
+    new manifest, and so must a --limit that cuts none of it; it was refused, blaming the limit."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(mini_data, data)
+    store = tmp_path / "store"
+    assert extract(data, store, "--workers", 1, "--limit", 4).exit_code == 0
+    manifest = data / "mini" / "manifest.parquet"
+    pq.write_table(pq.read_table(manifest).slice(0, 3), manifest)
+    for limit in (3, 10):
+        result = extract(data, store, "--workers", 1, "--limit", limit)
+        assert result.exit_code == 0, result.output
+        assert len(store_rows(store)) == 3
+
+
 def test_the_index_records_the_manifest_as_it_was_read(mini_data, tmp_path, monkeypatch):
     """A manifest rebuilt while extract runs (between its read and the plan, which hashed it):
     the index must record the file whose rows it holds, or training takes the store's labels
