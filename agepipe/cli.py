@@ -556,6 +556,11 @@ def table(store, feature_set, out, tasks, variants, inits, folds, seeds, epochs,
             said.add(str(message))
             click.echo(f"warning: {message}", err=True)
 
+    def echo(line: str) -> None:  # run_table says stale labels once a table; its runs warn of them again
+        if line.startswith("warning: "):
+            said.add(line[len("warning: "):])
+        click.echo(line)
+
     try:
         grid = Grid(tasks, variants, inits, folds, seeds, epochs, parse_settings(list(settings)))
         with warnings.catch_warnings():
@@ -563,7 +568,7 @@ def table(store, feature_set, out, tasks, variants, inits, folds, seeds, epochs,
             warnings.showwarning = say_once
             run_table(store, out, grid, feature_set=feature_set, datasets=tuple(datasets),
                       pretrain_datasets=tuple(pretrain_datasets), device=device, min_det_score=min_det_score,
-                      mc_samples=mc_samples, cuda_graphs=cuda_graphs, amp=not fp32, echo=click.echo)
+                      mc_samples=mc_samples, cuda_graphs=cuda_graphs, amp=not fp32, echo=echo)
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e)) from None
 

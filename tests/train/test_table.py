@@ -185,3 +185,23 @@ def test_training_warnings_are_said_once_as_sentences(table_run, tmp_path):
     said = [line for line in result.output.splitlines() if line.startswith("warning: an epoch is")]
     assert said and len(said) == len(set(said)), result.output
     assert "TrainingWarning" not in result.output and "loop.py" not in result.output
+
+
+def test_a_manifest_change_is_said_once_when_cells_train(tmp_path):
+    """Stale labels are said once a table by run_table; the runs it trains warn of them again
+    (TrainingWarning), which the table command then said a second time."""
+    from agepipe.features import store as fstore
+    from agepipe.hashing import file_sha256
+    from tests.train.synthetic_store import FEATURE_SET
+
+    store = age_gender_store(tmp_path / "store", n_adience=800, n_imdb=50, n_wiki=50)
+    manifest = tmp_path / "manifest.parquet"
+    manifest.write_bytes(b"the manifest the shards were cut from")
+    index = fstore.read_index(store, FEATURE_SET, "adience")
+    fstore.commit_shards(store, FEATURE_SET, "adience", index.shards, file_sha256(manifest), index.generation,
+                         str(manifest))
+    manifest.write_bytes(b"that manifest rebuilt since")
+    result = invoke("table", "--store", store, "--out", tmp_path / "t", "--tasks", "gender", "--variants", "full",
+                    "--inits", "scratch", "--folds", "0,1", "--seeds", "1", "--epochs", "1", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert result.output.count(f"warning: adience: its manifest ({manifest}) has changed since") == 1, result.output
