@@ -239,7 +239,9 @@ def _finished_cell(cell_dir: Path, identity: dict) -> tuple[dict | None, str]:
         return None, ""
     with open(path) as f:
         done = json.load(f)
-    old, new = done.get("identity", {}), json.loads(json.dumps(identity))  # tuples and lists alike
+    # A cell recorded before its precision was trained in float32 (the stacked runs never autocast).
+    old = {"precision": "float32", **done.get("identity", {})}
+    new = json.loads(json.dumps(identity))  # tuples and lists alike
     changed = [k for k in new if old.get(k) != new[k]]
     return (done, "") if not changed else (None, ", ".join(changed))
 

@@ -205,3 +205,23 @@ def test_a_manifest_change_is_said_once_when_cells_train(tmp_path):
                     "--inits", "scratch", "--folds", "0,1", "--seeds", "1", "--epochs", "1", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert result.output.count(f"warning: adience: its manifest ({manifest}) has changed since") == 1, result.output
+
+
+def test_a_cell_is_trained_again_in_another_precision_and_an_old_float32_one_is_reused(table_run, tmp_path,
+                                                                                        monkeypatch):
+    """A cell's identity holds the precision its runs trained in; one recorded before there was
+    one trained in float32 (the stacked runs never autocast), so --fp32 reuses it."""
+    monkeypatch.setattr("agepipe.train.model.bf16_native", lambda device: True)
+    store, *_ = table_run
+    args = ("table", "--store", store, "--out", tmp_path / "t", "--tasks", "age", "--variants", "full",
+            "--inits", "scratch", "--folds", "0,1", "--seeds", "1", "--epochs", "1", "--device", "cpu")
+    assert invoke(*args, "--fp32").exit_code == 0
+    cell = tmp_path / "t" / "age" / "scratch" / "full" / "cell.json"
+    done = json.loads(cell.read_text())
+    assert done["identity"].pop("precision") == "float32"
+    cell.write_text(json.dumps(done))  # as a cell trained before the precision was recorded
+    assert "reused" in invoke(*args, "--fp32").output
+    again = invoke(*args)
+    assert "precision changed)" in again.output and "reused" not in again.output
+    assert json.loads(cell.read_text())["identity"]["precision"] == "bfloat16"
+    assert "reused" in invoke(*args).output
