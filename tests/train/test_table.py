@@ -37,6 +37,21 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+def cut_from_a_manifest_changed_since(store, dataset, tmp_path):
+    """The dataset's shards recommitted as cut from a manifest file that has changed since."""
+    from agepipe.features import store as fstore
+    from agepipe.hashing import file_sha256
+    from tests.train.synthetic_store import FEATURE_SET
+
+    manifest = tmp_path / "manifest.parquet"
+    manifest.write_bytes(b"the manifest the shards were cut from")
+    index = fstore.read_index(store, FEATURE_SET, dataset)
+    fstore.commit_shards(store, FEATURE_SET, dataset, index.shards, file_sha256(manifest), index.generation,
+                         str(manifest))
+    manifest.write_bytes(b"that manifest rebuilt since")
+    return manifest
+
+
 def test_table_has_a_finite_row_per_cell_with_the_published_numbers(table_run):
     _, out, _, output = table_run
     rows = read_csv(out / "table.csv")
@@ -99,19 +114,10 @@ def _section(md, line):
 
 
 def test_a_rerun_reuses_every_finished_cell_and_says_once_that_a_manifest_changed(table_run, tmp_path):
-    from agepipe.features import store as fstore
-    from agepipe.hashing import file_sha256
-    from tests.train.synthetic_store import FEATURE_SET
-
     store, out, args, first = table_run
     assert "has changed since" not in first
     # WIKI's shards were cut from a manifest that has changed since (the same shards: cells reused)
-    manifest = tmp_path / "manifest.parquet"
-    manifest.write_bytes(b"the manifest the shards were cut from")
-    index = fstore.read_index(store, FEATURE_SET, "wiki")
-    fstore.commit_shards(store, FEATURE_SET, "wiki", index.shards, file_sha256(manifest), index.generation,
-                         str(manifest))
-    manifest.write_bytes(b"that manifest rebuilt since")
+    manifest = cut_from_a_manifest_changed_since(store, "wiki", tmp_path)
     before = (out / "gender" / "scratch" / "full" / "fold0-seed0" / "model.safetensors").stat().st_mtime_ns
     result = invoke(*args)
     assert result.exit_code == 0, result.output
@@ -190,17 +196,8 @@ def test_training_warnings_are_said_once_as_sentences(table_run, tmp_path):
 def test_a_manifest_change_is_said_once_when_cells_train(tmp_path):
     """Stale labels are said once a table by run_table; the runs it trains warn of them again
     (TrainingWarning), which the table command then said a second time."""
-    from agepipe.features import store as fstore
-    from agepipe.hashing import file_sha256
-    from tests.train.synthetic_store import FEATURE_SET
-
     store = age_gender_store(tmp_path / "store", n_adience=800, n_imdb=50, n_wiki=50)
-    manifest = tmp_path / "manifest.parquet"
-    manifest.write_bytes(b"the manifest the shards were cut from")
-    index = fstore.read_index(store, FEATURE_SET, "adience")
-    fstore.commit_shards(store, FEATURE_SET, "adience", index.shards, file_sha256(manifest), index.generation,
-                         str(manifest))
-    manifest.write_bytes(b"that manifest rebuilt since")
+    manifest = cut_from_a_manifest_changed_since(store, "adience", tmp_path)
     result = invoke("table", "--store", store, "--out", tmp_path / "t", "--tasks", "gender", "--variants", "full",
                     "--inits", "scratch", "--folds", "0,1", "--seeds", "1", "--epochs", "1", "--device", "cpu")
     assert result.exit_code == 0, result.output
