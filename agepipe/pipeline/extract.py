@@ -629,9 +629,10 @@ def check_limit_keeps_rows(store: str, feature_set: str, manifests: dict[str, pa
         if manifest.num_rows <= limit:
             continue  # the limit cuts nothing: the extract is the one without it
         index = fstore.index_to_replace(store, feature_set, name)
-        # No readable index (a damaged one, an extract stopped before its commit): the shards on
-        # disk are the rows, and the commit would delete those it does not list as well.
-        held = sum(e.rows for e in index.shards) if index else fstore.rows_on_disk(store, feature_set, name)
+        # The shards on disk count as well as those the index lists: an extract that stopped before
+        # its commit (or a damaged index) leaves shards the next run would keep, and this one's
+        # commit would delete.
+        held = max(sum(e.rows for e in index.shards) if index else 0, fstore.rows_on_disk(store, feature_set, name))
         if held > limit:
             raise ValueError(f"{store}/{feature_set}/{name} holds {held} rows; --limit {limit} would replace them "
                              f"with the first {limit}. Run without --limit (finished shards are kept), "

@@ -175,6 +175,27 @@ def test_a_smaller_limit_never_shrinks_rows_no_readable_index_lists(mini_data, t
     assert sorted(folder.glob("part-*.parquet")) == shards
 
 
+def test_a_smaller_limit_keeps_the_shards_of_an_extract_that_stopped_before_its_commit(mini_data, tmp_path):
+    """The index lists 4 rows (an earlier --limit 4); a full extract wrote every shard and stopped
+    before its commit. A --limit 6 run would commit 6 rows and delete the rest of those shards,
+    which a rerun without --limit keeps."""
+    import shutil
+
+    store, whole = tmp_path / "store", tmp_path / "whole"
+    assert extract(mini_data, store, "--workers", 1, "--limit", 4, "--shard-rows", 2).exit_code == 0
+    assert extract(mini_data, whole, "--workers", 1, "--shard-rows", 2).exit_code == 0
+    folder = store / the_feature_set(store) / "mini"
+    for shard in (whole / the_feature_set(whole) / "mini").glob("part-*.parquet"):  # written, not committed
+        shutil.copy(shard, folder)
+    shards = sorted(folder.glob("part-*.parquet"))
+    result = extract(mini_data, store, "--workers", 1, "--limit", 6, "--shard-rows", 2)
+    assert result.exit_code == 1 and "holds 19 rows; --limit 6 would replace them" in result.output, result.output
+    assert sorted(folder.glob("part-*.parquet")) == shards
+    rerun = extract(mini_data, store, "--workers", 1, "--shard-rows", 2)  # keeps every one of them
+    assert "0 to do (0 rows), 10 already finished (19 rows)" in rerun.output
+    assert len(store_rows(store)) == 19
+
+
 def test_a_limit_that_cuts_nothing_is_not_refused(mini_data, tmp_path):
     """A manifest rebuilt with fewer rows than the store holds: extract without --limit takes the
     new manifest, and so must a --limit that cuts none of it; it was refused, blaming the limit."""
