@@ -172,25 +172,34 @@ def features_list(store):
     damaged = []
     for name in names:
         parts = []
-        for ds, counts in fstore.dataset_counts(store, name).items():
+        by_dataset = fstore.dataset_counts(store, name)
+        for ds, counts in by_dataset.items():
             if isinstance(counts, fstore.StoreError):
-                parts.append(f"{ds}: {_unreadable(counts, damaged)}")
+                parts.append(f"{ds}: {_unreadable(counts)}")
             elif counts:
                 parts.append(f"{ds}: {sum(counts.values())} rows ({counts.get('ok', 0)} ok)")
         click.echo(f"{name}  " + ("; ".join(parts) or "no shards yet"))
+        damaged += _damaged(by_dataset)
     if damaged:
         fail("\n".join(damaged))
 
 
-def _unreadable(error, damaged: list[str]) -> str:
-    """What `features` says of a dataset it cannot count; a damaged one's error is kept for the end
-    (the command fails), an extract not yet committed is a state, not a failure."""
+def _unreadable(error) -> str:
+    """What `features` says of a dataset it cannot count: an extract not yet committed is a state,
+    a damaged store a failure whose error the command ends with (_damaged)."""
     from agepipe.features import store as fstore
 
     if isinstance(error, fstore.UnfinishedExtract):
         return "not committed yet (an extract is running, or stopped before its commit: rerun it)"
-    damaged.append(str(error))
     return "cannot be read (below)"
+
+
+def _damaged(by_dataset: dict) -> list[str]:
+    """The errors of the datasets store.dataset_counts could not read, unfinished extracts aside."""
+    from agepipe.features import store as fstore
+
+    return [str(e) for e in by_dataset.values()
+            if isinstance(e, fstore.StoreError) and not isinstance(e, fstore.UnfinishedExtract)]
 
 
 @features.command("show")
@@ -210,10 +219,10 @@ def features_show(name, store):
     for key in ("pack", "det_size", "runtime", "created", "agepipe_version"):
         if key in info:
             click.echo(f"  {key}: {info[key]}")
-    damaged = []
-    for dataset, counts in fstore.dataset_counts(store, name).items():
+    by_dataset = fstore.dataset_counts(store, name)
+    for dataset, counts in by_dataset.items():
         if isinstance(counts, fstore.StoreError):
-            click.echo(f"  {dataset}: {_unreadable(counts, damaged)}")
+            click.echo(f"  {dataset}: {_unreadable(counts)}")
             continue
         if not counts:
             continue
@@ -223,7 +232,7 @@ def features_show(name, store):
             click.echo(f"    {status:<16} {n:>8}  {100 * n / total:5.1f}%")
     if "stats" in info:
         click.echo("  last extract: " + json.dumps(info["stats"]))
-    if damaged:
+    if damaged := _damaged(by_dataset):
         fail("\n".join(damaged))
 
 
