@@ -257,19 +257,31 @@ def writer_lock(store: str, feature_set: str, dataset: str):
     """One writer per feature set and dataset: an flock on a local store (released by the
     kernel if the process dies). Object stores have no lock; there the commit's generation
     check keeps a second writer from replacing an index it did not read."""
-    fs, root = _fs(dataset_dir(store, feature_set, dataset))
-    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+    root = dataset_dir(store, feature_set, dataset)
+    with _flock(root, wait=False) as held:
+        if held is False:
+            raise StoreError(f"another `agepipe extract` is writing {root}; let it finish, then rerun")
         yield
+
+
+@contextlib.contextmanager
+def _flock(root: str, wait: bool):
+    """An exclusive flock on ``root``/.lock; yields False where ``wait`` is off and another
+    process holds it, None on an object store (no locks there)."""
+    fs, root = _fs(root)
+    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        yield None
         return
     import fcntl
 
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, LOCK_FILE), "a") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            held = True
         except BlockingIOError:
-            raise StoreError(f"another `agepipe extract` is writing {root}; let it finish, then rerun") from None
-        yield
+            held = False
+        yield held
 
 
 # --- the index: which shards hold the dataset ---------------------------------------------
@@ -394,6 +406,17 @@ def write_feature_set_info(store: str, feature_set: str, info: dict) -> None:
     fs, path = _fs(feature_set_json_path(store, feature_set))
     with open_atomic(fs, path, "w") as f:
         json.dump(info, f, indent=2, sort_keys=True, default=str)
+
+
+def update_feature_set_info(store: str, feature_set: str, update) -> dict:
+    """Read feature_set.json, ``update(info)`` in place, write it back; returns info. Extracts
+    of different datasets share the file: on a local store each waits for the other's update
+    (a lock of the feature set's folder), so neither's record is lost."""
+    with _flock(_join(str(store), feature_set), wait=True):
+        info = read_feature_set_info(store, feature_set)
+        update(info)
+        write_feature_set_info(store, feature_set, info)
+    return info
 
 
 # --- reading ----------------------------------------------------------------------------

@@ -604,7 +604,8 @@ def run_stats(results: list[dict], wall: float) -> dict:
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def feature_set_info(feature_set: str, identity: dict, cfg: ExtractConfig, layout, workers_env: dict) -> dict:
+def run_environment(cfg: ExtractConfig, layout, workers_env: dict) -> dict:
+    """What ran an extract (recorded with each run; feature_set.json's top level keeps the last)."""
     import agepipe
 
     versions = {}
@@ -614,11 +615,14 @@ def feature_set_info(feature_set: str, identity: dict, cfg: ExtractConfig, layou
             versions[name] = version(name)
         except Exception:
             continue
-    return {"name": feature_set, **identity, "runtime": cfg.runtime, "device": cfg.device,
-            "agepipe_version": agepipe.__version__, "versions": versions,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return {"runtime": cfg.runtime, "device": cfg.device, "agepipe_version": agepipe.__version__,
+            "versions": versions,
             "cluster": {"mode": layout.mode, "workers": layout.workers, "worker_env": workers_env}}
 
+
+def feature_set_info(feature_set: str, identity: dict, environment: dict) -> dict:
+    return {"name": feature_set, **identity, **environment,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def check_limit_keeps_rows(store: str, feature_set: str, manifests: dict[str, pa.Table], limit: int) -> None:
@@ -709,21 +713,26 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
                          + ", ".join(f"{b} photos" for b in sorted(set(batches.values()))))
             # Recorded once the setup checks pass: a feature set listed without rows would make
             # `train` without --feature-set refuse a store whose only data is another's.
-            info = fstore.read_feature_set_info(store, feature_set) or {}
-            created = info.get("created")  # the feature set's, not this run's
-            info.update(feature_set_info(feature_set, identity, cfg, layout, workers_env))
-            info["created"] = created or info["created"]
-            fstore.write_feature_set_info(store, feature_set, info)
+            environment = run_environment(cfg, layout, workers_env)
+
+            def describe(info: dict) -> None:
+                created = info.get("created")  # the feature set's, not this run's
+                info.update(feature_set_info(feature_set, identity, environment))
+                info["created"] = created or info["created"]
+
+            fstore.update_feature_set_info(store, feature_set, describe)
             started = time.perf_counter()
             results = run_tasks(client, plan.tasks, progress)
             wall = time.perf_counter() - started
             commit_plan(plan, store, feature_set)
 
     stats = run_stats(results, wall)
-    info = fstore.read_feature_set_info(store, feature_set)
     counts = fstore.status_counts(store, feature_set, names)  # another dataset's damage is not this run's
-    info["counts"] = {**info.get("counts", {}), **counts}
-    info.setdefault("runs", []).append({"datasets": names, "limit": limit, **stats})
-    info["stats"] = {"images_per_second": stats["images_per_second"], "stage_seconds": stats["stage_seconds"]}
-    fstore.write_feature_set_info(store, feature_set, info)
+
+    def record_run(info: dict) -> None:
+        info["counts"] = {**info.get("counts", {}), **counts}
+        info.setdefault("runs", []).append({"datasets": names, "limit": limit, **environment, **stats})
+        info["stats"] = {"images_per_second": stats["images_per_second"], "stage_seconds": stats["stage_seconds"]}
+
+    fstore.update_feature_set_info(store, feature_set, record_run)
     return {"feature_set": feature_set, "stats": stats, "counts": counts}

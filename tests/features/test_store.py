@@ -1,4 +1,5 @@
 """The feature store's contracts: no nulls inside fixed-size lists, old files still read."""
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +206,27 @@ def test_a_store_without_index_holding_a_row_twice_is_refused(tmp_path):
     pq.write_table(table.cast(fstore.SHARD_SCHEMA), root / "part-00002.parquet")
     with pytest.raises(fstore.StoreError, match=r"'img/00000.jpg' is in two shards.*agepipe extract --dataset d"):
         fstore.load_features(str(tmp_path), FS, "d")
+
+
+def _record_runs(store: str, dataset: str, n: int) -> None:
+    for i in range(n):
+        fstore.update_feature_set_info(store, FS, lambda info: info.setdefault("runs", []).append(f"{dataset}-{i}"))
+
+
+def test_extracts_of_different_datasets_keep_each_others_feature_set_records(tmp_path):
+    """Two extracts (different datasets, so different writer locks) finishing together both
+    update feature_set.json: without the feature set's lock one's read-modify-write drops the
+    other's record."""
+    ctx = multiprocessing.get_context("spawn")
+    writers = [ctx.Process(target=_record_runs, args=(str(tmp_path), d, 40)) for d in ("adience", "imdb", "wiki")]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(120)
+        assert w.exitcode == 0
+    runs = fstore.read_feature_set_info(str(tmp_path), FS)["runs"]
+    assert sorted(runs) == sorted(f"{d}-{i}" for d in ("adience", "imdb", "wiki") for i in range(40))
+    assert fstore.list_datasets(str(tmp_path), FS) == []  # the lock is a file, not a dataset
 
 
 def test_one_writer_at_a_time_and_no_commit_over_an_index_it_did_not_read(tmp_path):

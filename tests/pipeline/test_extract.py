@@ -259,6 +259,9 @@ def test_feature_set_json_keeps_its_creation_time(mini_data, tmp_path):
     assert extract(mini_data, store, "--workers", 1, "--limit", 3).exit_code == 0
     info = json.loads(path.read_text())
     assert info["created"] == created and len(info["runs"]) == 2
+    # What ran each extract is its run's (the top level keeps only the last run's)
+    assert [(r["runtime"], r["device"], r["cluster"]["workers"]) for r in info["runs"]] == [("onnxruntime", "cpu", 1)] * 2
+    assert all(r["versions"]["pyarrow"] == info["versions"]["pyarrow"] for r in info["runs"])
 
 
 def test_a_manifest_changed_where_the_row_digest_does_not_look_redoes_those_shards(mini_data, tmp_path):
