@@ -34,7 +34,6 @@ class Predictor:
         if not age_run and not gender_run:
             raise ValueError("give --age-model RUN, --gender-model RUN or both")
         self.device = resolve_device(device)
-        self.mc_samples = mc_samples
         self.runs = {}
         for kind, run, tasks in (("age", age_run, AGE_TASKS), ("gender", gender_run, ("gender",))):
             if run:
@@ -43,8 +42,8 @@ class Predictor:
                     raise CheckpointError(f"{run}: a run for task {config['task']}; "
                                           f"--{kind}-model needs one for {' or '.join(tasks)}")
                 self.runs[kind] = (model, config)
-        if not any(has_dropout(model) for model, _ in self.runs.values()):
-            self.mc_samples = 0  # nothing to sample (--dropout 0): one deterministic pass, as the legend says
+        # A model without dropout (--dropout 0) has nothing to sample: one deterministic pass, as the legend says.
+        self.passes = {kind: mc_samples if has_dropout(model) else 0 for kind, (model, _) in self.runs.items()}
         # kind -> why its answers are no better than a constant guess (from the run's own test fold)
         self.cautions = {kind: c for kind, run in (("age", age_run), ("gender", gender_run))
                          if run and (c := run_caution(kind, run))}
@@ -73,15 +72,15 @@ class Predictor:
         x = torch.from_numpy(np.stack([f.embedding for f in found])).to(self.device)
         out = [{"bbox": [round(float(v), 1) for v in f.bbox], "det_score": round(f.det_score, 4)} for f in found]
         for kind, (model, config) in self.runs.items():
-            probs, h, mi = self._predict(model, x, scoring_amp(config, self.device))
+            probs, h, mi = self._predict(model, x, self.passes[kind], scoring_amp(config, self.device))
             for face, p, hi, mii in zip(out, probs, h, mi):
                 face[kind] = describe(config["task"], p, float(hi), mii)
         return out
 
-    def _predict(self, model: ResMLP, x: torch.Tensor, amp: bool):
+    def _predict(self, model: ResMLP, x: torch.Tensor, passes: int, amp: bool):
         """In the run's precision (checkpoint.scoring_amp), as evaluate scores it."""
-        if self.mc_samples > 0 and has_dropout(model):
-            mc = mc_dropout(model, x, self.mc_samples, amp)
+        if passes > 0:
+            mc = mc_dropout(model, x, passes, amp)
             return mc.probs, mc.predictive_entropy, mc.mutual_information
         probs = torch.softmax(logits_of(model, x, amp), -1)
         return probs.cpu().numpy(), entropy(probs).cpu().numpy(), [None] * len(x)
@@ -165,9 +164,12 @@ DECIDED, UNSURE, FLAGGED, INK = (0, 200, 0), (0, 140, 255), (170, 170, 170), (0,
 FONT = cv2.FONT_HERSHEY_SIMPLEX
 
 
-def legend_lines(faces: list[dict], mc_samples: int, cautions: dict | None = None) -> list[str]:
+def legend_lines(faces: list[dict], passes: dict[str, int] | int, cautions: dict | None = None) -> list[str]:
+    """``passes``: each kind's MC-dropout passes (0: one deterministic pass), or one count for all."""
     kinds = [k for k in ("age", "gender") if any(k in f for f in faces)]
-    how = f"mean of {mc_samples} MC-dropout passes" if mc_samples else "one deterministic pass"
+    hows = {k: f"mean of {n} MC-dropout passes" if (n := passes if isinstance(passes, int) else passes.get(k, 0))
+            else "one deterministic pass" for k in kinds}
+    how = next(iter(hows.values())) if len(set(hows.values())) == 1 else "; ".join(f"{k}: {h}" for k, h in hows.items())
     lines = [f"WARNING ('!', grey): {c}" for c in (cautions or {}).values()]
     if "age" in kinds:
         lines.append("e.g. 'age 25-32 0.41': the most likely Adience age class and its probability")
@@ -179,7 +181,8 @@ def legend_lines(faces: list[dict], mc_samples: int, cautions: dict | None = Non
     return lines
 
 
-def annotate(image: np.ndarray, faces: list[dict], mc_samples: int = 32, cautions: dict | None = None) -> np.ndarray:
+def annotate(image: np.ndarray, faces: list[dict], passes: dict[str, int] | int = 32,
+             cautions: dict | None = None) -> np.ndarray:
     """A copy of the photo with each face's box and labels, placed inside the image and off
     each other, and a legend in a band added at the foot."""
     height, width = image.shape[:2]
@@ -203,7 +206,7 @@ def annotate(image: np.ndarray, faces: list[dict], mc_samples: int = 32, caution
             y = top + i * line_h
             cv2.rectangle(out, (left, y), (left + w, y + line_h), colour, -1)
             cv2.putText(out, text, (left + 2, y + line_h - 5), FONT, scale, INK, thick, cv2.LINE_AA)
-    return add_legend(out, legend_lines(faces, mc_samples, cautions), scale, thick)
+    return add_legend(out, legend_lines(faces, passes, cautions), scale, thick)
 
 
 def label_place(x1: int, y1: int, y2: int, w: int, h: int, width: int, height: int,
@@ -283,7 +286,7 @@ def predict_images(paths: list[str], predictor: Predictor, annotate_to: str | No
         faces = predictor.faces(image)
         result = {"image": path, "faces": faces}
         if target is not None:
-            write_image(target, annotate(image, faces, predictor.mc_samples, predictor.cautions))
+            write_image(target, annotate(image, faces, predictor.passes, predictor.cautions))
             result["annotated"] = str(target)
         results.append(result)
     return results

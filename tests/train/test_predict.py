@@ -159,10 +159,20 @@ def test_a_damaged_metrics_json_is_named(tmp_path, text):
 
 def test_the_legend_of_a_model_without_dropout_says_one_deterministic_pass(gaussian_store, tmp_path):
     """--mc-samples has no dropout to sample in a --dropout 0 model: its faces get one
-    deterministic pass, and the annotation's legend must say so, not "mean of 8 MC-dropout passes"."""
+    deterministic pass, and the annotation's legend must say so, not "mean of 8 MC-dropout passes",
+    also beside a model that does sample."""
     store, _ = gaussian_store
     train(store, ["adience"], "gender", tmp_path / "g", mc_samples=0, report=False, progress=False,
           model_overrides={"dropout": 0.0}, train_overrides={"epochs": 1})
     predictor = Predictor(None, str(tmp_path / "g"), mc_samples=8)
-    lines = legend_lines([{"gender": {}}], predictor.mc_samples)
-    assert any("one deterministic pass" in t for t in lines), lines
+    lines = legend_lines([{"gender": {}}], predictor.passes)
+    assert any("(one deterministic pass)" in t for t in lines), lines
+    train(store, ["adience"], "age", tmp_path / "a", mc_samples=0, report=False, progress=False,
+          train_overrides={"epochs": 1})
+    predictor = Predictor(str(tmp_path / "a"), str(tmp_path / "g"), mc_samples=8)
+    assert predictor.passes == {"age": 8, "gender": 0}
+    lines = legend_lines([{"age": {}, "gender": {}}], predictor.passes)
+    assert any("(age: mean of 8 MC-dropout passes; gender: one deterministic pass)" in t for t in lines), lines
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal((3, 512), dtype=np.float32))
+    sampled = [predictor._predict(predictor.runs["gender"][0], x, predictor.passes["gender"], False)[0] for _ in range(2)]
+    np.testing.assert_array_equal(*sampled)  # the gender model's one pass: the same answer every time
