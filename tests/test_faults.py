@@ -495,8 +495,8 @@ def run_inprocess(data, store, cfg, embed_rows=None, monkeypatch=None, shard_row
 
     if embed_rows:
         monkeypatch.setattr(ex, "embed_rows", embed_rows)
-    manifest = ex.manifest_table(str(data), "mini")
-    plan = ex.make_plan({"mini": manifest}, str(data), str(store), "fs-test", cfg, shard_rows, False)
+    manifests, hashed = ex.read_manifests(str(data), ["mini"])
+    plan = ex.make_plan(manifests, str(data), str(store), "fs-test", cfg, shard_rows, False, hashed)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         return ex.run_tasks(client, plan.tasks, progress=False)

@@ -26,6 +26,10 @@ from agepipe.paths import escapes, parts
 MANIFEST_FILE = "manifest.parquet"
 N_FOLDS = 5
 
+
+def manifest_path(data_dir: str | Path, dataset: str) -> Path:
+    return Path(data_dir).expanduser() / dataset / MANIFEST_FILE
+
 AGE_CLASSES = ("0-2", "4-6", "8-12", "15-20", "25-32", "38-43", "48-53", "60-100")
 CLASS_MIDPOINTS = np.array([1.0, 5.0, 10.0, 17.5, 28.5, 40.5, 50.5, 80.0])
 # Ties (an age exactly between two midpoints: 3, 7.5, 13.75, 23, 34.5, 45.5, 65.25) go to the class

@@ -18,7 +18,6 @@ import os
 import time
 from collections import Counter
 from dataclasses import asdict, astuple, dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -296,11 +295,11 @@ def manifest_table(data_dir: str, dataset: str) -> pa.Table:
     leave the dataset's folder costs that row (status "bad_path")."""
     import re
 
-    from agepipe.datasets.manifest import MANIFEST_FILE, is_safe_relpath
+    from agepipe.datasets.manifest import is_safe_relpath, manifest_path
     from agepipe.paths import check_name
 
     check_name(dataset, "--dataset")
-    path = Path(data_dir).expanduser() / dataset / MANIFEST_FILE
+    path = manifest_path(data_dir, dataset)
     if not path.exists():
         raise FileNotFoundError(f"no manifest at {path}; run `agepipe download --dataset {dataset}` first")
     try:
@@ -370,14 +369,12 @@ class Plan:
 
 
 def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature_set: str,
-              cfg: ExtractConfig, shard_rows: int, retry_failed: bool,
-              manifest_sha256: dict[str, str] | None = None) -> Plan:
+              cfg: ExtractConfig, shard_rows: int, retry_failed: bool, manifest_sha256: dict[str, str]) -> Plan:
     """Tasks for the shards not yet on disk. A shard counts as finished when a complete file
     holding exactly its rows, made from the manifest rows as they are now, exists, listed in
     the index or left by a run that crashed before its commit. ``manifest_sha256``: each
-    manifest file's, hashed before its rows were read (else now)."""
-    from agepipe.datasets.manifest import MANIFEST_FILE
-    from agepipe.hashing import file_sha256
+    manifest file's, hashed before its rows were read (read_manifests)."""
+    from agepipe.datasets.manifest import manifest_path
 
     tasks, skipped, skipped_rows, cuts = [], 0, 0, {}
     for dataset, manifest in manifests.items():
@@ -410,12 +407,9 @@ def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature
                 task["keep_from"] = same_photos(store, on_disk, placed.get(place), rows, inputs)
                 task["relabel"] = task["keep_from"] is not None
             tasks.append(task)
-        manifest_file = os.path.abspath(os.path.join(data_root, MANIFEST_FILE))
-        if manifest_sha256 is not None:
-            sha256 = manifest_sha256.get(dataset, "")
-        else:
-            sha256 = file_sha256(manifest_file) if os.path.exists(manifest_file) else ""
-        cuts[dataset] = Cut(shards, manifest_file if sha256 else "", sha256, index.generation if index else None)
+        sha256 = manifest_sha256.get(dataset, "")
+        manifest_file = os.path.abspath(manifest_path(data_dir, dataset)) if sha256 else ""
+        cuts[dataset] = Cut(shards, manifest_file, sha256, index.generation if index else None)
     return Plan(tasks, skipped, skipped_rows, cuts)
 
 
@@ -625,6 +619,21 @@ def feature_set_info(feature_set: str, identity: dict, environment: dict) -> dic
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def read_manifests(data_dir: str, names: list[str]) -> tuple[dict[str, pa.Table], dict[str, str]]:
+    """Each dataset's manifest rows (manifest_table) and its file's sha256, hashed before it is
+    read: a manifest rebuilt meanwhile is recorded as the older file, so training warns that its
+    labels changed rather than taking the store's for the new ones."""
+    from agepipe.datasets.manifest import manifest_path
+    from agepipe.hashing import file_sha256
+
+    tables, hashed = {}, {}
+    for name in names:
+        path = manifest_path(data_dir, name)
+        hashed[name] = file_sha256(str(path)) if path.is_file() else ""
+        tables[name] = manifest_table(data_dir, name)
+    return tables, hashed
+
+
 def check_limit_keeps_rows(store: str, feature_set: str, manifests: dict[str, pa.Table], limit: int) -> None:
     """--limit is a quick try: it never shrinks a dataset the store already holds more of (its
     commit would replace the whole cut with the first rows, hours of extraction at IMDB-WIKI's size).
@@ -650,21 +659,13 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
                 decoders: str | None = None, progress: bool = True, echo=print) -> dict:
     """Extract the datasets' manifests into the store; returns the feature set's info."""
     from agepipe.datasets import expand_groups
-    from agepipe.datasets.manifest import MANIFEST_FILE
     from agepipe.features.embed import feature_identity
-    from agepipe.hashing import file_sha256
     from agepipe.features.models import resolve_pack
     from agepipe.pipeline.cluster import dashboard_link, local_layout, open_client
 
     names = list(dict.fromkeys(expand_groups(datasets)))  # a dataset named twice is extracted once
-    manifests, whole, hashed = {}, {}, {}
-    for name in names:
-        # Hashed before it is read: a manifest rebuilt meanwhile is recorded as the older file, so
-        # training warns that its labels changed rather than taking the store's for the new ones.
-        path = Path(data_dir).expanduser() / name / MANIFEST_FILE
-        hashed[name] = file_sha256(str(path)) if path.is_file() else ""
-        whole[name] = manifest = manifest_table(data_dir, name)
-        manifests[name] = manifest.slice(0, limit) if limit else manifest
+    whole, hashed = read_manifests(data_dir, names)
+    manifests = {name: m.slice(0, limit) if limit else m for name, m in whole.items()}
     resolved = resolve_pack(pack)
     identity = feature_identity(resolved, det_size)
     feature_set = fstore.feature_set_name(f"{resolved.name}-det{det_size}", identity)

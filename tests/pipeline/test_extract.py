@@ -414,11 +414,11 @@ def test_a_photo_that_breaks_its_task_costs_only_that_photo(mini_data, tmp_path,
         return real(rows, data_root, cfg, timings)
 
     monkeypatch.setattr(ex, "embed_rows", embed_rows)
-    manifest = ex.manifest_table(str(mini_data), "mini").slice(0, 6)
+    manifests, hashed = ex.read_manifests(str(mini_data), ["mini"])
     pack = "buffalo_s"
     cfg = ex.ExtractConfig(pack=pack)
     store = str(tmp_path / "store")
-    plan = ex.make_plan({"mini": manifest}, str(mini_data), store, "fs-test", cfg, 10, False)
+    plan = ex.make_plan({"mini": manifests["mini"].slice(0, 6)}, str(mini_data), store, "fs-test", cfg, 10, False, hashed)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         [result] = ex.run_tasks(client, plan.tasks, progress=False)
