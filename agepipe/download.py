@@ -525,13 +525,27 @@ _FILTER_ERROR = getattr(tarfile, "FilterError", ())     # () catches nothing on 
 _DAMAGED = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
 
 
+class _EndChecked(tarfile.TarInfo):
+    """tarfile takes a missing, short or unreadable header for the archive's end, as it does
+    the end-of-archive zero block: a copy cut where a member starts would unpack as whole."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as e:
+            if tar.offset == 0:
+                raise       # not a tar at all: tarfile.open goes on to try the compressed formats
+            raise tarfile.ReadError(f"no end-of-archive block at byte {tar.offset} ({e})") from None
+
+
 def _extract_members(archive: Path, work: Path, protected: set[str], stop: threading.Event | None,
                      position: int) -> int:
     root = os.path.realpath(work)
     # Python's own "data" filter (3.12, backported to 3.10.12/3.11.4) is a second line of defence.
     data_filter = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
     try:
-        tar = tarfile.open(archive, "r:*")
+        tar = tarfile.open(archive, "r:*", tarinfo=_EndChecked)
     except (tarfile.TarError, OSError) as e:
         raise DamagedArchive(f"{archive}: not a readable tar archive ({e})") from None
     count = 0

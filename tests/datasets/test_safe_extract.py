@@ -133,3 +133,20 @@ def test_fetch_refuses_a_hostile_archive_served_over_http(server, tmp_path):
         fetch([RemoteFile("evil.tar", f"{server.url}/evil.tar", extract=True)], target, backoff=0.01)
     assert sorted(p.name for p in target.iterdir()) == [".checksums.json", "evil.tar"]
     assert not (tmp_path / "escape.txt").exists()
+
+
+@pytest.mark.parametrize("cut", ["at_a_header", "in_a_header", "zeroed_header"])
+def test_a_tar_cut_at_a_member_boundary_is_damaged_not_complete(tmp_path, cut):
+    """An uncompressed tar (IMDB-WIKI's are) copied in 512-byte multiples can stop exactly where
+    a member's header would start: tarfile reads that as the archive's end, so the copy
+    unpacked as whole, short of every later member, and its sha256 was trusted from then on."""
+    data = tar_bytes(*[member(f"d/{i}.bin", data=os.urandom(1000)) for i in range(6)])
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        at = tar.getmember("d/3.bin").offset
+    damaged = {"at_a_header": data[:at], "in_a_header": data[:at + 100],
+               "zeroed_header": data[:at] + b"\xff" * 512 + data[at + 512:]}[cut]
+    archive = tmp_path / "imdb_crop.tar"
+    archive.write_bytes(damaged)
+    with pytest.raises(DownloadError, match=r"imdb_crop.tar: damaged archive after 3 members"):
+        safe_extract(archive, tmp_path / "data")
+    assert snapshot(tmp_path / "data") == []
