@@ -139,7 +139,7 @@ def fetch(files: list[RemoteFile], dest_dir: str | os.PathLike, source: str | No
                 except DamagedArchive as e:
                     if f.sha256:  # as published: nothing a new copy would change
                         raise
-                    _forget(f, dest_dir)
+                    forget(f, dest_dir)
                     raise DamagedArchive(f"{e}; deleted it and the sha256 recorded for it, which were of this "
                                          f"damaged copy: give a whole {f.name} and rerun") from None
         except OSError as e:        # e.g. a full disk: the message alone would not name the file
@@ -494,7 +494,7 @@ def _verify(f: RemoteFile, path: Path, dest_dir: Path, where, fresh: bool, posit
                     "the sha256 is recorded and checked from now on", f.name, md5, f.unverified_md5)
 
 
-def _forget(f: RemoteFile, dest_dir: Path) -> None:
+def forget(f: RemoteFile, dest_dir: Path) -> None:
     """Drop a damaged copy and its sha256 recorded on first use, so a whole copy is not refused
     against it (a truncated download from a --source folder would be, forever)."""
     with _records_lock:

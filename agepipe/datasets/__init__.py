@@ -19,8 +19,8 @@ from pathlib import Path
 import pandas as pd
 
 from agepipe.datasets import adience, imdb_wiki, sample
-from agepipe.download import RemoteFile, fetch
-from agepipe.datasets.manifest import MANIFEST_FILE, write_manifest
+from agepipe.download import RemoteFile, fetch, forget
+from agepipe.datasets.manifest import MANIFEST_FILE, MetadataError, write_manifest
 
 
 @dataclass(frozen=True)
@@ -75,5 +75,19 @@ def prepare(name: str, data_dir: str | Path, source: str | None = None, workers:
           extract=extract, **fetch_options)
     if not extract:
         return None
-    frame = dataset.build_manifest(root)
+    try:
+        frame = dataset.build_manifest(root)
+    except MetadataError as e:
+        raise _forget_wrong_file(dataset, root, e) from None
     return write_manifest(frame, root / MANIFEST_FILE), frame
+
+
+def _forget_wrong_file(dataset: Dataset, root: Path, error: MetadataError) -> MetadataError:
+    """A fetched metadata file that is no such file (a login page served as the file) goes,
+    with the sha256 recorded on its first download: kept, every rerun would trust it."""
+    wrong = [f for f in dataset.files if error.path == root / f.name and not f.sha256]
+    if not wrong:
+        return error
+    forget(wrong[0], root)
+    return MetadataError(f"{error}; deleted it and the sha256 recorded for it: give the right "
+                         f"{wrong[0].name} and rerun", error.path)

@@ -89,17 +89,17 @@ def read_fold_file(path: Path, fold: int) -> pd.DataFrame:
     """One row per non-blank line after the header, raw strings plus parsing flags."""
     try:
         if path.stat().st_size > MAX_FOLD_BYTES:
-            raise MetadataError(f"{path}: {path.stat().st_size:,} bytes; an Adience fold file has a few MB")
+            raise MetadataError(f"{path}: {path.stat().st_size:,} bytes; an Adience fold file has a few MB", path)
         text = path.read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         raise MetadataError(f"{path}: fold file missing") from None
     lines = re.split(r"\r\n|\n|\r", text)
     header = [h.strip() for h in lines[0].lstrip("\ufeff").split("\t", MAX_COLUMNS)]
     if len(header) > MAX_COLUMNS:
-        raise MetadataError(f"{path}: line 1 has more than {MAX_COLUMNS} columns; not an Adience fold header")
+        raise MetadataError(f"{path}: line 1 has more than {MAX_COLUMNS} columns; not an Adience fold header", path)
     missing = [c for c in REQUIRED if c not in header]
     if missing:
-        raise MetadataError(f"{path}: line 1 is not an Adience fold header (no {', '.join(missing)})")
+        raise MetadataError(f"{path}: line 1 is not an Adience fold header (no {', '.join(missing)})", path)
     col = {name: i for i, name in enumerate(header)}
     needed = max(col[c] for c in REQUIRED) + 1
     rows = []

@@ -41,7 +41,12 @@ GENDER_NAMES = {0: "female", 1: "male", -1: "unknown"}
 
 
 class MetadataError(ValueError):
-    """A metadata file cannot be read at all; the message names the file (and row)."""
+    """A metadata file cannot be read at all; the message names the file (and row). ``path``:
+    the file, where what it holds (not its absence) is at fault."""
+
+    def __init__(self, message: str, path: Path | None = None):
+        super().__init__(message)
+        self.path = path
 
 
 def age_bin(ages) -> np.ndarray:

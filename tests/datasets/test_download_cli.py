@@ -139,3 +139,27 @@ def test_a_truncated_archive_is_forgotten_so_a_whole_copy_is_taken_next(tmp_path
     result = run(*args)
     assert result.exit_code == 0, result.output
     check_adience(tmp_path / "data", result.output)
+
+
+def test_a_wrong_fold_file_is_forgotten_so_the_right_one_is_taken_next(tmp_path, server):
+    """The mirror first answers fold_3_data.txt with a login page (200, HTML): the run stops
+    naming the file and its line 1, and keeps neither the page nor its sha256 (recorded on first
+    download), so the rerun, once the mirror serves the real file, builds the manifest. (The page
+    was kept and trusted: every rerun failed on it, and a fresh copy of the real file was refused
+    against its recorded sha256.)"""
+    files = adience_files()
+    for name, data in files.items():
+        server.files[f"/adiencedb/{name}"] = data
+    server.files["/adiencedb/fold_3_data.txt"] = b"<html><body>Please log in</body></html>\n"
+    args = ("--dataset", "adience", "--source", f"{server.url}/adiencedb/", "--data-dir", tmp_path / "data")
+    result = run(*args)
+    assert result.exit_code == 1
+    assert "fold_3_data.txt: line 1 is not an Adience fold header" in result.output
+    root = tmp_path / "data" / "adience"
+    assert not (root / "fold_3_data.txt").exists() and not (root / "manifest.parquet").exists()
+    assert "fold_3_data.txt" not in (root / ".checksums.json").read_text()
+
+    server.files["/adiencedb/fold_3_data.txt"] = files["fold_3_data.txt"]
+    result = run(*args)
+    assert result.exit_code == 0, result.output
+    check_adience(tmp_path / "data", result.output)
