@@ -21,7 +21,7 @@ Statuses, the first that applies:
     bad_gender     a gender other than m, f, u or empty
     no_label       neither age nor gender is known
     missing_image  the aligned image is not on disk
-    duplicate      a usable row whose image an earlier row already lists
+    duplicate      a usable row whose image an earlier usable row already lists
     ok             usable; an unknown age ("None") or gender ("u", empty) alone stays "ok" with
                    age NaN / age_bin -1 or gender -1, so the other model can still learn from it
 """

@@ -26,7 +26,7 @@ Statuses, the first that applies:
     bad_gender           gender other than 0, 1 or NaN
     no_face_in_metadata  face_score is -inf: the dataset's detector found no face
     missing_image        the image is not on disk
-    duplicate            a usable row whose image an earlier row already lists
+    duplicate            a usable row whose image an earlier usable row already lists
     ok                   usable; an unknown gender alone stays "ok" with gender -1
 """
 from __future__ import annotations

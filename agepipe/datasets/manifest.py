@@ -5,8 +5,9 @@ Statuses any dataset may give a row (each dataset module documents its own as we
     ok             usable; an unknown age or gender is NaN / -1, not a status
     missing_image  the image is not on disk after extraction
     bad_path       the metadata names a path that would leave the dataset folder
-    duplicate      a usable row whose image an earlier row already lists; every repeat's
-                   image_id gets "#2", "#3", ... so image_id stays unique
+    duplicate      a usable row whose image an earlier usable row already lists; every row
+                   but the image's first usable one (else its first) gets "#2", "#3", ... on
+                   its image_id, so image_id stays unique
 """
 from __future__ import annotations
 
@@ -77,17 +78,23 @@ def is_safe_relpath(path: str) -> bool:
 
 
 def mark_duplicates(image_ids: list[str], status: np.ndarray) -> list[str]:
-    """Later occurrences of an image_id get status "duplicate" (unless already failed) and a
-    "#k" suffix, so every row keeps a unique image_id. Returns the new ids."""
+    """Each image keeps its image_id on one row: its first usable row, else its first row (an
+    earlier cut or mislabelled line must not cost the image its usable one). Every other row
+    gets a "#k" suffix, so image_id stays unique, and status "duplicate" unless already failed.
+    Returns the new ids."""
+    keeper: dict[str, int] = {}
+    for i, image_id in enumerate(image_ids):
+        if image_id not in keeper or (status[keeper[image_id]] != "ok" and status[i] == "ok"):
+            keeper[image_id] = i
     seen: dict[str, int] = {}
     taken = set(image_ids)  # a suffixed id must not be one the metadata already has
     out = []
     for i, image_id in enumerate(image_ids):
-        k = seen.get(image_id, 0) + 1
-        while k > 1 and f"{image_id}#{k}" in taken:
-            k += 1
-        seen[image_id] = k
-        if k > 1:
+        if keeper[image_id] != i:
+            k = seen.get(image_id, 1) + 1
+            while f"{image_id}#{k}" in taken:
+                k += 1
+            seen[image_id] = k
             image_id = f"{image_id}#{k}"
             taken.add(image_id)
             if status[i] == "ok":

@@ -10,6 +10,7 @@ import pytest
 from agepipe.datasets import adience, prepare
 from agepipe.datasets.manifest import MetadataError, age_bin, read_manifest
 from agepipe.features.store import MANIFEST_SCHEMA
+from tests.datasets import builders
 from tests.datasets.builders import adience_files, adience_fold_text, adience_rows, write_files
 
 
@@ -78,3 +79,21 @@ def test_a_file_that_is_not_a_fold_file_is_named(tmp_path):
     (root / "fold_3_data.txt").write_text("userid\timage\n1\t2\n")
     with pytest.raises(MetadataError, match=r"fold_3_data.txt: line 1 is not an Adience fold header"):
         adience.build_manifest(root)
+
+
+def test_a_usable_line_is_not_lost_to_an_earlier_unusable_line_of_the_same_image(tmp_path):
+    """A cut line that still names its image, then that image's whole line: the whole line is
+    the image's usable row, under the image's own id. (It was marked "duplicate" under
+    "...jpg#2", and the image had no usable row.)"""
+    root = tmp_path / "adience"
+    image = "aligned/7153718@N04/landmark_aligned_face.2282.11597935265_29bcdfa4a5_o.jpg"
+    (root / "aligned" / "7153718@N04").mkdir(parents=True)
+    (root / image).write_bytes(b"jpeg")
+    whole = "7153718@N04\t11597935265_29bcdfa4a5_o.jpg\t2282\t(25, 32)\tf\t1\t2\t3\t4\t5\t6\t7"
+    for k in range(5):
+        lines = ["\t".join(adience.REQUIRED)] if k else ["\t".join(builders.ADIENCE_HEADER), whole[:-20], whole]
+        (root / f"fold_{k}_data.txt").write_text("\n".join(lines) + "\n")
+    frame = adience.build_manifest(root).set_index("source_line")
+    assert frame.loc["fold_0_data.txt:3", ["image_id", "status"]].tolist() == [image, "ok"]
+    assert frame.loc["fold_0_data.txt:3", "age"] == 28.5
+    assert frame.loc["fold_0_data.txt:2", ["image_id", "status"]].tolist() == [image + "#2", "broken_line"]
