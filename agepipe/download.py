@@ -521,13 +521,18 @@ def _hash(path: Path, with_md5: bool, position: int, stop: threading.Event | Non
 
 # --- extraction -----------------------------------------------------------------------------
 
+# Real pax and long-name headers hold a path or two: a few hundred bytes.
+MAX_HEADER_BYTES = 1 << 20
+_EXTENDED_HEADERS = {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                     tarfile.GNUTYPE_LONGLINK}
 _FILTER_ERROR = getattr(tarfile, "FilterError", ())     # () catches nothing on older Pythons
 _DAMAGED = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
 
 
 class _EndChecked(tarfile.TarInfo):
     """tarfile takes a missing, short or unreadable header for the archive's end, as it does
-    the end-of-archive zero block: a copy cut where a member starts would unpack as whole."""
+    the end-of-archive zero block: a copy cut where a member starts would unpack as whole.
+    It also reads a pax or GNU long-name header whole into memory: those are bounded."""
 
     @classmethod
     def fromtarfile(cls, tar):
@@ -537,6 +542,14 @@ class _EndChecked(tarfile.TarInfo):
             if tar.offset == 0:
                 raise       # not a tar at all: tarfile.open goes on to try the compressed formats
             raise tarfile.ReadError(f"no end-of-archive block at byte {tar.offset} ({e})") from None
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        info = super().frombuf(buf, encoding, errors)
+        if info.type in _EXTENDED_HEADERS and info.size > MAX_HEADER_BYTES:
+            raise tarfile.InvalidHeaderError(f"an extended header of {info.size} bytes, over the "
+                                             f"{MAX_HEADER_BYTES} one may have")
+        return info
 
 
 def _extract_members(archive: Path, work: Path, protected: set[str], stop: threading.Event | None,

@@ -150,3 +150,23 @@ def test_a_tar_cut_at_a_member_boundary_is_damaged_not_complete(tmp_path, cut):
     with pytest.raises(DownloadError, match=r"imdb_crop.tar: damaged archive after 3 members"):
         safe_extract(archive, tmp_path / "data")
     assert snapshot(tmp_path / "data") == []
+
+
+def test_an_extended_header_past_the_bound_is_refused_before_it_is_read(tmp_path):
+    """tarfile reads a pax or GNU long-name header whole into memory before any member is
+    seen: a few KB of gzip can claim gigabytes. One past MAX_HEADER_BYTES is refused instead."""
+    from agepipe.download import MAX_HEADER_BYTES
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(member("aligned/ok.jpg", data=b"fine")[0], io.BytesIO(b"fine"))
+        info, data = member("aligned/big.jpg", data=b"x")
+        info.pax_headers = {"comment": "z" * (MAX_HEADER_BYTES + 1)}
+        tar.addfile(info, io.BytesIO(data))
+    archive = tmp_path / "aligned.tar.gz"
+    archive.write_bytes(out.getvalue())
+    assert archive.stat().st_size < MAX_HEADER_BYTES // 100
+    with pytest.raises(DownloadError, match=r"aligned.tar.gz: damaged archive after 1 members .*"
+                                            r"an extended header of \d+ bytes"):
+        safe_extract(archive, tmp_path / "data")
+    assert snapshot(tmp_path / "data") == []
