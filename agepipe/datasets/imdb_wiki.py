@@ -38,7 +38,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.io
-import scipy.io.matlab
 
 from agepipe.download import RemoteFile
 from agepipe.datasets.manifest import (MetadataError, age_bin, files_on_disk, first_failure,
@@ -121,9 +120,12 @@ def read_mat(path: Path, name: str) -> dict[str, np.ndarray]:
         mat = scipy.io.loadmat(path, squeeze_me=False, struct_as_record=True)
     except FileNotFoundError:
         raise MetadataError(f"{path}: metadata file missing") from None
-    # IndexError: scipy 1.10 on a file shorter than a MATLAB header.
-    except (scipy.io.matlab.MatReadError, OSError, ValueError, NotImplementedError, TypeError, IndexError) as e:
-        raise MetadataError(f"{path}: not a readable MATLAB file ({e})") from None
+    except MetadataError:
+        raise
+    # Any error scipy meets in a damaged file is that file's (scipy 1.10 on a file shorter than a
+    # header: IndexError; 1.17 on an unknown class byte: UnboundLocalError).
+    except Exception as e:  # noqa: BLE001
+        raise MetadataError(f"{path}: not a readable MATLAB file ({e.__class__.__name__}: {e})") from None
     struct = mat.get(name)
     if not isinstance(struct, np.ndarray) or struct.dtype.names is None or struct.size != 1:
         found = sorted(k for k in mat if not k.startswith("__"))

@@ -150,3 +150,18 @@ def test_a_face_location_that_is_not_numbers_costs_that_rows_hint_only():
     cells[:] = [np.array([[1.0, 2.0, 30.0, 40.0]]), np.array(["none"]), np.array([[5.0, 6.0, 70.0, 80.0]])]
     hints = face_hints(cells, np.array([True, True, True]))
     assert hints[1] is None and list(hints[0]) == [1, 2, 30, 40] and list(hints[2]) == [5, 6, 70, 80]
+
+
+def test_a_matlab_class_scipy_does_not_know_is_named_not_a_traceback(tmp_path):
+    """scipy 1.17 meets an unknown array class byte with UnboundLocalError (its own bug): that
+    damaged file was a traceback, not a MetadataError naming it."""
+    root = tmp_path / "wiki"
+    (root / "wiki_crop").mkdir(parents=True)
+    path = root / "wiki_crop" / "wiki.mat"
+    scipy.io.savemat(path, {"wiki": np.zeros(3)}, do_compression=False)
+    data = bytearray(path.read_bytes())
+    assert data[144] == 6                    # the first variable's class (mxDOUBLE_CLASS) ...
+    data[144] = 203                          # ... now one no MATLAB writes
+    path.write_bytes(bytes(data))
+    with pytest.raises(MetadataError, match="wiki.mat: not a readable MATLAB file"):
+        imdb_wiki.build_manifest(root, "wiki")
