@@ -50,6 +50,7 @@ _SIZES = {"imdb": 7_000_000_000, "wiki": 800_000_000}     # rough, for the free-
 
 FIELDS = ("dob", "photo_taken", "full_path", "gender", "name", "face_location", "face_score",
           "second_face_score")
+NUMERIC_FIELDS = ("dob", "photo_taken", "gender", "face_score", "second_face_score", "celeb_id")
 MAX_AGE = 100
 _MATLAB_EPOCH = 366                     # MATLAB serial date of Python's ordinal 0
 _UNIX_EPOCH_ORDINAL = 719_163           # date(1970, 1, 1).toordinal()
@@ -140,7 +141,22 @@ def read_mat(path: Path, name: str) -> dict[str, np.ndarray]:
     wrong = {f: len(fields[f]) for f in required if len(fields[f]) != n}
     if wrong:
         raise MetadataError(f"{path}: full_path has {n} entries but {wrong}")
+    for f in NUMERIC_FIELDS:
+        if f in fields:
+            fields[f] = numbers(path, f, fields[f])
     return fields
+
+
+def numbers(path: Path, field: str, values: np.ndarray) -> np.ndarray:
+    """A field of numbers as float64. One that holds cells or text is not the published layout:
+    named, with its first entry that is not a number."""
+    if values.dtype.kind in "biuf":
+        return values.astype(np.float64)
+    entry = next((i for i, v in enumerate(values)
+                  if np.ndim(v) or not isinstance(v, (int, float, np.number))), 0)
+    shown = np.asarray(values[entry]).reshape(-1).tolist() if len(values) else []
+    raise MetadataError(f"{path}: field {field!r} is not an array of numbers (entry {entry}: "
+                        f"{shown[0] if len(shown) == 1 else shown!r})")
 
 
 def cell_strings(cells: np.ndarray) -> list[str]:

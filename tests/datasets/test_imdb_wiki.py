@@ -165,3 +165,23 @@ def test_a_matlab_class_scipy_does_not_know_is_named_not_a_traceback(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(MetadataError, match="wiki.mat: not a readable MATLAB file"):
         imdb_wiki.build_manifest(root, "wiki")
+
+
+def test_a_numeric_field_that_holds_no_numbers_is_named_with_its_entry(tmp_path):
+    """gender written as a cell of "m"/"f" (a converted copy, not the published file) was a
+    bare ValueError from numpy, naming neither the file nor the field."""
+    root = tmp_path / "wiki"
+    (root / "wiki_crop").mkdir(parents=True)
+    path = root / "wiki_crop" / "wiki.mat"
+    rows = mat_rows("wiki")
+    write_mat(path, "wiki", rows)
+    mat = scipy.io.loadmat(path)
+    struct = np.empty((1, 1), dtype=mat["wiki"].dtype)
+    for field in mat["wiki"].dtype.names:
+        struct[0, 0][field] = mat["wiki"][0, 0][field]
+    genders = np.empty((1, len(rows)), dtype=object)
+    genders[0, :] = [{1.0: "m", 0.0: "f"}.get(r.gender, "") for r in rows]
+    struct[0, 0]["gender"] = genders
+    scipy.io.savemat(path, {"wiki": struct})
+    with pytest.raises(MetadataError, match=r"wiki.mat: field 'gender' is not an array of numbers \(entry 0: 'm'\)"):
+        imdb_wiki.build_manifest(root, "wiki")
