@@ -31,7 +31,10 @@ Statuses, the first that applies:
 """
 from __future__ import annotations
 
+import signal
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -114,11 +117,33 @@ def _check_mat_size(path: Path) -> None:
             f.seek(left, 1)
 
 
+_LOAD = dict(squeeze_me=False, struct_as_record=True)
+MAT_PROBE_SECONDS = 600
+
+
+def check_mat_parses(path: Path) -> None:
+    """scipy's MATLAB reader is C code that some damaged files crash (scipy 1.17.1: a segfault on
+    a flipped byte of a struct's header), killing the run without naming the file. It reads the
+    file first in a child process, so such a file is named instead (a few seconds at IMDB's size;
+    any other failure is left to the reading here, which names it)."""
+    try:
+        done = subprocess.run([sys.executable, "-c", f"import sys, scipy.io; scipy.io.loadmat(sys.argv[1], **{_LOAD})",
+                               str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              timeout=MAT_PROBE_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise MetadataError(f"{path}: scipy's MATLAB reader did not finish in {MAT_PROBE_SECONDS} s; "
+                            "not IMDB-WIKI's metadata", path) from None
+    if done.returncode < 0:
+        raise MetadataError(f"{path}: scipy's MATLAB reader crashed on it ({signal.Signals(-done.returncode).name}); "
+                            "a damaged file, not IMDB-WIKI's metadata", path)
+
+
 def read_mat(path: Path, name: str) -> dict[str, np.ndarray]:
     """The struct's fields as 1-D arrays of length N (celeb_names keeps its own length)."""
     try:
         check_mat_size(path)
-        mat = scipy.io.loadmat(path, squeeze_me=False, struct_as_record=True)
+        check_mat_parses(path)
+        mat = scipy.io.loadmat(path, **_LOAD)
     except FileNotFoundError:
         raise MetadataError(f"{path}: metadata file missing") from None
     except MetadataError:

@@ -204,7 +204,7 @@ def mat_rows(name: str) -> list[MatRow]:
     ]
 
 
-def write_mat(path, name: str, rows: list[MatRow]) -> None:
+def write_mat(path, name: str, rows: list[MatRow], compress: bool = True) -> None:
     """imdb.mat / wiki.mat with the real layout: variable ``name`` is a 1x1 struct whose fields
     are 1xN arrays; full_path and name are cells of strings, face_location a cell of 1x4 arrays."""
     def cell(items):
@@ -229,7 +229,7 @@ def write_mat(path, name: str, rows: list[MatRow]) -> None:
     struct = np.empty((1, 1), dtype=[(k, object) for k in fields])
     for k, v in fields.items():
         struct[0, 0][k] = v
-    scipy.io.savemat(path, {name: struct}, do_compression=True)
+    scipy.io.savemat(path, {name: struct}, do_compression=compress)
 
 
 def imdb_wiki_files(name: str) -> dict[str, bytes]:
