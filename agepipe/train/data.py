@@ -109,16 +109,30 @@ def resolve_feature_set(store: str, feature_set: str | None) -> str:
 
 def load_task_data(store: str, feature_set: str, datasets: list[str], task: str,
                    min_det_score: float = 0.0, device: str | torch.device = "cpu") -> TaskData:
-    """Rows with status "ok", a known label and det_score >= min_det_score."""
+    """Rows with status "ok", a known label, a finite embedding and det_score >= min_det_score."""
     check_task(task)
     feats = fstore.load_features(store, feature_set, datasets, min_det_score=min_det_score)
     y = labels(task, feats.rows)
-    known = y >= 0
+    # One NaN row would turn every weight NaN in its first step, and the run would end in a
+    # crash deep in scoring. The sum is finite exactly when every value is (they are unit-norm).
+    finite = np.isfinite(feats.embeddings.sum(1))
+    known = (y >= 0) & finite
     rows = feats.rows.loc[known].reset_index(drop=True)
     x = torch.from_numpy(feats.embeddings if known.all() else feats.embeddings[known])
-    dropped = {"unknown_label": int((~known).sum())}
-    return TaskData(task, x.to(device), torch.from_numpy(y[known]).to(device), rows, dropped,
-                    stale_labels(store, feature_set, datasets))
+    dropped = {"unknown_label": int((y < 0).sum())}
+    said = stale_labels(store, feature_set, datasets)
+    bad = (y >= 0) & ~finite
+    if bad.any():
+        dropped["nonfinite_embedding"] = int(bad.sum())
+        said.append(nonfinite_warning(feats.rows.loc[bad]))
+    return TaskData(task, x.to(device), torch.from_numpy(y[known]).to(device), rows, dropped, said)
+
+
+def nonfinite_warning(rows: pd.DataFrame) -> str:
+    first = rows.iloc[0]
+    return (f"{len(rows)} row(s) with status \"ok\" hold an embedding with NaN or infinite values (first: "
+            f"{first['dataset']} {first['image_id']}); they are left out of training and scoring. The store "
+            "is damaged there, or the recogniser overflowed on those photos")
 
 
 def stale_labels(store: str, feature_set: str, datasets: list[str]) -> list[str]:

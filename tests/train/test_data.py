@@ -1,6 +1,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from agepipe.datasets.manifest import CLASS_MIDPOINTS, age_bin
 from agepipe.features.store import EMBEDDING_DIM
@@ -33,6 +34,25 @@ def test_load_keeps_ok_rows_with_a_label_above_the_det_score(tmp_path):
     # Each row keeps its own embedding through the filters.
     assert data.x.argmax(1).tolist() == [0, 1, 4, 5, 6, 9]
     assert data.dropped == {"unknown_label": 1}
+
+
+def test_a_row_whose_embedding_is_not_finite_is_left_out_and_said(tmp_path):
+    # One NaN row made every weight NaN in the first step; the run then crashed in scoring
+    # ("'list' argument must have no negative elements") after saving a NaN checkpoint.
+    from tests.train.synthetic_store import Mixture, adience_like
+    from agepipe.train.loop import train
+
+    x, y = Mixture.make().sample(400)
+    x[7, 3], x[9, 0] = np.nan, np.inf
+    root = write_store(tmp_path / "store", x, adience_like(y))
+    data = load_task_data(root, FEATURE_SET, ["adience"], "age")
+    assert len(data.x) == 398 and bool(torch.isfinite(data.x).all())
+    assert data.dropped == {"unknown_label": 0, "nonfinite_embedding": 2}
+    assert "2 row(s)" in data.warnings[0] and "adience/img0000007.jpg" in data.warnings[0]
+    with pytest.warns(UserWarning, match="NaN or infinite"):
+        metrics = train(root, ["adience"], "age", tmp_path / "run", mc_samples=0, progress=False, report=False,
+                        train_overrides={"epochs": 1, "batch_size": 16})
+    assert np.isfinite(metrics["test"]["cross_entropy"])
 
 
 def test_feature_set_may_be_omitted_only_when_the_store_has_one(tmp_path):
