@@ -290,6 +290,7 @@ def save_run(data: TaskData, split: Split, model: ResMLP, train_cfg: TrainConfig
              warned: list[str], mc_samples: int, report: bool) -> dict:
     """The run folder of a fitted model: checkpoint, history, metrics (and report); returns the metrics."""
     out = Path(out)
+    check_finite(model, out, result)
     # A run folder trained again loses the last run's results first: a crash while this one is
     # scored, or a cross-validation (its reports are written later, only where missing), must not
     # show them beside the new model.
@@ -309,6 +310,18 @@ def save_run(data: TaskData, split: Split, model: ResMLP, train_cfg: TrainConfig
     if report:
         write_report(out)
     return metrics
+
+
+def check_finite(model: ResMLP, out: Path, result: dict) -> None:
+    """Refuse a model whose weights went NaN or infinite (training diverged, with no earlier epoch's
+    weights to fall back on): saved, it would crash scoring and `evaluate` would refuse it."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        losses = [h["train_loss"] for h in result["history"]]
+        raise ValueError(f"{out}: training diverged: after {len(losses)} epoch(s) (train loss {losses}) the "
+                         f"weights hold NaN or infinite values ({bad[0]}"
+                         + (f" and {len(bad) - 1} more" if len(bad) > 1 else "") +
+                         "); nothing was saved. Train with a lower learning rate")
 
 
 def train_runs_batched(data: TaskData, jobs: list[tuple[Split, int]], model_cfg: ModelConfig,

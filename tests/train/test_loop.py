@@ -142,6 +142,16 @@ def test_a_run_trained_again_never_shows_the_last_runs_results(small_store, tmp_
     assert [name for name in results if (run / name).exists()] == ["history.json"]  # the old scores are not
 
 
+def test_a_run_that_diverges_stops_loudly_and_saves_nothing(small_store, tmp_path):
+    # Weights NaN from the first epoch: no better epoch to restore. The run used to save the NaN
+    # checkpoint and crash in scoring ("'list' argument must have no negative elements").
+    with pytest.raises(ValueError, match="training diverged.*lower learning rate"):
+        train(small_store, ["adience"], "age", tmp_path / "run", mc_samples=0, progress=False,
+              train_overrides={"epochs": 2, "lr": 1e8})
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
 def test_early_stopping_keeps_the_best_epoch(tmp_path):
     # Labels that are noise: the validation loss only rises once the model starts to memorise.
     rng = np.random.default_rng(0)
