@@ -30,7 +30,7 @@ from agepipe.atomic import write_text
 from agepipe.datasets import expand_groups
 from agepipe.features import store as fstore
 from agepipe.train.checkpoint import write_json
-from agepipe.train.data import VAL_FRACTION, load_task_data, make_split, resolve_feature_set
+from agepipe.train.data import VAL_FRACTION, load_task_data, make_split, resolve_feature_set, subject_keys
 from agepipe.train.loop import (cross_validate, data_record, model_config_for, train_config_for, train_run)
 from agepipe.train.model import precision, resolve_device
 
@@ -178,6 +178,7 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
             pre_cut = fstore.cut_digest(store, feature_set, pretrain_datasets)
             pre = load_task_data(store, feature_set, pretrain_datasets, task, min_det_score, dev)
             pre_record = data_record(store, feature_set, pretrain_datasets, None, min_det_score)
+            check_no_shared_subjects(data, pre)
         for message in data.warnings + (pre.warnings if pre else []):  # stale labels: said once a table
             if message not in said:
                 said.add(message)
@@ -229,6 +230,20 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
     write_table(out, rows, grid, wall, f"{dev} ({precision(dev, amp)})", feature_set)
     echo(f"{len(rows)} cells in {wall:.1f} s -> {out / 'table.md'}, {out / 'table.csv'}")
     return rows
+
+
+def check_no_shared_subjects(data, pre) -> None:
+    """Refuse pre-training rows of a person the cross-validation also holds (--pretrain-dataset
+    naming a --dataset, or IMDB and WIKI, whose subjects are names, split between them): the
+    pre-training uses every row, so each pre-trained run would have seen its test fold's people."""
+    keys = subject_keys(data.rows)
+    shared = np.isin(keys, subject_keys(pre.rows))
+    if shared.any():
+        first = data.rows.iloc[int(np.argmax(shared))]
+        raise ValueError(f"{len(np.unique(keys[shared]))} subject(s) of the cross-validation rows are in the "
+                         f"pre-training rows too (first: {first['subject_id']!r} of {first['dataset']}): the "
+                         "pre-trained runs would have seen the people of their test folds. Pre-train on "
+                         "datasets that share no one with --dataset")
 
 
 def _finished_cell(cell_dir: Path, identity: dict) -> tuple[dict | None, str]:

@@ -222,3 +222,15 @@ def test_a_cell_is_trained_again_in_another_precision_and_an_old_float32_one_is_
     assert "precision changed)" in again.output and "reused" not in again.output
     assert json.loads(cell.read_text())["identity"]["precision"] == "bfloat16"
     assert "reused" in invoke(*args).output
+
+
+def test_pretraining_on_the_people_of_the_cross_validation_is_refused(tmp_path):
+    """Pre-training uses every row: on --dataset's own people it saw each run's test fold, and the
+    pre-trained cells' accuracies came out inflated without a word."""
+    store = age_gender_store(tmp_path / "store", n_adience=400, n_imdb=50, n_wiki=50)
+    result = invoke("table", "--store", store, "--out", tmp_path / "t", "--tasks", "gender", "--variants", "full",
+                    "--inits", "scratch,pretrained", "--folds", "0", "--seeds", "1", "--epochs", "1",
+                    "--device", "cpu", "--pretrain-dataset", "adience")
+    assert result.exit_code == 1
+    assert "subject(s) of the cross-validation rows are in the pre-training rows too" in result.output
+    assert not (tmp_path / "t").exists()
