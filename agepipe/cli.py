@@ -446,6 +446,7 @@ def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, i
     from agepipe.train.loop import TrainingWarning
     from agepipe.train.loop import train as train_model
 
+    _refuse_ignored(("seed", "test_fold") if cv else ("seeds",), cv)
     out = out or os.path.join("runs", f"{task}-{'+'.join(datasets)}-" + ("cv" if cv else f"fold{test_fold}"))
     model_overrides = {"dropout": dropout, "num_blocks": blocks, "residuals_per_block": residuals_per_block,
                        "batch_norm": False if no_batch_norm else None, "skip": False if no_skip else None}
@@ -474,6 +475,20 @@ def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, i
                 click.echo(f"  {key:<24} {s['mean']:.4f} +- {s['std']:.4f}")
         return
     _echo_metrics(result, out)
+
+
+def _refuse_ignored(names: tuple[str, ...], cv: bool) -> None:
+    """Options given that this kind of training never reads: a user asking for 5 seeds of one run,
+    or one seed and test fold of a cross-validation, would otherwise get another run than asked."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    given = [f"--{n.replace('_', '-')}" for n in names if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
+    if given and cv:
+        raise click.UsageError(f"{' and '.join(given)}: for a single run; --cv trains every fold as the test "
+                               "fold, with seeds 0 to N-1 (--seeds N)")
+    if given:
+        raise click.UsageError("--seeds N is for --cv (every fold times N seeds); a single run takes --seed")
 
 
 def _split_list(choices):

@@ -54,3 +54,14 @@ def test_clear_errors(gaussian_store, tmp_path):
     (tmp_path / "foreign" / "config.json").write_text('{"arch": "ResMLP"}')
     result = invoke("evaluate", tmp_path / "foreign")
     assert result.exit_code == 1 and "not an agepipe run config" in result.output
+
+
+def test_options_the_kind_of_training_would_ignore_are_refused(gaussian_store, tmp_path):
+    # --seeds without --cv trained one run, --seed or --test-fold with --cv were dropped: silently.
+    store, _ = gaussian_store
+    base = ("train", "--store", store, "--dataset", "adience", "--task", "age", "--epochs", "1")
+    result = invoke(*base, "--out", tmp_path / "a", "--seeds", "5")
+    assert result.exit_code == 2 and "--seeds N is for --cv" in result.output
+    result = invoke(*base, "--out", tmp_path / "b", "--cv", "--seed", "3", "--test-fold", "2")
+    assert result.exit_code == 2 and "--seed and --test-fold: for a single run" in result.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
