@@ -196,6 +196,9 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
                             "pretrain_cut": pre_cut if init == "pretrained" else None, "mc_samples": mc_samples}
                 done, changed = _finished_cell(cell_dir, identity)
                 if done is None:
+                    # The old record goes first: a retrain stopped part-way leaves the folder holding new
+                    # runs, which a rerun with the old settings must not pass off as the recorded cell.
+                    (cell_dir / "cell.json").unlink(missing_ok=True)
                     cell_start, pretrain_seconds, init_run = time.perf_counter(), None, None
                     if init == "pretrained":
                         init_run = cell_dir / "pretrain"

@@ -234,3 +234,29 @@ def test_pretraining_on_the_people_of_the_cross_validation_is_refused(tmp_path):
     assert result.exit_code == 1
     assert "subject(s) of the cross-validation rows are in the pre-training rows too" in result.output
     assert not (tmp_path / "t").exists()
+
+
+def test_a_cell_whose_retraining_stopped_is_not_reused_as_its_old_record(table_run, tmp_path, monkeypatch):
+    """Settings changed, the cell trains again and stops part-way (Ctrl-C) after its runs were
+    replaced: a rerun with the old settings reused the old cell.json, whose numbers then sat in
+    table.md beside a folder of the new settings' runs."""
+    import agepipe.train.table as table
+
+    store, *_ = table_run
+    args = ("table", "--store", store, "--out", tmp_path / "t", "--tasks", "gender", "--variants", "full",
+            "--inits", "scratch", "--folds", "0,1", "--seeds", "1", "--device", "cpu")
+    assert invoke(*args, "--epochs", "1").exit_code == 0
+    real = table.cross_validate
+
+    def stopped_after_the_runs(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(table, "cross_validate", stopped_after_the_runs)
+    assert invoke(*args, "--epochs", "2").exit_code == 130
+    monkeypatch.setattr(table, "cross_validate", real)
+    again = invoke(*args, "--epochs", "1")
+    assert again.exit_code == 0 and "reused" not in again.output
+    cv = json.loads((tmp_path / "t" / "gender" / "scratch" / "full" / "cv.json").read_text())
+    row, = read_csv(tmp_path / "t" / "table.csv")
+    assert float(row["accuracy_mean"]) == pytest.approx(cv["summary"]["test_accuracy"]["mean"])
