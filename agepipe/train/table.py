@@ -189,7 +189,8 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
                 train_cfg = train_config_for(task, **overrides)
                 model_cfg = model_config_for(task, None, **VARIANTS[variant])
                 cell_dir = out / task / init / variant
-                identity = {"task": task, "variant": variant, "init": init, "folds": grid.folds, "seeds": grid.seeds,
+                identity = {"task": task, "variant": variant, "init": init, "folds": _folds_key(grid.folds),
+                            "seeds": grid.seeds,
                             "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
                             "precision": precision(dev, train_cfg.amp), "data": record, "cut": cut,
                             "pretrain_data": pre_record if init == "pretrained" else None,
@@ -233,6 +234,11 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
     write_table(out, rows, grid, wall, f"{dev} ({precision(dev, amp)})", feature_set)
     echo(f"{len(rows)} cells in {wall:.1f} s -> {out / 'table.md'}, {out / 'table.csv'}")
     return rows
+
+
+def _folds_key(folds: list[int] | None) -> list[int] | None:
+    """None for all five folds, however asked for: --folds 0,1,2,3,4 trains the same runs as the default."""
+    return None if folds is None or sorted(set(folds)) == list(range(5)) else folds
 
 
 def check_no_shared_subjects(data, pre) -> None:

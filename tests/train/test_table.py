@@ -260,3 +260,13 @@ def test_a_cell_whose_retraining_stopped_is_not_reused_as_its_old_record(table_r
     cv = json.loads((tmp_path / "t" / "gender" / "scratch" / "full" / "cv.json").read_text())
     row, = read_csv(tmp_path / "t" / "table.csv")
     assert float(row["accuracy_mean"]) == pytest.approx(cv["summary"]["test_accuracy"]["mean"])
+
+
+def test_all_five_folds_named_reuse_the_cells_of_the_default(table_run, tmp_path):
+    """--folds 0,1,2,3,4 trains the very runs the default does; it trained every cell again."""
+    store, *_ = table_run
+    args = ("table", "--store", store, "--out", tmp_path / "t", "--tasks", "gender", "--variants", "no-ic",
+            "--inits", "scratch", "--seeds", "1", "--epochs", "1", "--device", "cpu")
+    assert invoke(*args).exit_code == 0
+    again = invoke(*args, "--folds", "4,3,2,1,0")
+    assert again.exit_code == 0 and "reused" in again.output, again.output
