@@ -27,7 +27,8 @@ from agepipe.datasets import expand_groups
 from agepipe.features import store as fstore
 from agepipe.train import graphs
 from agepipe.train.batched import StackedResMLP, fit_stacked
-from agepipe.train.checkpoint import init_from, model_config_from, read_config, save_checkpoint, write_json
+from agepipe.train.checkpoint import (CheckpointError, init_from, model_config_from, read_config, save_checkpoint,
+                                      write_json)
 from agepipe.train.data import (NUM_CLASSES, SUBJECTS_ACROSS_DATASETS, VAL_FRACTION, Split, TaskData, check_task,
                                 load_task_data, make_split, resolve_feature_set)
 from agepipe.train.evaluate import logits_of, score_splits
@@ -437,6 +438,17 @@ def summary_values(metrics: dict) -> dict:
     return out
 
 
+def check_init_features(init: str, record: dict) -> None:
+    """Refuse to start from a run trained on another recogniser's embeddings: its weights read
+    another space, and fine-tuning from them would train on as if they did not."""
+    theirs = read_config(init).get("data", {}).get("features", {}).get("recognizer_sha256")
+    mine = record["features"].get("recognizer_sha256")
+    if theirs and mine and theirs != mine:
+        raise CheckpointError(f"{init}: trained on embeddings of recogniser sha256 {theirs[:12]}... "
+                              f"({read_config(init)['data'].get('feature_set')}); feature set "
+                              f"{record['feature_set']} has {mine[:12]}...: --init needs a run of the same face models")
+
+
 def train(store: str, datasets: list[str], task: str, out: str | Path, *, feature_set: str | None = None,
           test_fold: int | None = 0, cv: bool = False, seeds: int = 1, init: str | None = None,
           device: str = "auto", min_det_score: float = 0.0, mc_samples: int = 32,
@@ -453,6 +465,8 @@ def train(store: str, datasets: list[str], task: str, out: str | Path, *, featur
     model_cfg = model_config_for(task, init, **(model_overrides or {}))
     train_cfg = train_config_for(task, **(train_overrides or {}))
     record = data_record(store, feature_set, datasets, test_fold, min_det_score)
+    if init:
+        check_init_features(init, record)
     if cv:
         return cross_validate(data, model_cfg, train_cfg, out, record, seeds, init, mc_samples, progress, echo,
                               batched)

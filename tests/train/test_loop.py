@@ -202,6 +202,22 @@ def test_init_pretrains_on_one_dataset_and_fine_tunes_on_another(tmp_path):
     assert FEATURE_SET == config["data"]["feature_set"]
 
 
+def test_init_from_a_run_of_another_recogniser_is_refused(tmp_path):
+    # Its weights read another embedding space: fine-tuning from them trained on without a word.
+    from agepipe.train.checkpoint import CheckpointError
+
+    x, y = Mixture.make(seed=8).sample(400, seed=1)
+    for name, sha in (("buffalo_l-det640-aaaaaaaa", "a" * 64), ("buffalo_s-det640-bbbbbbbb", "b" * 64)):
+        store = write_store(tmp_path / "store", x, adience_like(y, subjects=40), feature_set=name,
+                            info={"pack": name[:9], "det_size": 640, "recognizer_sha256": sha})
+    train(store, ["adience"], "age", tmp_path / "pre", feature_set="buffalo_l-det640-aaaaaaaa", mc_samples=0,
+          report=False, progress=False, train_overrides={"epochs": 1})
+    with pytest.raises(CheckpointError, match="recogniser sha256 aaaaaaaaaaaa.*bbbbbbbbbbbb"):
+        train(store, ["adience"], "age", tmp_path / "fine", feature_set="buffalo_s-det640-bbbbbbbb",
+              init=str(tmp_path / "pre"), mc_samples=0, report=False, progress=False, train_overrides={"epochs": 1})
+    assert not (tmp_path / "fine").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_cuda_graph_step_trains_like_the_eager_step():
     from agepipe.train.loop import PAPER_TRAIN, GraphedTrainStep, TrainStep, make_optimizer
