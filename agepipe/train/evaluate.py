@@ -299,10 +299,13 @@ def evaluate_run(run_dir: str | Path, store: str | None = None, mc_samples: int 
     metrics = read_metrics(run_dir) or {"task": task}
     metrics["split_sizes"] = split.sizes()
     metrics.pop("warning", None)
+    said = list(data.warnings)  # labels whose manifest changed since the cut: scored as they are, said
     if rec.get("split_sizes") and rec["split_sizes"] != split.sizes():
         # The store changed since training (rows added or re-extracted): say so in the metrics.
-        metrics["warning"] = (f"split sizes {split.sizes()} differ from training's {rec['split_sizes']}; "
-                              "the store changed since this run was trained")
+        said.insert(0, f"split sizes {split.sizes()} differ from training's {rec['split_sizes']}; "
+                       "the store changed since this run was trained")
+    if said:
+        metrics["warning"] = "; ".join(said)
     amp = scoring_amp(config, next(model.parameters()).device)  # the precision the run trained in
     metrics.update(score_splits(model, data, split, mc_samples, amp, run_dir))
     write_json(path, metrics)

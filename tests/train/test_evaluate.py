@@ -208,3 +208,27 @@ def test_a_float32_run_is_scored_in_float32_where_the_device_has_bfloat16(gaussi
     evaluate_run(run, mc_samples=0)
     scored = pq.read_table(run / "predictions.parquet").to_pandas()
     assert np.allclose(np.stack(trained["probabilities"]), np.stack(scored["probabilities"]), atol=1e-6)
+
+
+def test_evaluate_says_when_the_labels_manifest_changed_since_the_cut(tmp_path):
+    """train warns that the store's labels may no longer be the manifest's; evaluate scored the run
+    on those labels again without a word."""
+    from agepipe.features import store as fstore
+    from agepipe.hashing import file_sha256
+    from agepipe.train.evaluate import evaluate_run
+    from agepipe.train.loop import train
+    from tests.train.synthetic_store import FEATURE_SET, Mixture, adience_like, write_store
+
+    x, y = Mixture.make().sample(400)
+    store = write_store(tmp_path / "store", x, adience_like(y, subjects=40))
+    run = tmp_path / "run"
+    train(store, ["adience"], "age", run, mc_samples=0, report=False, progress=False, train_overrides={"epochs": 1})
+    assert "warning" not in evaluate_run(run, mc_samples=0)
+    manifest = tmp_path / "manifest.parquet"
+    manifest.write_bytes(b"the manifest the shards were cut from")
+    index = fstore.read_index(store, FEATURE_SET, "adience")
+    fstore.commit_shards(store, FEATURE_SET, "adience", index.shards, file_sha256(manifest), index.generation,
+                         str(manifest))
+    manifest.write_bytes(b"that manifest rebuilt since")
+    metrics = evaluate_run(run, mc_samples=0)
+    assert f"adience: its manifest ({manifest}) has changed since" in metrics["warning"]
