@@ -12,8 +12,9 @@ How a file arrives in ``dest_dir``:
   with an HTTP ``Range`` request, so bytes already on disk are not fetched again. The part's
   version (its ETag, else Last-Modified) is kept in ``NAME.part.if-range`` and sent as
   ``If-Range``, so a file that changed on the server is fetched again whole instead of being
-  stitched from two versions. A server that ignores ``Range`` is tolerated (the part is
-  rewritten from its first byte). Failed attempts are retried with exponential backoff;
+  stitched from two versions; a copy from a folder resumes likewise only while the file there
+  keeps the size and mtime recorded in ``NAME.part.source``. A server that ignores ``Range`` is
+  tolerated (the part is rewritten from its first byte). Failed attempts are retried with exponential backoff;
   ``.part`` is renamed to ``NAME`` only when complete.
 * HTTP basic auth is answered only when a server asks for it (401), so credentials are never
   sent to a mirror that does not want them. ``http://user:password@host/...`` sources work too.
@@ -319,11 +320,32 @@ def _try_hardlink(src: Path, final: Path) -> bool:
 def _copy_from(src: Path, part: Path, name: str, position: int, stop: threading.Event) -> None:
     total = src.stat().st_size
     start = part.stat().st_size if part.exists() else 0
-    if start > total:
+    if start and (start > total or _read_json(_source_record(part)) != _identity(src)):
+        # Another file than the part was copied from (or one whose copy was not recorded): its
+        # tail after the part's head would be two files, and its sha256 recorded as the file's.
+        log.warning("%s: the part was not copied from %s as it is now (the file changed); copying it "
+                    "again from the first byte", name, src)
         start = 0
+    if start == 0:
+        _drop_part(part)     # first, so a crash never leaves old bytes under the new record
+        _keep_source(part, src)
     with open(src, "rb") as stream:
         stream.seek(start)
         _write_stream(stream, part, start, total, name, position, stop)
+
+
+def _identity(src: Path) -> dict:
+    """What tells one version of a local file from another, as If-Range's ETag does over HTTP."""
+    stat = src.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _source_record(part: Path) -> Path:
+    return part.with_name(part.name + ".source")
+
+
+def _keep_source(part: Path, src: Path) -> None:
+    _write_json(_source_record(part), _identity(src))
 
 
 class _RangeNotSatisfiable(Exception):
@@ -335,6 +357,7 @@ def _download(url: str, part: Path, name: str, auth, timeout: float, position: i
               stop: threading.Event) -> None:
     offset = part.stat().st_size if part.exists() else 0
     version = _if_range(part).read_text() if offset and _if_range(part).exists() else None
+    _source_record(part).unlink(missing_ok=True)  # bytes from here on are not the folder's file
     try:
         response = _open(url, offset, auth, timeout, name, version)
     except _RangeNotSatisfiable as e:
@@ -376,6 +399,7 @@ def _keep_version(part: Path, response) -> None:
 def _drop_part(part: Path) -> None:
     part.unlink(missing_ok=True)
     _if_range(part).unlink(missing_ok=True)
+    _source_record(part).unlink(missing_ok=True)
 
 
 def _open(url: str, offset: int, auth, timeout: float, name: str, version: str | None = None):

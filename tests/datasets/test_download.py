@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -239,3 +240,49 @@ def test_a_leftover_part_goes_once_the_file_is_in_place(tmp_path):
     (data / "blob.bin.part").write_bytes(BLOB[:1000])
     fetch([f], data, source=str(source), **FAST)
     assert not (data / "blob.bin.part").exists()
+
+
+@pytest.fixture
+def other_disk(tmp_path):
+    """A folder on another filesystem than tmp_path (a USB disk's Downloads): no hard link can
+    reach it, so its files are copied through NAME.part."""
+    import tempfile
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or os.stat(shm).st_dev == tmp_path.stat().st_dev:
+        pytest.skip("no second filesystem to copy from")
+    with tempfile.TemporaryDirectory(dir=shm) as folder:
+        yield Path(folder)
+
+
+def test_a_copy_resumed_after_the_source_file_changed_starts_over(other_disk, tmp_path):
+    """A copy from a --source folder was interrupted; the file there was then replaced (a fresh
+    browser download, the same size). The rerun copies the new file whole, never the old one's
+    head and the new one's tail, whose sha256 would be recorded on first use and trusted."""
+    f = RemoteFile("blob.bin", "http://127.0.0.1:9/unreachable/blob.bin", size=len(BLOB))
+    (other_disk / "blob.bin").write_bytes(BLOB)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "blob.bin.part").write_bytes(BLOB[:777_777])    # as the interrupted copy left it
+    newer = os.urandom(len(BLOB))
+    (other_disk / "blob.bin").write_bytes(newer)
+    [path] = fetch([f], data, source=str(other_disk), **FAST)
+    assert path.read_bytes() == newer
+    assert json.loads((data / CHECKSUMS_FILE).read_text())["blob.bin"]["sha256"] == hashlib.sha256(newer).hexdigest()
+    assert not list(data.glob("blob.bin.part*"))
+
+
+def test_a_copy_of_an_unchanged_source_file_resumes(other_disk, tmp_path):
+    """Copied to byte 777,777 from the same file as now (size and mtime recorded beside the
+    part): the rerun copies the rest only, keeping the bytes on disk."""
+    f = RemoteFile("blob.bin", "http://127.0.0.1:9/unreachable/blob.bin", size=len(BLOB))
+    src = other_disk / "blob.bin"
+    src.write_bytes(BLOB)
+    data = tmp_path / "data"
+    data.mkdir()
+    part = data / "blob.bin.part"
+    from agepipe.download import _keep_source
+    part.write_bytes(b"\0" * 777_777)       # not the source's head: shows these bytes are kept
+    _keep_source(part, src)                  # as the interrupted copy recorded it
+    [path] = fetch([f], data, source=str(other_disk), **FAST)
+    assert path.read_bytes() == b"\0" * 777_777 + BLOB[777_777:]
+    assert not list(data.glob("blob.bin.part*"))
