@@ -232,7 +232,7 @@ def _location(f: RemoteFile, source: str | None) -> str | Path:
         return f.url
     scheme = urllib.parse.urlsplit(source).scheme.lower()
     if scheme in ("http", "https"):
-        return source.rstrip("/") + "/" + urllib.parse.quote(f.name)
+        return _mirror_url(source, f.name)
     if scheme == "file":
         folder = Path(urllib.request.url2pathname(urllib.parse.urlsplit(source).path))
     elif scheme and len(scheme) > 1:
@@ -242,6 +242,12 @@ def _location(f: RemoteFile, source: str | None) -> str | Path:
     if not folder.is_dir():
         raise DownloadError(f"--source {source}: no such folder")
     return folder / f.name
+
+
+def _mirror_url(base: str, name: str) -> str:
+    """``name`` under a mirror's path; its query (a signed URL's token) stays the query."""
+    parts = urllib.parse.urlsplit(base)
+    return urllib.parse.urlunsplit(parts._replace(path=parts.path.rstrip("/") + "/" + urllib.parse.quote(name)))
 
 
 def _check_free_space(files, locations, dest_dir: Path, extract: bool) -> None:

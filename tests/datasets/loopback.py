@@ -20,6 +20,7 @@ class Served:
     status: int
     body_bytes: int
     if_range: str | None = None
+    query: str = ""
 
 
 class FlakyServer(ThreadingHTTPServer):
@@ -71,7 +72,8 @@ class _Handler(BaseHTTPRequestHandler):
         with self.server.lock:
             self.server.log.append(Served(path, self.headers.get("Range"),
                                           self.headers.get("Authorization"), status, body_bytes,
-                                          self.headers.get("If-Range")))
+                                          self.headers.get("If-Range"),
+                                          urllib.parse.urlsplit(self.path).query))
 
     # Each response is logged before it is sent, so the log follows the client's order.
     def _reply(self, path, status, headers=(), body=b""):

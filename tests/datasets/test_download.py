@@ -286,3 +286,12 @@ def test_a_copy_of_an_unchanged_source_file_resumes(other_disk, tmp_path):
     [path] = fetch([f], data, source=str(other_disk), **FAST)
     assert path.read_bytes() == b"\0" * 777_777 + BLOB[777_777:]
     assert not list(data.glob("blob.bin.part*"))
+
+
+def test_a_mirror_url_with_a_query_gets_the_file_name_on_its_path(server, tmp_path):
+    """A signed mirror URL (?token=...): the name goes on the path and the query is kept."""
+    server.files["/mirror/blob.bin"] = BLOB
+    [path] = fetch([remote(server)], tmp_path, source=f"{server.url}/mirror/?token=a%2Fb&x=1", **FAST)
+    assert path.read_bytes() == BLOB
+    assert [(s.path, s.query) for s in server.log] == [("/mirror/blob.bin", "token=a%2Fb&x=1")]
+
