@@ -220,7 +220,7 @@ def _split_credentials(source: str | None, auth):
     parts = urllib.parse.urlsplit(source)
     if parts.username is None:
         return source, auth
-    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    netloc = parts.netloc.rpartition("@")[2]   # the host as written: an IPv6 one keeps its brackets
     user = urllib.parse.unquote(parts.username)
     password = urllib.parse.unquote(parts.password or "")
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc)), (user, password)

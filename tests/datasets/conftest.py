@@ -11,7 +11,20 @@ from tests.datasets.loopback import FlakyServer
 
 @pytest.fixture
 def server():
-    srv = FlakyServer()
+    yield from _serve(FlakyServer())
+
+
+@pytest.fixture
+def server6():
+    """The same server on the IPv6 loopback, [::1]."""
+    try:
+        srv = FlakyServer("::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    yield from _serve(srv)
+
+
+def _serve(srv: FlakyServer):
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield srv

@@ -24,7 +24,8 @@ class Served:
 
 
 class FlakyServer(ThreadingHTTPServer):
-    """Serves ``files`` {url path: bytes} on 127.0.0.1 and misbehaves on demand.
+    """Serves ``files`` {url path: bytes} on 127.0.0.1 (or ``host``, "::1" for IPv6) and
+    misbehaves on demand.
 
     auth     (user, password): 401 until a request carries them
     corrupt  {path}: flip the first byte of what is served
@@ -38,8 +39,10 @@ class FlakyServer(ThreadingHTTPServer):
     """
     daemon_threads = True
 
-    def __init__(self):
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, host: str = "127.0.0.1"):
+        if ":" in host:
+            self.address_family = socket.AF_INET6
+        super().__init__((host, 0), _Handler)
         self.files: dict[str, bytes] = {}
         self.auth: tuple[str, str] | None = None
         self.corrupt: set[str] = set()
@@ -49,7 +52,8 @@ class FlakyServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        host = self.server_address[0]
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.server_address[1]}"
 
     def bytes_sent(self, path: str) -> int:
         """Bytes of the file itself sent for ``path`` (error pages do not count)."""

@@ -295,3 +295,15 @@ def test_a_mirror_url_with_a_query_gets_the_file_name_on_its_path(server, tmp_pa
     assert path.read_bytes() == BLOB
     assert [(s.path, s.query) for s in server.log] == [("/mirror/blob.bin", "token=a%2Fb&x=1")]
 
+
+def test_credentials_in_an_ipv6_source_url(server6, tmp_path):
+    server6.files["/mirror/blob.bin"] = BLOB
+    server6.auth = ("me", "p@ss")
+    source = f"http://me:p%40ss@[::1]:{server6.server_address[1]}/mirror"
+    [path] = fetch([remote(server6)], tmp_path, source=source, **FAST)
+    assert path.read_bytes() == BLOB
+    assert [s.status for s in server6.log] == [401, 200]
+    # Where it came from, without the credentials: the brackets kept (without them "::1:PORT"
+    # reads as host ::1:PORT, or with no port as host ":" and port 1).
+    recorded = json.loads((tmp_path / CHECKSUMS_FILE).read_text())["blob.bin"]["source"]
+    assert recorded == f"http://[::1]:{server6.server_address[1]}/mirror/blob.bin"
