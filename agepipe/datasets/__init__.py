@@ -66,7 +66,8 @@ def choices() -> list[str]:
 def prepare(name: str, data_dir: str | Path, source: str | None = None, workers: int = 4,
             extract: bool = True, **fetch_options) -> tuple[Path, pd.DataFrame] | None:
     """Fetch, verify and unpack dataset ``name`` into DATA/<name>/ and write its manifest.
-    Returns (manifest path, manifest rows), or None when ``extract`` is False (files only)."""
+    Returns (manifest path, manifest rows), or None when ``extract`` is False (files only).
+    Metadata that cannot be read (MetadataError) also removes the previous run's manifest."""
     dataset = REGISTRY[name]
     root = Path(data_dir).expanduser() / name
     if source is None and dataset.default_source is not None:
@@ -78,8 +79,20 @@ def prepare(name: str, data_dir: str | Path, source: str | None = None, workers:
     try:
         frame = dataset.build_manifest(root)
     except MetadataError as e:
-        raise _forget_wrong_file(dataset, root, e) from None
+        raise _drop_stale_manifest(root / MANIFEST_FILE, _forget_wrong_file(dataset, root, e)) from None
     return write_manifest(frame, root / MANIFEST_FILE), frame
+
+
+def _drop_stale_manifest(path: Path, error: MetadataError) -> MetadataError:
+    """The previous run's manifest no longer describes the metadata on disk: kept, `agepipe
+    extract` would go on reading its rows as the dataset's. Without it, extract asks for a
+    download."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return error
+    return MetadataError(f"{error}; removed {path}, built from the earlier metadata, so nothing is "
+                         "extracted from it", error.path)
 
 
 def _forget_wrong_file(dataset: Dataset, root: Path, error: MetadataError) -> MetadataError:

@@ -163,3 +163,26 @@ def test_a_wrong_fold_file_is_forgotten_so_the_right_one_is_taken_next(tmp_path,
     result = run(*args)
     assert result.exit_code == 0, result.output
     check_adience(tmp_path / "data", result.output)
+
+
+def test_a_failed_rebuild_removes_the_manifest_of_the_old_metadata(tmp_path):
+    """wiki.mat, unpacked from wiki_crop.tar and checked by no sha256, is damaged on disk after
+    a first download. The rebuild stops naming it, and the manifest built from the old wiki.mat
+    goes: `agepipe extract` then asks for a download instead of reading rows of a file that is no
+    longer there. (The old manifest stayed, and extract ran on it without a word.)"""
+    source = write_files(tmp_path / "Downloads", imdb_wiki_files("wiki"))
+    args = ("--dataset", "wiki", "--source", str(source), "--data-dir", str(tmp_path / "data"))
+    assert run(*args).exit_code == 0
+    root = tmp_path / "data" / "wiki"
+    mat = root / "wiki_crop" / "wiki.mat"
+    mat.write_bytes(mat.read_bytes()[:100])
+
+    result = run(*args)
+    assert result.exit_code == 1
+    assert f"{mat}: not a readable MATLAB file" in result.output
+    assert f"removed {root / 'manifest.parquet'}, built from the earlier metadata" in result.output
+    assert not (root / "manifest.parquet").exists()
+    extract = CliRunner().invoke(cli, ["extract", "--dataset", "wiki", "--data-dir", str(tmp_path / "data"),
+                                       "--store", str(tmp_path / "store")], catch_exceptions=False)
+    assert extract.exit_code != 0
+    assert "run `agepipe download --dataset wiki` first" in extract.output
