@@ -284,23 +284,30 @@ def _get(f: RemoteFile, where: str | Path, dest_dir: Path, auth, retries: int, b
     if isinstance(where, Path) and _try_hardlink(where, final):
         _drop_part(part)
     else:
-        _fill_part(where, part, f.name, auth, retries, backoff, timeout, position, stop)
+        delimited = _fill_part(where, part, f.name, auth, retries, backoff, timeout, position, stop)
         os.replace(part, final)
         _drop_part(part)
+        if not delimited and not f.sha256:
+            # Its sha256 is recorded as it is: a body cut short would be trusted from now on.
+            log.warning("%s: the server gave no length (no Content-Length, not chunked), so whether "
+                        "all of it arrived could not be checked; its sha256 is recorded from this copy",
+                        f.name)
     _verify(f, final, dest_dir, where, fresh=True, position=position, stop=stop)
     return final
 
 
 def _fill_part(where: str | Path, part: Path, name: str, auth, retries: int, backoff: float,
-               timeout: float, position: int, stop: threading.Event) -> None:
+               timeout: float, position: int, stop: threading.Event) -> bool:
     """Complete ``part``, resuming after every failure; ``retries`` failures in a row without a
-    new byte end it."""
+    new byte end it. False when nothing told where the file ends (a body ended by the server
+    closing the connection looks whole even when cut short)."""
     failures = 0
     while True:
         before = part.stat().st_size if part.exists() else 0
         try:
             if isinstance(where, Path):
-                return _copy_from(where, part, name, position, stop)
+                _copy_from(where, part, name, position, stop)
+                return True
             return _download(where, part, name, auth, timeout, position, stop)
         except _Retryable as e:
             after = part.stat().st_size if part.exists() else 0
@@ -360,7 +367,8 @@ class _RangeNotSatisfiable(Exception):
 
 
 def _download(url: str, part: Path, name: str, auth, timeout: float, position: int,
-              stop: threading.Event) -> None:
+              stop: threading.Event) -> bool:
+    """Whether the response told where the file ends (a size, or chunked encoding's last chunk)."""
     offset = part.stat().st_size if part.exists() else 0
     version = _if_range(part).read_text() if offset and _if_range(part).exists() else None
     _source_record(part).unlink(missing_ok=True)  # bytes from here on are not the folder's file
@@ -368,7 +376,7 @@ def _download(url: str, part: Path, name: str, auth, timeout: float, position: i
         response = _open(url, offset, auth, timeout, name, version)
     except _RangeNotSatisfiable as e:
         if e.total == offset:           # a previous run got every byte but stopped before the rename
-            return
+            return True
         _drop_part(part)
         raise _Retryable(f"the part holds {offset} bytes but the file has {e.total}; starting over") from None
     with response:
@@ -386,6 +394,8 @@ def _download(url: str, part: Path, name: str, auth, timeout: float, position: i
             _write_stream(response, part, start, total, name, position, stop)
         except (ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException) as e:
             raise _Retryable(f"connection lost ({e.__class__.__name__})") from None
+        # http.client raises IncompleteRead on a chunked body cut short
+        return total is not None or bool(getattr(response, "chunked", False))
 
 
 def _if_range(part: Path) -> Path:

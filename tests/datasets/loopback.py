@@ -36,6 +36,8 @@ class FlakyServer(ThreadingHTTPServer):
                               when If-Range names another version
              ("status", code) answer with that error status
              ("trickle", n, s) send n bytes every s seconds
+             ("no_length", n) send no Content-Length (the body ends when the connection does)
+                              and only n bytes of the body, None: all of it
     """
     daemon_threads = True
 
@@ -119,6 +121,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         for k, v in headers:
             self.send_header(k, v)
+        if action[0] == "no_length":
+            sent = payload if action[1] is None else payload[:action[1]]
+            self._record(path, status, len(sent))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(sent)
+            self.close_connection = True
+            return
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         if action[0] == "drop":

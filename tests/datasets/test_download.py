@@ -307,3 +307,22 @@ def test_credentials_in_an_ipv6_source_url(server6, tmp_path):
     # reads as host ::1:PORT, or with no port as host ":" and port 1).
     recorded = json.loads((tmp_path / CHECKSUMS_FILE).read_text())["blob.bin"]["source"]
     assert recorded == f"http://[::1]:{server6.server_address[1]}/mirror/blob.bin"
+
+
+def test_a_body_without_a_length_is_taken_with_a_warning_when_no_sha256_can_check_it(server, tmp_path, caplog):
+    """A server may end a body by closing the connection (no Content-Length, not chunked): a
+    body cut short then looks whole. It is kept (such servers are legitimate), but a file with no
+    published sha256 (Adience's fold files) gets a warning naming it, as its sha256 is recorded."""
+    server.files["/official/fold_0_data.txt"] = BLOB
+    server.script["/official/fold_0_data.txt"] = [("no_length", 1_000_000)]
+    with caplog.at_level(logging.WARNING, logger="agepipe.download"):
+        [path] = fetch([remote(server, name="fold_0_data.txt")], tmp_path, **FAST)
+    assert path.stat().st_size == 1_000_000                # what arrived: nothing can tell it is short
+    assert "fold_0_data.txt: the server gave no length" in caplog.text
+
+    server.files["/official/blob.bin"] = BLOB
+    server.script["/official/blob.bin"] = [("no_length", None)]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="agepipe.download"):     # the sha256 checks it
+        [path] = fetch([remote(server, sha256=hashlib.sha256(BLOB).hexdigest())], tmp_path, **FAST)
+    assert path.read_bytes() == BLOB and "no length" not in caplog.text
