@@ -262,7 +262,7 @@ def train_run(data: TaskData, split: Split, model_cfg: ModelConfig, train_cfg: T
     """Fit one model on ``split``, save the run folder (checkpoint, history, metrics and,
     when ``report``, report.md with plots) and return its metrics."""
     model, fresh = initial_model(model_cfg, train_cfg.seed, init, data.x.device)
-    warned = warn_before(data, split, train_cfg)
+    warned = warn_before(data, split, train_cfg, init, data_record)
     index = {k: torch.from_numpy(v) for k, v in vars(split).items()}
     start = time.perf_counter()
     result = fit(model, data.x, data.y, index["train"], index["val"], train_cfg, progress)
@@ -279,8 +279,9 @@ def initial_model(model_cfg: ModelConfig, seed: int, init: str | None, device) -
     return model.to(device), fresh
 
 
-def warn_before(data: TaskData, split: Split, train_cfg: TrainConfig) -> list[str]:
-    warned = data.warnings + training_warnings(len(split.train), len(split.val), train_cfg)
+def warn_before(data: TaskData, split: Split, train_cfg: TrainConfig, init: str | None,
+                record: dict) -> list[str]:
+    warned = data.warnings + init_leak(init, record) + training_warnings(len(split.train), len(split.val), train_cfg)
     for message in warned:
         warnings.warn(message, TrainingWarning, stacklevel=3)
     return warned
@@ -331,7 +332,7 @@ def train_runs_batched(data: TaskData, jobs: list[tuple[Split, int]], model_cfg:
     """The runs ``jobs`` (split, seed) as one stacked model (batched.py); each saved as train_run saves it."""
     device = data.x.device
     starts = [initial_model(model_cfg, seed, init, device) for _, seed in jobs]
-    warned = [warn_before(data, split, train_cfg) for split, _ in jobs]
+    warned = [warn_before(data, split, train_cfg, init, rec) for (split, _), rec in zip(jobs, records)]
     stacked = StackedResMLP([m for m, _ in starts]).to(device)
     train_idx = [torch.from_numpy(split.train) for split, _ in jobs]
     weight = (torch.stack([class_weights(data.y[i.to(device)], model_cfg.num_classes) for i in train_idx])
@@ -447,6 +448,23 @@ def check_init_features(init: str, record: dict) -> None:
         raise CheckpointError(f"{init}: trained on embeddings of recogniser sha256 {theirs[:12]}... "
                               f"({read_config(init)['data'].get('feature_set')}); feature set "
                               f"{record['feature_set']} has {mine[:12]}...: --init needs a run of the same face models")
+
+
+def init_leak(init: str | None, record: dict) -> list[str]:
+    """A sentence when the init run trained on rows of this run's test fold (a dataset of both,
+    another test fold): the starting weights saw the rows this run is scored on. One sentence for
+    every run it concerns, so a cross-validation says it once."""
+    if not init or record["test_fold"] is None:
+        return []
+    theirs = read_config(init).get("data", {})
+    shared = [d for d in record["datasets"] if d in expand_groups(theirs.get("datasets", []))]
+    seen = [k for k in range(5) if k != theirs.get("test_fold")]  # its training and validation folds
+    if not shared or record["test_fold"] not in seen:
+        return []
+    held = f"its test fold was {theirs['test_fold']}" if theirs.get("test_fold") is not None else "it held out no fold"
+    return [f"--init {init} was trained on the {' and '.join(shared)} rows of folds {', '.join(map(str, seen))} "
+            f"({held}): a run tested on one of them starts from weights that saw its test rows, so its test "
+            "scores are inflated. Start from a run of the same test fold, or one trained on other datasets"]
 
 
 def train(store: str, datasets: list[str], task: str, out: str | Path, *, feature_set: str | None = None,

@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -216,6 +217,39 @@ def test_init_from_a_run_of_another_recogniser_is_refused(tmp_path):
         train(store, ["adience"], "age", tmp_path / "fine", feature_set="buffalo_s-det640-bbbbbbbb",
               init=str(tmp_path / "pre"), mc_samples=0, report=False, progress=False, train_overrides={"epochs": 1})
     assert not (tmp_path / "fine").exists()
+
+
+def test_init_from_a_run_that_trained_on_the_test_fold_warns_of_the_leak(tmp_path):
+    # A run of adience test fold 0 trained on folds 1-4: a run (or a --cv) starting from it and
+    # tested on one of those folds starts from weights that saw its test rows; it said nothing.
+    from click.testing import CliRunner
+
+    from agepipe.cli import cli
+    from agepipe.train.loop import TrainingWarning
+
+    x, y = Mixture.make(seed=8).sample(500, seed=1)
+    store = write_store(tmp_path / "store", x, adience_like(y, subjects=40))
+    pre = str(tmp_path / "pre")
+    quiet = {"mc_samples": 0, "report": False, "progress": False, "train_overrides": {"epochs": 1}}
+    train(store, ["adience"], "age", pre, test_fold=0, **quiet)
+    leak = f"--init {pre} was trained on the adience rows of folds 1, 2, 3, 4"
+    with pytest.warns(TrainingWarning, match=re.escape(leak)):
+        metrics = train(store, ["adience"], "age", tmp_path / "fine", test_fold=2, init=pre, **quiet)
+    assert [w for w in metrics["train_warnings"] if w.startswith(leak)]
+    config = json.loads((tmp_path / "fine" / "config.json").read_text())
+    assert config["warnings"] == metrics["train_warnings"]
+    # The init run's own test fold: it never saw those rows.
+    same = train(store, ["adience"], "age", tmp_path / "same", test_fold=0, init=pre, **quiet)
+    assert not [w for w in same["train_warnings"] if w.startswith("--init")]
+    cv = train(store, ["adience"], "age", tmp_path / "cv", cv=True, init=pre, **quiet)
+    assert [w for w in cv["warnings"] if w.startswith(leak)]
+    for k in range(5):
+        said = json.loads((tmp_path / "cv" / f"fold{k}-seed0" / "config.json").read_text())["warnings"]
+        assert bool([w for w in said if w.startswith(leak)]) == (k != 0)
+    result = CliRunner().invoke(cli, ["train", "--store", store, "--dataset", "adience", "--task", "age",
+                                      "--out", str(tmp_path / "cli"), "--test-fold", "3", "--init", pre,
+                                      "--epochs", "1", "--mc-samples", "0"], catch_exceptions=False)
+    assert result.exit_code == 0 and result.output.count(f"warning: {leak}") == 1, result.output
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

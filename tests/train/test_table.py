@@ -75,6 +75,7 @@ def test_table_has_a_finite_row_per_cell_with_the_published_numbers(table_run):
     assert by_cell["age", "no-ic", "scratch"]["batch_norm"] == "False"
     assert by_cell["age", "no-ic", "scratch"]["dropout"] == "0.0"
     assert "[8/8] " in output and "pre-trained on imdb+wiki" in output
+    assert "--init" not in output  # pre-trained on other datasets than the cross-validation's: no leak
 
 
 def test_runs_are_the_cross_validation_folders_and_start_from_the_pretraining(table_run):
