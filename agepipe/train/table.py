@@ -195,7 +195,7 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
                             "precision": precision(dev, train_cfg.amp), "data": record, "cut": cut,
                             "pretrain_data": pre_record if init == "pretrained" else None,
                             "pretrain_cut": pre_cut if init == "pretrained" else None, "mc_samples": mc_samples}
-                done, changed = _finished_cell(cell_dir, identity)
+                done, why = _finished_cell(cell_dir, identity)
                 if done is None:
                     # The old record goes first: a retrain stopped part-way leaves the folder holding new
                     # runs, which a rerun with the old settings must not pass off as the recorded cell.
@@ -217,13 +217,13 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
                             "pretrain_seconds": pretrain_seconds,
                             "accuracy": [r["test_accuracy"] for r in cv["runs"]]}
                     write_json(cell_dir / "cell.json", done)
-                    how = f"trained in {done['seconds']:.1f} s" + (f" (again: {changed} changed)" if changed else "")
+                    how = f"trained in {done['seconds']:.1f} s" + (f" (again: {why})" if why else "")
                 else:
                     how = f"reused (trained in {done['seconds']:.1f} s before)"
                 row = {"task": task, "variant": variant, "init": init, **accuracy_stats(done["accuracy"])}
                 published = PUBLISHED.get((task, variant, init))
                 row["published_mean"], row["published_std"] = published if published else (None, None)
-                row.update(seconds=done["seconds"], pretrain_seconds=done["pretrain_seconds"],
+                row.update(seconds=done["seconds"], pretrain_seconds=done.get("pretrain_seconds"),
                            **{k: train_cfg.to_dict()[k] for k in ("lr", "weight_decay", "gamma", "batch_size")},
                            **{k: model_cfg.to_dict()[k] for k in ("dropout", "batch_norm", "skip")})
                 rows.append(row)
@@ -257,17 +257,33 @@ def check_no_shared_subjects(data, pre) -> None:
 
 def _finished_cell(cell_dir: Path, identity: dict) -> tuple[dict | None, str]:
     """The recorded result of a cell trained with exactly these settings on these rows, if there
-    is one; else None and what differs from the one recorded ("" when none is)."""
+    is one; else None and why it is trained again ("" when nothing is recorded)."""
     path = cell_dir / "cell.json"
     if not path.exists():
         return None, ""
-    with open(path) as f:
-        done = json.load(f)
+    done, damage = _read_cell(path)
+    if damage:
+        return None, f"{path} is damaged ({damage})"
     # A cell recorded before its precision was trained in float32 (the stacked runs never autocast).
-    old = {"precision": "float32", **done.get("identity", {})}
+    old = {"precision": "float32", **done["identity"]}
     new = json.loads(json.dumps(identity))  # tuples and lists alike
     changed = [k for k in new if old.get(k) != new[k]]
-    return (done, "") if not changed else (None, ", ".join(changed))
+    return (done, "") if not changed else (None, f"{', '.join(changed)} changed")
+
+
+def _read_cell(path: Path) -> tuple[dict | None, str]:
+    """cell.json and "" if it is a cell's record; else None and what is wrong. Its writes are
+    atomic, so a damaged one was edited or hit a failing disk: the cell trains again, not a crash."""
+    try:
+        done = json.loads(path.read_text())
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        return None, f"not JSON: {e}"
+    ok = (isinstance(done, dict) and isinstance(done.get("identity"), dict)
+          and isinstance(done.get("seconds"), (int, float))
+          and isinstance(done.get("pretrain_seconds"), (int, float, type(None)))
+          and isinstance(done.get("accuracy"), list) and len(done["accuracy"]) > 0
+          and all(isinstance(a, (int, float)) for a in done["accuracy"]))
+    return (done, "") if ok else (None, "not a cell's record of identity, seconds and accuracies")
 
 
 def _num(v, digits: int = 4) -> str:

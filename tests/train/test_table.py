@@ -271,3 +271,22 @@ def test_all_five_folds_named_reuse_the_cells_of_the_default(table_run, tmp_path
     assert invoke(*args).exit_code == 0
     again = invoke(*args, "--folds", "4,3,2,1,0")
     assert again.exit_code == 0 and "reused" in again.output, again.output
+
+
+@pytest.mark.parametrize("damage", [lambda text: text[:len(text) // 2], lambda text: "[1, 2]",
+                                    lambda text: '{"identity": []}',
+                                    lambda text: json.dumps({**json.loads(text), "accuracy": None})])
+def test_a_damaged_cell_record_is_trained_again_naming_the_file(tmp_path, damage):
+    """A cell.json cut short, or JSON that is not a cell's record (an edit, a failing disk): a rerun
+    stopped on a bare JSON error naming no file (or a TypeError); the cell now trains again."""
+    store = age_gender_store(tmp_path / "store", n_adience=400, n_imdb=50, n_wiki=50)
+    args = ("table", "--store", store, "--out", tmp_path / "t", "--tasks", "gender", "--variants", "full",
+            "--inits", "scratch", "--folds", "0,1", "--seeds", "1", "--epochs", "1", "--device", "cpu")
+    assert invoke(*args).exit_code == 0
+    cell = tmp_path / "t" / "gender" / "scratch" / "full" / "cell.json"
+    cell.write_text(damage(cell.read_text()))
+    again = invoke(*args)
+    assert again.exit_code == 0, again.output
+    assert f"(again: {cell} is damaged" in again.output and "reused" not in again.output
+    assert json.loads(cell.read_text())["identity"]["task"] == "gender"
+    assert "reused" in invoke(*args).output
