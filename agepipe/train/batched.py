@@ -223,7 +223,7 @@ def fit_stacked(model: StackedResMLP, x: torch.Tensor, y: torch.Tensor, train_id
     and leaves the stack. Returns one fit() result per run; ``model`` ends holding the runs
     that never stopped. ``cuda_graphs`` (on a CUDA device): each step one graph replay
     (GraphedStackedStep); off by default until a GPU has measured it."""
-    from agepipe.train.loop import make_optimizer
+    from agepipe.train.loop import has_validation, make_optimizer
 
     device, runs = x.device, model.runs
     sizes = [len(i) for i in train_idx]
@@ -236,9 +236,11 @@ def fit_stacked(model: StackedResMLP, x: torch.Tensor, y: torch.Tensor, train_id
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.gamma)
     histories = [[] for _ in range(runs)]
     best = [None] * runs
+    best_epoch = [None] * runs
     best_loss = [math.inf] * runs
     waited = [0] * runs
-    has_val = [len(i) > 0 for i in val_idx]
+    has_val = [has_validation(y[i.to(device)], None if weight is None else weight[r]) for r, i in enumerate(val_idx)]
+    has_rows = [len(i) > 0 for i in val_idx]
     live = list(range(runs))  # the run at each position of the stack
 
     def of_live():  # the live runs' validation rows and class weights
@@ -274,18 +276,20 @@ def fit_stacked(model: StackedResMLP, x: torch.Tensor, y: torch.Tensor, train_id
         train_loss, train_acc = [v / (steps * batch) for v in loss_sum], [v / (steps * batch) for v in correct]
         stays = []
         for pos, r in enumerate(live):
-            vl = val_loss[pos] if has_val[r] else math.nan
+            vl = val_loss[pos] if has_rows[r] else math.nan
             histories[r].append({"epoch": epoch, "lr": lr, "train_loss": train_loss[pos],
                                  "train_accuracy": train_acc[pos], "val_loss": vl,
-                                 "val_accuracy": val_acc[pos] if has_val[r] else math.nan, "seconds": seconds})
-            if not math.isnan(vl):
-                if vl < best_loss[r]:
-                    best_loss[r], waited[r] = vl, 0
+                                 "val_accuracy": val_acc[pos] if has_rows[r] else math.nan, "seconds": seconds})
+            if has_val[r]:
+                if vl < best_loss[r]:  # a NaN loss never is: it counts toward patience
+                    best_loss[r], best_epoch[r], waited[r] = vl, epoch, 0
                     best[r] = model.state_of(pos)
                 else:
                     waited[r] += 1
-            if math.isnan(vl) or waited[r] < cfg.patience:
+            if not has_val[r] or waited[r] < cfg.patience:
                 stays.append(pos)
+            elif best[r] is None:  # leaves without a finite validation loss: its last weights, as fit keeps
+                best[r] = model.state_of(pos)
         if not stays:
             break
         if len(stays) < len(live):
@@ -294,11 +298,10 @@ def fit_stacked(model: StackedResMLP, x: torch.Tensor, y: torch.Tensor, train_id
             step.keep(torch.tensor(stays, device=device), live_weight)
     for pos, r in enumerate(live):
         if best[r] is None:
-            best[r] = model.state_of(pos)  # no validation rows: the last weights
+            best[r] = model.state_of(pos)  # no validation loss: the last weights
     results = []
     for r in range(runs):
         h = histories[r]
-        best_epoch = min(h, key=lambda e: e["val_loss"])["epoch"] if has_val[r] else len(h)
-        results.append({"history": h, "best_epoch": best_epoch, "stopped_early": len(h) < cfg.epochs,
+        results.append({"history": h, "best_epoch": best_epoch[r] or len(h), "stopped_early": len(h) < cfg.epochs,
                         "state": best[r]})
     return results

@@ -120,6 +120,26 @@ def training_warnings(n_train: int, n_val: int, cfg: TrainConfig) -> list[str]:
     return out
 
 
+def weightless_validation(data: TaskData, split: Split, cfg: TrainConfig) -> list[str]:
+    """Under --balance, a validation split whose rows are all of classes the training split lacks
+    weighs nothing: it has no loss to pick an epoch by, and fit takes it as empty."""
+    if not cfg.balance or len(split.val) == 0:
+        return []
+    device = data.y.device
+    weight = class_weights(data.y[torch.from_numpy(split.train).to(device)], NUM_CLASSES[data.task])
+    if has_validation(data.y[torch.from_numpy(split.val).to(device)], weight):
+        return []
+    return [f"the validation split's {len(split.val)} rows are all of classes the training split lacks, which "
+            "--balance weighs 0: there is no validation loss, so no early stopping; the last epoch's weights are "
+            "kept."]
+
+
+def has_validation(val_y: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether the validation split can pick an epoch: it has rows, and under --balance rows of a
+    class the training split holds (the others weigh 0, and a loss over no weight is 0/0 = NaN)."""
+    return len(val_y) > 0 and (weight is None or bool(weight[val_y].sum() > 0))
+
+
 def _val_scores(model, x, y, amp, weight: torch.Tensor | None = None) -> tuple[float, float]:
     if len(y) == 0:
         return math.nan, math.nan
@@ -203,6 +223,7 @@ def fit(model: ResMLP, x: torch.Tensor, y: torch.Tensor, train_idx: torch.Tensor
     steps = n // batch
     val_x, val_y = x[val_idx.to(device)], y[val_idx.to(device)]
     weight = class_weights(y[train_idx.to(device)], model.config.num_classes) if cfg.balance else None
+    validates = has_validation(val_y, weight)
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=cfg.gamma)
     # Batch order has its own generator so it does not depend on how many dropout masks came before.
@@ -212,7 +233,7 @@ def fit(model: ResMLP, x: torch.Tensor, y: torch.Tensor, train_idx: torch.Tensor
         step = GraphedTrainStep(model, optimizer, x, y, cfg.amp, train_idx[:batch].to(device), weight)
     else:
         step = TrainStep(model, optimizer, x, y, cfg.amp, weight)
-    history, best, best_loss, waited = [], None, math.inf, 0
+    history, best, best_epoch, best_loss, waited = [], None, None, math.inf, 0
     epochs = tqdm(range(1, cfg.epochs + 1), desc="epochs", unit="epoch", disable=not progress, leave=False)
     for epoch in epochs:
         start = time.perf_counter()
@@ -228,10 +249,10 @@ def fit(model: ResMLP, x: torch.Tensor, y: torch.Tensor, train_idx: torch.Tensor
                         "train_accuracy": correct / (steps * batch), "val_loss": val_loss,
                         "val_accuracy": val_acc, "seconds": time.perf_counter() - start})
         epochs.set_postfix(train_loss=f"{history[-1]['train_loss']:.4f}", val_loss=f"{val_loss:.4f}")
-        if math.isnan(val_loss):
-            continue  # no validation rows: train all epochs, keep the last weights
-        if val_loss < best_loss:
-            best_loss, waited = val_loss, 0
+        if not validates:
+            continue  # no validation loss: train all epochs, keep the last weights
+        if val_loss < best_loss:  # a NaN loss never is: it counts toward patience
+            best_loss, best_epoch, waited = val_loss, epoch, 0
             best = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             waited += 1
@@ -240,8 +261,7 @@ def fit(model: ResMLP, x: torch.Tensor, y: torch.Tensor, train_idx: torch.Tensor
     if best is not None:
         model.load_state_dict(best)
     model.eval()
-    best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"] if best is not None else len(history)
-    return {"history": history, "best_epoch": best_epoch,
+    return {"history": history, "best_epoch": best_epoch if best is not None else len(history),
             "stopped_early": len(history) < cfg.epochs}
 
 
@@ -281,7 +301,8 @@ def initial_model(model_cfg: ModelConfig, seed: int, init: str | None, device) -
 
 def warn_before(data: TaskData, split: Split, train_cfg: TrainConfig, init: str | None,
                 record: dict) -> list[str]:
-    warned = data.warnings + init_leak(init, record) + training_warnings(len(split.train), len(split.val), train_cfg)
+    warned = (data.warnings + init_leak(init, record) + training_warnings(len(split.train), len(split.val), train_cfg)
+              + weightless_validation(data, split, train_cfg))
     for message in warned:
         warnings.warn(message, TrainingWarning, stacklevel=3)
     return warned

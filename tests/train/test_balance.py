@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -69,3 +70,22 @@ def test_the_warnings_reach_config_json_and_the_console(tmp_path):
     for warning in config["warnings"]:  # each printed once (the report's own warnings may follow)
         assert result.output.count(f"warning: {warning}") == 1
     assert "optimizer step(s)" in result.output
+
+
+def test_a_validation_split_that_weighs_nothing_trains_every_epoch_and_says_so(tmp_path):
+    # Every validation subject's photos are female, the training split's all male: --balance weighs
+    # the validation rows 0, their loss is NaN, and the run went on without a word.
+    from agepipe.train.data import make_split
+
+    x, _ = Mixture.make(classes=2, seed=9).sample(400, seed=1)
+    rows = pd.DataFrame({"subject_id": [f"u{i % 80}" for i in range(400)], "fold": np.arange(400) % 80 % 5,
+                         "image_id": [f"adience/img{i:07d}.jpg" for i in range(400)]})
+    split = make_split(rows, 0)
+    gender = np.random.default_rng(0).integers(0, 2, 400)
+    gender[split.train], gender[split.val] = 1, 0
+    store = write_store(tmp_path / "store", x, rows.assign(gender=gender))
+    metrics = train(store, ["adience"], "gender", tmp_path / "run", mc_samples=0, report=False, progress=False,
+                    train_overrides={"balance": True, "epochs": 6, "patience": 1, "batch_size": 32})
+    said = [w for w in metrics["train_warnings"] if "weighs 0" in w]
+    assert said and f"validation split's {len(split.val)} rows" in said[0]
+    assert metrics["epochs_run"] == metrics["best_epoch"] == 6

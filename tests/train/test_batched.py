@@ -1,6 +1,8 @@
 """Cross-validation runs trained at once as one stacked model (train/batched.py)."""
 import copy
+import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -190,3 +192,41 @@ def test_the_graphed_stack_replays_its_buffers_and_recaptures_as_runs_leave(monk
 def test_the_cuda_graph_stack_trains_like_the_eager_stack_as_runs_leave():
     fit = _runs_leaving(torch.device("cuda"))
     _same_training(fit(False), fit(True), rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["weighs nothing", "nan"])
+def test_fit_and_fit_stacked_agree_on_a_validation_loss_of_nan(case, one_thread):
+    # "weighs nothing": under --balance, validation rows all of a class the training split lacks weigh
+    # 0, so the loss is 0/0: there is no validation loss, as with an empty split (every epoch, the
+    # last weights). "nan": rows whose loss is NaN (a model that overflows on them) never improve,
+    # so patience runs out. NaN stood for "no validation rows" in both, and fit_stacked then kept the
+    # last weights but recorded best epoch 1.
+    from agepipe.train.loop import fit
+
+    x, y = (torch.from_numpy(a) for a in Mixture.make(classes=3, seed=5, signal=1.6).sample(600, seed=7))
+    train_idx, val_idx = torch.nonzero(y != 2)[:300, 0], torch.nonzero(y == 2)[:60, 0]
+    if case == "nan":
+        x[val_idx] = math.nan
+    cfg = TrainConfig(lr=0.01, weight_decay=1e-4, gamma=0.9, batch_size=32, epochs=6, patience=2,
+                      balance=case == "weighs nothing")
+    weight = class_weights(y[train_idx], 3)[None] if cfg.balance else None
+    torch.manual_seed(0)
+    start = ResMLP(ModelConfig(num_classes=3, num_blocks=2, dropout=0.0))
+
+    def stacked(epochs, val):
+        model = StackedResMLP([copy.deepcopy(start)])
+        return fit_stacked(model, x, y, [train_idx], [val], dataclasses.replace(cfg, epochs=epochs), [0], weight)[0]
+
+    def single(epochs, val):
+        model = copy.deepcopy(start)
+        result = fit(model, x, y, train_idx, val, dataclasses.replace(cfg, epochs=epochs))
+        return {**result, "state": model.state_dict()}
+
+    epochs = cfg.epochs if case == "weighs nothing" else cfg.patience
+    for fitted in (stacked, single):
+        got = fitted(cfg.epochs, val_idx)
+        assert len(got["history"]) == got["best_epoch"] == epochs, fitted
+        assert all(math.isnan(h["val_loss"]) for h in got["history"])
+        # The weights kept are those of the epoch recorded: the same run without validation, cut there.
+        for name, tensor in fitted(epochs, val_idx[:0])["state"].items():
+            torch.testing.assert_close(got["state"][name], tensor, msg=f"{fitted.__name__} {name}")
