@@ -2,8 +2,9 @@
 
 Statuses: missing_image (no such path), not_a_file (a folder, FIFO or device: never opened
 for reading, so it cannot hang or stream forever), too_large (more bytes than MAX_FILE_BYTES,
-or more pixels than MAX_PIXELS even decoded reduced: refused from the header, before any
-pixel is allocated), read_error, decode_error (not an image, or a truncated one).
+or more pixels than MAX_PIXELS even decoded reduced, a progressive JPEG at its full size:
+refused from the header, before any pixel is allocated), read_error, decode_error (not an
+image, or a truncated one).
 """
 from __future__ import annotations
 
@@ -47,44 +48,50 @@ class Photo:
 # Markers without a length field: TEM, RST0-7, SOI, EOI.
 _STANDALONE = {0x01, *range(0xD0, 0xDA)}
 _SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}
+_PROGRESSIVE = {0xC2, 0xC6, 0xCA, 0xCE}
 # The marker that ends a scan's entropy-coded data: FF followed by neither a stuffed 00, a restart
 # marker D0-D7 nor a fill byte FF. One C-level search, not a Python step per FF byte: the decode
 # threads hold the GIL for this, and a GPU worker runs 16 of them beside its launching thread.
 _SCAN_END = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])")
 
 
-def jpeg_structure(data: bytes) -> tuple[tuple[int, int] | None, bool]:
+def jpeg_structure(data: bytes) -> tuple[tuple[int, int] | None, bool, bool]:
     """((width, height) from the frame header or None, whether the end-of-image marker follows
-    the last scan). Segments are skipped by their lengths and each scan's entropy-coded data up
-    to its next real marker, as the decoder reads them, so bytes FF D9 inside a segment, an EXIF
-    thumbnail or after the image's end decide nothing: a cut-off file is one whose data ends
-    before the decoder would reach EOI (libjpeg then fills the rest with grey and only warns)."""
-    size, pos, n = None, 2, len(data)
+    the last scan, whether libjpeg holds the whole image's coefficients: progressive or more
+    than one scan, so a reduced decode still costs 6 bytes a full-size pixel). Segments are
+    skipped by their lengths and each scan's entropy-coded data up to its next real marker, as
+    the decoder reads them, so bytes FF D9 inside a segment, an EXIF thumbnail or after the
+    image's end decide nothing: a cut-off file is one whose data ends before the decoder would
+    reach EOI (libjpeg then fills the rest with grey and only warns)."""
+    size, pos, n, whole, scans = None, 2, len(data), False, 0
     while pos + 1 < n:
         if data[pos] != 0xFF:
-            return size, False                      # garbage where a marker belongs
+            return size, False, whole               # garbage where a marker belongs
         marker = data[pos + 1]
         if marker == 0xFF:                          # fill byte
             pos += 1
             continue
         if marker == 0xD9:
-            return size, True
+            return size, True, whole
         if marker in _STANDALONE:
             pos += 2
             continue
         if pos + 4 > n:
-            return size, False
+            return size, False, whole
         length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
         if marker in _SOF and pos + 9 <= n:
             height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
             size = (width, height)
+            whole = whole or marker in _PROGRESSIVE
         pos += 2 + length
         if marker == 0xDA:                          # a scan: entropy-coded data up to a marker
+            scans += 1
+            whole = whole or scans > 1
             end = _SCAN_END.search(data, pos)
             if end is None:
-                return size, False
+                return size, False, whole
             pos = end.start()
-    return size, False
+    return size, False, whole
 
 
 def _header_size(data: bytes, name: str) -> tuple[int, int] | None:
@@ -105,9 +112,9 @@ def _header_size(data: bytes, name: str) -> tuple[int, int] | None:
 def decode_image(data: bytes, name: str = "<bytes>", max_side: int = MAX_SIDE) -> Photo:
     if not data:
         raise ImageError("decode_error", f"{name}: empty file (0 bytes)")
-    jpeg = data[:2] == b"\xff\xd8"
+    jpeg, whole = data[:2] == b"\xff\xd8", False
     if jpeg:
-        size, complete = jpeg_structure(data)
+        size, complete, whole = jpeg_structure(data)
         if not complete:
             # libjpeg fills a cut-off JPEG with grey and only warns; a half-grey face
             # would give a plausible but wrong embedding.
@@ -129,6 +136,9 @@ def decode_image(data: bytes, name: str = "<bytes>", max_side: int = MAX_SIDE) -
         raise ImageError("too_large", f"{name}: {size[0]}x{size[1]} pixels"
                          + (f" (1/{reduce} decoded: {pixels_out:,})" if reduce > 1 else "")
                          + f" is more than the {MAX_PIXELS:,} pixels agepipe decodes")
+    if whole and size[0] * size[1] > MAX_PIXELS:  # a 500-byte file could claim 24 GB of coefficients
+        raise ImageError("too_large", f"{name}: {size[0]}x{size[1]} pixels, progressive or multi-scan (decoded "
+                         f"whole whatever the reduction), more than the {MAX_PIXELS:,} pixels agepipe decodes")
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         pixels = cv2.imdecode(buf, flag)
