@@ -107,6 +107,13 @@ def nms(boxes: np.ndarray, scores: np.ndarray, thresh: float) -> np.ndarray:
     return np.array(keep, dtype=np.int64)
 
 
+def finite_only(scores: np.ndarray, boxes: np.ndarray, landmarks: np.ndarray):
+    """The candidates whose score, box and landmarks are all finite: a NaN or inf from the
+    network (an fp16 overflow) is no face; kept, it became a stored inf box or crashed the SVD."""
+    finite = np.isfinite(scores) & np.isfinite(boxes).all(1) & np.isfinite(landmarks).all((1, 2))
+    return scores[finite], boxes[finite], landmarks[finite]
+
+
 def check_det_size(size: tuple[int, int]) -> tuple[int, int]:
     """The detector's input size, refused unless a multiple of its largest stride: the network's
     output grids round up, the anchors' grids would not, and every box would land elsewhere."""
@@ -179,6 +186,7 @@ class Detector:
             s = s[order].astype(np.float32)
             bx = (np.concatenate(boxes)[order] / scale).astype(np.float32)
             kp = (np.concatenate(kpss)[order] / scale).astype(np.float32)
+            s, bx, kp = finite_only(s, bx, kp)
             keep = nms(bx, s, self.nms_thresh) if len(s) else np.zeros(0, np.int64)
             results.append(Detections(bx[keep].reshape(-1, 4), s[keep], kp[keep].reshape(-1, 5, 2)))
         return results

@@ -358,6 +358,8 @@ class DevicePipeline:
         """Packed rows (B, ROW) from detector outputs: choose, align, embed. ``rescue`` (B, 4): the
         outputs are of rescue canvases, with offset x, y and factor x, y from detect.rescue_canvas."""
         scores, dist, kps = raw
+        # detect.finite_only: a non-finite anchor is no face, and a NaN must not sort first
+        scores = torch.where(torch.isfinite(scores), scores, -torch.inf)
         k = min(candidates, scores.shape[1])
         ranked, order = torch.sort(scores, dim=1, descending=True, stable=True)  # SCRFD's stable order
         s, order = ranked[:, :k], order[:, :k]
@@ -367,6 +369,7 @@ class DevicePipeline:
         scale = meta[:, 3].float()[:, None, None]
         boxes = torch.cat([centers - d[..., :2], centers + d[..., 2:]], -1) / scale
         points = (centers.repeat(1, 1, 5) + kps.gather(1, order[..., None].expand(-1, -1, 10))) / scale
+        valid = valid & torch.isfinite(boxes).all(-1) & torch.isfinite(points).all(-1)
         keep, settled = batched_nms(boxes, valid, NMS_THRESH, rounds)
         above = (scores >= self.det_thresh).sum(1)
         shapes = meta[:, 1:3].float()

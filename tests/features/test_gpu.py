@@ -322,3 +322,35 @@ def test_a_failed_call_leaves_the_pipeline_usable(photos, buffalo_s):
     assert status == expected[0] and len(pipeline.free) == 2
     np.testing.assert_allclose(packed, expected[1], atol=1e-4)
     pipeline.close()
+
+
+def spoiled(outputs, case, anchor):
+    """Detector outputs (scores, boxes, landmarks per stride) with non-finite values, as an fp16
+    overflow gives them: at the best anchor of stride 16 (``anchor``), or in 300 of stride 8's scores."""
+    outputs = [o.clone() if isinstance(o, torch.Tensor) else o.copy() for o in outputs]
+    where = {"nan_scores": (0, slice(0, 300)), "inf_score": (0, 5000), "inf_box": (4, anchor),
+             "nan_landmarks": (7, anchor)}[case]
+    outputs[where[0]][:, where[1]] = np.inf if case.startswith("inf") else np.nan
+    return outputs
+
+
+@pytest.mark.parametrize("case", ["nan_scores", "inf_score", "inf_box", "nan_landmarks"])
+def test_non_finite_detector_outputs_are_no_face_on_both_paths(photos, embedder, buffalo_s, monkeypatch, case):
+    """NaN scores sorted first took every candidate slot on the device (its face lost); an inf box
+    was stored as the face's; NaN landmarks crashed the CPU path's SVD and gave a NaN embedding
+    on the device. Now an anchor with any non-finite output is no candidate, on both paths."""
+    path = str(photos["obama"])
+    net = embedder.detector.net
+    best = int(net(embedder.detector.prepare([read_photo(path).pixels])[0])[1][0].argmax())
+    monkeypatch.setattr(embedder.detector, "net", lambda x: spoiled(net(x), case, best))
+    n, (box, score, emb, _) = reference(embedder, path)
+    pipeline = gpu.DevicePipeline(buffalo_s, device="cpu", batch_size=2, decode_threads=1)
+    detector = pipeline.detector
+    pipeline.detector = lambda x: spoiled(detector(x), case, best)
+    errors, packed = pipeline.extract([path], [None], Counter())
+    pipeline.close()
+    found = gpu.unpack(packed)
+    assert errors == [None] and found["n_faces"][0] == n == 1
+    assert np.isfinite(box).all() and np.isfinite(score) and np.isfinite(found["embedding"]).all()
+    np.testing.assert_allclose(found["bbox"][0], box, atol=1.0)
+    assert float(found["embedding"][0] @ emb) >= 0.999
