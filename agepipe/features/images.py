@@ -15,6 +15,7 @@ import stat
 import struct
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import cv2
 import numpy as np
@@ -27,6 +28,9 @@ MAX_SIDE = 4096
 # face is a few MB; 64M decoded pixels are 192 MB of BGR in one decode thread.
 MAX_FILE_BYTES = 64 << 20
 MAX_PIXELS = 64_000_000
+# libjpeg decodes every block of the image once per scan: 90 kB of repeated scans held a thread
+# 47 s (8000x8000). Encoders write about 10; libjpeg-turbo's tools cap untrusted files at 500.
+MAX_SCANS = 500
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -55,43 +59,53 @@ _PROGRESSIVE = {0xC2, 0xC6, 0xCA, 0xCE}
 _SCAN_END = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])")
 
 
-def jpeg_structure(data: bytes) -> tuple[tuple[int, int] | None, bool, bool]:
-    """((width, height) from the frame header or None, whether the end-of-image marker follows
-    the last scan, whether libjpeg holds the whole image's coefficients: progressive or more
-    than one scan, so a reduced decode still costs 6 bytes a full-size pixel). Segments are
+class JpegStructure(NamedTuple):
+    size: tuple[int, int] | None  # (width, height) from the frame header
+    complete: bool                # the end-of-image marker follows the last scan
+    progressive: bool
+    scans: int
+
+    @property
+    def whole(self) -> bool:
+        """libjpeg holds the whole image's coefficients (progressive or more than one scan), so
+        a reduced decode still costs 6 bytes a full-size pixel."""
+        return self.progressive or self.scans > 1
+
+
+def jpeg_structure(data: bytes) -> JpegStructure:
+    """A JPEG's frame size, completeness, progressive flag and scan count. Segments are
     skipped by their lengths and each scan's entropy-coded data up to its next real marker, as
     the decoder reads them, so bytes FF D9 inside a segment, an EXIF thumbnail or after the
     image's end decide nothing: a cut-off file is one whose data ends before the decoder would
     reach EOI (libjpeg then fills the rest with grey and only warns)."""
-    size, pos, n, whole, scans = None, 2, len(data), False, 0
+    size, pos, n, progressive, scans = None, 2, len(data), False, 0
     while pos + 1 < n:
-        if data[pos] != 0xFF:
-            return size, False, whole               # garbage where a marker belongs
+        if data[pos] != 0xFF:                       # garbage where a marker belongs
+            return JpegStructure(size, False, progressive, scans)
         marker = data[pos + 1]
         if marker == 0xFF:                          # fill byte
             pos += 1
             continue
         if marker == 0xD9:
-            return size, True, whole
+            return JpegStructure(size, True, progressive, scans)
         if marker in _STANDALONE:
             pos += 2
             continue
         if pos + 4 > n:
-            return size, False, whole
+            return JpegStructure(size, False, progressive, scans)
         length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
         if marker in _SOF and pos + 9 <= n:
             height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
             size = (width, height)
-            whole = whole or marker in _PROGRESSIVE
+            progressive = marker in _PROGRESSIVE
         pos += 2 + length
         if marker == 0xDA:                          # a scan: entropy-coded data up to a marker
             scans += 1
-            whole = whole or scans > 1
             end = _SCAN_END.search(data, pos)
             if end is None:
-                return size, False, whole
+                return JpegStructure(size, False, progressive, scans)
             pos = end.start()
-    return size, False, whole
+    return JpegStructure(size, False, progressive, scans)
 
 
 def _header_size(data: bytes, name: str) -> tuple[int, int] | None:
@@ -114,11 +128,15 @@ def decode_image(data: bytes, name: str = "<bytes>", max_side: int = MAX_SIDE) -
         raise ImageError("decode_error", f"{name}: empty file (0 bytes)")
     jpeg, whole = data[:2] == b"\xff\xd8", False
     if jpeg:
-        size, complete, whole = jpeg_structure(data)
-        if not complete:
+        structure = jpeg_structure(data)
+        size, whole = structure.size, structure.whole
+        if not structure.complete:
             # libjpeg fills a cut-off JPEG with grey and only warns; a half-grey face
             # would give a plausible but wrong embedding.
             raise ImageError("decode_error", f"{name}: truncated JPEG (its data ends before the end-of-image marker)")
+        if structure.scans > MAX_SCANS:
+            raise ImageError("too_large", f"{name}: {structure.scans:,} scans, more than the {MAX_SCANS} "
+                             "agepipe decodes (libjpeg decodes the whole image once per scan)")
     else:
         size = _header_size(data, name)
     if size is None:

@@ -30,3 +30,16 @@ def test_a_progressive_jpeg_is_bounded_by_its_full_size_not_its_reduced_one():
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 100
     photo = decode_image(claiming(8200, progressive=False), "big.jpg")  # baseline: decoded at 1/2
     assert max(photo.pixels.shape) == 4096 and photo.scale == pytest.approx(8200 / 4096)
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding():
+    """libjpeg decodes every block once per scan: 5,000 copies of one small scan (90 kB)
+    held a decode thread 47 s at 8000x8000; a real encoder writes about 10 scans."""
+    data = claiming(4000, progressive=True)
+    sos = data.find(b"\xff\xda")
+    end = data.rfind(b"\xff\xd9")
+    scans = data[sos:end]  # the scans, each a header and its (short) entropy-coded data
+    with pytest.raises(ImageError, match="scans") as e:
+        decode_image(data[:end] + scans * 100 + b"\xff\xd9", "scans.jpg")
+    assert e.value.status == "too_large"
+    decode_image(data[:end] + scans * 2 + b"\xff\xd9", "few.jpg")  # a few repeated scans: only warnings
