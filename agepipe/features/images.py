@@ -94,7 +94,7 @@ def jpeg_structure(data: bytes) -> JpegStructure:
         if pos + 4 > n:
             return JpegStructure(size, False, progressive, scans)
         length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
-        if marker in _SOF and pos + 9 <= n:
+        if marker in _SOF and size is None and pos + 9 <= n:  # libjpeg allocates for the first, refuses others
             height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
             size = (width, height)
             progressive = marker in _PROGRESSIVE

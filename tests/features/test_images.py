@@ -43,3 +43,18 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding():
         decode_image(data[:end] + scans * 100 + b"\xff\xd9", "scans.jpg")
     assert e.value.status == "too_large"
     decode_image(data[:end] + scans * 2 + b"\xff\xd9", "few.jpg")  # a few repeated scans: only warnings
+
+
+def test_the_first_frame_header_bounds_the_decode_as_libjpeg_reads_it():
+    """libjpeg allocates for the first frame header and fails only at a second one: a 12000x12000
+    progressive header followed by a 16x16 baseline one took 880 MB before its decode_error, as
+    the size checked was the last header's."""
+    data = claiming(12000, progressive=True)
+    sof = data.find(b"\xff\xc2")
+    small = b"\xff\xc0" + data[sof + 2:sof + 5] + struct.pack(">HH", 16, 16) + data[sof + 9:sof + 19]
+    end = data.rfind(b"\xff\xd9")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageError, match="12000x12000") as e:
+        decode_image(data[:end] + small + b"\xff\xd9", "two.jpg")
+    assert e.value.status == "too_large"
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 100
