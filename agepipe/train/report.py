@@ -297,10 +297,13 @@ def write_cv_report(out_dir: str | Path, run_dirs: list[str | Path]) -> Path:
     lines += [f"| {k.replace('_', ' ')} | {np.nanmean(v):.4f} +- {np.nanstd(v):.4f} |" for k, v in table.items()]
     y, pred, probs = (np.concatenate(a) for a in zip(*(arrays(t) for *_, t in entries)))
     entropy = np.concatenate([t["entropy"].to_numpy() for *_, t in entries])
-    pooled_ci = bootstrap_ci(y, pred)
+    # Runs of several seeds score the same photos: a photo is one draw of the bootstrap, not one per run.
+    photos = np.concatenate([(t["dataset"] + "/" + t["image_id"]).to_numpy() for *_, t in entries])
+    pooled_ci = bootstrap_ci(y, pred, groups=photos)
     lines += ["", "## Pooled over runs (every run's test rows together)", "",
-              f"{len(y)} rows: accuracy {(pred == y).mean():.4f} {_ci(pooled_ci['accuracy'])}, balanced accuracy "
-              f"{balanced_accuracy(y, pred):.4f} {_ci(pooled_ci['balanced_accuracy'])} (95% bootstrap intervals).", ""]
+              f"{len(y)} predictions of {len(np.unique(photos))} photos: accuracy {(pred == y).mean():.4f} "
+              f"{_ci(pooled_ci['accuracy'])}, balanced accuracy {balanced_accuracy(y, pred):.4f} "
+              f"{_ci(pooled_ci['balanced_accuracy'])} (95% bootstrap intervals, resampling photos).", ""]
     lines += per_class_section(per_class(y, pred, names))
     pooled_rel = reliability(probs, y)
     lines += reliability_section(pooled_rel)

@@ -232,3 +232,25 @@ def test_evaluate_says_when_the_labels_manifest_changed_since_the_cut(tmp_path):
     manifest.write_bytes(b"that manifest rebuilt since")
     metrics = evaluate_run(run, mc_samples=0)
     assert f"adience: its manifest ({manifest}) has changed since" in metrics["warning"]
+
+
+def test_bootstrap_of_groups_draws_photos_not_rows():
+    """A photo that several runs (seeds) scored is one draw: its copies are not independent rows."""
+    from agepipe.train.evaluate import balanced_accuracy, bootstrap_ci
+
+    rng = np.random.default_rng(4)
+    y = rng.choice(4, 200, p=[0.4, 0.3, 0.2, 0.1])
+    pred = np.where(rng.random(200) < 0.7, y, rng.integers(0, 4, 200))
+    once = bootstrap_ci(y, pred)
+    photos = np.tile(np.arange(200), 5)  # five seeds that agree on every photo
+    assert bootstrap_ci(np.tile(y, 5), np.tile(pred, 5), groups=photos) == once
+    # seeds that disagree: the cells' multinomial gives what resampling photo indices gives
+    preds = np.stack([np.where(rng.random(200) < 0.7, y, rng.integers(0, 4, 200)) for _ in range(3)])
+    ys, photos = np.tile(y, 3), np.tile(np.arange(200), 3)
+    idx = rng.integers(0, 200, (4000, 200))
+    rows = {"accuracy": np.percentile((preds[:, idx] == y[idx]).mean((0, 2)), [2.5, 97.5]),
+            "balanced_accuracy": np.percentile([balanced_accuracy(np.tile(y[i], 3), preds[:, i].ravel())
+                                                for i in idx], [2.5, 97.5])}
+    cells = bootstrap_ci(ys, preds.ravel(), resamples=4000, seed=5, groups=photos)
+    for key, bounds in rows.items():
+        np.testing.assert_allclose(cells[key], bounds, atol=0.012)

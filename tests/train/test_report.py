@@ -132,3 +132,14 @@ def test_no_text_of_any_plot_falls_outside_its_figure(cv_runs, tmp_path, monkeyp
     long_measure = "MC-dropout predictive entropy (K=32)"
     report.plot_risk_coverage([("this run", test["risk_coverage"])], long_measure, tmp_path / "rc.png")
     assert not outside
+
+
+def test_pooled_interval_resamples_photos_that_several_runs_scored(cv_runs, tmp_path):
+    """Each run twice (as two seeds that agree): the same photos, so the same pooled interval."""
+    out, runs = cv_runs
+    once = write_cv_report(tmp_path / "once", runs).read_text()
+    twice = write_cv_report(tmp_path / "twice", runs + runs).read_text()
+    pooled = [next(line for line in text.splitlines() if " photos: accuracy " in line) for text in (once, twice)]
+    rows = sum(json.loads((run / "metrics.json").read_text())["test"]["n"] for run in runs)
+    assert pooled[0].startswith(f"{rows} predictions of {rows} photos")
+    assert pooled[1] == pooled[0].replace(f"{rows} predictions", f"{2 * rows} predictions", 1)
