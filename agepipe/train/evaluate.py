@@ -116,13 +116,27 @@ def risk_coverage(uncertainty: np.ndarray, correct: np.ndarray, measure: str = "
     if n == 0:
         return {"measure": measure, "coverage": [], "accuracy": [], "accuracy_at": {}, "aurc": math.nan,
                 "random_accuracy": math.nan, "random_aurc": math.nan, "error_auroc": math.nan}
-    order = np.argsort(uncertainty, kind="stable")
-    acc = np.cumsum(correct[order]) / np.arange(1, n + 1)
+    acc = _kept_hits(uncertainty, correct) / np.arange(1, n + 1)
     points = np.unique(np.linspace(1, n, min(n, CURVE_POINTS)).round().astype(int))
     return {"measure": measure, "coverage": (points / n).tolist(), "accuracy": acc[points - 1].tolist(),
             "accuracy_at": {f"{c:.2f}": float(acc[max(int(round(c * n)), 1) - 1]) for c in COVERAGES},
             "aurc": float((1 - acc).mean()), "random_accuracy": float(correct.mean()),
             "random_aurc": float(1 - correct.mean()), "error_auroc": error_auroc(uncertainty, correct)}
+
+
+def _kept_hits(uncertainty: np.ndarray, correct: np.ndarray) -> np.ndarray:
+    """Right predictions among the k most certain rows, k = 1..n. Rows of equal uncertainty
+    have no order among them (a constant model ties every row): within a tie their hits are
+    spread evenly, the mean over every order, as error_auroc counts ties half; else the
+    curve would follow the rows' storage order."""
+    order = np.argsort(uncertainty, kind="stable")
+    hits = np.cumsum(correct[order])
+    _, start, size = np.unique(uncertainty[order], return_index=True, return_counts=True)
+    end = start + size
+    before = np.where(start > 0, hits[start - 1], 0)
+    tie = np.repeat(np.arange(len(start)), size)
+    into = np.arange(1, len(order) + 1) - start[tie]
+    return before[tie] + into * (hits[end - 1] - before)[tie] / size[tie]
 
 
 def error_auroc(uncertainty: np.ndarray, correct: np.ndarray) -> float:

@@ -254,3 +254,15 @@ def test_bootstrap_of_groups_draws_photos_not_rows():
     cells = bootstrap_ci(ys, preds.ravel(), resamples=4000, seed=5, groups=photos)
     for key, bounds in rows.items():
         np.testing.assert_allclose(cells[key], bounds, atol=0.012)
+
+
+def test_risk_coverage_of_tied_uncertainty_does_not_follow_the_row_order():
+    """A constant model ties every row: it ranks nothing, so its curve is the random one, however
+    the rows are stored (the right ones first here); within a tie, the mean over every order."""
+    correct = np.array([True] * 6 + [False] * 4)
+    tied = risk_coverage(np.zeros(10), correct)
+    assert tied["accuracy_at"]["0.50"] == pytest.approx(0.6) and tied["aurc"] == pytest.approx(tied["random_aurc"])
+    assert tied["accuracy"] == pytest.approx([0.6] * 10)
+    # a tie of two rows (one right) after a certain right row: 1, then 1.5 / 2, then 2 / 3
+    part = risk_coverage(np.array([0.0, 0.5, 0.5]), np.array([True, True, False]))
+    assert part["accuracy"] == pytest.approx([1.0, 0.75, 2 / 3])
