@@ -377,6 +377,8 @@ def write_dataset(table: pa.Table, store: str, feature_set: str, dataset: str, s
                   manifest_sha256: str = "") -> Index:
     """``table`` as the dataset's whole content in one process: its shards, then one commit
     (replacing whatever cut was there). For tools and tests that build a store from arrays."""
+    # Digested as the shards hold the rows: a float64 age is another number as float32.
+    table = table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
     entries = []
     for i, start in enumerate(range(0, table.num_rows, shard_rows)):
         part = table.slice(start, shard_rows)

@@ -145,6 +145,20 @@ def test_a_new_cut_replaces_the_old_one_whole(tmp_path):
     assert sum(fstore.status_counts(str(tmp_path), FS)["d"].values()) == 40
 
 
+def test_write_dataset_takes_a_table_of_other_types_than_the_store_s(tmp_path):
+    """A tool's table as pandas gives it (ages float64, folds int64): the index records the
+    digest of the rows as the shard holds them (float32, int8), so the store reads. (It recorded
+    the uncast table's: 33.3 as float64 is another number than as float32, and every reader
+    refused the shard as holding other rows than the index lists.)"""
+    table, emb, ok = shard_rows(6)
+    table = table.set_column(table.schema.get_field_index("age"), "age", pa.array(np.full(6, 33.3)))
+    table = table.set_column(table.schema.get_field_index("fold"), "fold", pa.array(np.arange(6) % 5))
+    write_cut(tmp_path, table, 4)
+    feats = fstore.load_features(str(tmp_path), FS, "d")
+    assert np.array_equal(feats.embeddings, emb[ok])
+    assert np.allclose(feats.rows.age, 33.3)
+
+
 def test_a_deleted_or_damaged_shard_is_refused_naming_what_to_run(tmp_path):
     table, _, _ = shard_rows(30)
     write_cut(tmp_path, table, 10)
