@@ -4,6 +4,7 @@ workers and real signals."""
 import io
 import json
 import os
+import re
 import signal
 import stat
 import struct
@@ -13,6 +14,7 @@ import tarfile
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -442,6 +444,44 @@ def test_8_ctrl_c_is_interrupted_exit_130_without_worker_tracebacks(photos, tmp_
     assert "interrupted" in err
     no_traceback(err)
     assert "KeyboardInterrupt" not in err
+
+
+@pytest.mark.parametrize("full_at", ["part-", "_index.json"])
+def test_8_a_full_disk_stops_the_run_with_a_sentence_and_the_rerun_finishes(photos, tmp_path, full_at):
+    """The disk fills while workers write shards, or while the client commits the index: the run
+    stops (exit 1) with one sentence naming the file, no traceback, no temporaries left, nothing
+    committed; once space is freed the rerun completes each row once. (A shard write that failed
+    was redone photo by photo as if its photos had failed, then the client's write of it ended in
+    an OSError traceback.)"""
+    data = tmp_path / "data"
+    (data / "mini").mkdir(parents=True)
+    for i in range(4):
+        (data / "mini" / f"{i}.jpg").write_bytes(photos["obama"].read_bytes())
+    write_manifest(data / "mini", [row(f"{i}.jpg") for i in range(4)])
+    store, flag = tmp_path / "store", tmp_path / "full"
+    flag.write_text(full_at)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "AGEPIPE_FULL_DISK": str(flag),
+           "DASK_DISTRIBUTED__WORKER__PRELOAD": '["tests.pipeline.full_disk"]'}
+    args = ["extract", "--dataset", "mini", "--data-dir", str(data), "--store", str(store), "--workers", "1",
+            "--shard-rows", "2"]
+    client = "import sys, tests.pipeline.full_disk; from agepipe.cli import cli; sys.argv[0] = 'agepipe'; cli()"
+    proc = subprocess.run([sys.executable, "-c", client, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Traceback (most recent call last)" not in proc.stderr, proc.stderr  # the workers log theirs
+    assert re.search(rf"Error: .*{re.escape(str(store))}/\S+/mini/\S*{re.escape(full_at)}\S*: cannot write "
+                     r"\(\[Errno 28\] No space left on device\)", proc.stderr), proc.stderr
+    assert "redone photo by photo" not in proc.stdout
+    [folder] = store.glob("*/mini")
+    assert not list(folder.glob(".*.tmp")) and not (folder / "_index.json").exists()
+    flag.unlink()  # space freed
+    proc = subprocess.run([*AGEPIPE, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert ("2 already finished (4 rows)" if full_at == "_index.json" else "2 to do (4 rows)") in proc.stdout
+    from agepipe.features.store import read_table
+
+    rows = read_table(str(store), folder.parent.name, "mini")
+    assert sorted(rows["image_id"].to_pylist()) == [f"{i}.jpg" for i in range(4)]
+    assert set(rows["status"].to_pylist()) == {"ok"}
 
 
 def test_8_all_nan_weights_are_refused(run_dir):

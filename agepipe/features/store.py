@@ -131,6 +131,21 @@ class UnfinishedExtract(StoreError):
     """Shards that no index lists yet: an extract of the dataset is running or stopped before its commit."""
 
 
+class StoreWriteError(StoreError):
+    """A write the store refused (a full disk, no permission, a lost connection): no photo's fault."""
+
+
+@contextlib.contextmanager
+def _writing(fs, path: str, mode: str):
+    """open_atomic, its OSError (the temporary already removed) said as one sentence naming the file."""
+    try:
+        with open_atomic(fs, path, mode) as f:
+            yield f
+    except OSError as e:
+        raise StoreWriteError(f"{path}: cannot write ({e}); free space or fix the store, then rerun "
+                              "`agepipe extract` (finished shards are kept)") from None
+
+
 def _rerun(dataset: str) -> str:
     return f"run `agepipe extract --dataset {dataset}` to redo it"
 
@@ -185,7 +200,7 @@ def write_shard(table: pa.Table, store: str, feature_set: str, dataset: str, ind
                                            "agepipe.inputs": inputs or inputs_digest(table)})
     fs, root = _fs(dataset_dir(store, feature_set, dataset))
     final = _join(root, shard_name(index))
-    with open_atomic(fs, final, "wb") as f:
+    with _writing(fs, final, "wb") as f:
         # Embeddings are noise to a compressor; storing them plain keeps reads at memcpy speed.
         pq.write_table(
             table, f,
@@ -360,7 +375,7 @@ def commit_shards(store: str, feature_set: str, dataset: str, shards: list[Shard
                          f"`agepipe extract --dataset {dataset}`")
     index = Index(sorted(shards, key=lambda e: e.start), sum(e.rows for e in shards), manifest_sha256,
                   uuid.uuid4().hex, manifest)
-    with open_atomic(fs, path, "w") as f:
+    with _writing(fs, path, "w") as f:
         json.dump({"shards": [asdict(e) for e in index.shards], "rows": index.rows, "manifest": manifest,
                    "manifest_sha256": manifest_sha256, "generation": index.generation}, f, indent=1)
     listed = {e.file for e in index.shards}
@@ -406,7 +421,7 @@ def read_feature_set_info(store: str, feature_set: str) -> dict:
 
 def write_feature_set_info(store: str, feature_set: str, info: dict) -> None:
     fs, path = _fs(feature_set_json_path(store, feature_set))
-    with open_atomic(fs, path, "w") as f:
+    with _writing(fs, path, "w") as f:
         json.dump(info, f, indent=2, sort_keys=True, default=str)
 
 

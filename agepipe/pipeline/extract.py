@@ -471,10 +471,11 @@ class ExtractError(Exception):
 
 
 def _is_setup_error(error: BaseException) -> bool:
-    """Failures no photo causes: missing or mismatched models, missing packages."""
+    """Failures no photo causes: missing or mismatched models, missing packages, a store that
+    refuses writes (a full disk: redoing the shard photo by photo would end in the same write)."""
     from agepipe.features.models import ModelError
 
-    return isinstance(error, (ModelError, ImportError, MemoryError))
+    return isinstance(error, (ModelError, ImportError, MemoryError, fstore.StoreWriteError))
 
 
 def run_tasks(client, tasks: list[dict], progress: bool) -> list[dict]:
