@@ -336,7 +336,7 @@ def read_index(store: str, feature_set: str, dataset: str) -> Index | None:
     try:
         with fs.open(path, "r") as f:
             raw = json.load(f)
-        index = Index([ShardEntry(**e) for e in raw["shards"]], int(raw["rows"]),
+        index = Index([_shard_entry(e) for e in raw["shards"]], int(raw["rows"]),
                       str(raw["manifest_sha256"]), str(raw["generation"]), str(raw.get("manifest", "")))
     except (ValueError, KeyError, TypeError) as e:
         raise StoreError(f"{path}: not a readable shard index ({e}); {_rerun(dataset)}") from None
@@ -351,6 +351,17 @@ def read_index(store: str, feature_set: str, dataset: str) -> Index | None:
         raise StoreError(f"{path}: the listed shards hold {expected} rows, the index says {index.rows}; "
                          f"{_rerun(dataset)}")
     return index
+
+
+def _shard_entry(raw: dict) -> ShardEntry:
+    """An index entry as read back (data, maybe damaged): a shard's plain file name in the dataset's
+    folder and row counts, or ValueError."""
+    entry = ShardEntry(**raw)
+    name_ok = isinstance(entry.file, str) and "/" not in entry.file and entry.file.startswith("part-")
+    counts_ok = all(type(n) is int and n >= 0 for n in (entry.start, entry.rows))
+    if not (name_ok and counts_ok and isinstance(entry.digest, str)):
+        raise ValueError(f"shard entry {raw}")
+    return entry
 
 
 def index_to_replace(store: str, feature_set: str, dataset: str) -> Index | None:

@@ -209,6 +209,29 @@ def test_an_index_whose_shards_overlap_or_leave_rows_out_is_refused(tmp_path):
         fstore.load_features(str(tmp_path), FS, "d")
 
 
+@pytest.mark.parametrize("damage", [{"start": "10"}, {"rows": None}, {"rows": -10}, {"file": 3}, {"digest": []},
+                                    {"file": "../../elsewhere/part-00001-0badf00d.parquet"}])
+def test_an_index_entry_of_the_wrong_type_is_refused_and_replaced(tmp_path, damage):
+    """An index entry whose values are valid JSON of the wrong type, or a file outside the
+    dataset's folder: readers refuse it with a sentence naming the index and what to run, and a
+    writer replaces it. (A TypeError or AttributeError traceback came out of load_features,
+    `features list` and the rerun of extract meant to repair it.)"""
+    import json
+
+    table, emb, ok = shard_rows(20)
+    write_cut(tmp_path, table, 10)
+    path = tmp_path / FS / "d" / "_index.json"
+    raw = json.loads(path.read_text())
+    raw["shards"][1].update(damage)
+    path.write_text(json.dumps(raw))
+    with pytest.raises(fstore.StoreError, match=re_escape(str(path)) + ": not a readable shard index.*"
+                                                "agepipe extract --dataset d"):
+        fstore.load_features(str(tmp_path), FS, "d")
+    assert fstore.index_to_replace(str(tmp_path), FS, "d") is None
+    write_cut(tmp_path, table, 10)
+    assert np.array_equal(fstore.load_features(str(tmp_path), FS, "d").embeddings, emb[ok])
+
+
 def test_a_store_without_index_holding_a_row_twice_is_refused(tmp_path):
     """agepipe 0.1.0's README sequence left two cuts side by side; such a store is refused."""
     root = tmp_path / FS / "d"
