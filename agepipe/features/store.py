@@ -426,8 +426,16 @@ def read_feature_set_info(store: str, feature_set: str) -> dict:
     fs, path = _fs(feature_set_json_path(store, feature_set))
     if not fs.exists(path):
         return {}
-    with fs.open(path, "r") as f:
-        return json.load(f)
+    try:
+        with fs.open(path, "r") as f:
+            info = json.load(f)
+    except ValueError as e:  # cut short, or not text
+        info = e
+    if not isinstance(info, dict):  # its runs' record is its owner's: never rewritten over
+        raise StoreError(f"{path}: not a readable feature set record ({info!s:.80}); restore it from a copy, "
+                         "or delete it and run `agepipe extract` again (it is written anew, its record of "
+                         "earlier runs lost)")
+    return info
 
 
 def write_feature_set_info(store: str, feature_set: str, info: dict) -> None:

@@ -326,6 +326,29 @@ def test_the_cli_says_which_shard_is_broken_without_a_traceback(tmp_path):
         assert "run `agepipe extract --dataset d` to redo it" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("text", ['{"pack": "buffalo_s", "det_', "[]"])
+def test_a_damaged_feature_set_json_is_refused_naming_it(tmp_path, text):
+    """feature_set.json cut short (a copy interrupted) or not an object: `features show`, train
+    and extract's update say which file, in one sentence. (show and train ended in a JSON or
+    attribute error traceback or message naming no file; extract's said 'Expecting value: line 1'.)"""
+    from click.testing import CliRunner
+
+    from agepipe.cli import cli
+
+    table, _, _ = shard_rows(30)
+    write_cut(tmp_path, table, 10)
+    path = Path(fstore.feature_set_json_path(str(tmp_path), FS))
+    path.write_text(text)
+    for args in (["features", "show", FS],
+                 ["train", "--feature-set", FS, "--dataset", "d", "--task", "gender", "--out", str(tmp_path / "run")]):
+        result = CliRunner().invoke(cli, [*args, "--store", str(tmp_path)])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.output)
+        assert f"Error: {path}: not a readable feature set record" in result.output, args
+    with pytest.raises(fstore.StoreError, match=re_escape(str(path)) + ": not a readable feature set record"):
+        fstore.update_feature_set_info(str(tmp_path), FS, lambda info: None)
+    assert path.read_text() == text  # kept as it was, for its owner to restore
+
+
 def test_a_dataset_named_twice_is_read_once(tmp_path):
     """load_features(..., ["d", "d"]) (train --dataset imdb-wiki --dataset imdb) read every row of d
     twice: duplicated rows in training and in the test fold's metrics."""
