@@ -105,6 +105,13 @@ def _fs(store: str):
     return fs, path
 
 
+def absolute(store: str) -> str:
+    """A local store's absolute path (a URL as given): a process with another working folder, as
+    a worker of an existing cluster, finds the same folder."""
+    fs, path = fsspec.core.url_to_fs(str(store))
+    return path if isinstance(fs, fsspec.implementations.local.LocalFileSystem) else str(store)
+
+
 def _join(*parts: str) -> str:
     return "/".join(p.rstrip("/") for p in parts)
 

@@ -665,6 +665,8 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
     from agepipe.pipeline.cluster import dashboard_link, local_layout, open_client
 
     names = list(dict.fromkeys(expand_groups(datasets)))  # a dataset named twice is extracted once
+    # Workers of an existing cluster resolve a relative path from their own working folder.
+    data_dir, store = os.path.abspath(os.path.expanduser(data_dir)), fstore.absolute(store)
     whole, hashed = read_manifests(data_dir, names)
     manifests = {name: m.slice(0, limit) if limit else m for name, m in whole.items()}
     resolved = resolve_pack(pack)

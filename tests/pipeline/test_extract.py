@@ -457,8 +457,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_cluster(extra_worker_args=(), env=None):
-    """A `dask scheduler` and two `dask worker` processes on loopback, as a user would run them."""
+def start_cluster(extra_worker_args=(), env=None, cwd=None):
+    """A `dask scheduler` and two `dask worker` processes on loopback, as a user would run them
+    (in the folder ``cwd``, default this process's)."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     bindir = Path(sys.executable).parent
@@ -469,7 +470,7 @@ def start_cluster(extra_worker_args=(), env=None):
     for i in range(2):
         procs.append(subprocess.Popen([str(bindir / "dask"), "worker", address, "--nthreads", "1",
                                        "--no-dashboard", "--name", f"w{i}", *extra_worker_args], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                                      cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     from distributed import Client
 
     with Client(address, timeout="60s") as client:
@@ -501,6 +502,26 @@ def test_existing_cluster_through_scheduler(mini_data, tmp_path, dask_cluster, e
     assert "cluster: scheduler, 2 worker processes" in result.output
     rows = assert_each_manifest_row_once(mini_data, store)
     assert_matches_embed(mini_data, rows, embedder)
+
+
+def test_relative_paths_mean_the_clients_folder_to_workers_started_elsewhere(mini_data, tmp_path, monkeypatch):
+    """`--data-dir` and `--store` relative to the client's folder, workers of an existing cluster
+    started in another: every photo is read and every shard written where the client means. (The
+    workers resolved both from their own folder: each photo became "missing_image" there and the
+    commit found no shard.)"""
+    workers, client = tmp_path / "workers", tmp_path / "client"
+    workers.mkdir()
+    client.mkdir()
+    address, procs = start_cluster(cwd=workers)
+    try:
+        monkeypatch.chdir(client)
+        result = extract(os.path.relpath(mini_data, client), "store", "--scheduler", address, "--shard-rows", 5)
+        assert result.exit_code == 0, result.output
+    finally:
+        stop_cluster(procs)
+    rows = assert_each_manifest_row_once(mini_data, client / "store")
+    assert (rows.status == "ok").sum() == 16
+    assert not list(workers.rglob("*.parquet"))
 
 
 POISON = "photos/0/obama2.jpg"
