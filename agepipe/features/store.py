@@ -412,13 +412,15 @@ def write_dataset(table: pa.Table, store: str, feature_set: str, dataset: str, s
     (replacing whatever cut was there). For tools and tests that build a store from arrays."""
     # Digested as the shards hold the rows: a float64 age is another number as float32.
     table = table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
-    entries = []
-    for i, start in enumerate(range(0, table.num_rows, shard_rows)):
-        part = table.slice(start, shard_rows)
-        path = write_shard(part, store, feature_set, dataset, i)
-        entries.append(ShardEntry(_name(path), start, part.num_rows, rows_digest(part)))
+    # Locked, and the index read, before the first shard: another writer's commit meanwhile would
+    # delete the shards written so far as unlisted.
     with writer_lock(store, feature_set, dataset):
         current = index_to_replace(store, feature_set, dataset)
+        entries = []
+        for i, start in enumerate(range(0, table.num_rows, shard_rows)):
+            part = table.slice(start, shard_rows)
+            path = write_shard(part, store, feature_set, dataset, i)
+            entries.append(ShardEntry(_name(path), start, part.num_rows, rows_digest(part)))
         return commit_shards(store, feature_set, dataset, entries, manifest_sha256,
                              current.generation if current else None)
 

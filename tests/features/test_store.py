@@ -281,6 +281,28 @@ def test_one_writer_at_a_time_and_no_commit_over_an_index_it_did_not_read(tmp_pa
     assert fstore.read_index(str(tmp_path), FS, "d") == second
 
 
+def test_write_dataset_holds_the_writer_lock_from_its_first_shard(tmp_path, monkeypatch):
+    """Another writer (an extract, a tool) that commits while write_dataset writes its shards is
+    refused; before, the lock was taken for the commit alone: the other's commit deleted the shards
+    written so far as unlisted, and write_dataset then committed an index listing them, missing."""
+    table, emb, ok = shard_rows(20)
+    other, _, _ = shard_rows(20, seed=1)
+    write_shard, refused = fstore.write_shard, []
+
+    def write_shard_then_another_writer(*args, **kwargs):
+        path = write_shard(*args, **kwargs)
+        if not refused:
+            refused.append("once")
+            with pytest.raises(fstore.StoreError, match="another `agepipe extract` is writing") as e:
+                write_cut(tmp_path, other, 20)
+        return path
+
+    monkeypatch.setattr(fstore, "write_shard", write_shard_then_another_writer)
+    write_cut(tmp_path, table, 10)
+    assert refused
+    assert np.array_equal(fstore.load_features(str(tmp_path), FS, "d").embeddings, emb[ok])
+
+
 def test_a_read_only_store_loads_and_reading_writes_nothing(tmp_path):
     """chmod -R a-w, then read. (As root the modes do not stop a write, so the test also
     checks that no file or folder changed: agepipe 0.1.0 left an .arrow/ copy here.)"""
