@@ -32,10 +32,11 @@ def known_errors() -> tuple[type[Exception], ...]:
     from agepipe.datasets.manifest import MetadataError
     from agepipe.features.models import ModelError
     from agepipe.features.store import StoreError
+    from agepipe.pipeline.cluster import ClusterError
     from agepipe.pipeline.extract import ExtractError
     from agepipe.train.checkpoint import CheckpointError
 
-    return DownloadError, MetadataError, ModelError, ExtractError, CheckpointError, StoreError
+    return DownloadError, MetadataError, ModelError, ExtractError, CheckpointError, StoreError, ClusterError
 
 
 class Agepipe(click.Group):

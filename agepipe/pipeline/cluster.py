@@ -14,6 +14,10 @@ from dataclasses import dataclass
 LOOPBACK = "127.0.0.1"
 
 
+class ClusterError(Exception):
+    """No cluster to run on (a scheduler that does not answer); the message names it and what to do."""
+
+
 @dataclass
 class Layout:
     mode: str                 # "local", "gpus" or "scheduler"
@@ -86,7 +90,11 @@ def open_client(scheduler: str | None = None, gpus: list[str] | None = None, wor
 
     _silence_dashboard_warning()
     if scheduler:
-        client = Client(scheduler, timeout="30s")
+        try:
+            client = Client(scheduler, timeout="30s")
+        except OSError as e:  # refused, timed out, no such host
+            raise ClusterError(f"--scheduler {scheduler}: {e}; start it (`dask scheduler`, then `dask worker "
+                               f"{scheduler}` where the photos are) or give the address it listens on") from None
         try:
             n = len(client.scheduler_info(n_workers=-1)["workers"])
             yield client, Layout("scheduler", n)
