@@ -428,10 +428,11 @@ def same_photos(store: str, on_disk: dict, entry: fstore.ShardEntry | None, rows
     return None
 
 
-def check_photos_there(tasks: list[dict], sample: int = 64) -> None:
+def check_photos_there(client, tasks: list[dict], sample: int = 64) -> None:
     """A dataset none of whose photos is where its manifest says (not unpacked, another
-    --data-dir) is a setup error: it would become a "missing_image" row for every photo,
-    which a rerun keeps. Looks at the first ``sample`` photos to do of each dataset."""
+    --data-dir, a worker that does not mount them) is a setup error: it would become a
+    "missing_image" row for every photo, which a rerun keeps. Every worker looks, where the
+    photos are read, at the first ``sample`` photos to do of each dataset."""
     wanted: dict[str, list[str]] = {}
     for task in tasks:
         if task.get("keep_from") and not task["retry_failed"]:
@@ -439,12 +440,17 @@ def check_photos_there(tasks: list[dict], sample: int = 64) -> None:
         paths = wanted.setdefault(task["data_root"], [])
         paths += [os.path.join(task["data_root"], r["image_id"]) for r in task["rows"][:sample - len(paths)]
                   if r["status"] == "ok"]
-    for root, paths in wanted.items():
-        if paths and not any(os.path.lexists(p) for p in paths):
-            dataset = os.path.basename(root)
+    for worker, absent in sorted(client.run(roots_without_photos, wanted).items()):
+        for root in absent:
+            paths, dataset = wanted[root], os.path.basename(root)
             raise ExtractError(f"{root}: none of the first {len(paths)} photos its manifest lists is there (the "
-                               f"first: {paths[0]}); unpack them with `agepipe download --dataset {dataset}`, or "
-                               "give the --data-dir that holds them")
+                               f"first: {paths[0]}; seen from worker {worker}); unpack them with `agepipe download "
+                               f"--dataset {dataset}`, or give the --data-dir that holds them")
+
+
+def roots_without_photos(wanted: dict[str, list[str]]) -> list[str]:
+    """On a worker: the dataset folders none of whose ``wanted`` photos this process sees."""
+    return [root for root, paths in wanted.items() if paths and not any(os.path.lexists(p) for p in paths)]
 
 
 def commit_plan(plan: Plan, store: str, feature_set: str) -> None:
@@ -709,7 +715,7 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
             echo(f"shards: {len(plan.tasks)} to do ({todo_rows} rows), {plan.skipped} already finished "
                  f"({plan.skipped_rows} rows)" + (f"; {relabel} of those to do only relabelled: the same photos, "
                                                   "their labels changed, their results kept" if relabel else ""))
-            check_photos_there(plan.tasks)
+            check_photos_there(client, plan.tasks)
             if plan.tasks:  # every worker loads its models first: a setup error stops the run before any shard
                 batches = client.run(load_models, cfg)
                 if not cfg.batch_size:

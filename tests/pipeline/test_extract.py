@@ -457,9 +457,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_cluster(extra_worker_args=(), env=None, cwd=None):
+def start_cluster(extra_worker_args=(), env=None, cwd=None, worker_prefix=()):
     """A `dask scheduler` and two `dask worker` processes on loopback, as a user would run them
-    (in the folder ``cwd``, default this process's)."""
+    (in the folder ``cwd``, default this process's; each worker's command after ``worker_prefix``)."""
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     bindir = Path(sys.executable).parent
@@ -468,7 +468,7 @@ def start_cluster(extra_worker_args=(), env=None, cwd=None):
                                "--no-dashboard"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     time.sleep(2)
     for i in range(2):
-        procs.append(subprocess.Popen([str(bindir / "dask"), "worker", address, "--nthreads", "1",
+        procs.append(subprocess.Popen([*worker_prefix, str(bindir / "dask"), "worker", address, "--nthreads", "1",
                                        "--no-dashboard", "--name", f"w{i}", *extra_worker_args], env=env,
                                       cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     from distributed import Client
@@ -522,6 +522,35 @@ def test_relative_paths_mean_the_clients_folder_to_workers_started_elsewhere(min
     rows = assert_each_manifest_row_once(mini_data, client / "store")
     assert (rows.status == "ok").sum() == 16
     assert not list(workers.rglob("*.parquet"))
+
+
+def hiding(folder) -> list[str]:
+    """A command prefix that runs a command where ``folder`` is an empty tmpfs (a mount namespace of
+    its own): a worker on a node that does not mount the photos. Skips where that is not allowed."""
+    prefix = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+              f'mount -t tmpfs none "{folder}" && exec "$@"', "sh"]
+    try:
+        probe = subprocess.run([*prefix, "test", "!", "-e", str(next(Path(folder).iterdir()))], timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        probe = None
+    if probe is None or probe.returncode:
+        pytest.skip("needs unshare -m and mount (root in a container)")
+    return prefix
+
+
+def test_workers_that_do_not_see_the_photos_stop_the_run_though_the_client_does(mini_data, tmp_path):
+    """An existing cluster whose workers do not mount the photos the client sees: the check that
+    the photos are there is made where they are read, and the run stops before any row. (It was
+    made on the client alone: every photo became a "missing_image" row, committed, exit 0.)"""
+    address, procs = start_cluster(worker_prefix=hiding(mini_data / "mini" / "photos"))
+    try:
+        result = extract(mini_data, tmp_path / "store", "--scheduler", address, "--shard-rows", 5)
+    finally:
+        stop_cluster(procs)
+    assert result.exit_code == 1, result.output
+    assert re.search(r"/mini: none of the first \d+ photos its manifest lists is there \(the first: .*/mini/photos/"
+                     r".*seen from worker tcp://127\.0\.0\.1:\d+", result.output), result.output
+    assert not list((tmp_path / "store").glob("**/part-*.parquet"))
 
 
 POISON = "photos/0/obama2.jpg"
