@@ -249,9 +249,9 @@ def extract_shard(task: dict) -> dict:
     if not task.get("write", True):
         return {"table": table, "embedded": embedded, "seconds": time.perf_counter() - started}
     t = time.perf_counter()
-    fstore.write_shard(table, task["store"], task["feature_set"], task["dataset"], task["index"], task["inputs"])
+    path = fstore.write_shard(table, task["store"], task["feature_set"], task["dataset"], task["index"], task["inputs"])
     timings["write"] += time.perf_counter() - t
-    return {"dataset": task["dataset"], "index": task["index"], "rows": table.num_rows,
+    return {"dataset": task["dataset"], "index": task["index"], "file": path.rsplit("/", 1)[-1], "rows": table.num_rows,
             "status": dict(Counter(table["status"].to_pylist())), "faces_rescued": timings.pop("faces_rescued", 0),
             "kept": int(timings.pop("kept", 0)), "embedded": embedded, "timings": dict(timings),
             "seconds": time.perf_counter() - started, "worker_pid": os.getpid()}
@@ -453,21 +453,21 @@ def roots_without_photos(wanted: dict[str, list[str]]) -> list[str]:
     return [root for root, paths in wanted.items() if paths and not any(os.path.lexists(p) for p in paths)]
 
 
-def commit_plan(plan: Plan, store: str, feature_set: str) -> None:
+def commit_plan(plan: Plan, results: list[dict], store: str, feature_set: str) -> None:
     """After every task has written its shard: list this cut's shards in each dataset's index
     (replacing the old cut in one rename) and delete the shards it leaves out. A shard redone
-    by this run is the file with its rows that the plan did not already know."""
+    by this run is the file its result names: another holding its rows (a killed run's, whose
+    failed photos may have failed again) is not what this run did."""
+    written = {(r["dataset"], r["index"]): r["file"] for r in results}
     for dataset, cut in plan.cuts.items():
-        on_disk = fstore.shards_on_disk(store, feature_set, dataset)
         entries = []
-        redone = {t["index"]: t.get("keep_from") for t in plan.tasks if t["dataset"] == dataset}
+        redone = {t["index"] for t in plan.tasks if t["dataset"] == dataset}
         for index_no, (start, rows, digest, inputs, path) in enumerate(cut.shards):
             if index_no in redone:
-                fresh = [p for p, made_from in on_disk.get(digest, []) if p != redone[index_no] and made_from == inputs]
-                if not fresh:
+                if (dataset, index_no) not in written:
                     raise fstore.StoreError(f"shard {index_no} of {dataset} was not written, so nothing was "
                                             f"committed; rerun `agepipe extract --dataset {dataset}`")
-                path = fresh[0]
+                path = written[dataset, index_no]
             entries.append(fstore.ShardEntry(path.rsplit("/", 1)[-1], start, rows, digest))
         fstore.commit_shards(store, feature_set, dataset, entries, cut.manifest_sha256, cut.generation, cut.manifest)
 
@@ -583,8 +583,9 @@ def _rescue_shard(client, task: dict, error: Exception) -> dict:
 
 
 def _write_rescued(task: dict, result: dict) -> None:
-    fstore.write_shard(result.pop("table"), task["store"], task["feature_set"], task["dataset"], task["index"],
-                       task["inputs"])
+    path = fstore.write_shard(result.pop("table"), task["store"], task["feature_set"], task["dataset"], task["index"],
+                              task["inputs"])
+    result["file"] = path.rsplit("/", 1)[-1]
 
 
 def run_stats(results: list[dict], wall: float) -> dict:
@@ -734,7 +735,7 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
             started = time.perf_counter()
             results = run_tasks(client, plan.tasks, progress)
             wall = time.perf_counter() - started
-            commit_plan(plan, store, feature_set)
+            commit_plan(plan, results, store, feature_set)
 
     stats = run_stats(results, wall)
     counts = fstore.status_counts(store, feature_set, names)  # another dataset's damage is not this run's

@@ -378,6 +378,33 @@ def test_retry_failed_redoes_only_transient_rows(mini_data, tmp_path):
     assert_each_manifest_row_once(mini_data, store)
 
 
+def test_retry_failed_commits_the_shard_it_wrote_not_a_killed_retrys_leftover(mini_data, tmp_path):
+    """A --retry-failed run killed before its commit left its shard 0, whose failed photo had failed
+    again (worker_lost); the next --retry-failed redoes shard 0 and the photo goes through: its
+    commit lists the shard it wrote. (It listed whichever file holding those rows sorted first,
+    here the leftover, so the photo stayed worker_lost after a run that had redone it.)"""
+    store = tmp_path / "store"
+    assert extract(mini_data, store, "--shard-rows", 10, "--workers", 1).exit_code == 0
+    name = the_feature_set(store)
+    index = fstore.read_index(str(store), name, "mini")
+    first = fstore.shard_files(str(store), name, "mini")[0]
+    table = pq.read_table(first)
+    status = table["status"].to_pylist()
+    status[2] = "worker_lost"
+    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status))
+    _, made_from = fstore.shard_digests(str(store), first)
+    lost = fstore.write_shard(table, str(store), name, "mini", 0, made_from)
+    fstore.commit_shards(str(store), name, "mini", [replace(index.shards[0], file=Path(lost).name), index.shards[1]],
+                         index.manifest_sha256, index.generation)
+    leftover = Path(fstore.write_shard(table, str(store), name, "mini", 0, made_from))  # the killed retry's
+    leftover = leftover.rename(leftover.with_name("part-00000-00000000.parquet"))         # sorts first
+    result = extract(mini_data, store, "--shard-rows", 10, "--workers", 1, "--retry-failed")
+    assert result.exit_code == 0, result.output
+    assert pq.read_table(fstore.shard_files(str(store), name, "mini")[0])["status"].to_pylist()[2] == "ok"
+    assert not leftover.exists()
+    assert_each_manifest_row_once(mini_data, store)
+
+
 def test_retry_failed_redoes_photos_that_were_missing_and_have_arrived(mini_data, tmp_path):
     import shutil
 
@@ -422,7 +449,7 @@ def test_a_photo_that_breaks_its_task_costs_only_that_photo(mini_data, tmp_path,
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         [result] = ex.run_tasks(client, plan.tasks, progress=False)
-    ex.commit_plan(plan, store, "fs-test")
+    ex.commit_plan(plan, [result], store, "fs-test")
     assert result["rescued"].startswith("RuntimeError")
     assert result["lost"] == [{"image_id": "photos/0/obama2.jpg", "status": "error",
                                "error": "RuntimeError: injected failure"}]
