@@ -560,7 +560,12 @@ def read_shard_file(store: str, path: str, columns: list[str] | None = None,
         if digest != entry.digest or pf.metadata.num_rows != entry.rows:
             raise StoreError(f"{path}: holds other rows than {INDEX_FILE} lists; {_rerun(_dataset_of(path))}")
     wanted = SHARD_SCHEMA if columns is None else pa.schema([SHARD_SCHEMA.field(c) for c in columns])
-    return table.select(wanted.names).cast(wanted)
+    try:
+        if missing := [n for n in SHARD_SCHEMA.names if n not in pf.schema_arrow.names]:
+            raise KeyError(f"no column {missing[0]!r}")  # whatever columns were asked for: not a shard
+        return table.select(wanted.names).cast(wanted)
+    except (KeyError, pa.ArrowException) as e:  # another tool's file, or another width of embedding
+        raise StoreError(f"{path}: not a shard of this store ({e}); {_rerun(_dataset_of(path))}") from None
 
 
 def _read_shards(store: str, feature_set: str, datasets, columns: list[str] | None):

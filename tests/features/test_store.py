@@ -245,6 +245,21 @@ def test_a_store_without_index_holding_a_row_twice_is_refused(tmp_path):
         fstore.load_features(str(tmp_path), FS, "d")
 
 
+def test_a_store_without_index_holding_a_file_of_other_columns_is_refused_naming_it(tmp_path):
+    """A Parquet file of other columns among agepipe 0.1.0's shards (another tool's output saved
+    there): readers refuse it naming the file and what to run, not with a KeyError traceback."""
+    root = tmp_path / FS / "d"
+    root.mkdir(parents=True)
+    table, _, _ = shard_rows(4)
+    pq.write_table(table.cast(fstore.SHARD_SCHEMA), root / "part-00000.parquet")
+    pq.write_table(pa.table({"image_id": ["x.jpg"], "status": ["ok"]}), root / "part-00001.parquet")
+    for read in (lambda: fstore.load_features(str(tmp_path), FS, "d"), lambda: fstore.status_counts(str(tmp_path), FS),
+                 lambda: fstore.read_table(str(tmp_path), FS, "d")):
+        with pytest.raises(fstore.StoreError, match=re_escape(str(root / "part-00001.parquet")) +
+                           r": not a shard of this store .*agepipe extract --dataset d"):
+            read()
+
+
 def _record_runs(store: str, dataset: str, n: int) -> None:
     for i in range(n):
         fstore.update_feature_set_info(store, FS, lambda info: info.setdefault("runs", []).append(f"{dataset}-{i}"))
