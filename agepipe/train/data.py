@@ -101,16 +101,35 @@ def resolve_feature_set(store: str, feature_set: str | None) -> str:
             raise FileNotFoundError(f"feature set {feature_set!r} not in {store} "
                                     f"(found: {', '.join(found) or 'none'})")
         return feature_set
+    if not found:
+        raise FileNotFoundError(f"no feature sets in {store}: run `agepipe extract --dataset NAME` first, or "
+                                "point --store (env AGEPIPE_STORE) at the store an extract wrote")
     if len(found) != 1:
-        raise ValueError(f"{store} holds {len(found)} feature sets ({', '.join(found) or 'none'}); "
+        raise ValueError(f"{store} holds {len(found)} feature sets ({', '.join(found)}); "
                          "name one with --feature-set")
     return found[0]
+
+
+def check_datasets_held(store: str, feature_set: str, datasets: list[str]) -> None:
+    """A dataset the feature set has no folder for: a sentence that tells a typo (a name agepipe
+    does not know) from a dataset not extracted yet."""
+    from agepipe.datasets import REGISTRY, choices
+
+    held = fstore.list_datasets(store, feature_set)
+    for name in datasets:
+        if name in held:
+            continue
+        what = (f"run `agepipe extract --dataset {name}` first" if name in REGISTRY
+                else f"{name!r} is no dataset agepipe knows ({', '.join(choices())})")
+        raise FileNotFoundError(f"feature set {feature_set} in {store} holds no dataset {name!r} "
+                                f"(it holds: {', '.join(held) or 'none'}); {what}")
 
 
 def load_task_data(store: str, feature_set: str, datasets: list[str], task: str,
                    min_det_score: float = 0.0, device: str | torch.device = "cpu") -> TaskData:
     """Rows with status "ok", a known label, a finite embedding and det_score >= min_det_score."""
     check_task(task)
+    check_datasets_held(store, feature_set, datasets)
     feats = fstore.load_features(store, feature_set, datasets, min_det_score=min_det_score)
     y = labels(task, feats.rows)
     # One NaN row would turn every weight NaN in its first step, and the run would end in a

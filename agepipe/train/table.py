@@ -30,7 +30,7 @@ from agepipe.atomic import write_text
 from agepipe.datasets import expand_groups
 from agepipe.features import store as fstore
 from agepipe.train.checkpoint import write_json
-from agepipe.train.data import VAL_FRACTION, load_task_data, make_split, resolve_feature_set, subject_keys
+from agepipe.train.data import VAL_FRACTION, check_datasets_held, load_task_data, make_split, resolve_feature_set, subject_keys
 from agepipe.train.loop import (cross_validate, data_record, model_config_for, train_config_for, train_run)
 from agepipe.train.model import precision, resolve_device
 
@@ -165,6 +165,7 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
     out = Path(out)
     feature_set = resolve_feature_set(store, feature_set)
     datasets, pretrain_datasets = expand_groups(list(datasets)), expand_groups(list(pretrain_datasets))
+    check_datasets_held(store, feature_set, datasets + (pretrain_datasets if "pretrained" in grid.inits else []))
     dev = resolve_device(device)
     cells, rows, said = grid.cells(), [], set()
     for task in grid.tasks:

@@ -49,7 +49,8 @@ def test_cv_from_the_command_line(gaussian_store, tmp_path):
 def test_clear_errors(gaussian_store, tmp_path):
     store, _ = gaussian_store
     result = invoke("train", "--store", store, "--dataset", "imdb", "--task", "age", "--out", tmp_path / "x")
-    assert result.exit_code == 1 and "no shards for dataset 'imdb'" in result.output
+    assert result.exit_code == 1 and "holds no dataset 'imdb'" in result.output
+    assert "run `agepipe extract --dataset imdb` first" in result.output
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "config.json").write_text('{"arch": "ResMLP"}')
     result = invoke("evaluate", tmp_path / "foreign")
@@ -65,3 +66,18 @@ def test_options_the_kind_of_training_would_ignore_are_refused(gaussian_store, t
     result = invoke(*base, "--out", tmp_path / "b", "--cv", "--seed", "3", "--test-fold", "2")
     assert result.exit_code == 2 and "--seed and --test-fold: for a single run" in result.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_misspelled_dataset_or_an_empty_store_says_what_to_do(gaussian_store, tmp_path):
+    # A typo was told to run `agepipe extract --dataset adeince`, which download then refused; a
+    # store with no feature set was told to name one with --feature-set.
+    store, _ = gaussian_store
+    result = invoke("train", "--store", store, "--dataset", "adeince", "--task", "age", "--out", tmp_path / "a")
+    assert result.exit_code == 1 and "holds no dataset 'adeince' (it holds: adience" in result.output
+    assert "'adeince' is no dataset agepipe knows" in result.output and "agepipe extract" not in result.output
+    result = invoke("table", "--store", store, "--dataset", "adeince", "--out", tmp_path / "t")
+    assert result.exit_code == 1 and "'adeince' is no dataset agepipe knows" in result.output
+    result = invoke("train", "--store", tmp_path / "empty", "--dataset", "adience", "--task", "age")
+    assert result.exit_code == 1 and "no feature sets in" in result.output
+    assert "run `agepipe extract --dataset NAME` first" in result.output and "--feature-set" not in result.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "t").exists()
