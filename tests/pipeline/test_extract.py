@@ -565,6 +565,15 @@ def hiding(folder) -> list[str]:
     return prefix
 
 
+def test_a_misspelled_dataset_is_named_unknown_not_sent_to_download(mini_data, tmp_path):
+    # It was told to run `agepipe download --dataset mnii`, which download refuses.
+    result = CliRunner().invoke(cli, ["extract", "--dataset", "mnii", "--data-dir", str(mini_data),
+                                      "--store", str(tmp_path / "store")])
+    assert result.exit_code == 1, result.output
+    assert "unknown dataset 'mnii': agepipe knows adience" in result.output and "download" not in result.output
+    assert not (tmp_path / "store").exists()
+
+
 def test_workers_that_do_not_see_the_photos_stop_the_run_though_the_client_does(mini_data, tmp_path):
     """An existing cluster whose workers do not mount the photos the client sees: the check that
     the photos are there is made where they are read, and the run stops before any row. (It was
