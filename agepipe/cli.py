@@ -100,6 +100,13 @@ def fail(message: str):
     raise click.ClickException(message)
 
 
+def no_images(images) -> str:
+    from agepipe.features.images import IMAGE_SUFFIXES
+
+    return (f"no images found in {', '.join(images)}: give photo files, or folders holding "
+            f"{', '.join(IMAGE_SUFFIXES)} files")
+
+
 def load_embedder(pack, det_size, device, runtime):
     from agepipe.features.embed import FaceEmbedder
 
@@ -138,7 +145,7 @@ def embed(images, out, batch_size, pack, det_size, device, runtime):
 
     paths = find_images(list(images))
     if not paths:
-        fail(f"no images found in {', '.join(images)} (looked for .jpg, .jpeg, .png, .bmp, .webp, .tif)")
+        fail(no_images(images))
     embedder = load_embedder(pack, det_size, device, runtime)
     click.echo(f"models: {embedder.pack.name} ({embedder.pack.detector.name}, {embedder.pack.recognizer.name}) "
                f"on {embedder.provider}, det size {det_size}", err=True)
@@ -685,7 +692,7 @@ def predict(images, age_model, gender_model, mc_samples, as_json, json_out, anno
 
     paths = find_images(list(images))
     if not paths:
-        raise click.ClickException(f"no images found in {', '.join(images)}")
+        fail(no_images(images))
     try:
         predictor = Predictor(age_model, gender_model, pack, det_size, mc_samples, device)
         results = predict_images(paths, predictor, annotate)
@@ -698,8 +705,9 @@ def predict(images, age_model, gender_model, mc_samples, as_json, json_out, anno
     for result in results:
         if as_json:
             click.echo(json.dumps(result))
-        elif "error" in result:
-            click.echo(f"{result['image']}: {result['error']}")
+        elif "error" in result:  # the error names the file itself
+            error = result["error"]
+            click.echo(error if error.startswith(result["image"]) else f"{result['image']}: {error}")
         else:
             click.echo(f"{result['image']}: {len(result['faces'])} face(s)"
                        + (f", annotated -> {result['annotated']}" if "annotated" in result else ""))

@@ -118,6 +118,17 @@ def test_unreadable_photos_are_reported_and_the_rest_predicted(runs, photos, tmp
     assert result.exit_code == 1
     assert "broken.jpg: " in result.output and "astronaut.png: 1 face(s)" in result.output
     assert "1 of 2 images could not be read" in result.output
+    assert f"{broken}: {broken}" not in result.output  # the path once: the error names it
+
+
+def test_a_folder_without_photos_says_what_predict_and_embed_look_for(runs, tmp_path):
+    age, _ = runs
+    (tmp_path / "notes.txt").write_text("no photo")
+    for args in (["predict", str(tmp_path), "--age-model", str(age)], ["embed", str(tmp_path), "-o", "x.parquet"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1, result.output
+        assert f"no images found in {tmp_path}: give photo files, or folders holding .jpg" in result.output
+        assert ".tiff files" in result.output
 
 
 def test_runs_must_match_their_kind_and_the_face_models(runs, tmp_path):
