@@ -395,6 +395,7 @@ def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, bat
 
 # --- commands: train, evaluate, predict ---
 
+MLP_DEVICE_HELP = "Where the MLP runs: auto is cuda when torch sees a GPU, else cpu."
 FP32_HELP = ("Train and score in float32. Default: bfloat16 mixed precision where the device has it "
              "natively (CUDA GPUs; CPUs with AVX512-BF16 or AMX), float32 elsewhere; config.json records which ran.")
 
@@ -416,11 +417,12 @@ FP32_HELP = ("Train and score in float32. Default: bfloat16 mixed precision wher
 @click.option("--init", type=click.Path(exists=True, file_okay=False), default=None,
               help="Start from another run's weights (pre-train on imdb, fine-tune on adience).")
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Most epochs (paper: 30).")
-@click.option("--batch-size", type=click.IntRange(2), default=None, help="Paper: 128 age, 512 gender.")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None, help="AdamW learning rate.")
-@click.option("--weight-decay", type=click.FloatRange(0), default=None)
+@click.option("--batch-size", type=click.IntRange(2), default=None,
+              help="Training rows per optimizer step (paper: 128 age, 512 gender).")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None, help="AdamW learning rate (at epoch 1).")
+@click.option("--weight-decay", type=click.FloatRange(0), default=None, help="AdamW weight decay.")
 @click.option("--gamma", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Learning-rate decay per epoch.")
+              help="Learning-rate decay: the rate is multiplied by gamma after each epoch.")
 @click.option("--patience", type=click.IntRange(1), default=None,
               help="Epochs without a lower validation loss before stopping (paper: 5).")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=None,
@@ -431,11 +433,13 @@ FP32_HELP = ("Train and score in float32. Default: bfloat16 mixed precision wher
                    "majority; the validation loss that picks the best epoch is weighted the same way.")
 @click.option("--no-batch-norm", is_flag=True, help="Ablation: no BatchNorm in the IC layers.")
 @click.option("--no-skip", is_flag=True, help="Ablation: no skip connections in the residual blocks.")
-@click.option("--blocks", type=click.IntRange(0, 8), default=None, help="Downsampling stages (paper: 2 age, 4 gender).")
-@click.option("--residuals-per-block", type=click.IntRange(0), default=None, help="Paper: 1.")
+@click.option("--blocks", type=click.IntRange(0, 8), default=None, help="Downsampling stages, each halving the width (paper: 2 age, 4 gender).")
+@click.option("--residuals-per-block", type=click.IntRange(0), default=None,
+              help="Residual blocks before each downsampling stage (paper: 1).")
 @click.option("--min-det-score", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Leave out faces the detector was less sure of.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help=MLP_DEVICE_HELP)
 @click.option("--mc-samples", type=click.IntRange(0), default=32, show_default=True,
               help="MC-dropout passes for the test metrics (0: none).")
 @click.option("--fp32", is_flag=True, help=FP32_HELP)
@@ -555,7 +559,8 @@ def _fold_list(ctx, param, value):
               help="Leave out faces the detector was less sure of.")
 @click.option("--mc-samples", type=click.IntRange(0), default=0, show_default=True,
               help="MC-dropout passes per run's test metrics (in cv.json; the table is deterministic accuracy).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help=MLP_DEVICE_HELP)
 @click.option("--cuda-graphs", is_flag=True,
               help="Experimental, CUDA only: each step of a cell's stacked runs as one CUDA graph replay "
                    "rather than ~500 kernel launches (not yet measured on a GPU, hence off).")
@@ -640,9 +645,11 @@ def _echo_metrics(metrics: dict, run: str):
               help="Feature store root, if not the one the run was trained from (env AGEPIPE_STORE).")
 @click.option("--mc-samples", type=click.IntRange(0), default=32, show_default=True,
               help="MC-dropout passes (0: deterministic only).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help=MLP_DEVICE_HELP)
 def evaluate(run, store, mc_samples, device):
-    """Score RUN on its test fold again; write metrics.json and report.md with plots.
+    """Score RUN on its test fold again; write metrics.json, report.md with plots and
+    predictions.parquet (one row per validation and test photo) into RUN.
 
     Accuracy, 1-off accuracy and MAE (age), cross-entropy, calibration (ECE and a
     reliability diagram), the confusion matrix, and MC-dropout uncertainty: predictive

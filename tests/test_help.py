@@ -61,3 +61,20 @@ def test_train_help_states_the_paper_values_the_code_uses():
         cfg = PAPER_TRAIN[task]
         assert f"{task}: batch {cfg.batch_size}, lr {cfg.lr}" in text, task  # 0.001167 within 0.0011670
         assert f"weight decay {cfg.weight_decay}" in text and f"gamma {cfg.gamma}" in text
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    # --weight-decay and the MLP commands' --device once showed only their type and default.
+    import click
+
+    def options(command, path):
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                yield from options(sub, [*path, name])
+        for param in command.params:
+            if isinstance(param, click.Option):
+                yield " ".join(path), param
+
+    missing = [f"{path} --{p.name}" for path, p in options(cli, ["agepipe"]) if not (p.help or "").strip()]
+    assert not missing, missing
+    assert "auto is cuda when torch sees a GPU" in " ".join(help_of("train").split())
