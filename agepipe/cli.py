@@ -251,7 +251,8 @@ def models():
 
 @models.command("fetch", short_help="Download a pack into insightface's cache; print its sha256.")
 @click.argument("pack", default="buffalo_l")
-@click.option("--url", default=None, help="Download from this URL instead (a mirror); env AGEPIPE_MODEL_URL.")
+@click.option("--url", default=None, help="Download buffalo_l.zip from this URL (a mirror) instead of insightface's GitHub release; "
+                   "env AGEPIPE_MODEL_URL.")
 def models_fetch(pack, url):
     """Download PACK (default buffalo_l) into insightface's model cache and print each file's
     sha256; the first sha256 seen is recorded and checked on every later use."""

@@ -30,3 +30,10 @@ def test_readme_examples_run(tmp_path):
     assert (tmp_path / "faces.parquet").exists()
     assert (tmp_path / "annotated.jpg").stat().st_size > 10_000
     assert (tmp_path / "runs" / "gender" / "report.md").exists()
+
+
+def test_the_readme_does_not_install_onnxruntime_gpu_beside_onnxruntime():
+    # `pip install "agepipe[gpu]"` after uninstalling onnxruntime brings it back: agepipe requires it.
+    text = README.read_text()
+    assert 'pip uninstall -y onnxruntime && pip install onnxruntime-gpu' in text
+    assert 'onnxruntime && pip install "agepipe[gpu]"' not in text
