@@ -32,6 +32,29 @@ def test_readme_examples_run(tmp_path):
     assert (tmp_path / "runs" / "gender" / "report.md").exists()
 
 
+def test_every_option_the_readme_gives_a_command_exists():
+    """Each `agepipe CMD ... --option` line in the README's code blocks, runnable or not, names
+    options CMD has (the examples that need a network or a GPU are not run)."""
+    import shlex
+
+    import click
+
+    from agepipe.cli import cli
+
+    lines = [line.split("#")[0] for block in re.findall(r"```\w*\n(.*?)```", README.read_text(), flags=re.S)
+             for line in block.splitlines() if line.startswith("agepipe ")]
+    assert len(lines) > 20
+    for line in lines:
+        words = shlex.split(line.replace("$(", "(").replace('"$', '"'))[1:]
+        command, path = cli, []
+        while isinstance(command, click.Group) and words and words[0] in command.commands:
+            command = command.commands[words[0]]
+            path.append(words.pop(0))
+        names = {o for p in command.params for o in getattr(p, "opts", []) + getattr(p, "secondary_opts", [])}
+        unknown = [w.split("=")[0] for w in words if w.startswith("-") and w.split("=")[0] not in names]
+        assert not unknown, f"README: agepipe {' '.join(path)} has no {unknown}: {line}"
+
+
 def test_the_readme_does_not_install_onnxruntime_gpu_beside_onnxruntime():
     # `pip install "agepipe[gpu]"` after uninstalling onnxruntime brings it back: agepipe requires it.
     text = README.read_text()
