@@ -79,7 +79,8 @@ def run_demo(workdir: Path, run: Callable[[list[str]], None], echo=click.echo) -
     echo("  agepipe download --dataset adience")
     echo("  agepipe extract --dataset adience --models buffalo_l")
     echo("  agepipe train --dataset adience --task age --cv --seeds 5")
-    echo("  agepipe download --dataset imdb-wiki && agepipe extract --dataset imdb-wiki --models buffalo_l --gpus all")
+    echo("  agepipe download --dataset imdb-wiki && agepipe extract --dataset imdb-wiki --models buffalo_l "
+         "--gpus all --runtime torch")
     echo("  agepipe train --dataset imdb --dataset wiki --task age --out runs/pre")
     echo("  agepipe train --dataset adience --task age --init runs/pre --cv")
     return {**out, "seconds": total, "step_seconds": timings, "verdicts": verdicts}

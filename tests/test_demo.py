@@ -1,5 +1,6 @@
 """`agepipe demo` end to end: the whole chain on the offline sample, in a temporary folder."""
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -58,6 +59,11 @@ def test_demo_runs_the_whole_chain(tmp_path):
         for d in (gender, age):
             assert d["undecided"] == (d["entropy_share"] > UNDECIDED_ENTROPY_SHARE
                                       or d["mutual_information"] > UNDECIDED_MI)
+    # its closing suggestions are the README's workflow (`--gpus all` alone needs onnxruntime-gpu)
+    readme = {line.split("#")[0].strip() for line in (Path(__file__).parents[1] / "README.md").read_text().splitlines()}
+    suggested = result.output.split("The same on real data")[1].splitlines()[1:]
+    commands = [c.strip() for line in suggested if line.strip().startswith("agepipe ") for c in line.split("&&")]
+    assert len(commands) >= 6 and not set(commands) - readme, set(commands) - readme
     drawn = cv2.imread(str(work / "predict.jpg"))
     photo = cv2.imread(str(photo_path("t1")))
     assert drawn.shape[1] == photo.shape[1] and drawn.shape[0] > photo.shape[0]  # the legend's band
