@@ -81,3 +81,13 @@ def test_a_misspelled_dataset_or_an_empty_store_says_what_to_do(gaussian_store, 
     assert result.exit_code == 1 and "no feature sets in" in result.output
     assert "run `agepipe extract --dataset NAME` first" in result.output and "--feature-set" not in result.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "t").exists()
+
+
+def test_evaluate_from_a_store_without_the_runs_feature_set_names_it(gaussian_store, tmp_path):
+    store, _ = gaussian_store
+    run = tmp_path / "run"
+    assert invoke("train", "--store", store, "--dataset", "adience", "--task", "gender", "--out", run,
+                  "--epochs", "1", "--mc-samples", "0").exit_code == 0
+    result = invoke("evaluate", run, "--store", tmp_path / "elsewhere")
+    assert result.exit_code == 1 and f"not in {tmp_path / 'elsewhere'} (found: none)" in result.output
+    assert "agepipe extract" not in result.output
