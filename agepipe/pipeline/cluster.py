@@ -82,6 +82,18 @@ def _silence_dashboard_warning():
     logging.getLogger("distributed.dashboard").setLevel(logging.ERROR)
 
 
+def check_address(address: str) -> None:
+    """ValueError unless ``address`` is a Dask address (host:port, tcp://host:port, ...): given
+    another (http://, host:port with no number), Client leaves a half-opened client behind."""
+    from distributed.comm.addressing import parse_address, parse_host_port
+    from distributed.comm.registry import get_backend
+
+    scheme, location = parse_address(address)
+    get_backend(scheme)
+    if scheme in ("tcp", "tls", "ws", "wss"):
+        parse_host_port(location)
+
+
 @contextlib.contextmanager
 def open_client(scheduler: str | None = None, gpus: list[str] | None = None, workers: int | None = None):
     """A Client and its Layout for the chosen mode; a cluster we start is closed afterwards."""
@@ -91,10 +103,13 @@ def open_client(scheduler: str | None = None, gpus: list[str] | None = None, wor
     _silence_dashboard_warning()
     if scheduler:
         try:
-            client = Client(scheduler, timeout="30s")
-        except OSError as e:  # refused, timed out, no such host
+            check_address(scheduler)
+            # dask's connect timeout: 30 s unless DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT says otherwise
+            client = Client(scheduler, timeout=dask.config.get("distributed.comm.timeouts.connect"))
+        except (OSError, ValueError) as e:  # refused, timed out, no such host; no Dask address
             raise ClusterError(f"--scheduler {scheduler}: {e}; start it (`dask scheduler`, then `dask worker "
-                               f"{scheduler}` where the photos are) or give the address it listens on") from None
+                               f"{scheduler}` where the photos are) or give the address it listens on "
+                               "(tcp://host:8786)") from None
         try:
             n = len(client.scheduler_info(n_workers=-1)["workers"])
             yield client, Layout("scheduler", n)

@@ -52,23 +52,29 @@ def test_a_heartbeat_racing_the_workers_close_is_not_logged():
     assert keep(record("Compute Failed"))
 
 
-def test_a_scheduler_that_does_not_answer_is_one_sentence_and_writes_nothing(tmp_path):
-    """`extract --scheduler` at an address where no scheduler listens: exit 1, one sentence naming
-    the address (it was an OSError traceback), nothing in the store."""
+@pytest.mark.parametrize("address", ["closed", "host:port", "http://127.0.0.1:1"])
+def test_a_scheduler_that_does_not_answer_is_one_sentence_and_writes_nothing(tmp_path, address):
+    """`extract --scheduler` where no scheduler listens, or at no Dask address: exit 1, one
+    sentence naming the address (it was an OSError traceback after 30 s, or "invalid literal for
+    int()"), nothing in the store."""
     import socket
 
+    import dask
     from click.testing import CliRunner
 
     from agepipe.cli import cli
     from tests.pipeline.conftest import write_manifest
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"  # closed when the block ends: nobody listens
+    if address == "closed":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            address = f"tcp://127.0.0.1:{s.getsockname()[1]}"  # closed when the block ends: nobody listens
     write_manifest(tmp_path / "data" / "mini", [{"image_id": "a.jpg", "subject_id": "s", "fold": 0, "age": 30.0,
                                                  "age_bin": 4, "gender": 1, "face_hint": None, "status": "ok"}])
-    result = CliRunner().invoke(cli, ["extract", "--dataset", "mini", "--data-dir", str(tmp_path / "data"),
-                                      "--store", str(tmp_path / "store"), "--scheduler", address])
+    pytest.importorskip("distributed")  # its config defaults loaded before the override, not dropped after it
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        result = CliRunner().invoke(cli, ["extract", "--dataset", "mini", "--data-dir", str(tmp_path / "data"),
+                                          "--store", str(tmp_path / "store"), "--scheduler", address])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), repr(result.exception)
     assert f"Error: --scheduler {address}: " in result.output and "dask scheduler" in result.output, result.output
     assert not (tmp_path / "store").exists()
