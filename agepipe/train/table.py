@@ -111,7 +111,8 @@ def parse_settings(items: list[str]) -> list[tuple[str, str, object]]:
         try:
             typed = TRAIN_KEYS[key](value)
         except ValueError:
-            raise ValueError(f"--set {item!r}: {value!r} is not a {TRAIN_KEYS[key].__name__}") from None
+            kind = {"int": "an integer", "float": "a number"}.get(TRAIN_KEYS[key].__name__, TRAIN_KEYS[key].__name__)
+            raise ValueError(f"--set {item!r}: {value!r} is not {kind}") from None
         try:  # the value's range, checked before any cell trains
             dataclasses.replace(train_config_for("age"), **{key: typed})
         except ValueError as e:

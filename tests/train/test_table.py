@@ -173,6 +173,8 @@ def test_settings_override_in_order_and_bad_ones_are_named():
     for bad in ("no-ic.momentum=1", "nope.lr=1", "all.lr", "all.batch_size=x"):
         with pytest.raises(ValueError, match="--set"):
             parse_settings([bad])
+    with pytest.raises(ValueError, match=r"'1\.5' is not an integer"):
+        parse_settings(["all.batch_size=1.5"])
     # out of range: refused before any cell trains, not a traceback (0) or a run cut short (patience 0)
     for bad, why in (("all.batch_size=0", "batch_size must be >= 2"), ("age.patience=0", "patience >= 1"),
                      ("full.lr=-1", "lr must be > 0"), ("all.lr=nan", "lr must be > 0"),
