@@ -302,7 +302,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--photos", type=int, default=4000)  # the issue's >= 4,000; the CPU path takes most of the time
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--batch-size", type=int, default=None, help="default: extract's (256 on cuda)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="default: extract's for its own line; 256 on cuda, 16 on cpu for the others")
     ap.add_argument("--cpu-workers", type=int, default=os.cpu_count())
     ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
@@ -337,9 +338,11 @@ def main():
         print(agreement("extract --runtime torch vs onnxruntime", store_rows(d / "gpu"), cpu_rows))
         ordered = cpu_rows.set_index("image_id").loc[[str(p.relative_to(d / "data" / "crops")) for p in paths]]
         threads = max(1, cores // len(gpus))
+        # on the CPU, batches of 256 made the detector ceiling alone take minutes (6 x 256 photos)
+        batch = args.batch_size or (256 if args.device == "cuda" else 16)
         host_ceiling([str(p) for p in paths], threads)
         decoders_line([str(p) for p in paths], threads)
-        network_ceiling(args.batch_size or 256, args.device)
+        network_ceiling(batch, args.device)
         # The default (fp32 detector: TF32 and fp16 failed the agreement on the H200, BENCHMARKS.md),
         # decoding in processes on CUDA; then decode threads, the kind before it; then the two device-side
         # experiments, CUDA graphs and cuDNN's fused conv + bias + ReLU, and both together
@@ -351,14 +354,14 @@ def main():
             label = (f"in-process detector {det}, recogniser {rec}{', CUDA graphs' if graphs else ''}"
                      f"{', conv+ReLU fused' if fused else ''}{', decode threads' if decoders == 'threads' else ''}")
             try:
-                rows = in_process([str(p) for p in paths], args.device, args.batch_size or 256, threads, det, rec,
+                rows = in_process([str(p) for p in paths], args.device, batch, threads, det, rec,
                                   args.profile and i == 0, graphs, decoders, fused)
             except Exception as e:  # an experiment's failure must not cost the lines after it
                 print(f"{label}: failed: {type(e).__name__}: {e}")
                 continue
             rows.insert(0, "image_id", ordered.index)
             print(agreement(f"{label} vs onnxruntime", rows, ordered.reset_index()))
-        where_dask_loses([str(p) for p in paths], args.device, gpus, args.batch_size or 256, threads)
+        where_dask_loses([str(p) for p in paths], args.device, gpus, batch, threads)
 
 
 if __name__ == "__main__":
