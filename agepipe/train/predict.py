@@ -254,7 +254,14 @@ def annotation_paths(annotate_to: str, images: list[str]) -> list[Path]:
     b/photo.jpg) takes their folders too (a_photo, b_photo)."""
     folder = os.path.isdir(annotate_to) or annotate_to.endswith((os.sep, "/"))
     if len(images) == 1 and not folder:
+        suffix = Path(annotate_to).suffix
+        if suffix and not cv2.haveImageWriter(annotate_to):  # checked before any photo, not at the first
+            raise ValueError(f"{annotate_to}: cannot write a {suffix} image; give a name ending in .jpg or .png, "
+                             "or a folder")
         return [Path(annotate_to)]
+    if os.path.lexists(annotate_to) and not folder:
+        raise ValueError(f"{annotate_to}: a file, not a folder; with {len(images)} photos --annotate needs a "
+                         "folder to write one annotated photo each into")
     stems = [Path(p).stem for p in images]
     repeated = {s for s in stems if stems.count(s) > 1}
     if repeated:

@@ -156,6 +156,20 @@ def test_annotate_to_a_folder_with_one_photo_writes_into_the_folder(tmp_path):
     assert annotation_paths(str(tmp_path / "one.jpg"), [photo]) == [tmp_path / "one.jpg"]
 
 
+def test_annotate_to_a_name_that_cannot_hold_the_image_is_one_sentence(runs, photos, tmp_path):
+    age, _ = runs
+    taken = tmp_path / "taken.jpg"
+    taken.write_bytes(b"a file")
+    for images, target, said in (([photos["t1"]], tmp_path / "out.txt", "cannot write a .txt image"),
+                                 ([photos["t1"], photos["astronaut"]], taken, "a file, not a folder")):
+        result = CliRunner().invoke(cli, ["predict", *map(str, images), "--age-model", str(age), "--mc-samples", "0",
+                                          "--annotate", str(target)])
+        assert result.exit_code == 1, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        assert f"Error: {target}: {said}" in result.output
+    assert taken.read_bytes() == b"a file" and not (tmp_path / "out.txt").exists()
+
+
 @pytest.mark.parametrize("text", ["{", '{"test": 5}', '{"test": {"majority_baseline": {"class": "female"}}}'])
 def test_a_damaged_metrics_json_is_named(tmp_path, text):
     """predict reads the run's metrics.json for its caution: a damaged one is a sentence naming it."""
