@@ -215,8 +215,6 @@ def _damaged(by_dataset: dict) -> list[str]:
 @store_option
 def features_show(name, store):
     """Show a feature set's configuration and rows per dataset and status."""
-    import json
-
     from agepipe.features import store as fstore
 
     info = fstore.read_feature_set_info(store, name)
@@ -238,10 +236,25 @@ def features_show(name, store):
         click.echo(f"  {dataset}: {total} rows")
         for status, n in counts.items():
             click.echo(f"    {status:<16} {n:>8}  {100 * n / total:5.1f}%")
-    if "stats" in info:
-        click.echo("  last extract: " + json.dumps(info["stats"]))
+    if line := _last_extract(info):
+        click.echo("  last extract: " + line)
     if damaged := _damaged(by_dataset):
         fail("\n".join(damaged))
+
+
+def _last_extract(info: dict) -> str | None:
+    """The last extract that ran photos through the models, in words. A rerun that found every
+    shard finished records a run of 0 rows at 0 images/s, which says nothing of this feature set."""
+    worked = [r for r in info.get("runs", []) if r.get("rows", 0) > r.get("kept", 0)]
+    run = worked[-1] if worked else info.get("stats", {})  # a store from before "runs": its last run
+    if not run.get("images_per_second"):
+        return None
+    done = (f"{', '.join(run['datasets'])}: {run['rows']} rows in {run['wall_seconds']:.1f} s, "
+            if "rows" in run else "")
+    finished = f", finished {run['finished']}" if "finished" in run else ""
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in run.get("stage_seconds", {}).items())
+    return (f"{done}{run['images_per_second']:.1f} images/s{finished}"
+            + (f"; time per stage (summed over workers): {stages}" if stages else ""))
 
 
 @cli.group()

@@ -264,6 +264,19 @@ def test_feature_set_json_keeps_its_creation_time(mini_data, tmp_path):
     assert all(r["versions"]["pyarrow"] == info["versions"]["pyarrow"] for r in info["runs"])
 
 
+def test_features_show_keeps_the_last_extract_that_ran_photos_over_a_rerun_with_nothing_to_do(mini_data, tmp_path):
+    """A rerun that found every shard finished made `features show` print its own record, raw JSON
+    of 0 images/s and 0 s per stage, in place of the extract that made the feature set."""
+    store = tmp_path / "store"
+    for _ in range(2):
+        assert extract(mini_data, store, "--workers", 1, "--limit", 2).exit_code == 0
+    result = CliRunner().invoke(cli, ["features", "show", the_feature_set(store), "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    [line] = [s for s in result.output.splitlines() if "last extract" in s]
+    assert re.search(r"last extract: mini: 2 rows in [0-9.]+ s, [0-9.]+ images/s, finished 20", line), line
+    assert "0.0 images/s" not in line and "{" not in line and "detect 0.0 s" not in line
+
+
 def test_a_manifest_changed_where_the_row_digest_does_not_look_redoes_those_shards(mini_data, tmp_path):
     """A rebuilt manifest gives one row another status and another row another age_bin: the
     ids, subjects, folds, ages and genders (the rows digest) are unchanged. Only the two shards
