@@ -649,7 +649,8 @@ def _echo_metrics(metrics: dict, run: str):
     if "mc" in test:
         click.echo(f"  test mean predictive entropy {test['mc']['mean_predictive_entropy']:.4f} nats, "
                    f"mutual information {test['mc']['mean_mutual_information']:.4f} nats")
-    click.echo(f"  val accuracy {metrics['val']['accuracy']:.4f}" + (f" (rows {sizes})" if sizes else ""))
+    click.echo(f"  val accuracy {metrics['val']['accuracy']:.4f}"
+               + (" (rows: " + ", ".join(f"{split} {n}" for split, n in sizes.items()) + ")" if sizes else ""))
     click.echo("  " + baseline_sentence(metrics.get("task", "this"), test))
     for warning in test.get("warnings", []):
         click.echo(f"warning: {warning}", err=True)

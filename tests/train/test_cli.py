@@ -22,6 +22,8 @@ def test_train_then_evaluate_from_the_command_line(gaussian_store, tmp_path):
     result = invoke("evaluate", run, "--mc-samples", "0")
     assert result.exit_code == 0, result.output
     assert "MC dropout" not in result.output and (run / "report.md").exists()
+    sizes = config["data"]["split_sizes"]  # in words, not a Python dict's repr
+    assert f"(rows: train {sizes['train']}, val {sizes['val']}, test {sizes['test']})" in result.output
     metrics = json.loads((run / "metrics.json").read_text())
     assert "mc" not in metrics["test"] and metrics["best_epoch"] <= 2
 
