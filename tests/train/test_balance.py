@@ -51,7 +51,7 @@ def test_balance_makes_the_minority_class_count(imbalanced_store, tmp_path):
 def test_a_tiny_run_warns_about_its_schedule_and_its_validation_split():
     cfg = PAPER_TRAIN["gender"]  # batch 512, gamma 0.066: one step an epoch on 40 rows
     schedule, val = training_warnings(40, 2, cfg)
-    assert "1 optimizer step(s)" in schedule and "--batch-size (<= 4" in schedule
+    assert "1 optimizer step(s)" in schedule and "batch size (<= 4 gives" in schedule and "--batch-size 4" in schedule
     assert "validation split has 2 rows" in val
     assert training_warnings(12_000, 1500, cfg) == []  # Adience's size: the paper's schedule is fine
     assert "empty" in training_warnings(12_000, 0, cfg)[0]

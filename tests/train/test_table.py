@@ -196,6 +196,18 @@ def test_training_warnings_are_said_once_as_sentences(table_run, tmp_path):
     assert "TrainingWarning" not in result.output and "loop.py" not in result.output
 
 
+def test_a_tiny_schedule_is_advised_in_the_tables_own_options(tmp_path):
+    """The warning of too few steps an epoch told a table user to pass --batch-size or --gamma,
+    which table does not have (it takes --set batch_size=N)."""
+    store = age_gender_store(tmp_path / "store", n_adience=300, n_imdb=50, n_wiki=50)
+    result = invoke("table", "--store", store, "--out", tmp_path / "t", "--tasks", "gender", "--variants", "full",
+                    "--inits", "scratch", "--folds", "0", "--seeds", "1", "--epochs", "1", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    [said] = [line for line in result.output.splitlines() if line.startswith("warning: an epoch is")]
+    assert "--set batch_size=" in said, said
+    assert invoke("table", "--batch-size", "4").exit_code == 2  # an option only train has
+
+
 def test_a_manifest_change_is_said_once_when_cells_train(tmp_path):
     """Stale labels are said once a table by run_table; the runs it trains warn of them again
     (TrainingWarning), which the table command then said a second time."""
