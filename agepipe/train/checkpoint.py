@@ -285,14 +285,23 @@ def load_checkpoint(run_dir: str | Path, device: str | torch.device = "cpu") -> 
     return ResMLP.from_state(cfg, tensors).to(device).eval(), config
 
 
+# The train options that set a ModelConfig field, named where --init refuses another architecture.
+INIT_OPTIONS = {"num_blocks": "--blocks", "residuals_per_block": "--residuals-per-block", "dropout": "--dropout",
+                "batch_norm": "--no-batch-norm", "skip": "--no-skip"}
+
+
 def init_from(model: ResMLP, run_dir: str | Path) -> list[str]:
     """Start ``model`` from another run's weights (pre-train, then fine-tune). The body must
     match; the head is taken only when its classes match too. Returns the names not taken."""
     theirs = model_config_from(read_config(run_dir)["model"], Path(run_dir) / CONFIG)
     mine = model.config
     if dataclasses.replace(theirs, num_classes=mine.num_classes) != mine:
-        raise CheckpointError(f"{run_dir}: its model ({theirs}) differs from this one ({mine}) "
-                              "in more than the number of classes")
+        differ = [f"{f.name} {getattr(theirs, f.name)} there, {getattr(mine, f.name)} here"
+                  + (f" ({INIT_OPTIONS[f.name]})" if f.name in INIT_OPTIONS else "")
+                  for f in dataclasses.fields(mine)
+                  if f.name != "num_classes" and getattr(theirs, f.name) != getattr(mine, f.name)]
+        raise CheckpointError(f"{run_dir}: --init needs its architecture, the number of classes aside: "
+                              + "; ".join(differ) + ". Leave those options out to take the init run's")
     same_head = theirs.num_classes == mine.num_classes
     tensors = read_weights(run_dir, theirs, skip=() if same_head else ("head.",))
     where = Path(run_dir) / WEIGHTS

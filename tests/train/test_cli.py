@@ -48,6 +48,18 @@ def test_cv_from_the_command_line(gaussian_store, tmp_path):
     assert len(json.loads((tmp_path / "cv.json").read_text())["runs"]) == 5
 
 
+def test_init_from_another_architecture_names_what_differs(gaussian_store, tmp_path):
+    """--init from a run of another architecture printed both ModelConfig reprs; it names the
+    fields that differ and the options that set them."""
+    store, _ = gaussian_store
+    common = ("train", "--store", store, "--dataset", "adience", "--task", "gender", "--epochs", "1", "--mc-samples", "0")
+    assert invoke(*common, "--out", tmp_path / "pre").exit_code == 0
+    result = invoke(*common, "--out", tmp_path / "fine", "--init", tmp_path / "pre", "--no-skip")
+    assert result.exit_code == 1
+    assert "skip True there, False here (--no-skip)" in result.output and "ModelConfig(" not in result.output
+    assert "dropout" not in result.output  # what agrees is not listed
+
+
 def test_clear_errors(gaussian_store, tmp_path):
     store, _ = gaussian_store
     result = invoke("train", "--store", store, "--dataset", "imdb", "--task", "age", "--out", tmp_path / "x")
