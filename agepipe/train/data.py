@@ -170,9 +170,11 @@ def stale_labels(store: str, feature_set: str, datasets: list[str]) -> list[str]
         except OSError:  # gone, or unreadable here: nothing to compare with
             continue
         if changed:
+            # The cut's own shard size: under another (extract's default) every shard is cut anew, photos read again.
+            cut = f" --shard-rows {index.shards[0].rows}" if index.shards else ""
             out.append(f"{dataset}: its manifest ({index.manifest}) has changed since the store's shards were cut "
                        "from it, so the labels trained on (subjects, folds, ages, genders) may not be the "
-                       f"manifest's; `agepipe extract --dataset {dataset}` brings the store up to date (shards "
+                       f"manifest's; `agepipe extract --dataset {dataset}{cut}` brings the store up to date (shards "
                        "whose labels alone changed are rewritten without reading a photo)")
     return out
 

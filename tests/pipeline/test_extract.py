@@ -361,6 +361,29 @@ def test_a_manifest_whose_labels_alone_changed_relabels_its_shards_without_readi
     assert stale_labels(str(store), the_feature_set(store), ["mini"]) == []
 
 
+def test_the_stale_labels_warning_gives_the_extract_that_relabels_the_cut_it_warns_of(mini_data, tmp_path):
+    """The warning said `agepipe extract --dataset mini` of a store cut with --shard-rows 5: run as
+    given, under the default shard size, it cut every shard anew and read every photo again, not
+    the relabelling without reading a photo that it promised."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(mini_data, data)
+    store = tmp_path / "store"
+    assert extract(data, store, "--shard-rows", 5, "--workers", 1).exit_code == 0
+    path = data / "mini" / "manifest.parquet"
+    manifest = pq.read_table(path)
+    rows = manifest.to_pylist()
+    rows[6]["gender"] = 1 - rows[6]["gender"]
+    pq.write_table(pa.Table.from_pylist(rows, schema=manifest.schema), path)
+    [stale] = stale_labels(str(store), the_feature_set(store), ["mini"])
+    command = re.search(r"`agepipe extract --dataset mini([^`]*)`", stale).group(1).split()
+    result = extract(data, store, *command, "--workers", 1)
+    assert result.exit_code == 0, result.output
+    assert "1 to do (5 rows), 3 already finished (14 rows); 1 of those to do only relabelled" in result.output
+    assert stale_labels(str(store), the_feature_set(store), ["mini"]) == []
+
+
 def test_retry_failed_redoes_only_transient_rows(mini_data, tmp_path):
     store = tmp_path / "store"
     assert extract(mini_data, store, "--shard-rows", 10, "--workers", 1).exit_code == 0
