@@ -335,10 +335,11 @@ def download(dataset, data_dir, source, workers, no_extract):
 @click.option("--workers", type=click.IntRange(1), default=None,
               help="Local worker processes (default: one per core).")
 @click.option("--shard-rows", type=click.IntRange(1), default=None,
-              help="Manifest rows per shard (one shard = one task = one Parquet file; "
-                   "default: 4096 with --runtime torch on cuda, else 1000). A shard is one worker's "
-                   "task: on a small dataset, fewer rows keep every worker busy. Keep it the same "
-                   "when you rerun, or the rows are cut anew and redone.")
+              help="Manifest rows per shard (one shard = one task = one Parquet file; default: the "
+                   "size of the dataset's finished cut, so a rerun resumes it; for a first extract 4096 "
+                   "with --runtime torch on cuda, else 1000). A shard is one worker's task: on a small "
+                   "dataset, fewer rows keep every worker busy. Another size than the cut's cuts the "
+                   "rows anew and redoes them.")
 @click.option("--batch-size", type=click.IntRange(1), default=None,
               help="Photos per batch (default: with --runtime torch on cuda, the largest power of two "
                    "up to 256 that fits each GPU's free memory; else 16).")

@@ -334,6 +334,16 @@ def manifest_table(data_dir: str, dataset: str) -> pa.Table:
     return table
 
 
+def cut_shard_rows(index: fstore.Index | None, default: int) -> int:
+    """The shard size of the dataset's committed cut: a rerun without --shard-rows (after a crash,
+    a --limit, for --retry-failed or a relabel) finds its shards, where another size would cut
+    every shard anew and read every photo again. One shard tells only that it was at least its rows."""
+    if not index or not index.shards:
+        return default
+    first = index.shards[0].rows
+    return first if len(index.shards) > 1 else max(first, default)
+
+
 def plan_shards(manifest: pa.Table, shard_rows: int) -> list[pa.Table]:
     return [manifest.slice(start, shard_rows) for start in range(0, manifest.num_rows, shard_rows)]
 
@@ -369,11 +379,13 @@ class Plan:
 
 
 def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature_set: str,
-              cfg: ExtractConfig, shard_rows: int, retry_failed: bool, manifest_sha256: dict[str, str]) -> Plan:
+              cfg: ExtractConfig, shard_rows: int | None, retry_failed: bool, manifest_sha256: dict[str, str],
+              default_rows: int = 1000) -> Plan:
     """Tasks for the shards not yet on disk. A shard counts as finished when a complete file
     holding exactly its rows, made from the manifest rows as they are now, exists, listed in
     the index or left by a run that crashed before its commit. ``manifest_sha256``: each
-    manifest file's, hashed before its rows were read (read_manifests)."""
+    manifest file's, hashed before its rows were read (read_manifests). ``shard_rows`` None:
+    each dataset's committed cut's (cut_shard_rows)."""
     from agepipe.datasets.manifest import manifest_path
 
     tasks, skipped, skipped_rows, cuts = [], 0, 0, {}
@@ -386,7 +398,7 @@ def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature
         data_root = os.path.join(os.path.expanduser(data_dir), dataset)
         shards = []
         start = 0
-        for index_no, rows in enumerate(plan_shards(manifest, shard_rows)):
+        for index_no, rows in enumerate(plan_shards(manifest, shard_rows or cut_shard_rows(index, default_rows))):
             digest, inputs = fstore.rows_digest(rows), fstore.inputs_digest(rows)
             # A shard from before inputs were recorded (None) is taken as made from these rows.
             found = sorted((p for p, made_from in on_disk.get(digest, []) if made_from in (None, inputs)),
@@ -710,7 +722,7 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
             for name in names:
                 locks.enter_context(fstore.writer_lock(store, feature_set, name))
             plan = make_plan(manifests, data_dir, store, feature_set, cfg,
-                             shard_rows or default_shard_rows(runtime, device), retry_failed, hashed)
+                             shard_rows, retry_failed, hashed, default_shard_rows(runtime, device))
             todo_rows = sum(len(t["rows"]) for t in plan.tasks)
             relabel = sum(bool(t.get("relabel")) for t in plan.tasks)
             echo(f"shards: {len(plan.tasks)} to do ({todo_rows} rows), {plan.skipped} already finished "

@@ -87,7 +87,8 @@ def test_interrupted_run_resumes_to_the_same_rows(mini_data, tmp_path):
     name = the_feature_set(resumed)
     junk = resumed / name / "mini" / ".part-00003.parquet.deadbeef.tmp"
     junk.write_bytes(b"PAR1 half a shard")
-    result = extract(mini_data, resumed, "--shard-rows", 4, "--workers", 1)
+    # without --shard-rows: the cut's own (the default size would cut every shard anew, every photo read again)
+    result = extract(mini_data, resumed, "--workers", 1)
     assert "3 to do (11 rows), 2 already finished (8 rows)" in result.output  # shard 2 held 1 row, now 4
     assert not junk.exists()
     a, b = store_rows(whole), store_rows(resumed)
