@@ -142,6 +142,15 @@ class StoreWriteError(StoreError):
     """A write the store refused (a full disk, no permission, a lost connection): no photo's fault."""
 
 
+class IndexChanged(StoreError):
+    """A commit replaced the index a run planned from: another writer's, or the next run's."""
+
+
+def index_changed(store: str, feature_set: str, dataset: str) -> IndexChanged:
+    return IndexChanged(f"{index_path(store, feature_set, dataset)} changed while this run worked (another "
+                        f"writer?); rerun `agepipe extract --dataset {dataset}`")
+
+
 @contextlib.contextmanager
 def _writing(fs, path: str, mode: str):
     """open_atomic, its OSError (the temporary already removed) said as one sentence naming the file."""
@@ -262,6 +271,12 @@ def rows_on_disk(store: str, feature_set: str, dataset: str) -> int:
         except StoreError:
             continue  # unreadable: nothing a writer keeps
     return len(ids)
+
+
+def remove_file(store: str, path: str) -> None:
+    """``path`` as write_shard returns it (on an object store, without the URL's scheme)."""
+    fs, _ = _fs(store)
+    fs.rm(path)
 
 
 def remove_stale_temporaries(store: str, feature_set: str, dataset: str) -> int:
@@ -389,8 +404,7 @@ def commit_shards(store: str, feature_set: str, dataset: str, shards: list[Shard
     fs, path = _fs(index_path(store, feature_set, dataset))
     current = index_to_replace(store, feature_set, dataset)
     if (current.generation if current else None) != expected_generation:
-        raise StoreError(f"{path} changed while this run worked (another writer?); rerun "
-                         f"`agepipe extract --dataset {dataset}`")
+        raise index_changed(store, feature_set, dataset)
     index = Index(sorted(shards, key=lambda e: e.start), sum(e.rows for e in shards), manifest_sha256,
                   uuid.uuid4().hex, manifest)
     with _writing(fs, path, "w") as f:

@@ -250,11 +250,26 @@ def extract_shard(task: dict) -> dict:
         return {"table": table, "embedded": embedded, "seconds": time.perf_counter() - started}
     t = time.perf_counter()
     path = fstore.write_shard(table, task["store"], task["feature_set"], task["dataset"], task["index"], task["inputs"])
+    check_run_current(task, path)
     timings["write"] += time.perf_counter() - t
     return {"dataset": task["dataset"], "index": task["index"], "file": path.rsplit("/", 1)[-1], "rows": table.num_rows,
             "status": dict(Counter(table["status"].to_pylist())), "faces_rescued": timings.pop("faces_rescued", 0),
             "kept": int(timings.pop("kept", 0)), "embedded": embedded, "timings": dict(timings),
             "seconds": time.perf_counter() - started, "worker_pid": os.getpid()}
+
+
+def check_run_current(task: dict, path: str) -> None:
+    """After a shard is written: StoreError if a commit replaced the index its run planned from. A
+    task that a stopped run cancelled keeps running on a cluster the run did not start (Dask cannot
+    stop a running task) and may finish after the next run's commit; its shard, which no index
+    lists, is deleted again, so the folder holds the listed shards only. Checked after the rename:
+    a commit before it deletes the file itself. One small read per shard."""
+    index = fstore.index_to_replace(task["store"], task["feature_set"], task["dataset"])
+    if (index.generation if index else None) == task.get("generation"):
+        return
+    if not index or path.rsplit("/", 1)[-1] not in {e.file for e in index.shards}:  # listed: a later run kept it
+        fstore.remove_file(task["store"], path)
+    raise fstore.index_changed(task["store"], task["feature_set"], task["dataset"])
 
 
 def _keep_results(store: str, path: str, rows: pa.Table, data_root: str, cfg: ExtractConfig,
@@ -406,7 +421,7 @@ def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature
             path = found[0] if found else None
             task = {"rows": rows.to_pylist(), "data_root": data_root, "store": store, "feature_set": feature_set,
                     "dataset": dataset, "index": index_no, "inputs": inputs, "retry_failed": retry_failed,
-                    "config": asdict(cfg)}
+                    "config": asdict(cfg), "generation": index.generation if index else None}
             shards.append((start, rows.num_rows, digest, inputs, path))
             place, start = (start, rows.num_rows), start + rows.num_rows
             if path:
@@ -490,10 +505,11 @@ class ExtractError(Exception):
 
 def _is_setup_error(error: BaseException) -> bool:
     """Failures no photo causes: missing or mismatched models, missing packages, a store that
-    refuses writes (a full disk: redoing the shard photo by photo would end in the same write)."""
+    refuses writes (a full disk: redoing the shard photo by photo would end in the same write), another
+    writer's commit (the run's own would be refused)."""
     from agepipe.features.models import ModelError
 
-    return isinstance(error, (ModelError, ImportError, MemoryError, fstore.StoreWriteError))
+    return isinstance(error, (ModelError, ImportError, MemoryError, fstore.StoreWriteError, fstore.IndexChanged))
 
 
 def run_tasks(client, tasks: list[dict], progress: bool) -> list[dict]:

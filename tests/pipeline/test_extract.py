@@ -680,3 +680,32 @@ def test_torch_runtime_matches_onnxruntime(mini_data, tmp_path):
     assert list(a.status) == list(b.status) and (a.status == "ok").sum() == 6
     cos = (np.stack(a.embedding) * np.stack(b.embedding)).sum(axis=1)
     assert cos.min() >= 0.999, cos
+
+
+def test_a_stopped_runs_task_that_finishes_after_the_next_commit_leaves_no_file(mini_data, tmp_path):
+    """--scheduler: a task that Ctrl-C cancelled keeps running on the user's worker (Dask cannot stop
+    a running task) and may write its shard after the next run's commit. That shard, listed by no
+    index, stayed in the folder, and pandas, reading the folder as the README shows, counted its rows
+    twice. The task now sees that the index changed since its run planned and deletes it."""
+    import pandas as pd
+
+    from agepipe.pipeline import extract as ex
+
+    manifests, hashed = ex.read_manifests(str(mini_data), ["mini"])
+    manifests = {"mini": manifests["mini"].slice(0, 6)}
+    cfg, store = ex.ExtractConfig(pack="buffalo_s"), str(tmp_path / "store")
+
+    def plan():
+        return ex.make_plan(manifests, str(mini_data), store, "fs-test", cfg, 3, False, hashed)
+
+    stopped = plan()  # the run stopped by Ctrl-C, one task still running on a worker
+    nxt = plan()      # the next run, which finishes and commits
+    ex.commit_plan(nxt, [ex.extract_shard(t) for t in nxt.tasks], store, "fs-test")
+    with pytest.raises(fstore.StoreError, match="changed while this run worked"):
+        ex.extract_shard(stopped.tasks[0])
+    folder = Path(store) / "fs-test" / "mini"
+    assert sorted(p.name for p in folder.glob("part-*")) == sorted(
+        Path(p).name for p in fstore.shard_files(store, "fs-test", "mini"))
+    assert len(pd.read_parquet(folder)) == 6
+    # while its run is the current one, a task writes as before
+    assert ex.extract_shard({**nxt.tasks[0], "generation": fstore.read_index(store, "fs-test", "mini").generation})
