@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import shared_memory
 from typing import TYPE_CHECKING
 
+import zlib
+
 import cv2
 import numpy as np
 
@@ -211,6 +213,11 @@ class _Pending:
     def __init__(self, slot: HostSlot, paths: list[str]):
         self.slot, self.paths = slot, paths
         self.overflow: dict[int, np.ndarray] = {}
+        self.digests: dict[int, int] = {}  # of the overflow's pixels as a decode process decoded them
+
+
+def pixels_digest(pixels: np.ndarray) -> int:
+    return zlib.crc32(memoryview(np.ascontiguousarray(pixels)).cast("B"), zlib.crc32(repr(pixels.shape).encode()))
 
 
 class ThreadDecoders:
@@ -279,13 +286,15 @@ def _decoder_main(index: int, tasks, replies, slot_names: list[str], geometry: t
         def starting(j, s=s):
             current[index] = s * batch + j  # if this process dies now, this photo did it
 
-        try:  # photos that overflow are placed by the pipeline, which decodes them again
-            decode_share(paths, hints, slots[s][1:], flat, locks[s], decode, starting)
+        try:  # photos that overflow are placed by the pipeline, which decodes them again: their digests
+            # say if it got the same pixels (the pixels themselves, MBs through a pipe, could be cut off
+            # by a decoder that dies on its next photo, and the pipeline wait forever for the rest)
+            overflow = decode_share(paths, hints, slots[s][1:], flat, locks[s], decode, starting)
             current[index] = -1
-            replies.put((index, seq, None))
+            replies.put((index, seq, None, {j: pixels_digest(p) for j, p in overflow.items()}))
         except BaseException:  # a bug, not a photo: the pipeline raises it
             current[index] = -1
-            replies.put((index, seq, traceback.format_exc()))
+            replies.put((index, seq, traceback.format_exc(), {}))
         del flat
 
 
@@ -335,16 +344,21 @@ class ProcessDecoders:
 
         while pending.waiting:
             try:
-                index, seq, error = self.replies.get(timeout=0.5)
+                index, seq, error, digests = self.replies.get(timeout=0.5)
             except queue.Empty:
                 self._replace_dead()
                 continue
             if error:
                 raise RuntimeError(f"a decode process failed:\n{error}")
             self.inflight[seq].waiting.discard(index)
+            self.inflight[seq].digests.update(digests)
         del self.inflight[pending.seq]
-        for j in np.flatnonzero(pending.slot.status_np[:len(pending.paths)] == OVERFLOW):
-            pending.overflow[int(j)] = read_photo(pending.paths[j]).pixels  # it decoded a moment ago
+        for j, digest in pending.digests.items():  # decoded a moment ago
+            pixels = read_photo(pending.paths[j]).pixels
+            if pixels_digest(pixels) != digest:  # not what the canvas and meta were made from: the shard
+                # fails, and is redone photo by photo, each decoded once
+                raise ImageError("read_error", f"{pending.paths[j]}: changed while it was decoded")
+            pending.overflow[j] = pixels
 
     def _replace_dead(self):
         for i, proc in enumerate(self.procs):

@@ -168,3 +168,30 @@ def test_a_decode_process_does_not_import_torch():
 
     code = "import sys, agepipe.features.decoders; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_a_photo_that_changes_after_it_overflowed_is_not_taken_from_the_changed_file(photos, tmp_path):
+    """A photo too big for the flat buffer is read a second time by the pipeline: a file replaced in
+    between gave pixels of another shape and content than the meta and canvas the detector used (the
+    row's face from one photo, its crop from another; pixels of another size overran the next photo's
+    place in flat). Now the second read must give the pixels the decode process digested, or the
+    batch fails (its shard is then redone photo by photo, each decoded once)."""
+    from agepipe.features.images import ImageError
+    from tests.features import changing_decoder
+
+    path = tmp_path / "change.jpg"
+    path.write_bytes(photos["players"].read_bytes())
+    (tmp_path / "change.jpg.next").write_bytes(photos["obama"].read_bytes())
+    slot = HostSlot(1, SIZE, pin=False, shared=True, flat_bytes=1000)
+    pool = ProcessDecoders(1, [slot], decode=changing_decoder.decode_into)
+    try:
+        pending = pool.submit(slot, [str(path)], [None])
+        with pytest.raises(ImageError, match="changed while it was decoded"):
+            pool.wait(pending)
+        assert slot.status_np[0] == decoders.OVERFLOW and not (tmp_path / "change.jpg.next").exists()
+        pending = pool.submit(slot, [str(path)], [None])  # unchanged since: placed as before
+        pool.wait(pending)
+        np.testing.assert_array_equal(pending.overflow[0], decoders.read_photo(str(path)).pixels)
+    finally:
+        pool.close()
+        slot.close()
