@@ -311,14 +311,24 @@ def _flock(root: str, wait: bool):
         return
     import fcntl
 
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, LOCK_FILE), "a") as f:
+    with _lock_file(root) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             held = True
         except BlockingIOError:
             held = False
         yield held
+
+
+def _lock_file(root: str):
+    """``root``/.lock opened for flock, made if missing; a store it cannot write (read-only, another
+    owner's) is StoreWriteError naming the folder, the first write an extract tries."""
+    try:
+        os.makedirs(root, exist_ok=True)
+        return open(os.path.join(root, LOCK_FILE), "a")
+    except OSError as e:
+        raise StoreWriteError(f"{root}: cannot write ({e.strerror or e}); `agepipe extract` writes the store: "
+                              "make this folder writable, or give another --store") from None
 
 
 # --- the index: which shards hold the dataset ---------------------------------------------

@@ -416,3 +416,47 @@ def test_features_shows_every_dataset_whatever_state_another_is_in(tmp_path):
         assert "good: 30 rows" in result.output, result.output
         assert "broken: cannot be read (below)" in result.output and f"Error: {path}: cannot read" in result.output
         assert "unfinished: not committed yet" in result.output
+
+
+def read_only(folder) -> list[str]:
+    """A command prefix that runs a command where ``folder`` is mounted read-only (a mount namespace
+    of its own; root ignores file modes). Skips where that is not allowed."""
+    import subprocess
+
+    prefix = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+              f'mount --bind "{folder}" "{folder}" && mount -o remount,bind,ro "{folder}" "{folder}" && exec "$@"',
+              "sh"]
+    try:
+        probe = subprocess.run([*prefix, "sh", "-c", f'! touch "{folder}/.probe" 2>/dev/null'], timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        probe = None
+    if probe is None or probe.returncode:
+        pytest.skip("needs unshare -m and mount (root in a container)")
+    return prefix
+
+
+def test_a_read_only_store_refuses_a_writer_in_one_sentence_and_still_reads(tmp_path):
+    """A store on a read-only mount: the writer lock was a PermissionError/OSError traceback (an
+    extract's first write); it is now StoreError naming the folder. Readers read as before."""
+    import subprocess
+    import sys
+
+    table, emb, ok = shard_rows(25)
+    write_cut(tmp_path, table, 10)
+    script = f"""
+from agepipe.features import store as fstore
+for dataset in ("d", "new"):  # a dataset folder with its lock file, and one not made yet
+    try:
+        with fstore.writer_lock({str(tmp_path)!r}, {FS!r}, dataset):
+            print("locked")
+    except fstore.StoreError as e:
+        print("refused:", e)
+print("ok rows:", len(fstore.load_features({str(tmp_path)!r}, {FS!r}, "d").rows))
+"""
+    result = subprocess.run([*read_only(tmp_path), sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["refused", "refused", "ok rows"], result.stdout
+    assert f"{tmp_path}/{FS}/d: cannot write" in lines[0] and f"{tmp_path}/{FS}/new: cannot write" in lines[1]
+    assert "--store" in lines[0] and lines[2] == f"ok rows: {int(ok.sum())}"
