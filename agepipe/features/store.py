@@ -279,14 +279,21 @@ def remove_file(store: str, path: str) -> None:
     fs.rm(path)
 
 
-def remove_stale_temporaries(store: str, feature_set: str, dataset: str) -> int:
-    fs, root = _fs(dataset_dir(store, feature_set, dataset))
-    if not fs.exists(root):
-        return 0
-    stale = fs.glob(_join(root, ".part-*.tmp"))
+def _remove_temporaries(fs, root: str, names: list[str]) -> int:
+    """The temporaries open_atomic left for ``names`` in ``root`` (.NAME.<id>.tmp): a process killed
+    mid-write never removes its own."""
+    stale = [path for name in names for path in fs.glob(_join(root, f".{name}.*.tmp"))]
     for path in stale:
         fs.rm(path)
     return len(stale)
+
+
+def remove_stale_temporaries(store: str, feature_set: str, dataset: str) -> int:
+    """The dataset's shard and index temporaries; called under its writer lock, so none is in flight."""
+    fs, root = _fs(dataset_dir(store, feature_set, dataset))
+    if not fs.exists(root):
+        return 0
+    return _remove_temporaries(fs, root, ["part-*", INDEX_FILE])
 
 
 @contextlib.contextmanager
@@ -481,7 +488,9 @@ def update_feature_set_info(store: str, feature_set: str, update) -> dict:
     """Read feature_set.json, ``update(info)`` in place, write it back; returns info. Extracts
     of different datasets share the file: on a local store each waits for the other's update
     (a lock of the feature set's folder), so neither's record is lost."""
-    with _flock(_join(str(store), feature_set), wait=True):
+    with _flock(_join(str(store), feature_set), wait=True) as held:
+        if held:  # no other update in flight: a temporary there is a killed one's
+            _remove_temporaries(*_fs(_join(str(store), feature_set)), ["feature_set.json"])
         info = read_feature_set_info(store, feature_set)
         update(info)
         write_feature_set_info(store, feature_set, info)

@@ -460,3 +460,19 @@ print("ok rows:", len(fstore.load_features({str(tmp_path)!r}, {FS!r}, "d").rows)
     assert [line.split(":")[0] for line in lines] == ["refused", "refused", "ok rows"], result.stdout
     assert f"{tmp_path}/{FS}/d: cannot write" in lines[0] and f"{tmp_path}/{FS}/new: cannot write" in lines[1]
     assert "--store" in lines[0] and lines[2] == f"ok rows: {int(ok.sum())}"
+
+
+def test_temporaries_of_a_writer_killed_mid_write_are_removed_by_the_next(tmp_path):
+    """open_atomic names its temporaries .NAME.<id>.tmp: the next writer removed the shards' only,
+    never the index's or feature_set.json's of a client killed while it wrote them."""
+    table, _, _ = shard_rows(5)
+    write_cut(tmp_path, table, 10)
+    folder = tmp_path / FS / "d"
+    junk = [folder / ".part-00000-0123abcd.parquet.deadbeef.tmp", folder / "._index.json.deadbeef.tmp",
+            tmp_path / FS / ".feature_set.json.deadbeef.tmp"]
+    for path in junk:
+        path.write_text("half")
+    assert fstore.remove_stale_temporaries(str(tmp_path), FS, "d") == 2
+    fstore.update_feature_set_info(str(tmp_path), FS, lambda info: info.update(runs=[]))
+    assert not [p for p in junk if p.exists()]
+    assert sorted(p.name for p in tmp_path.rglob(".*")) == [".lock", ".lock"]
