@@ -94,6 +94,21 @@ def check_address(address: str) -> None:
         parse_host_port(location)
 
 
+WORKER_START_TIMEOUT = 120  # seconds for the local workers to join their scheduler
+
+
+@contextlib.contextmanager
+def _workers_start(n: int):
+    """ClusterError for local worker processes that do not start: one dies as it starts (distributed's
+    'Nanny failed to start.' RuntimeError) or does not join in time (TimeoutError)."""
+    try:
+        yield
+    except (RuntimeError, TimeoutError, OSError) as e:
+        raise ClusterError(f"{n} local Dask worker process{'es' if n > 1 else ''} did not start "
+                           f"({type(e).__name__}: {e}); free memory, or ask for fewer "
+                           "(--workers N, --gpus)") from None
+
+
 @contextlib.contextmanager
 def open_client(scheduler: str | None = None, gpus: list[str] | None = None, workers: int | None = None):
     """A Client and its Layout for the chosen mode; a cluster we start is closed afterwards."""
@@ -118,7 +133,8 @@ def open_client(scheduler: str | None = None, gpus: list[str] | None = None, wor
         return
     # read by each nanny as it starts; a nanny of an earlier cluster in this process may have left
     # the variable in os.environ, which its workers would inherit
-    with dask.config.set(GPU_WORKER_CONFIG if gpus else WORKER_CONFIG), _without_env("MALLOC_TRIM_THRESHOLD_"):
+    with dask.config.set(GPU_WORKER_CONFIG if gpus else WORKER_CONFIG), _without_env("MALLOC_TRIM_THRESHOLD_"), \
+            _workers_start(len(gpus) if gpus else local_layout(workers).workers):
         if gpus:
             # One worker process per GPU, each seeing only its own device, like dask-cuda's LocalCUDACluster.
             # Two task threads: one shard writes its Parquet while the next has the device (features/gpu.py
@@ -135,7 +151,8 @@ def open_client(scheduler: str | None = None, gpus: list[str] | None = None, wor
                                    dashboard_address=f"{LOOPBACK}:0", silence_logs=40)
     try:
         with Client(cluster) as client:
-            client.wait_for_workers(layout.workers, timeout=120)
+            with _workers_start(layout.workers):
+                client.wait_for_workers(layout.workers, timeout=WORKER_START_TIMEOUT)
             yield client, layout
     finally:
         cluster.close()

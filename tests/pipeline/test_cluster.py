@@ -78,3 +78,35 @@ def test_a_scheduler_that_does_not_answer_is_one_sentence_and_writes_nothing(tmp
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), repr(result.exception)
     assert f"Error: --scheduler {address}: " in result.output and "dask scheduler" in result.output, result.output
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize("failure", ["exits", "times out"])
+def test_local_workers_that_do_not_start_are_one_sentence_and_write_nothing(tmp_path, monkeypatch, failure):
+    """A local worker process that dies as it starts (out of memory, a broken install) ended in
+    distributed's 'RuntimeError: Nanny failed to start.' traceback, one that never joins the cluster
+    in a TimeoutError traceback from wait_for_workers; both are now one sentence, nothing in the store."""
+    import dask
+    from click.testing import CliRunner
+    from distributed import Client
+
+    from agepipe.cli import cli
+    from tests.pipeline.conftest import write_manifest
+
+    write_manifest(tmp_path / "data" / "mini", [{"image_id": "a.jpg", "subject_id": "s", "fold": 0, "age": 30.0,
+                                                 "age_bin": 4, "gender": 1, "face_hint": None, "status": "ok"}])
+    config = {}
+    if failure == "exits":
+        (tmp_path / "die.py").write_text("import os\nos._exit(3)\n")  # a worker preload: the process dies
+        config = {"distributed.worker.preload": [str(tmp_path / "die.py")]}
+    else:
+        def never(self, n_workers, timeout=None):
+            raise TimeoutError(f"Only 0/{n_workers} workers arrived after {timeout}")
+
+        monkeypatch.setattr(Client, "wait_for_workers", never)
+    with dask.config.set(config):
+        result = CliRunner().invoke(cli, ["extract", "--dataset", "mini", "--data-dir", str(tmp_path / "data"),
+                                          "--store", str(tmp_path / "store"), "--workers", "1"])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Error: 1 local Dask worker process did not start" in result.output, result.output
+    assert "--workers" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "store").exists()
