@@ -308,7 +308,7 @@ def test_write_dataset_holds_the_writer_lock_from_its_first_shard(tmp_path, monk
         path = write_shard(*args, **kwargs)
         if not refused:
             refused.append("once")
-            with pytest.raises(fstore.StoreError, match="another `agepipe extract` is writing") as e:
+            with pytest.raises(fstore.StoreError, match="another `agepipe extract` is writing"):
                 write_cut(tmp_path, other, 20)
         return path
 
