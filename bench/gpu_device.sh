@@ -4,11 +4,15 @@
 #
 #   bash bench/gpu_device.sh wheels            # here, once: cp312 wheels into .cache/wheels (~50 MB)
 #   bash bench/gpu_device.sh run [ARGS...]     # on the device; ARGS go to gpu_extract_device.py
-#   bash bench/gpu_device.sh train             # on the device: the CUDA training tests, train_bench.py and
-#                                              # table_device.py (eager, then --cuda-graphs) on CUDA
+#   bash bench/gpu_device.sh train [PART]      # on the device: PART tests (the CUDA training tests), bench
+#                                              # (train_bench.py), table (table_device.py: the whole grid),
+#                                              # graphs (the same with --cuda-graphs), or all of them (default)
 #
 # With the device tool: carry [".cache/wheels", ".cache/test-photos"] (about 57 MiB of the 64 MiB a
 # run may carry) and command "bash bench/gpu_device.sh run --profile", timeout about 420 s (4,000 crops).
+# Training, one device call a part so a slow one cannot cost the others' output: "train tests" and
+# "train bench" (not yet timed on a GPU), then "train table" (the grid's target is 2 minutes; it
+# prints each cell as it finishes), then "train graphs" if time is left.
 # On the device only wheels whose distribution is missing are installed (--no-index --no-deps), so
 # what the machine has (torch, numpy, ...) is never replaced. If the import check names another
 # missing module (pandas? scipy?), add its wheels here: bash bench/gpu_device.sh wheels pandas ...
@@ -46,11 +50,14 @@ from agepipe.features.models import resolve_pack; resolve_pack("buffalo_s")' \
   if [ "$mode" = run ]; then
     "$PY" bench/gpu_extract_device.py "$@"
   else
-    # the CUDA-only training tests first (the graphed steps against the eager ones), then the timings
-    "$PY" -m pytest -q -p no:cacheprovider tests/train -k cuda_graph || echo "== CUDA training tests FAILED"
-    "$PY" bench/train_bench.py --device cuda "$@"
-    "$PY" bench/table_device.py --device cuda
-    "$PY" bench/table_device.py --device cuda --cuda-graphs
+    # parts, so each can be its own device call (its own time limit): tests, bench, table, graphs
+    part=${1:-all}
+    [ $# -gt 0 ] && shift
+    case "$part" in tests|all)  # the CUDA-only training tests (the graphed steps against the eager ones)
+      "$PY" -m pytest -q -p no:cacheprovider tests/train -k cuda_graph || echo "== CUDA training tests FAILED" ;; esac
+    case "$part" in bench|all) "$PY" bench/train_bench.py --device cuda "$@" ;; esac
+    case "$part" in table|all) "$PY" bench/table_device.py --device cuda ;; esac
+    case "$part" in graphs|all) "$PY" bench/table_device.py --device cuda --cuda-graphs ;; esac
   fi ;;
 *)
   sed -n '2,14p' "$0"; exit 2 ;;
