@@ -25,7 +25,8 @@ def sample_data(tmp_path_factory):
 
 
 def test_the_readme_sequence_holds_each_row_once(sample_data, tmp_path):
-    """`--shard-rows 16 --limit 40`, then a plain run: 58 rows, not 40 + 58 - 16 = 82."""
+    """`--shard-rows 16 --limit 40`, then a plain run: 58 rows, not 40 + 58 - 16 = 82, in the
+    first cut's 16-row shards (the two it finished kept)."""
     store = tmp_path / "store"
     common = ("--dataset", "sample", "--data-dir", sample_data, "--store", store, "--workers", 1)
     out = run("extract", *common, "--shard-rows", 16, "--limit", 40)
@@ -33,27 +34,27 @@ def test_the_readme_sequence_holds_each_row_once(sample_data, tmp_path):
     [name] = fstore.list_feature_sets(str(store))
     assert f"{name}  sample: 40 rows" in run("features", "list", "--store", store)
     out = run("extract", *common)
-    assert "1 to do (58 rows), 0 already finished" in out
+    assert "2 to do (26 rows), 2 already finished (32 rows)" in out  # rows 32-39 redone in shard 32-47
     manifest = pq.read_table(sample_data / "sample" / "manifest.parquet").to_pandas()
     assert len(manifest) == 58
     assert f"{name}  sample: 58 rows" in run("features", "list", "--store", store)
     rows = fstore.read_table(str(store), name, "sample").to_pandas()
     assert sorted(rows.image_id) == sorted(manifest.image_id)
-    assert len(list((store / name / "sample").glob("part-*.parquet"))) == 1  # the first cut is gone
+    assert len(list((store / name / "sample").glob("part-*.parquet"))) == 4  # the 8-row shard is gone
     index = json.loads((store / name / "sample" / "_index.json").read_text())
-    assert index["rows"] == 58 and [s["rows"] for s in index["shards"]] == [58]
+    assert index["rows"] == 58 and [s["rows"] for s in index["shards"]] == [16, 16, 16, 10]
     # train sees each usable row once
     out_dir = tmp_path / "runs" / "gender"
     run("train", "--store", store, "--dataset", "sample", "--task", "gender", "--out", out_dir, "--epochs", 1)
     record = json.loads((out_dir / "config.json").read_text())
     usable = ((rows.status == "ok") & (rows.gender >= 0)).sum()
     assert sum(record["data"]["split_sizes"].values()) == usable and usable > 40
-    # a rerun with the first cut's shard size resumes nothing from the old cut, now gone, and
-    # replaces the cut again: still 58 rows
-    out = run("extract", *common, "--shard-rows", 16)
-    assert "4 to do (58 rows), 0 already finished" in out
+    # another --shard-rows cuts anew, replacing the cut: still 58 rows; a plain rerun keeps that cut
+    assert "1 to do (58 rows), 0 already finished" in run("extract", *common, "--shard-rows", 58)
     assert len(fstore.read_table(str(store), name, "sample")) == 58
-    assert "0 to do (0 rows), 4 already finished (58 rows)" in run("extract", *common, "--shard-rows", 16)
+    assert "0 to do (0 rows), 1 already finished (58 rows)" in run("extract", *common)
+    assert "4 to do (58 rows), 0 already finished" in run("extract", *common, "--shard-rows", 16)
+    assert "0 to do (0 rows), 4 already finished (58 rows)" in run("extract", *common)
     # a deleted shard: readers refuse, naming what to run; extract redoes just that shard
     victim = fstore.shard_files(str(store), name, "sample")[2]
     (store / name / "sample" / victim.rsplit("/", 1)[-1]).unlink()
@@ -62,7 +63,7 @@ def test_the_readme_sequence_holds_each_row_once(sample_data, tmp_path):
     result = CliRunner().invoke(cli, ["train", "--store", str(store), "--dataset", "sample", "--task", "gender",
                                       "--out", str(tmp_path / "runs" / "x"), "--epochs", 1])
     assert result.exit_code == 1 and "is missing; run `agepipe extract --dataset sample`" in result.output
-    assert "1 to do (16 rows), 3 already finished (42 rows)" in run("extract", *common, "--shard-rows", 16)
+    assert "1 to do (16 rows), 3 already finished (42 rows)" in run("extract", *common)
     assert len(fstore.read_table(str(store), name, "sample")) == 58
 
 
