@@ -385,8 +385,9 @@ def test_the_stale_labels_warning_gives_the_extract_that_relabels_the_cut_it_war
     assert stale_labels(str(store), the_feature_set(store), ["mini"]) == []
 
 
-def test_retry_failed_redoes_only_transient_rows(mini_data, tmp_path):
-    store = tmp_path / "store"
+def extract_with_a_lost_photo(mini_data, store):
+    """The mini dataset in two 10-row shards, its shard 0 committed again with its third photo
+    "worker_lost"; returns the feature set, that shard's table, its inputs digest and its path."""
     assert extract(mini_data, store, "--shard-rows", 10, "--workers", 1).exit_code == 0
     name = the_feature_set(store)
     index = fstore.read_index(str(store), name, "mini")
@@ -399,6 +400,12 @@ def test_retry_failed_redoes_only_transient_rows(mini_data, tmp_path):
     lost = fstore.write_shard(table, str(store), name, "mini", 0, made_from)
     fstore.commit_shards(str(store), name, "mini", [replace(index.shards[0], file=Path(lost).name), index.shards[1]],
                          index.manifest_sha256, index.generation)
+    return name, table, made_from, lost
+
+
+def test_retry_failed_redoes_only_transient_rows(mini_data, tmp_path):
+    store = tmp_path / "store"
+    name, table, made_from, lost = extract_with_a_lost_photo(mini_data, store)
     assert "0 to do (0 rows), 2 already finished" in extract(mini_data, store, "--shard-rows", 10, "--workers", 1).output
     # Retrying reads photos: from a --data-dir without them the run stops, the store unchanged.
     elsewhere = tmp_path / "elsewhere" / "mini"
@@ -421,18 +428,7 @@ def test_retry_failed_commits_the_shard_it_wrote_not_a_killed_retrys_leftover(mi
     commit lists the shard it wrote. (It listed whichever file holding those rows sorted first,
     here the leftover, so the photo stayed worker_lost after a run that had redone it.)"""
     store = tmp_path / "store"
-    assert extract(mini_data, store, "--shard-rows", 10, "--workers", 1).exit_code == 0
-    name = the_feature_set(store)
-    index = fstore.read_index(str(store), name, "mini")
-    first = fstore.shard_files(str(store), name, "mini")[0]
-    table = pq.read_table(first)
-    status = table["status"].to_pylist()
-    status[2] = "worker_lost"
-    table = table.set_column(table.schema.get_field_index("status"), "status", pa.array(status))
-    _, made_from = fstore.shard_digests(str(store), first)
-    lost = fstore.write_shard(table, str(store), name, "mini", 0, made_from)
-    fstore.commit_shards(str(store), name, "mini", [replace(index.shards[0], file=Path(lost).name), index.shards[1]],
-                         index.manifest_sha256, index.generation)
+    name, table, made_from, lost = extract_with_a_lost_photo(mini_data, store)
     leftover = Path(fstore.write_shard(table, str(store), name, "mini", 0, made_from))  # the killed retry's
     leftover = leftover.rename(leftover.with_name("part-00000-00000000.parquet"))         # sorts first
     result = extract(mini_data, store, "--shard-rows", 10, "--workers", 1, "--retry-failed")
