@@ -366,20 +366,9 @@ def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, bat
       agepipe extract --dataset imdb-wiki --models buffalo_l --gpus all --runtime torch
       agepipe extract --dataset imdb --scheduler tcp://10.0.0.5:8786 --store s3://bucket/store
     """
-    from agepipe.datasets import REGISTRY, choices, expand_groups
-    from agepipe.datasets.manifest import manifest_path
-    from agepipe.paths import check_name
     from agepipe.pipeline.cluster import parse_gpus
     from agepipe.pipeline.extract import run_extract
 
-    for name in expand_groups(datasets):  # a typo: not "download it first", which download would refuse
-        try:
-            check_name(name, "--dataset")
-        except ValueError as e:
-            fail(str(e))
-        if name not in REGISTRY and not manifest_path(data_dir, name).exists():
-            fail(f"unknown dataset {name!r}: agepipe knows {', '.join(choices())}, and there is no manifest "
-                 f"at {manifest_path(data_dir, name)}")
     if gpus and scheduler:
         fail("--gpus starts its own workers; with --scheduler, start GPU workers on the cluster instead")
     try:

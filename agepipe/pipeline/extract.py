@@ -310,11 +310,15 @@ def manifest_table(data_dir: str, dataset: str) -> pa.Table:
     leave the dataset's folder costs that row (status "bad_path")."""
     import re
 
+    from agepipe.datasets import REGISTRY, choices
     from agepipe.datasets.manifest import is_safe_relpath, manifest_path
     from agepipe.paths import check_name
 
     check_name(dataset, "--dataset")
     path = manifest_path(data_dir, dataset)
+    if not path.exists() and dataset not in REGISTRY:  # a typo: not "download it first", which download refuses
+        raise FileNotFoundError(f"unknown dataset {dataset!r}: agepipe knows {', '.join(choices())}, and there "
+                                f"is no manifest at {path}")
     if not path.exists():
         raise FileNotFoundError(f"no manifest at {path}; run `agepipe download --dataset {dataset}` first")
     try:
