@@ -116,8 +116,8 @@ def check_datasets_held(store: str, feature_set: str, datasets: list[str]) -> No
     from agepipe.datasets import REGISTRY, choices
 
     held = fstore.list_datasets(store, feature_set)
-    if not held and feature_set not in (found := fstore.list_feature_sets(store)):
-        raise FileNotFoundError(f"feature set {feature_set!r} not in {store} (found: {', '.join(found) or 'none'})")
+    if not held:
+        resolve_feature_set(store, feature_set)  # a feature set the store lacks is named as that
     for name in datasets:
         if name in held:
             continue
