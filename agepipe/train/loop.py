@@ -465,11 +465,12 @@ def summary_values(metrics: dict) -> dict:
 def check_init_features(init: str, record: dict) -> None:
     """Refuse to start from a run trained on another recogniser's embeddings: its weights read
     another space, and fine-tuning from them would train on as if they did not."""
-    theirs = read_config(init).get("data", {}).get("features", {}).get("recognizer_sha256")
+    data = read_config(init).get("data", {})
+    theirs = data.get("features", {}).get("recognizer_sha256")
     mine = record["features"].get("recognizer_sha256")
     if theirs and mine and theirs != mine:
         raise CheckpointError(f"{init}: trained on embeddings of recogniser sha256 {theirs[:12]}... "
-                              f"({read_config(init)['data'].get('feature_set')}); feature set "
+                              f"({data.get('feature_set')}); feature set "
                               f"{record['feature_set']} has {mine[:12]}...: --init needs a run of the same face models")
 
 
