@@ -133,8 +133,9 @@ def open_client(scheduler: str | None = None, gpus: list[str] | None = None, wor
         return
     # read by each nanny as it starts; a nanny of an earlier cluster in this process may have left
     # the variable in os.environ, which its workers would inherit
+    layout = gpu_layout(gpus) if gpus else local_layout(workers)
     with dask.config.set(GPU_WORKER_CONFIG if gpus else WORKER_CONFIG), _without_env("MALLOC_TRIM_THRESHOLD_"), \
-            _workers_start(len(gpus) if gpus else local_layout(workers).workers):
+            _workers_start(layout.workers):
         if gpus:
             # One worker process per GPU, each seeing only its own device, like dask-cuda's LocalCUDACluster.
             # Two task threads: one shard writes its Parquet while the next has the device (features/gpu.py
@@ -144,9 +145,7 @@ def open_client(scheduler: str | None = None, gpus: list[str] | None = None, wor
                     for g in gpus}
             cluster = SpecCluster(workers=spec, silence_logs=40, scheduler={
                 "cls": Scheduler, "options": {"host": LOOPBACK, "dashboard_address": f"{LOOPBACK}:0"}})
-            layout = gpu_layout(gpus)
         else:
-            layout = local_layout(workers)
             cluster = LocalCluster(n_workers=layout.workers, threads_per_worker=1, processes=True, host=LOOPBACK,
                                    dashboard_address=f"{LOOPBACK}:0", silence_logs=40)
     try:
