@@ -20,7 +20,7 @@ import pandas as pd
 
 from agepipe.datasets import adience, imdb_wiki, sample
 from agepipe.download import RemoteFile, fetch, forget
-from agepipe.datasets.manifest import MANIFEST_FILE, MetadataError, write_manifest
+from agepipe.datasets.manifest import MetadataError, manifest_path, write_manifest
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,8 @@ def prepare(name: str, data_dir: str | Path, source: str | None = None, workers:
     try:
         frame = dataset.build_manifest(root)
     except MetadataError as e:
-        raise _drop_stale_manifest(root / MANIFEST_FILE, _forget_wrong_file(dataset, root, e)) from None
-    return write_manifest(frame, root / MANIFEST_FILE), frame
+        raise _drop_stale_manifest(manifest_path(data_dir, name), _forget_wrong_file(dataset, root, e)) from None
+    return write_manifest(frame, manifest_path(data_dir, name)), frame
 
 
 def _drop_stale_manifest(path: Path, error: MetadataError) -> MetadataError:
