@@ -88,7 +88,7 @@ PUBLISHED = {
     ("age", "neither", "pretrained"): (0.5936561489498906, 0.03572556187687143),
 }
 
-CSV_COLUMNS = ["task", "variant", "init", "runs", "accuracy_mean", "accuracy_std", "ci95_low", "ci95_high",
+CSV_COLUMNS = ["task", "variant", "init", "runs", "accuracy_mean", "accuracy_std", "ci95_low", "ci95_high", "ci95_over",
                "published_mean", "published_std", "seconds", "pretrain_seconds", "lr", "weight_decay", "gamma",
                "batch_size", "dropout", "batch_norm", "skip"]
 
@@ -130,16 +130,24 @@ def cell_train_overrides(task: str, variant: str, settings: list[tuple[str, str,
     return out
 
 
-def accuracy_stats(values: list[float]) -> dict:
+def accuracy_stats(values: list[float], folds: list[int]) -> dict:
     """Mean and std over the runs (np.std, as cv.json and the original report them) and a 95%
-    Student-t confidence interval of the mean (NaN with a single run)."""
-    a = np.asarray(values, dtype=np.float64)
-    mean = float(a.mean())
-    half = math.nan
-    if len(a) > 1:
-        half = float(stdtrit(len(a) - 1, 0.975) * a.std(ddof=1) / math.sqrt(len(a)))
-    return {"runs": len(a), "accuracy_mean": mean, "accuracy_std": float(a.std()),
-            "ci95_low": mean - half, "ci95_high": mean + half}
+    Student-t confidence interval of the mean, clipped to [0, 1].
+
+    The interval is over the test folds' means, not the runs: the seeds of one fold score the
+    same photos, so their accuracies move together and 25 runs are 5 draws, not 25 (an interval
+    over the runs came out about sqrt(5) times too narrow). With one test fold the seeds are all
+    there is: the interval is over them and says only how training varies on that fold. A single
+    run has neither std nor interval (NaN)."""
+    a, f = np.asarray(values, dtype=np.float64), np.asarray(folds)
+    means = np.array([a[f == k].mean() for k in np.unique(f)])
+    draws, over = (means, "folds") if len(means) > 1 else (a, "seeds")
+    mean, low, high = float(a.mean()), math.nan, math.nan
+    if len(draws) > 1:
+        half = float(stdtrit(len(draws) - 1, 0.975) * draws.std(ddof=1) / math.sqrt(len(draws)))
+        low, high = max(mean - half, 0.0), min(mean + half, 1.0)
+    return {"runs": len(a), "accuracy_mean": mean, "accuracy_std": float(a.std()) if len(a) > 1 else math.nan,
+            "ci95_low": low, "ci95_high": high, "ci95_over": over if len(draws) > 1 else ""}
 
 
 @dataclass
@@ -217,20 +225,21 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
                                         folds=grid.folds, cuda_graphs=cuda_graphs)
                     done = {"identity": identity, "seconds": time.perf_counter() - cell_start,
                             "pretrain_seconds": pretrain_seconds,
-                            "accuracy": [r["test_accuracy"] for r in cv["runs"]]}
+                            "accuracy": [r["test_accuracy"] for r in cv["runs"]],
+                            "folds": [r["fold"] for r in cv["runs"]]}
                     write_json(cell_dir / "cell.json", done)
                     how = f"trained in {done['seconds']:.1f} s" + (f" (again: {why})" if why else "")
                 else:
                     how = f"reused (trained in {done['seconds']:.1f} s before)"
-                row = {"task": task, "variant": variant, "init": init, **accuracy_stats(done["accuracy"])}
+                row = {"task": task, "variant": variant, "init": init, **accuracy_stats(done["accuracy"], done["folds"])}
                 published = PUBLISHED.get((task, variant, init))
                 row["published_mean"], row["published_std"] = published if published else (None, None)
                 row.update(seconds=done["seconds"], pretrain_seconds=done.get("pretrain_seconds"),
                            **{k: train_cfg.to_dict()[k] for k in ("lr", "weight_decay", "gamma", "batch_size")},
                            **{k: model_cfg.to_dict()[k] for k in ("dropout", "batch_norm", "skip")})
                 rows.append(row)
-                echo(f"[{len(rows)}/{len(cells)}] {task} {init} {variant}: accuracy {row['accuracy_mean']:.4f} "
-                     f"+- {row['accuracy_std']:.4f} over {row['runs']} runs, {how}"
+                echo(f"[{len(rows)}/{len(cells)}] {task} {init} {variant}: accuracy {_mean_std(row)} "
+                     f"over {row['runs']} run{'s' if row['runs'] > 1 else ''}, {how}"
                      + (f" (original {published[0]:.4f} +- {published[1]:.4f})" if published else ""))
     wall = time.perf_counter() - start
     write_table(out, rows, grid, wall, f"{dev} ({precision(dev, amp)})", feature_set)
@@ -270,7 +279,11 @@ def _finished_cell(cell_dir: Path, identity: dict) -> tuple[dict | None, str]:
     old = {"precision": "float32", **done["identity"]}
     new = json.loads(json.dumps(identity))  # tuples and lists alike
     changed = [k for k in new if old.get(k) != new[k]]
-    return (done, "") if not changed else (None, f"{', '.join(changed)} changed")
+    if changed:
+        return None, f"{', '.join(changed)} changed"
+    if "folds" not in done:  # the confidence interval is over the folds' means
+        return None, "recorded without its runs' test folds"
+    return done, ""
 
 
 def _read_cell(path: Path) -> tuple[dict | None, str]:
@@ -284,14 +297,25 @@ def _read_cell(path: Path) -> tuple[dict | None, str]:
           and isinstance(done.get("seconds"), (int, float))
           and isinstance(done.get("pretrain_seconds"), (int, float, type(None)))
           and isinstance(done.get("accuracy"), list) and len(done["accuracy"]) > 0
-          and all(isinstance(a, (int, float)) for a in done["accuracy"]))
-    return (done, "") if ok else (None, "not a cell's record of identity, seconds and accuracies")
+          and all(isinstance(a, (int, float)) for a in done["accuracy"])
+          and ("folds" not in done or (isinstance(done["folds"], list) and len(done["folds"]) == len(done["accuracy"])
+                                       and all(isinstance(k, int) for k in done["folds"]))))
+    return (done, "") if ok else (None, "not a cell's record of identity, seconds, accuracies and folds")
+
+
+def _blank(v) -> bool:
+    """Nothing to show: not published, or no spread for one run."""
+    return v is None or (isinstance(v, float) and not math.isfinite(v))
 
 
 def _num(v, digits: int = 4) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return ""
-    return f"{v:.{digits}f}"
+    return "" if _blank(v) else f"{v:.{digits}f}"
+
+
+def _mean_std(row: dict) -> str:
+    """"mean +- std", or the mean alone for one run (it has no spread to show)."""
+    std = row["accuracy_std"]
+    return f"{row['accuracy_mean']:.4f}" + (f" +- {std:.4f}" if math.isfinite(std) else "")
 
 
 def write_table(out: Path, rows: list[dict], grid: Grid, wall_seconds: float, device: str, feature_set: str) -> None:
@@ -300,14 +324,17 @@ def write_table(out: Path, rows: list[dict], grid: Grid, wall_seconds: float, de
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: "" if row.get(k) is None else row[k] for k in CSV_COLUMNS})
+        writer.writerow({k: "" if _blank(row.get(k)) else row[k] for k in CSV_COLUMNS})
     write_text(out / "table.csv", buf.getvalue())
 
     folds = ", ".join(map(str, grid.folds)) if grid.folds is not None else "0-4"
     lines = ["# Kim 2021's table, reproduced by agepipe", "",
              f"Test accuracy on the held-out fold, over test folds {folds} x {grid.seeds} seed(s) per cell "
              f"({grid.epochs or 30} epochs at most); feature set `{feature_set}`, device {device}.",
-             "std: over the runs (np.std, as the original reports it); 95% CI: Student t interval of the mean.",
+             "std: over the runs (np.std, as the original reports it). 95% CI: Student t interval of the mean "
+             "over the test folds' means (a fold's seeds score the same photos, so the folds are the independent "
+             "draws), over the seeds where one fold was tested (how training varies, not the photos), clipped "
+             "to [0, 1]; none for one run.",
              f"original: the published mean +- std over 5 folds x 5 seeds ({PUBLISHED_SOURCE}).", ""]
     for task in grid.tasks:
         lines += [f"## {task}", "",
@@ -316,10 +343,11 @@ def write_table(out: Path, rows: list[dict], grid: Grid, wall_seconds: float, de
         for r in (r for r in rows if r["task"] == task):
             original = (f"{_num(r['published_mean'])} +- {_num(r['published_std'])}"
                         if r["published_mean"] is not None else "")
-            ci = f"[{_num(r['ci95_low'])}, {_num(r['ci95_high'])}]" if math.isfinite(r["ci95_low"]) else ""
+            ci = (f"[{_num(r['ci95_low'])}, {_num(r['ci95_high'])}]" + (" (seeds)" if r["ci95_over"] == "seeds" else "")
+                  if math.isfinite(r["ci95_low"]) else "")
             seconds = _num(r["seconds"], 1) + (f" (pre-training {_num(r['pretrain_seconds'], 1)})"
                                                if r["pretrain_seconds"] is not None else "")
-            lines.append(f"| {r['variant']} | {r['init']} | {_num(r['accuracy_mean'])} +- {_num(r['accuracy_std'])} "
+            lines.append(f"| {r['variant']} | {r['init']} | {_mean_std(r)} "
                          f"| {ci} | {original} | {r['runs']} | {r['lr']:g} | {seconds} |")
         lines.append("")
     lines += ["Variants: " + "; ".join(f"{v}: {VARIANT_HELP[v]}" for v in grid.variants) + ".", "",

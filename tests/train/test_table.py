@@ -3,6 +3,7 @@ import csv
 import json
 import math
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -147,22 +148,46 @@ def test_a_cell_trained_on_rows_the_store_no_longer_holds_is_trained_again(table
 
 def test_blank_where_nothing_was_published(tmp_path):
     from agepipe.train.table import Grid, write_table
-    row = {"task": "age", "variant": "full", "init": "scratch", **accuracy_stats([0.5, 0.6]),
+    row = {"task": "age", "variant": "full", "init": "scratch", **accuracy_stats([0.5, 0.6], [0, 1]),
            "published_mean": None, "published_std": None, "seconds": 1.0, "pretrain_seconds": None,
            "lr": 0.001, "weight_decay": 0.0, "gamma": 0.5, "batch_size": 8, "dropout": 0.05,
            "batch_norm": True, "skip": True}
     write_table(tmp_path, [row], Grid(["age"], ["full"], ["scratch"]), 1.0, "cpu", "fs")
     (r,) = read_csv(tmp_path / "table.csv")
     assert r["published_mean"] == "" and r["published_std"] == ""
-    assert "| full | scratch | 0.5500 +- 0.0500 | [-0.0853, 1.1853] |  | 2 |" in (tmp_path / "table.md").read_text()
+    # the interval (-0.0853 to 1.1853 unclipped) is clipped to what an accuracy can be
+    assert "| full | scratch | 0.5500 +- 0.0500 | [0.0000, 1.0000] |  | 2 |" in (tmp_path / "table.md").read_text()
 
 
-def test_confidence_interval_is_the_t_interval_of_the_mean():
-    s = accuracy_stats([0.8, 0.9, 1.0])
-    # mean 0.9, sample std 0.1, t(0.975, 2) = 4.302653
-    assert s["ci95_high"] - 0.9 == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-6)
-    assert s["accuracy_std"] == pytest.approx(math.sqrt(2 / 300))
-    assert math.isnan(accuracy_stats([0.7])["ci95_low"])
+def test_confidence_interval_is_the_t_interval_of_the_fold_means():
+    # two seeds on each of three folds: the fold means 0.7, 0.8, 0.9 are the draws (mean 0.8,
+    # sample std 0.1, t(0.975, 2) = 4.302653), not the six runs
+    runs = [0.69, 0.71, 0.78, 0.82, 0.9, 0.9]
+    s = accuracy_stats(runs, [0, 0, 1, 1, 2, 2])
+    assert s["accuracy_mean"] == pytest.approx(0.8)
+    assert s["ci95_low"] == pytest.approx(0.8 - 4.302653 * 0.1 / math.sqrt(3), rel=1e-6)
+    assert s["ci95_high"] == 1.0 and s["ci95_over"] == "folds"  # 1.048 clipped: no accuracy exceeds 1
+    assert s["accuracy_std"] == pytest.approx(np.std(runs))
+
+
+def test_one_fold_gives_the_seeds_interval_and_one_run_none():
+    s = accuracy_stats([0.6, 0.7, 0.8], [3, 3, 3])
+    assert s["ci95_high"] - 0.7 == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-6)
+    assert s["ci95_over"] == "seeds"
+    one = accuracy_stats([0.7], [0])
+    assert math.isnan(one["ci95_low"]) and math.isnan(one["accuracy_std"]) and one["ci95_over"] == ""
+
+
+def test_one_run_shows_no_spread(tmp_path):
+    from agepipe.train.table import Grid, write_table
+    row = {"task": "age", "variant": "full", "init": "scratch", **accuracy_stats([0.5], [0]),
+           "published_mean": None, "published_std": None, "seconds": 1.0, "pretrain_seconds": None,
+           "lr": 0.001, "weight_decay": 0.0, "gamma": 0.5, "batch_size": 8, "dropout": 0.05,
+           "batch_norm": True, "skip": True}
+    write_table(tmp_path, [row], Grid(["age"], ["full"], ["scratch"], folds=[0], seeds=1), 1.0, "cpu", "fs")
+    assert "| full | scratch | 0.5000 |  |  | 1 |" in (tmp_path / "table.md").read_text()
+    (r,) = read_csv(tmp_path / "table.csv")
+    assert r["accuracy_std"] == "" and r["ci95_low"] == ""
 
 
 def test_settings_override_in_order_and_bad_ones_are_named():
@@ -304,3 +329,17 @@ def test_a_damaged_cell_record_is_trained_again_naming_the_file(tmp_path, damage
     assert f"(again: {cell} is damaged" in again.output and "reused" not in again.output
     assert json.loads(cell.read_text())["identity"]["task"] == "gender"
     assert "reused" in invoke(*args).output
+
+
+def test_a_cell_recorded_without_its_folds_is_trained_again(tmp_path):
+    """cell.json written before the interval was over the folds' means holds no folds."""
+    store = age_gender_store(tmp_path / "store", n_adience=400, n_imdb=50, n_wiki=50)
+    args = ("table", "--store", store, "--out", tmp_path / "t", "--tasks", "gender", "--variants", "full",
+            "--inits", "scratch", "--folds", "0,1", "--seeds", "1", "--epochs", "1", "--device", "cpu")
+    assert invoke(*args).exit_code == 0
+    cell = tmp_path / "t" / "gender" / "scratch" / "full" / "cell.json"
+    done = json.loads(cell.read_text())
+    assert done["folds"] == [0, 1]
+    cell.write_text(json.dumps({k: v for k, v in done.items() if k != "folds"}))
+    again = invoke(*args)
+    assert again.exit_code == 0 and "(again: recorded without its runs' test folds)" in again.output, again.output
