@@ -579,7 +579,8 @@ def table(store, feature_set, out, tasks, variants, inits, folds, seeds, epochs,
     """Kim 2021's whole table in one command: test accuracy per task, model variant and
     initialisation, each cell a cross-validation on Adience (folds x seeds), written as
     OUT/table.md and OUT/table.csv with mean +- std, a 95% confidence interval, the original's
-    published number beside each cell and the wall times. Finished cells are reused on a rerun.
+    published number beside each cell and the wall times. A rerun reuses finished cells trained
+    on the same rows with the same settings, however the store's shards cut them and wherever it lives.
 
     \b
     Variants (the original's add_IC / add_residual switches):

@@ -570,12 +570,6 @@ def _shard_paths(store: str, feature_set: str, datasets: list[str] | str | None)
     return out
 
 
-def cut_digest(store: str, feature_set: str, datasets: list[str] | str | None) -> str:
-    """Which cut of the store the datasets are now: every write that changes a row (a new cut,
-    a --retry-failed rewrite) gives its shard a new file name, so equal digests mean equal rows."""
-    return _digest([[f"{dataset}/{_name(path)}" for dataset, path, _ in _shard_paths(store, feature_set, datasets)]])
-
-
 def read_shard_file(store: str, path: str, columns: list[str] | None = None,
                     entry: ShardEntry | None = None) -> pa.Table:
     """One shard's columns straight from the store (no copy, nothing written); with ``entry``

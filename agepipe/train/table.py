@@ -8,8 +8,9 @@ a pre-trained cell first trains the same variant on the pre-training datasets
 The cells are gathered into OUT/table.md and OUT/table.csv: test accuracy mean +- std over the
 runs, a 95% confidence interval of the mean, the original's published number, and the times.
 
-A rerun with the same settings on the same rows of the store reuses every finished cell
-(cell.json records them, with the store cut they trained on).
+A rerun with the same settings on the same rows reuses every finished cell: cell.json records
+them, with a digest of the rows' content (data.content_digest), so a store re-cut into other
+shards, moved or copied still reuses them, and a changed row trains its cells again.
 """
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ from scipy.special import stdtrit
 
 from agepipe.atomic import write_text
 from agepipe.datasets import expand_groups
-from agepipe.features import store as fstore
 from agepipe.train.checkpoint import write_json
-from agepipe.train.data import VAL_FRACTION, check_datasets_held, load_task_data, make_split, resolve_feature_set, subject_keys
+from agepipe.train.data import (VAL_FRACTION, check_datasets_held, content_digest, load_task_data, make_split,
+                                resolve_feature_set, subject_keys)
 from agepipe.train.loop import (cross_validate, data_record, model_config_for, train_config_for, train_run)
 from agepipe.train.model import precision, resolve_device
 
@@ -178,15 +179,15 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
     dev = resolve_device(device)
     cells, rows, said = grid.cells(), [], set()
     for task in grid.tasks:
-        # A cell is reused only on the same rows; the cut is read before the rows, so an extract
-        # that commits in between makes the recorded cut older than the rows, never newer.
-        cut = fstore.cut_digest(store, feature_set, datasets)
+        # A cell is reused only on the same rows: digested from the rows loaded, so an extract that
+        # commits meanwhile cannot make the record name other rows than the ones trained on.
         data = load_task_data(store, feature_set, datasets, task, min_det_score, dev)
         record = data_record(store, feature_set, datasets, None, min_det_score)
-        pre = pre_record = pre_cut = None
+        digest = content_digest(data)
+        pre = pre_record = pre_digest = None
         if "pretrained" in grid.inits:
-            pre_cut = fstore.cut_digest(store, feature_set, pretrain_datasets)
             pre = load_task_data(store, feature_set, pretrain_datasets, task, min_det_score, dev)
+            pre_digest = content_digest(pre)
             pre_record = data_record(store, feature_set, pretrain_datasets, None, min_det_score)
             check_no_shared_subjects(data, pre)
         for message in data.warnings + (pre.warnings if pre else []):  # stale labels: said once a table
@@ -202,9 +203,10 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
                 identity = {"task": task, "variant": variant, "init": init, "folds": _folds_key(grid.folds),
                             "seeds": grid.seeds,
                             "model": model_cfg.to_dict(), "train": train_cfg.to_dict(),
-                            "precision": precision(dev, train_cfg.amp), "data": record, "cut": cut,
-                            "pretrain_data": pre_record if init == "pretrained" else None,
-                            "pretrain_cut": pre_cut if init == "pretrained" else None, "mc_samples": mc_samples}
+                            "precision": precision(dev, train_cfg.amp), "data": _without_store(record),
+                            "rows": digest,
+                            "pretrain_data": _without_store(pre_record) if init == "pretrained" else None,
+                            "pretrain_rows": pre_digest if init == "pretrained" else None, "mc_samples": mc_samples}
                 done, why = _finished_cell(cell_dir, identity)
                 if done is None:
                     # The old record goes first: a retrain stopped part-way leaves the folder holding new
@@ -252,6 +254,12 @@ def _folds_key(folds: list[int] | None) -> list[int] | None:
     return None if folds is None or sorted(set(folds)) == list(range(5)) else folds
 
 
+def _without_store(record: dict) -> dict:
+    """A data record without the store's path: the rows' digest says what was trained on, and a
+    store moved or copied (or the same one as s3://) holds the same rows."""
+    return {k: v for k, v in record.items() if k != "store"}
+
+
 def check_no_shared_subjects(data, pre) -> None:
     """Refuse pre-training rows of a person the cross-validation also holds (--pretrain-dataset
     naming a --dataset, or IMDB and WIKI, whose subjects are names, split between them): the
@@ -277,13 +285,16 @@ def _finished_cell(cell_dir: Path, identity: dict) -> tuple[dict | None, str]:
         return None, f"{path} is damaged ({damage})"
     # A cell recorded before its precision was trained in float32 (the stacked runs never autocast).
     old = {"precision": "float32", **done["identity"]}
+    for key in ("data", "pretrain_data"):  # recorded with the store's path before the rows' digest
+        if isinstance(old.get(key), dict):
+            old[key] = _without_store(old[key])
     new = json.loads(json.dumps(identity))  # tuples and lists alike
-    changed = [k for k in new if old.get(k) != new[k]]
-    if changed:
-        return None, f"{', '.join(changed)} changed"
+    changed = [k for k in new if k in old and old[k] != new[k]]
+    unrecorded = [k for k in new if k not in old and new[k] is not None]
+    why = [f"{', '.join(keys)} {what}" for keys, what in ((changed, "changed"), (unrecorded, "not recorded")) if keys]
     if "folds" not in done:  # the confidence interval is over the folds' means
-        return None, "recorded without its runs' test folds"
-    return done, ""
+        why.append("recorded without its runs' test folds")
+    return (done, "") if not why else (None, "; ".join(why))
 
 
 def _read_cell(path: Path) -> tuple[dict | None, str]:

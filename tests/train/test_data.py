@@ -5,7 +5,7 @@ import torch
 
 from agepipe.datasets.manifest import CLASS_MIDPOINTS, age_bin
 from agepipe.features.store import EMBEDDING_DIM
-from agepipe.train.data import labels, load_task_data, make_split, resolve_feature_set
+from agepipe.train.data import content_digest, labels, load_task_data, make_split, resolve_feature_set
 from tests.train.synthetic_store import FEATURE_SET, write_store
 
 
@@ -53,6 +53,43 @@ def test_a_row_whose_embedding_is_not_finite_is_left_out_and_said(tmp_path):
         metrics = train(root, ["adience"], "age", tmp_path / "run", mc_samples=0, progress=False, report=False,
                         train_overrides={"epochs": 1, "batch_size": 16})
     assert np.isfinite(metrics["test"]["cross_entropy"])
+
+
+def test_content_digest_is_the_rows_whatever_their_order_and_changes_with_any_value(tmp_path):
+    import dataclasses
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.train.synthetic_store import Mixture, adience_like
+
+    x, y = Mixture.make().sample(300)
+    root = write_store(tmp_path / "store", x, adience_like(y), shard_rows=64)
+    data = load_task_data(root, FEATURE_SET, ["adience"], "gender")
+    digest = content_digest(data)
+
+    def changed(rows=None, x=None, y=None):
+        return content_digest(dataclasses.replace(data, rows=data.rows if rows is None else rows,
+                                                  x=data.x if x is None else x, y=data.y if y is None else y))
+
+    order = np.random.default_rng(0).permutation(len(data.rows))
+    assert changed(data.rows.iloc[order].reset_index(drop=True), data.x[order], data.y[order]) == digest
+    x = data.x.clone()
+    x[7, 3] = torch.nextafter(x[7, 3], torch.tensor(2.0))  # one float a step away
+    assert changed(x=x) != digest
+    y = data.y.clone()
+    y[7] = 1 - y[7]
+    assert changed(y=y) != digest
+    rows = data.rows.copy()
+    rows.loc[7, "subject_id"] = "someone else"
+    assert changed(rows) != digest
+    assert changed(data.rows.iloc[1:].reset_index(drop=True), data.x[1:], data.y[1:]) != digest
+    # Another process (another PYTHONHASHSEED) digests the same rows alike.
+    code = ("import sys; from agepipe.train.data import content_digest, load_task_data; "
+            f"print(content_digest(load_task_data(sys.argv[1], {FEATURE_SET!r}, ['adience'], 'gender')))")
+    here = Path(content_digest.__code__.co_filename).parents[2]  # this checkout's agepipe, not an installed one
+    other = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, check=True, cwd=here)
+    assert other.stdout.strip() == digest
 
 
 def test_feature_set_may_be_omitted_only_when_the_store_has_one(tmp_path):

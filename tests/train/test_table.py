@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -128,6 +129,67 @@ def test_a_rerun_reuses_every_finished_cell_and_says_once_that_a_manifest_change
     assert (out / "gender" / "scratch" / "full" / "fold0-seed0" / "model.safetensors").stat().st_mtime_ns == before
 
 
+def test_a_store_cut_into_other_shards_reuses_every_cell(table_run):
+    """`extract --shard-rows N` rewrites the same rows into shards of another size: every cell
+    trained again, as the cell's identity held the shards' file names."""
+    from agepipe.features import store as fstore
+    from tests.train.synthetic_store import FEATURE_SET
+
+    store, _, args, _ = table_run
+    assert invoke(*args).exit_code == 0  # every cell up to date, whatever ran before
+    for dataset in ("adience", "imdb", "wiki"):
+        fstore.write_dataset(fstore.read_table(store, FEATURE_SET, dataset), store, FEATURE_SET, dataset, 97)
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert result.output.count("reused") == 8 and "pre-trained on" not in result.output, result.output
+
+
+def test_a_store_copied_elsewhere_reuses_every_cell(table_run, tmp_path):
+    """The cell's identity held the store's absolute path: a store moved or copied trained every cell again."""
+    store, _, args, _ = table_run
+    assert invoke(*args).exit_code == 0  # every cell up to date, whatever ran before
+    copy = shutil.copytree(store, tmp_path / "copy")
+    result = invoke(*(copy if a == store else a for a in args))
+    assert result.exit_code == 0, result.output
+    assert result.output.count("reused") == 8 and "pre-trained on" not in result.output, result.output
+
+
+def test_a_changed_embedding_trains_its_cell_again_naming_the_rows(tmp_path):
+    from agepipe.features import store as fstore
+    from tests.train.synthetic_store import FEATURE_SET
+
+    store = age_gender_store(tmp_path / "store", n_adience=400, n_imdb=50, n_wiki=50)
+    args = ("table", "--store", store, "--out", tmp_path / "t", "--tasks", "gender", "--variants", "full",
+            "--inits", "scratch", "--folds", "0,1", "--seeds", "1", "--epochs", "1", "--device", "cpu")
+    assert invoke(*args).exit_code == 0
+    adience = fstore.read_table(store, FEATURE_SET, "adience")
+    x = fstore.list_values(adience["embedding"].combine_chunks()).copy()
+    x[7] = -x[7]
+    adience = adience.set_column(adience.schema.get_field_index("embedding"), "embedding",
+                                 fstore.fixed_list(x, fstore.EMBEDDING_DIM))
+    fstore.write_dataset(adience, store, FEATURE_SET, "adience", 4000)
+    again = invoke(*args)
+    assert again.exit_code == 0, again.output
+    assert "(again: rows changed)" in again.output and "reused" not in again.output, again.output
+    assert "reused" in invoke(*args).output
+
+
+def test_a_cell_recorded_with_the_store_path_and_cut_trains_again_saying_why(table_run, tmp_path):
+    """A cell.json of an older agepipe: its identity held the store's path and its shards' names."""
+    store, *_ = table_run
+    args = ("table", "--store", store, "--out", tmp_path / "t", "--tasks", "gender", "--variants", "no-ic",
+            "--inits", "scratch", "--folds", "0,1", "--seeds", "1", "--epochs", "1", "--device", "cpu")
+    assert invoke(*args).exit_code == 0
+    cell = tmp_path / "t" / "gender" / "scratch" / "no-ic" / "cell.json"
+    done = json.loads(cell.read_text())
+    identity = done["identity"]
+    del identity["rows"], identity["pretrain_rows"]
+    identity.update(cut="0123456789abcdef", pretrain_cut=None, data={**identity["data"], "store": store})
+    cell.write_text(json.dumps(done))
+    again = invoke(*args)
+    assert "(again: rows not recorded)" in again.output and "reused" not in again.output, again.output
+
+
 def test_a_cell_trained_on_rows_the_store_no_longer_holds_is_trained_again(table_run):
     """The pre-training rows change (a re-extract left a WIKI row out): the pre-trained cells
     train again, the scratch ones are reused. (Every cell was reused whatever the store held.)"""
@@ -143,7 +205,7 @@ def test_a_cell_trained_on_rows_the_store_no_longer_holds_is_trained_again(table
     assert result.output.count("reused") == 1 and "gender scratch full" in \
         next(line for line in result.output.splitlines() if "reused" in line)
     assert result.output.count("pre-trained on") == 1
-    assert "(again: pretrain_cut changed)" in result.output
+    assert "(again: pretrain_rows changed)" in result.output
 
 
 def test_blank_where_nothing_was_published(tmp_path):
