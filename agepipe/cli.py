@@ -496,6 +496,11 @@ def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, i
         from agepipe.train.report import write_cv_report
 
         runs = [os.path.join(out, f"fold{r['fold']}-seed{r['seed']}") for r in result["runs"]]
+        removed = result["removed_runs"]
+        if removed:
+            click.echo(f"removed {len(removed)} run folder(s) of an earlier cross-validation: "
+                       + " ".join(removed[:10]) + (f" and {len(removed) - 10} more (cv.json names them)"
+                                                   if len(removed) > 10 else ""))
         click.echo(f"{len(result['runs'])} runs -> {write_cv_report(out, runs)} (a report.md per run too)")
         for key, s in result["summary"].items():
             if key.startswith(("test_", "val_")):

@@ -70,6 +70,19 @@ def _umask() -> int:
     return mask
 
 
+def is_run_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder agepipe wrote a run into (its config.json says so), not a link
+    to one elsewhere: the only kind of folder a cross-validation may remove."""
+    config = path / CONFIG
+    if path.is_symlink() or not config.is_file() or config.stat().st_size > MAX_CONFIG_BYTES:
+        return False
+    try:
+        found = json.loads(config.read_text())
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return False
+    return isinstance(found, dict) and found.get("format") == FORMAT
+
+
 def read_config(run_dir: str | Path) -> dict:
     path = Path(run_dir) / CONFIG
     if not path.is_file():

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,8 +29,8 @@ from agepipe.datasets import expand_groups
 from agepipe.features import store as fstore
 from agepipe.train import graphs
 from agepipe.train.batched import StackedResMLP, fit_stacked
-from agepipe.train.checkpoint import (CheckpointError, init_from, model_config_from, read_config, save_checkpoint,
-                                      write_json)
+from agepipe.train.checkpoint import (CONFIG, CheckpointError, init_from, is_run_folder, model_config_from,
+                                      read_config, save_checkpoint, write_json)
 from agepipe.train.data import (NUM_CLASSES, SUBJECTS_ACROSS_DATASETS, VAL_FRACTION, Split, TaskData, check_task,
                                 load_task_data, make_split, resolve_feature_set)
 from agepipe.train.evaluate import logits_of, score_splits
@@ -413,6 +415,8 @@ def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfi
                    cuda_graphs: bool = False) -> dict:
     """Every fold (or only ``folds``) as the test set, for seeds 0..seeds-1: runs in
     OUT/fold{k}-seed{s}/, then cv.json and cv.md with mean +- std over all runs (the paper's table).
+    Run folders of an earlier cross-validation in OUT that this one did not train again (other
+    seeds or folds) are removed after, and cv.json names them ("removed_runs").
     ``batched``: all runs trained at once as one stacked model (batched.py); else one after another.
     ``cuda_graphs``: the stack's step as one CUDA graph replay (fit_stacked)."""
     out = Path(out)
@@ -445,9 +449,41 @@ def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfi
           "summary": {key: {"mean": float(np.mean([r[key] for r in runs])),
                             "std": float(np.std([r[key] for r in runs]))}
                       for key in runs[0] if key not in ("fold", "seed")}}
+    cv["removed_runs"] = earlier_runs(out, {o.name for o in outs})
+    # The new record is whole (written atomically) before an earlier run goes: a crash while they are
+    # removed leaves this CV's cv.json, which names the folders it did not train, never a folder of
+    # runs no cv.json accounts for. The next cross-validation here removes what is left of them.
     write_json(out / "cv.json", cv)
     write_cv_table(out / "cv.md", cv)
+    for name in cv["removed_runs"]:
+        remove_run_folder(out / name)
     return cv
+
+
+RUN_FOLDER = re.compile(r"fold(\d+)-seed(\d+)")
+
+
+def earlier_runs(out: Path, runs: set[str]) -> list[str]:
+    """The run folders fold<k>-seed<s> in ``out`` other than ``runs``: those of an earlier
+    cross-validation with other seeds or folds, which beside this one's would pass for its runs.
+    Only folders agepipe trained a run into; whatever else the user keeps there stays."""
+    found = [p.name for p in out.iterdir()
+             if RUN_FOLDER.fullmatch(p.name) and p.name not in runs and is_run_folder(p)]
+    return sorted(found, key=lambda name: tuple(map(int, RUN_FOLDER.fullmatch(name).groups())))
+
+
+def remove_run_folder(run: Path) -> None:
+    """``run`` and all it holds, config.json last: a removal cut short leaves a folder that
+    is_run_folder still knows, so the next cross-validation removes the rest."""
+    for path in run.iterdir():
+        if path.name == CONFIG:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    (run / CONFIG).unlink()
+    run.rmdir()
 
 
 CV_METRICS = ("accuracy", "one_off_accuracy", "mae_years", "cross_entropy", "ece")

@@ -41,11 +41,15 @@ def test_ablation_switches_reach_the_model(gaussian_store, tmp_path):
 
 def test_cv_from_the_command_line(gaussian_store, tmp_path):
     store, _ = gaussian_store
+    (tmp_path / "fold0-seed3").mkdir()  # a run of an earlier cross-validation with more seeds
+    (tmp_path / "fold0-seed3" / "config.json").write_text('{"format": "agepipe-run"}')
     result = invoke("train", "--store", store, "--dataset", "adience", "--task", "age", "--cv", "--out", tmp_path,
                     "--epochs", "1", "--mc-samples", "2")
     assert result.exit_code == 0, result.output
     assert "5 runs" in result.output and "test_accuracy" in result.output
     assert len(json.loads((tmp_path / "cv.json").read_text())["runs"]) == 5
+    assert "removed 1 run folder(s) of an earlier cross-validation: fold0-seed3\n" in result.output
+    assert not (tmp_path / "fold0-seed3").exists()
 
 
 def test_init_from_another_architecture_names_what_differs(gaussian_store, tmp_path):

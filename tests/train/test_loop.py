@@ -184,6 +184,25 @@ def test_cross_validation_runs_every_fold_and_aggregates(small_store, tmp_path):
     assert json.loads((tmp_path / "cv.json").read_text())["seeds"] == 2
 
 
+def test_a_cross_validation_into_the_folder_of_an_earlier_one_removes_its_other_runs(small_store, tmp_path):
+    def cv(seeds):  # a model without hidden blocks: the folders are the point, not the fit
+        return train(small_store, ["adience"], "age", tmp_path, cv=True, seeds=seeds, mc_samples=0, progress=False,
+                     train_overrides={"epochs": 1}, model_overrides={"num_blocks": 0, "residuals_per_block": 0})
+
+    cv(2)
+    (tmp_path / "notes.txt").write_text("the user's")
+    (tmp_path / "fold9-seedX").mkdir()  # almost a run folder's name, and no config.json
+    (tmp_path / "fold4-seed7").mkdir()  # a run folder's name, and a config.json not agepipe's
+    (tmp_path / "fold4-seed7" / "config.json").write_text('{"lr": 0.1}')
+    result = cv(1)
+    new, earlier = [f"fold{k}-seed0" for k in range(5)], [f"fold{k}-seed1" for k in range(5)]
+    assert sorted(p.name for p in tmp_path.glob("fold*-seed*")) == sorted(new + ["fold4-seed7", "fold9-seedX"])
+    recorded = json.loads((tmp_path / "cv.json").read_text())
+    assert [f"fold{r['fold']}-seed{r['seed']}" for r in recorded["runs"]] == new
+    assert recorded["removed_runs"] == result["removed_runs"] == earlier
+    assert (tmp_path / "notes.txt").read_text() == "the user's"
+
+
 def test_init_pretrains_on_one_dataset_and_fine_tunes_on_another(tmp_path):
     mixture = Mixture.make(seed=8)
     x, y = mixture.sample(1500, seed=1)
