@@ -49,6 +49,12 @@ def entropy(p: torch.Tensor) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
 
 
+def uncertainty_measure(samples: int) -> str:
+    """What a prediction's entropy is the entropy of: the mean of ``samples`` MC-dropout passes,
+    or (0) one deterministic softmax. Two different quantities, so every file holding one says which."""
+    return f"MC-dropout predictive entropy (K={samples})" if samples else "softmax entropy (deterministic)"
+
+
 @dataclass
 class MCResult:
     probs: np.ndarray               # (n, C) mean softmax over the K passes
@@ -262,14 +268,14 @@ def evaluate_split(model: ResMLP, x: torch.Tensor, y: torch.Tensor, task: str, a
     if mc_samples > 0 and has_dropout(model):
         mc = mc_dropout(model, x, mc_samples, amp)
         final, uncertainty, mi = mc.probs, mc.predictive_entropy, mc.mutual_information
-        measure = f"MC-dropout predictive entropy (K={mc_samples})"
+        measure = uncertainty_measure(mc_samples)
         out["mc"] = {"samples": mc_samples, **scores(mc.probs, y_np, task, ages),
                      "mean_predictive_entropy": float(mc.predictive_entropy.mean()) if len(y_np) else math.nan,
                      "mean_mutual_information": float(mc.mutual_information.mean()) if len(y_np) else math.nan,
                      "reliability": reliability(mc.probs, y_np)}
     else:  # no MC dropout (none asked for, or an ablation without dropout): softmax entropy ranks rows
         final, uncertainty = probs, entropy(torch.from_numpy(probs)).numpy()
-        measure = "softmax entropy (deterministic)"
+        measure = uncertainty_measure(0)
     pred = final.argmax(1)
     # The headline numbers are those of the final prediction (the MC mean when there is one).
     out["prediction"] = "MC dropout mean" if mi is not None else "deterministic"
@@ -355,7 +361,13 @@ def score_splits(model: ResMLP, data, split, mc_samples: int, amp: bool, run_dir
         per_row: dict = {}
         out[name] = evaluate_split(model, data.x[index], data.y[index], data.task, ages, mc, amp, train_y, per_row)
         tables.append(predictions_table(rows, name, per_row, class_names(data.task)))
-    write_predictions(Path(run_dir) / "predictions.parquet", pa.concat_tables(tables))
+    table = pa.concat_tables(tables)
+    # The entropy column holds another quantity per split when MC dropout scored the test rows
+    # (validation rows are always deterministic): the file says which, as it says the classes.
+    measures = {name: out[name]["risk_coverage"]["measure"] for name in out}
+    table = table.replace_schema_metadata({**table.schema.metadata,
+                                           b"agepipe.uncertainty": json.dumps(measures).encode()})
+    write_predictions(Path(run_dir) / "predictions.parquet", table)
     return out
 
 

@@ -19,7 +19,7 @@ from agepipe.features.embed import FaceEmbedder
 from agepipe.features.images import ImageError, read_image
 from agepipe.train.checkpoint import CheckpointError, load_checkpoint, metrics_error, read_metrics, scoring_amp
 from agepipe.train.data import class_names
-from agepipe.train.evaluate import entropy, expected_age, logits_of, mc_dropout
+from agepipe.train.evaluate import entropy, expected_age, logits_of, mc_dropout, uncertainty_measure
 from agepipe.train.model import ResMLP, has_dropout, resolve_device
 from agepipe.train.report import headline
 
@@ -74,7 +74,7 @@ class Predictor:
         for kind, (model, config) in self.runs.items():
             probs, h, mi = self._predict(model, x, self.passes[kind], scoring_amp(config, self.device))
             for face, p, hi, mii in zip(out, probs, h, mi):
-                face[kind] = describe(config["task"], p, float(hi), mii)
+                face[kind] = describe(config["task"], p, float(hi), mii, uncertainty_measure(self.passes[kind]))
         return out
 
     def _predict(self, model: ResMLP, x: torch.Tensor, passes: int, amp: bool):
@@ -107,12 +107,14 @@ def run_caution(kind: str, run: str | Path) -> str | None:
             "held-out fold: treat its answers as a constant guess")
 
 
-def describe(task: str, probs: np.ndarray, h: float, mi: float | None) -> dict:
+def describe(task: str, probs: np.ndarray, h: float, mi: float | None, measure: str) -> dict:
+    """One model's answer for a face; ``measure`` names the entropy ``h`` (evaluate.uncertainty_measure),
+    so JSON of runs with and without MC dropout does not mix two quantities under one key unsaid."""
     names = class_names(task)
     k = int(probs.argmax())
     share = h / math.log(len(names))
     out = {"task": task, "predicted": names[k], "probability": round(float(probs[k]), 4),
-           "predictive_entropy": round(h, 4), "entropy_share": round(share, 4),
+           "predictive_entropy": round(h, 4), "uncertainty": measure, "entropy_share": round(share, 4),
            "mutual_information": None if mi is None else round(float(mi), 4),
            "undecided": bool(share > UNDECIDED_ENTROPY_SHARE or (mi is not None and mi > UNDECIDED_MI))}
     if task == "gender":

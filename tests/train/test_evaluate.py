@@ -210,6 +210,28 @@ def test_a_float32_run_is_scored_in_float32_where_the_device_has_bfloat16(gaussi
     assert np.allclose(np.stack(trained["probabilities"]), np.stack(scored["probabilities"]), atol=1e-6)
 
 
+def test_predictions_parquet_says_which_uncertainty_its_entropy_holds(gaussian_store, tmp_path):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from agepipe.train.evaluate import evaluate_run
+    from agepipe.train.loop import train
+
+    def measures():
+        return json.loads(pq.read_schema(run / "predictions.parquet").metadata[b"agepipe.uncertainty"])
+
+    store, _ = gaussian_store
+    run = tmp_path / "run"
+    train(store, ["adience"], "age", run, mc_samples=0, report=False, progress=False, train_overrides={"epochs": 1},
+          model_overrides={"num_blocks": 1, "residuals_per_block": 0})  # small, and with dropout
+    softmax = "softmax entropy (deterministic)"
+    assert measures() == {"val": softmax, "test": softmax}
+    evaluate_run(run, mc_samples=4, device="cpu")
+    # validation rows are scored deterministically whatever --mc-samples says
+    assert measures() == {"val": softmax, "test": "MC-dropout predictive entropy (K=4)"}
+
+
 def test_evaluate_says_when_the_labels_manifest_changed_since_the_cut(tmp_path):
     """train warns that the store's labels may no longer be the manifest's; evaluate scored the run
     on those labels again without a word."""

@@ -53,6 +53,7 @@ def test_predict_json_and_annotation(runs, photos, tmp_path, embedder):
             assert d["predictive_entropy"] == pytest.approx(h, abs=2e-3)
             assert d["entropy_share"] == pytest.approx(d["predictive_entropy"] / np.log(len(p)), abs=1e-3)
             assert 0 <= d["mutual_information"] <= d["predictive_entropy"] + 1e-4  # MI = H[mean] - mean H
+            assert d["uncertainty"] == "MC-dropout predictive entropy (K=8)"
         for kind in ("age", "gender"):  # the text leads with what the image shows
             d = face[kind]
             assert f"{d['predicted']} {d['probability']:.2f}" in " ".join(t for t, _ in face_labels(face))
@@ -107,6 +108,7 @@ def test_deterministic_prediction_is_the_model_on_the_face_embedding(runs, photo
         expected = torch.softmax(model(embedding).float(), -1)[0].numpy()
     assert np.allclose(list(faces[0]["age"]["probs"].values()), expected, atol=1e-4)
     assert faces[0]["age"]["mutual_information"] is None
+    assert faces[0]["age"]["uncertainty"] == "softmax entropy (deterministic)"
 
 
 def test_unreadable_photos_are_reported_and_the_rest_predicted(runs, photos, tmp_path):
