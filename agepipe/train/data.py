@@ -105,6 +105,8 @@ def content_digest(data: TaskData) -> str:
     h = hashlib.sha256()
     for name in sorted(data.rows.columns):
         values = data.rows[name].to_numpy()[order]
+        if values.dtype == object:  # a null string is None under pandas 2, NaN under 3: one spelling
+            values = np.where(pd.isna(values), None, values)
         h.update(f"{name} {values.dtype}\n".encode())
         # Strings (and their nulls) as JSON, which no id can fool; numbers as their bytes.
         h.update(json.dumps(values.tolist()).encode() if values.dtype == object else values.data)

@@ -416,7 +416,7 @@ def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfi
     """Every fold (or only ``folds``) as the test set, for seeds 0..seeds-1: runs in
     OUT/fold{k}-seed{s}/, then cv.json and cv.md with mean +- std over all runs (the paper's table).
     Run folders of an earlier cross-validation in OUT that this one did not train again (other
-    seeds or folds) are removed after, and cv.json names them ("removed_runs").
+    seeds or folds) are removed after, but for ``init``, and cv.json names them ("removed_runs").
     ``batched``: all runs trained at once as one stacked model (batched.py); else one after another.
     ``cuda_graphs``: the stack's step as one CUDA graph replay (fit_stacked)."""
     out = Path(out)
@@ -449,7 +449,10 @@ def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfi
           "summary": {key: {"mean": float(np.mean([r[key] for r in runs])),
                             "std": float(np.std([r[key] for r in runs]))}
                       for key in runs[0] if key not in ("fold", "seed")}}
-    cv["removed_runs"] = earlier_runs(out, {o.name for o in outs})
+    kept = {o.name for o in outs}
+    if init and Path(init).resolve().parent == out.resolve():  # the run these started from, as their config says
+        kept.add(Path(init).resolve().name)
+    cv["removed_runs"] = earlier_runs(out, kept)
     # The new record is whole (written atomically) before an earlier run goes: a crash while they are
     # removed leaves this CV's cv.json, which names the folders it did not train, never a folder of
     # runs no cv.json accounts for. The next cross-validation here removes what is left of them.

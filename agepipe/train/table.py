@@ -145,8 +145,10 @@ def accuracy_stats(values: list[float], folds: list[int]) -> dict:
     draws, over = (means, "folds") if len(means) > 1 else (a, "seeds")
     mean, low, high = float(a.mean()), math.nan, math.nan
     if len(draws) > 1:
+        # centred on the draws' mean, not the runs': the two differ where the folds have unequal seeds
+        centre = float(draws.mean())
         half = float(stdtrit(len(draws) - 1, 0.975) * draws.std(ddof=1) / math.sqrt(len(draws)))
-        low, high = max(mean - half, 0.0), min(mean + half, 1.0)
+        low, high = max(centre - half, 0.0), min(centre + half, 1.0)
     return {"runs": len(a), "accuracy_mean": mean, "accuracy_std": float(a.std()) if len(a) > 1 else math.nan,
             "ci95_low": low, "ci95_high": high, "ci95_over": over if len(draws) > 1 else ""}
 

@@ -92,6 +92,26 @@ def test_content_digest_is_the_rows_whatever_their_order_and_changes_with_any_va
     assert other.stdout.strip() == digest
 
 
+def test_content_digest_spells_a_null_string_alike_under_every_pandas(tmp_path):
+    """A row without a subject_id (Adience's empty user_id) loads as None under pandas 2 and as
+    NaN under pandas 3: the digest told them apart, so a pandas upgrade trained every cell again."""
+    import dataclasses
+
+    import pandas as pd
+
+    from tests.train.synthetic_store import Mixture, adience_like
+
+    x, y = Mixture.make().sample(50)
+    data = load_task_data(write_store(tmp_path, x, adience_like(y)), FEATURE_SET, ["adience"], "gender")
+    subjects = [None if i % 7 == 0 else s for i, s in enumerate(data.rows["subject_id"])]
+
+    def digest(null):
+        rows = data.rows.assign(subject_id=pd.Series([null if s is None else s for s in subjects], dtype=object))
+        return content_digest(dataclasses.replace(data, rows=rows))
+
+    assert digest(None) == digest(np.nan) != content_digest(data)
+
+
 def test_feature_set_may_be_omitted_only_when_the_store_has_one(tmp_path):
     x = np.ones((3, EMBEDDING_DIM), np.float32)
     write_store(tmp_path, x, {"gender": [0, 1, 0]})

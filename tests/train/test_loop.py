@@ -203,6 +203,23 @@ def test_a_cross_validation_into_the_folder_of_an_earlier_one_removes_its_other_
     assert (tmp_path / "notes.txt").read_text() == "the user's"
 
 
+def test_a_cross_validation_keeps_the_earlier_run_it_started_from(small_store, tmp_path):
+    """--init a run of the earlier cross-validation in OUT: it was removed, though every new run's
+    config.json names it as where its weights came from."""
+    def cv(seeds, init=None):
+        return train(small_store, ["adience"], "age", tmp_path, cv=True, seeds=seeds, init=init, mc_samples=0,
+                     progress=False, train_overrides={"epochs": 1},
+                     model_overrides={"num_blocks": 0, "residuals_per_block": 0})
+
+    from agepipe.train.loop import TrainingWarning
+
+    cv(2)
+    with pytest.warns(TrainingWarning, match="was trained on the adience rows"):  # said, not the point here
+        result = cv(1, init=str(tmp_path / "fold0-seed1"))
+    assert result["removed_runs"] == [f"fold{k}-seed1" for k in range(1, 5)]
+    assert (tmp_path / "fold0-seed1" / "model.safetensors").exists()
+
+
 def test_init_pretrains_on_one_dataset_and_fine_tunes_on_another(tmp_path):
     mixture = Mixture.make(seed=8)
     x, y = mixture.sample(1500, seed=1)

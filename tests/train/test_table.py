@@ -232,6 +232,13 @@ def test_confidence_interval_is_the_t_interval_of_the_fold_means():
     assert s["accuracy_std"] == pytest.approx(np.std(runs))
 
 
+def test_the_interval_is_around_the_fold_means_mean_when_folds_have_unequal_seeds():
+    # fold means 0.7, 0.8, 0.9 (mean 0.8, sample std 0.1); the five runs' mean is 0.76
+    s = accuracy_stats([0.7, 0.7, 0.7, 0.8, 0.9], [0, 0, 0, 1, 2])
+    assert s["accuracy_mean"] == pytest.approx(0.76)
+    assert s["ci95_low"] == pytest.approx(0.8 - 4.302653 * 0.1 / math.sqrt(3), rel=1e-6)
+
+
 def test_one_fold_gives_the_seeds_interval_and_one_run_none():
     s = accuracy_stats([0.6, 0.7, 0.8], [3, 3, 3])
     assert s["ci95_high"] - 0.7 == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-6)
