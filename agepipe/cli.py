@@ -420,7 +420,8 @@ FP32_HELP = ("Train and score in float32. Default: bfloat16 mixed precision wher
               help="Run folder (default runs/TASK-DATASETS-foldK, or ...-cv with --cv).")
 @click.option("--test-fold", type=click.IntRange(0, 4), default=0, show_default=True,
               help="Fold held out as the test set; validation is carved from the others by subject.")
-@click.option("--cv", is_flag=True, help="Train on every fold (times --seeds) and report mean +- std.")
+@click.option("--cv", is_flag=True, help="Train on every fold (times --seeds) and report mean +- std. Replaces an earlier "
+                   "cross-validation in --out: its run folders this one does not train again are removed.")
 @click.option("--seeds", type=click.IntRange(1), default=1, show_default=True, help="Seeds per fold with --cv.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of a single run.")
 @click.option("--init", type=click.Path(exists=True, file_okay=False), default=None,
