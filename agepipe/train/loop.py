@@ -458,8 +458,17 @@ def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfi
     # runs no cv.json accounts for. The next cross-validation here removes what is left of them.
     write_json(out / "cv.json", cv)
     write_cv_table(out / "cv.md", cv)
+    left = []
     for name in cv["removed_runs"]:
-        remove_run_folder(out / name)
+        try:
+            remove_run_folder(out / name)
+        except OSError as e:  # a folder made read-only: the new runs are trained and recorded all the same
+            left.append(f"{out / name}: an earlier run, not removed ({e.strerror or e}); remove it by hand")
+    if left:
+        for message in left:
+            warnings.warn(message, TrainingWarning, stacklevel=2)
+        cv["warnings"] = sorted(warned) + left
+        write_json(out / "cv.json", cv)
     return cv
 
 

@@ -220,6 +220,32 @@ def test_a_cross_validation_keeps_the_earlier_run_it_started_from(small_store, t
     assert (tmp_path / "fold0-seed1" / "model.safetensors").exists()
 
 
+def test_an_earlier_run_that_cannot_be_removed_is_said_not_a_crash(small_store, tmp_path, monkeypatch):
+    """A read-only earlier run folder (root ignores modes, so the refusal is injected): the new
+    runs are trained and recorded, and the folder left is named, not a traceback after training."""
+    from agepipe.train import loop
+
+    def cv(seeds):
+        return train(small_store, ["adience"], "age", tmp_path, cv=True, seeds=seeds, mc_samples=0, progress=False,
+                     train_overrides={"epochs": 1}, model_overrides={"num_blocks": 0, "residuals_per_block": 0})
+
+    cv(2)
+    real = loop.remove_run_folder
+
+    def read_only(run):
+        if run.name == "fold3-seed1":
+            raise PermissionError(13, "Permission denied")
+        real(run)
+
+    monkeypatch.setattr(loop, "remove_run_folder", read_only)
+    with pytest.warns(loop.TrainingWarning, match="fold3-seed1: an earlier run, not removed"):
+        result = cv(1)
+    assert sorted(p.name for p in tmp_path.glob("fold*-seed1")) == ["fold3-seed1"]
+    recorded = json.loads((tmp_path / "cv.json").read_text())
+    assert any("fold3-seed1: an earlier run, not removed (Permission denied)" in w for w in recorded["warnings"])
+    assert recorded["warnings"] == result["warnings"]
+
+
 def test_init_pretrains_on_one_dataset_and_fine_tunes_on_another(tmp_path):
     mixture = Mixture.make(seed=8)
     x, y = mixture.sample(1500, seed=1)
