@@ -59,6 +59,16 @@ def open_atomic(fs, path: str, mode: str):
     fs.mv(tmp, path)
 
 
+def cannot_write(path: str | os.PathLike, error: OSError) -> str:
+    """``PATH: cannot write (why)`` for an output a user named that the system refused: no such
+    folder, no permission, a full disk, a file where its folder should be."""
+    if isinstance(error, FileExistsError):  # mkdir of the folder met a file of that name
+        why = f"{error.filename} is a file, not a folder"
+    else:
+        why = os.strerror(error.errno) if error.errno else str(error)
+    return f"{path}: cannot write ({why})"
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

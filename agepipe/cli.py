@@ -140,6 +140,7 @@ def embed(images, out, batch_size, pack, det_size, device, runtime):
     """
     from collections import Counter
 
+    from agepipe.atomic import cannot_write
     from agepipe.features.embed import embed_files
     from agepipe.features.images import find_images
 
@@ -150,7 +151,10 @@ def embed(images, out, batch_size, pack, det_size, device, runtime):
     click.echo(f"models: {embedder.pack.name} ({embedder.pack.detector.name}, {embedder.pack.recognizer.name}) "
                f"on {embedder.provider}, det size {det_size}", err=True)
     table = embed_files(paths, embedder, batch_size=batch_size, progress=sys.stderr.isatty())
-    write_parquet_atomic(table, out)
+    try:
+        write_parquet_atomic(table, out)
+    except OSError as e:
+        fail(f"{cannot_write(out, e)}; give another --out")
     statuses = table["status"].to_pylist()
     counts = Counter(s for s, i in zip(statuses, table["face_index"].to_pylist()) if i in (None, 0))
     faces = statuses.count("ok")
@@ -710,6 +714,7 @@ def predict(images, age_model, gender_model, mc_samples, as_json, json_out, anno
     """
     import json
 
+    from agepipe.atomic import cannot_write
     from agepipe.features.images import find_images
     from agepipe.train.checkpoint import write_json
     from agepipe.train.predict import Predictor, predict_images, summary_line
@@ -723,7 +728,10 @@ def predict(images, age_model, gender_model, mc_samples, as_json, json_out, anno
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     if json_out:
-        write_json(json_out, results)
+        try:
+            write_json(json_out, results)
+        except OSError as e:
+            fail(f"{cannot_write(json_out, e)}; give another --json-out")
     for caution in predictor.cautions.values():
         click.echo(f"warning: {caution}", err=True)
     for result in results:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from agepipe.atomic import cannot_write
 from agepipe.datasets import adience, imdb_wiki, sample
-from agepipe.download import RemoteFile, fetch, forget
+from agepipe.download import DownloadError, RemoteFile, fetch, forget
 from agepipe.datasets.manifest import MetadataError, manifest_path, write_manifest
 
 
@@ -70,6 +71,11 @@ def prepare(name: str, data_dir: str | Path, source: str | None = None, workers:
     Metadata that cannot be read (MetadataError) also removes the previous run's manifest."""
     dataset = REGISTRY[name]
     root = Path(data_dir).expanduser() / name
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DownloadError(f"{cannot_write(root, e)}; `agepipe download` writes the dataset there: make "
+                            "--data-dir writable, or give another") from None
     if source is None and dataset.default_source is not None:
         source = dataset.default_source(root)
     fetch(list(dataset.files), root, source=source, auth=dataset.auth, workers=workers,

@@ -295,7 +295,10 @@ def predict_images(paths: list[str], predictor: Predictor, annotate_to: str | No
         faces = predictor.faces(image)
         result = {"image": path, "faces": faces}
         if target is not None:
-            write_image(target, annotate(image, faces, predictor.passes, predictor.cautions))
+            try:
+                write_image(target, annotate(image, faces, predictor.passes, predictor.cautions))
+            except OSError as e:
+                raise ValueError(f"{atomic.cannot_write(target, e)}; give another --annotate") from None
             result["annotated"] = str(target)
         results.append(result)
     return results

@@ -97,6 +97,14 @@ def test_errors_are_one_clear_line(tmp_path, server):
     assert not (tmp_path / "escape.jpg").exists()
 
 
+def test_a_data_dir_that_cannot_be_written_is_one_sentence(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    result = run("--dataset", "sample", "--data-dir", str(tmp_path / "taken" / "data"))  # once an OSError traceback
+    assert result.exit_code == 1
+    assert (f"Error: {tmp_path / 'taken' / 'data' / 'sample'}: cannot write (Not a directory); `agepipe download` "
+            "writes the dataset there: make --data-dir writable, or give another") in result.output
+
+
 def test_real_subprocess(tmp_path):
     source = write_files(tmp_path / "Downloads", adience_files())
     env = {**os.environ, "AGEPIPE_DATA": str(tmp_path / "data")}

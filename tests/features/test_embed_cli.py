@@ -88,6 +88,15 @@ def test_missing_path_and_empty_folder(tmp_path, photos):
     assert result.exit_code != 0 and "no images found" in result.output
 
 
+def test_an_out_that_cannot_be_written_is_one_sentence(tmp_path, photos):
+    (tmp_path / "taken").write_text("a file")
+    out = tmp_path / "taken" / "faces.parquet"
+    result = run("embed", photos["biden"], "--out", out)  # once an OSError traceback
+    assert result.exit_code == 1
+    assert (f"Error: {out}: cannot write ({tmp_path / 'taken'} is a file, not a folder); give another --out"
+            in result.output)
+
+
 def test_corrupt_onnx_file_is_named(tmp_path, photos, buffalo_s):
     models = tmp_path / "models"
     models.mkdir()

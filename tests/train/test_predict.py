@@ -172,6 +172,19 @@ def test_annotate_to_a_name_that_cannot_hold_the_image_is_one_sentence(runs, pho
     assert taken.read_bytes() == b"a file" and not (tmp_path / "out.txt").exists()
 
 
+@pytest.mark.parametrize("option", ["--annotate", "--json-out"])
+def test_an_output_that_cannot_be_written_is_one_sentence(runs, photos, tmp_path, option):
+    age, _ = runs
+    (tmp_path / "taken").write_text("a file")
+    target = tmp_path / "taken" / "out.jpg"
+    result = CliRunner().invoke(cli, ["predict", str(photos["t1"]), "--age-model", str(age), "--mc-samples", "0",
+                                      option, str(target)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert result.exit_code == 1, result.output
+    assert f"Error: {target}: cannot write ({tmp_path / 'taken'} is a file, not a folder); give another {option}" \
+        in result.output
+
+
 @pytest.mark.parametrize("text", ["{", '{"test": 5}', '{"test": {"majority_baseline": {"class": "female"}}}'])
 def test_a_damaged_metrics_json_is_named(tmp_path, text):
     """predict reads the run's metrics.json for its caution: a damaged one is a sentence naming it."""
