@@ -125,7 +125,8 @@ def write_parquet_atomic(table, out: str):
 @cli.command()
 @click.argument("images", nargs=-1, required=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Parquet file to write.")
-@click.option("--batch-size", default=16, show_default=True, help="Photos per detector batch.")
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
+              help="Photos per detector batch.")
 @models_options()
 def embed(images, out, batch_size, pack, det_size, device, runtime):
     """Embed every face of IMAGES (files or folders) into one Parquet file.

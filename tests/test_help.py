@@ -78,3 +78,11 @@ def test_every_option_of_every_command_says_what_it_does():
     missing = [f"{path} --{p.name}" for path, p in options(cli, ["agepipe"]) if not (p.help or "").strip()]
     assert not missing, missing
     assert "auto is cuda when torch sees a GPU" in " ".join(help_of("train").split())
+
+
+def test_embed_batch_size_refuses_zero(tmp_path):
+    # embed's once took 0 and -3 without a word (and ran photo by photo)
+    result = CliRunner().invoke(cli, ["embed", str(tmp_path / "photo.jpg"), "--out", str(tmp_path / "x.parquet"),
+                                      "--batch-size", "0"])
+    assert result.exit_code == 2 and "0 is not in the range x>=1" in result.output
+    assert "[default: 16; x>=1]" in " ".join(help_of("embed").split())
