@@ -86,6 +86,11 @@ def is_run_folder(path: Path) -> bool:
 def read_config(run_dir: str | Path) -> dict:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
+        if (Path(run_dir) / "cv.json").is_file():  # `train --cv` and table cells: the runs are inside
+            runs = sorted(p for p in Path(run_dir).glob("fold*-seed*") if is_run_folder(p))
+            example = f", e.g. {runs[0]}" if runs else ""
+            raise CheckpointError(f"{run_dir} holds a cross-validation (cv.json), not a run: give one of its "
+                                  f"fold<k>-seed<s> run folders{example}")
         raise CheckpointError(f"{path}: no such file; is {run_dir} a run folder from `agepipe train`?")
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise CheckpointError(f"{path}: {path.stat().st_size:,} bytes; a run's config.json has a few KB")

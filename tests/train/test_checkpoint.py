@@ -97,6 +97,15 @@ def test_missing_run_folder(tmp_path):
         load_checkpoint(tmp_path / "nothing")
 
 
+def test_a_cross_validation_folder_names_a_run_inside(tmp_path):
+    _, run = saved_run(tmp_path / "cv")
+    run.rename(tmp_path / "cv" / "fold0-seed0")
+    (tmp_path / "cv" / "cv.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="holds a cross-validation") as e:  # once "config.json: no such file"
+        load_checkpoint(tmp_path / "cv")
+    assert str(e.value).endswith(f"give one of its fold<k>-seed<s> run folders, e.g. {tmp_path / 'cv' / 'fold0-seed0'}")
+
+
 def test_init_from_takes_the_body_and_a_fresh_head_for_other_classes(tmp_path):
     pretrained, run = saved_run(tmp_path, paper_config("age101", 101))
     model = ResMLP(paper_config("age", 8))
