@@ -106,16 +106,20 @@ def training_warnings(n_train: int, n_val: int, cfg: TrainConfig) -> list[str]:
     out = []
     batch = min(cfg.batch_size, n_train)
     steps = n_train // batch if batch else 0
-    live_epochs = cfg.epochs if cfg.gamma >= 1 else min(cfg.epochs, 1 + math.floor(math.log(0.01) / math.log(cfg.gamma)))
+    decay_epochs = math.inf if cfg.gamma >= 1 else 1 + math.floor(math.log(0.01) / math.log(cfg.gamma))
+    live_epochs = min(cfg.epochs, decay_epochs)
     if steps < MIN_STEPS_PER_EPOCH and steps * live_epochs < MIN_USEFUL_STEPS:
         decay = cfg.gamma ** (cfg.epochs - 1)
         smaller = max(2, n_train // MIN_STEPS_PER_EPOCH)
+        # Where the epochs end before the decay does, a gamma closer to 1 adds no step.
+        other = ("a gamma closer to 1", "--gamma", "--set gamma=G") if decay_epochs <= cfg.epochs else \
+            ("more epochs", "--epochs", "--epochs")
         out.append(f"an epoch is {steps} optimizer step(s) ({n_train} training rows, batch {cfg.batch_size}) "
                    f"and the learning rate falls {1 / decay:.3g}x over {cfg.epochs} epochs (gamma {cfg.gamma:g}): "
                    f"only {steps * live_epochs} steps at a rate within 100x of the first; the model will barely "
-                   f"train. Use a smaller batch size (<= {smaller} gives {MIN_STEPS_PER_EPOCH} steps an epoch) or a "
-                   f"gamma closer to 1: train's --batch-size {smaller} or --gamma, table's --set "
-                   f"batch_size={smaller} or --set gamma=G.")
+                   f"train. Use a smaller batch size (<= {smaller} gives {MIN_STEPS_PER_EPOCH} steps an epoch) or "
+                   f"{other[0]}: train's --batch-size {smaller} or {other[1]}, table's --set "
+                   f"batch_size={smaller} or {other[2]}.")
     if n_val == 0:
         out.append("the validation split is empty: no early stopping, the last epoch's weights are kept.")
     elif n_val < MIN_VAL_ROWS:

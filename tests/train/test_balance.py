@@ -1,5 +1,6 @@
 """--balance (class-balanced loss) and the warnings about runs too small to trust."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -55,6 +56,11 @@ def test_a_tiny_run_warns_about_its_schedule_and_its_validation_split():
     assert "validation split has 2 rows" in val
     assert training_warnings(12_000, 1500, cfg) == []  # Adience's size: the paper's schedule is fine
     assert "empty" in training_warnings(12_000, 0, cfg)[0]
+    assert "gamma closer to 1: train's --batch-size 4 or --gamma," in schedule  # the decay ends the useful steps
+    # Five epochs at gamma 0.9 end long before the rate has fallen 100x: only more epochs add steps.
+    capped = training_warnings(42, 4, replace(cfg, batch_size=8, gamma=0.9, epochs=5))[0]
+    assert "only 25 steps" in capped and "gamma closer to 1" not in capped and "--set gamma" not in capped
+    assert "or more epochs: train's --batch-size 4 or --epochs, table's --set batch_size=4 or --epochs." in capped
 
 
 def test_the_warnings_reach_config_json_and_the_console(tmp_path):
