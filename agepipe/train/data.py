@@ -162,6 +162,10 @@ def load_task_data(store: str, feature_set: str, datasets: list[str], task: str,
     # crash deep in scoring. The sum is finite exactly when every value is (they are unit-norm).
     finite = np.isfinite(feats.embeddings.sum(1))
     known = (y >= 0) & finite
+    if not known.any():  # else "the training split has 0 rows", with no word of why
+        above = f", det_score >= {min_det_score:g} (--min-det-score)" if min_det_score > 0 else ""
+        raise ValueError(f"{', '.join(datasets)} in {feature_set}: no row has status \"ok\"{above}, a {task} label "
+                         "and a finite embedding; nothing to train or score")
     rows = feats.rows.loc[known].reset_index(drop=True)
     x = torch.from_numpy(feats.embeddings if known.all() else feats.embeddings[known])
     dropped = {"unknown_label": int((y < 0).sum())}

@@ -36,6 +36,15 @@ def test_load_keeps_ok_rows_with_a_label_above_the_det_score(tmp_path):
     assert data.dropped == {"unknown_label": 1}
 
 
+def test_no_row_left_to_train_on_says_why(tmp_path):
+    # once "the training split has 0 rows; nothing to fit", from deep in the loop
+    x = np.eye(4, EMBEDDING_DIM, dtype=np.float32)
+    root = write_store(tmp_path, x, {"gender": np.array([0, 1, 0, 1]), "det_score": np.full(4, 0.8)})
+    with pytest.raises(ValueError, match=r'adience in .*: no row has status "ok", det_score >= 0.99 '
+                                         r"\(--min-det-score\), a gender label and a finite embedding"):
+        load_task_data(root, FEATURE_SET, ["adience"], "gender", min_det_score=0.99)
+
+
 def test_a_row_whose_embedding_is_not_finite_is_left_out_and_said(tmp_path):
     # One NaN row made every weight NaN in the first step; the run then crashed in scoring
     # ("'list' argument must have no negative elements") after saving a NaN checkpoint.
