@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from agepipe import atomic
-from agepipe.features.embed import FaceEmbedder
-from agepipe.features.images import ImageError, read_image
+from agepipe.features.embed import FaceEmbedder, in_original_pixels
+from agepipe.features.images import ImageError, read_photo
 from agepipe.train.checkpoint import CheckpointError, load_checkpoint, metrics_error, read_metrics, scoring_amp
 from agepipe.train.data import class_names
 from agepipe.train.evaluate import entropy, expected_age, logits_of, mc_dropout, uncertainty_measure
@@ -64,9 +64,10 @@ class Predictor:
                 f"({recorded.get('pack')}); the models given have {have[:12]}... ({self.embedder.pack.name}). "
                 "Use the same face models as the feature set (--models)")
 
-    def faces(self, image: np.ndarray) -> list[dict]:
-        """Every face in a BGR photo with its predictions."""
-        found = self.embedder.faces(image)
+    def faces(self, image: np.ndarray, photo_scale: float = 1.0) -> list[dict]:
+        """Every face in a BGR photo with its predictions; boxes in the pixels of the original,
+        ``photo_scale`` times the image's (images.Photo.scale)."""
+        found = [in_original_pixels(f, photo_scale) for f in self.embedder.faces(image)]
         if not found:
             return []
         x = torch.from_numpy(np.stack([f.embedding for f in found])).to(self.device)
@@ -184,16 +185,17 @@ def legend_lines(faces: list[dict], passes: dict[str, int] | int, cautions: dict
 
 
 def annotate(image: np.ndarray, faces: list[dict], passes: dict[str, int] | int = 32,
-             cautions: dict | None = None) -> np.ndarray:
+             cautions: dict | None = None, photo_scale: float = 1.0) -> np.ndarray:
     """A copy of the photo with each face's box and labels, placed inside the image and off
-    each other, and a legend in a band added at the foot."""
+    each other, and a legend in a band added at the foot. Boxes are in the original's pixels,
+    ``photo_scale`` times the image's (images.Photo.scale)."""
     height, width = image.shape[:2]
     thick = max(1, round(max(height, width) / 800))
     scale = 0.4 * max(1.0, max(height, width) / 800)
     out = image.copy()
     placed: list[tuple[int, int, int, int]] = []
     for face in sorted(faces, key=lambda f: (f["bbox"][1], f["bbox"][0])):
-        x1, y1, x2, y2 = (int(round(v)) for v in face["bbox"])
+        x1, y1, x2, y2 = (int(round(v / photo_scale)) for v in face["bbox"])
         lines = face_labels(face, cautions or {})
         unsure = any(colour == UNSURE for _, colour in lines)
         cv2.rectangle(out, (x1, y1), (x2, y2), UNSURE if unsure else DECIDED, thick + unsure)
@@ -283,20 +285,23 @@ def annotation_paths(annotate_to: str, images: list[str]) -> list[Path]:
 
 
 def predict_images(paths: list[str], predictor: Predictor, annotate_to: str | None = None) -> list[dict]:
-    """One result per photo: its faces, or the error that kept it from being read."""
+    """One result per photo: its faces, or the error that kept it from being read. Photos are
+    read as embed and extract read them (a large one reduced to images.MAX_SIDE, as its features
+    were made; boxes in its own pixels), so a photo they take is one predict takes, with the same
+    faces; the annotated copy is the reduced photo."""
     results = []
     targets = annotation_paths(annotate_to, paths) if annotate_to else [None] * len(paths)
     for path, target in zip(paths, targets):
         try:
-            image = read_image(path)
+            photo = read_photo(path)
         except ImageError as e:
             results.append({"image": path, "error": str(e), "faces": []})
             continue
-        faces = predictor.faces(image)
+        faces = predictor.faces(photo.pixels, photo.scale)
         result = {"image": path, "faces": faces}
         if target is not None:
             try:
-                write_image(target, annotate(image, faces, predictor.passes, predictor.cautions))
+                write_image(target, annotate(photo.pixels, faces, predictor.passes, predictor.cautions, photo.scale))
             except OSError as e:
                 raise ValueError(f"{atomic.cannot_write(target, e)}; give another --annotate") from None
             result["annotated"] = str(target)

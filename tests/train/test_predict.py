@@ -67,6 +67,29 @@ def test_predict_json_and_annotation(runs, photos, tmp_path, embedder):
     assert (band > 200).mean() > 0.7 and (band < 100).any()  # white, with dark text (more lines when a model warns)
 
 
+def test_a_photo_embed_reads_reduced_is_predicted_as_its_features_were_made(runs, photos, tmp_path, embedder):
+    """predict decoded every photo at full size under images.MAX_PIXELS: an 8400x8400 photo that embed
+    and extract read reduced (1/2 by the JPEG decoder, then to 4096) was 'more than the 64,000,000
+    pixels agepipe decodes' to predict alone, and a photo under the bound was detected and cropped at
+    full size, not as the features its models were trained on were made. It now reads as they do."""
+    from agepipe.features.embed import in_original_pixels
+    from agepipe.features.images import read_photo
+
+    small = cv2.imread(str(photos["astronaut"]))
+    path = tmp_path / "big.jpg"
+    cv2.imwrite(str(path), cv2.resize(small, (8400, 8400)), [cv2.IMWRITE_JPEG_QUALITY, 70])
+    age, _ = runs
+    result = CliRunner().invoke(cli, ["predict", str(path), "--age-model", str(age), "--mc-samples", "0", "--json",
+                                      "--annotate", str(tmp_path / "annotated.jpg")])
+    assert result.exit_code == 0, result.output
+    [face] = json.loads(result.output.strip().splitlines()[-1])["faces"]
+    photo = read_photo(str(path))
+    [found] = embedder.faces(photo.pixels)
+    np.testing.assert_allclose(face["bbox"], in_original_pixels(found, photo.scale).bbox, atol=0.1)  # embed's box
+    np.testing.assert_allclose(np.array(face["bbox"]) * 512 / 8400, embedder.faces(small)[0].bbox, atol=3)
+    assert cv2.imread(str(tmp_path / "annotated.jpg")).shape[1] == 4096  # drawn on the photo as read
+
+
 def test_labels_stay_inside_the_image_and_off_each_other():
     placed = []
     width, height = 400, 300
