@@ -124,8 +124,9 @@ FACES_SCHEMA_FIELDS = ["image", "face_index", "status", "error", "det_score", "b
 
 
 def embed_files(paths: list[str], embedder: FaceEmbedder, batch_size: int = 16, progress: bool = True):
-    """Every face of every photo as a pyarrow table (one row per face; one row with a status
-    for a photo with no face or that cannot be read)."""
+    """Every face of every photo as a pyarrow table (one row per face, face_index 0 the highest
+    det_score; one row with a status for a photo with no face or that cannot be read). No face is
+    chosen here: the policy above is extract's, for one face a dataset row."""
     import pyarrow as pa
     from tqdm import tqdm
 

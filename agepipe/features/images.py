@@ -31,6 +31,9 @@ MAX_PIXELS = 64_000_000
 # libjpeg decodes every block of the image once per scan: 90 kB of repeated scans held a thread
 # 47 s (8000x8000). Encoders write about 10; libjpeg-turbo's tools cap untrusted files at 500.
 MAX_SCANS = 500
+# Decoded photos waiting for the caller: 64 photos of 500x625 hold 60 MB, but 64 of 4096x4096
+# (a JPEG of one colour, 0.3 MB, decodes to that) held 3.2 GB.
+PREFETCH_BYTES = 512 << 20
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -44,7 +47,9 @@ class ImageError(Exception):
 
 @dataclass
 class Photo:
-    """A decoded photo (BGR uint8) and the factor from its pixels to the original's."""
+    """A decoded photo (BGR uint8) and the factor from its pixels to the original's. The pixels
+    are the photo as shown (OpenCV applies its EXIF orientation): boxes and landmarks found on
+    them, in embed, extract and predict alike, are in that frame, not the file's stored one."""
     pixels: np.ndarray
     scale: float = 1.0  # original = pixels * scale
 
@@ -113,8 +118,8 @@ def _header_size(data: bytes, name: str) -> tuple[int, int] | None:
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
         return struct.unpack(">II", data[16:24])
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with warnings.catch_warnings():  # the size is all this asks: the decoder judges the rest, and a
+            warnings.simplefilter("ignore")  # cut TIFF's 'Corrupt EXIF data' printed twice a photo
             with Image.open(io.BytesIO(data)) as im:
                 return im.size
     except Image.DecompressionBombError as e:
@@ -227,21 +232,47 @@ def find_images(paths: list[str]) -> list[str]:
 def read_photos(paths: list[str], threads: int = 4, max_side: int = MAX_SIDE, prefetch: int = 64):
     """(path, Photo or ImageError) in input order, decoded ahead by a thread pool so decoding
     overlaps the caller's inference (OpenCV releases the GIL while it decodes). At most
-    ``prefetch`` photos wait decoded, so memory stays bounded on any number of paths."""
+    ``prefetch`` photos wait decoded, and a decode thread starts no photo while those waiting
+    hold PREFETCH_BYTES of pixels (the photo the caller waits for excepted), so memory stays
+    bounded on any number and size of photos: PREFETCH_BYTES and one photo a thread."""
+    import threading
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    def load(path):
+    room = threading.Condition()
+    held, taken, stopped = [0], [0], [False]  # pixel bytes decoded, not taken; photos taken; caller gone
+
+    def load(index, path):
+        with room:
+            room.wait_for(lambda: held[0] < PREFETCH_BYTES or index == taken[0] or stopped[0])
         try:
-            return path, read_photo(path, max_side)
+            photo = read_photo(path, max_side)
         except ImageError as e:
             return path, e
+        with room:
+            held[0] += photo.pixels.nbytes
+        return path, photo
+
+    def take(future):
+        path, photo = future.result()
+        with room:
+            held[0] -= photo.pixels.nbytes if isinstance(photo, Photo) else 0
+            taken[0] += 1
+            room.notify_all()
+        return path, photo
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
         pending = deque()
-        for path in paths:
-            pending.append(pool.submit(load, path))
-            if len(pending) >= prefetch:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        try:
+            for index, path in enumerate(paths):
+                pending.append(pool.submit(load, index, path))
+                if len(pending) >= prefetch:
+                    yield take(pending.popleft())
+            while pending:
+                yield take(pending.popleft())
+        finally:  # a caller that stops early (an error, Ctrl-C): no thread may wait for room forever
+            for future in pending:
+                future.cancel()
+            with room:
+                stopped[0] = True
+                room.notify_all()

@@ -2,10 +2,14 @@
 import io
 import resource
 import struct
+import time
 
+import cv2
+import numpy as np
 import pytest
 from PIL import Image
 
+from agepipe.features import images
 from agepipe.features.images import ImageError, decode_image
 
 
@@ -58,3 +62,52 @@ def test_the_first_frame_header_bounds_the_decode_as_libjpeg_reads_it():
         decode_image(data[:end] + small + b"\xff\xd9", "two.jpg")
     assert e.value.status == "too_large"
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 100
+
+
+def test_photos_decoded_ahead_are_bounded_by_their_bytes(tmp_path, monkeypatch):
+    """read_photos decoded up to 64 photos ahead of the caller whatever their size: a folder of 80
+    JPEGs of one colour at 4096x4096 (0.3 MB each) held 4 GB while `agepipe embed` detected faces
+    (2.4 GB now, its batch of 16 included). Decode threads now wait while the photos waiting hold
+    PREFETCH_BYTES."""
+    path = tmp_path / "flat.png"
+    cv2.imwrite(str(path), np.full((512, 512, 3), 7, np.uint8))  # 768 kB decoded, 1 kB on disk
+    decoded = []
+    read_photo = images.read_photo
+    monkeypatch.setattr(images, "read_photo", lambda p, side: decoded.append(p) or read_photo(p, side))
+    monkeypatch.setattr(images, "PREFETCH_BYTES", 4 * 512 * 512 * 3, raising=False)
+    photos = images.read_photos([str(path)] * 40, threads=2)
+    next(photos)
+    time.sleep(1)  # the threads decode ahead as far as they may
+    assert len(decoded) <= 1 + 4 + 2  # the one taken, those under the bound, one more a thread
+    assert [p.pixels.shape for _, p in photos] == [(512, 512, 3)] * 39  # all of them, in order, once taken
+    monkeypatch.setattr(images, "PREFETCH_BYTES", 1)
+    stopped = images.read_photos([str(path)] * 40, threads=2)
+    next(stopped)
+    stopped.close()  # a caller that stops early leaves no thread waiting for room (this would hang)
+
+
+def test_a_cut_tiff_is_a_decode_error_without_warnings(recwarn):
+    """Reading a TIFF's size with PIL printed 'Corrupt EXIF data' (and 'Truncated File Read') for
+    every cut TIFF, twice, through embed's and extract's logs; the photo's status says it."""
+    out = io.BytesIO()
+    Image.new("RGB", (300, 300), (120, 80, 60)).save(out, "TIFF", compression="tiff_adobe_deflate")
+    with pytest.raises(ImageError) as e:
+        decode_image(out.getvalue()[:out.tell() // 2], "cut.tif")
+    assert e.value.status == "decode_error"
+    assert not [str(w.message) for w in recwarn]
+
+
+@pytest.mark.parametrize("orientation, stored", [(3, Image.ROTATE_180), (6, Image.ROTATE_90), (8, Image.ROTATE_270)])
+def test_pixels_are_the_photo_as_shown_whatever_its_exif_orientation(photos, orientation, stored):
+    """Boxes and landmarks are in the frame the photo is shown in: a decoder that ignored EXIF
+    (nvjpeg does) would put them in another frame and detect on a photo lying on its side. (OpenCV
+    5.1 turns PNG and WebP too; JPEG is what OpenCV has turned since 3.1, the floor 4.8 included.)"""
+    face = Image.open(photos["obama"]).resize((160, 200))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    upright, turned = io.BytesIO(), io.BytesIO()
+    face.save(upright, "JPEG", quality=95)
+    face.transpose(stored).save(turned, "JPEG", exif=exif.tobytes(), quality=95)
+    a, b = decode_image(upright.getvalue()).pixels, decode_image(turned.getvalue()).pixels
+    assert a.shape == b.shape == (200, 160, 3)
+    assert abs(a.astype(int) - b.astype(int)).mean() < 3  # the same photo, up to lossy coding
