@@ -699,7 +699,8 @@ def evaluate(run, store, mc_samples, device):
               help="Also write all results to this file as one JSON list.")
 @click.option("--annotate", type=click.Path(), default=None,
               help="Write the photo with boxes and labels here (a folder when several photos, or when "
-                   "this is an existing folder or ends in /).")
+                   "this is an existing folder or ends in /); a photo over 4096 px a side is drawn "
+                   "reduced, as its faces were found.")
 @click.option("--models", "pack", default=None,
               help="Face models (default: the pack of the runs' feature set, else buffalo_s).")
 @click.option("--det-size", type=click.IntRange(32, 4096), default=None, callback=_det_size,
