@@ -630,6 +630,24 @@ def test_9_a_photo_failing_alone_in_its_shard_costs_its_row_not_the_run(tiny, tm
     assert len(list(store.glob("**/part-*.parquet"))) == 3
 
 
+def test_9_a_crash_that_kills_the_worker_on_every_photo_stops_the_run(tiny, tmp_path):
+    """Every photo's task kills its worker process (SIGKILL, as a native crash in the models on this
+    machine would): the run stops with one sentence and commits nothing. (It wrote every row as
+    "worker_lost" and exited 0, each photo costing a worker restart, as if each photo were to blame.)"""
+    flag = tmp_path / "poison-flag"
+    flag.touch()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "AGEPIPE_POISON": "0.jpg,1.jpg,2.jpg",
+           "AGEPIPE_POISON_FLAG": str(flag), "DASK_DISTRIBUTED__WORKER__PRELOAD": '["tests.pipeline.poison"]',
+           "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}  # a lost worker fails its task at once
+    store = tmp_path / "store"
+    proc = subprocess.run([*AGEPIPE, "extract", "--dataset", "mini", "--data-dir", str(tiny), "--store", str(store),
+                           "--workers", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert re.search(r"Error: shard 0 of mini: every photo that reached the models failed \(3 photos; \d\.jpg: "
+                     r"KilledWorker.*nothing written", proc.stderr), proc.stderr
+    assert len(flag.with_name(flag.name + ".kills").read_text().splitlines()) >= 2  # the shard's task, then photos'
+    assert not list(store.glob("**/part-*.parquet")) and not list(store.glob("**/_index.json"))
+
 def test_10_worker_cache_keyed_by_the_model_files(buffalo_s, monkeypatch):
     from agepipe.features.models import ModelError, file_sha256
     from agepipe.pipeline import extract as ex

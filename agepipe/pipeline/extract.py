@@ -522,8 +522,9 @@ def run_tasks(client, tasks: list[dict], progress: bool) -> list[dict]:
     cancels what is left: it would otherwise become an "error" row for every photo.
 
     A rescued shard where photos got through the models is written, its failed photos as rows.
-    Where none did, the models are to blame, not the photos: with two or more failed photos the
-    run stops (a setup error or a bug); a lone failed photo costs its row when a shard of its
+    Where none did, the models are to blame, not the photos (a failed photo's task raised, or its
+    worker died: a native crash in the models kills the worker on every photo): with two or more
+    failed photos the run stops (a setup error or a bug); a lone failed photo costs its row when a shard of its
     dataset has gone through the models since the last such failure (so a fault that persists
     is not excused by old successes), and until then waits unwritten: a second such shard, or
     the run's end without that proof, stops the run."""
@@ -550,8 +551,8 @@ def run_tasks(client, tasks: list[dict], progress: bool) -> list[dict]:
                 if _is_setup_error(e):
                     raise ExtractError(f"shard {task['index']} of {task['dataset']}: {type(e).__name__}: {e}") from None
                 result = _rescue_shard(client, task, e)
-                if result["raised"] and not result["embedded"]:
-                    if len(result["raised"]) > 1:
+                if result["lost"] and not result["embedded"]:
+                    if len(result["lost"]) > 1:
                         raise _models_failed(task, result)
                     if not proof.pop(task["dataset"], False):
                         if waiting:
@@ -574,10 +575,10 @@ def run_tasks(client, tasks: list[dict], progress: bool) -> list[dict]:
 
 
 def _models_failed(task: dict, result: dict) -> ExtractError:
-    raised = result["raised"]
+    lost = result["lost"]
     return ExtractError(f"shard {task['index']} of {task['dataset']}: every photo that reached the models failed "
-                        f"({len(raised)} photo{'s' if len(raised) > 1 else ''}; {raised[0]}), none got through "
-                        "them: not the photos' fault; nothing written for it")
+                        f"({len(lost)} photo{'s' if len(lost) > 1 else ''}; {lost[0]['image_id']}: "
+                        f"{lost[0]['error']}), none got through them: not the photos' fault; nothing written for it")
 
 
 def _rescue_shard(client, task: dict, error: Exception) -> dict:
@@ -591,7 +592,7 @@ def _rescue_shard(client, task: dict, error: Exception) -> dict:
                for i, s in enumerate(singles)]
     from distributed import KilledWorker
 
-    tables, lost, raised, embedded = [], [], [], 0
+    tables, lost, embedded = [], [], 0
     for row, future in zip(task["rows"], futures):
         try:
             single = future.result()
@@ -602,8 +603,6 @@ def _rescue_shard(client, task: dict, error: Exception) -> dict:
                 client.cancel(futures)
                 raise ExtractError(f"{row['image_id']}: {type(e).__name__}: {e}") from None
             status = "worker_lost" if isinstance(e, KilledWorker) else "error"
-            if status == "error":
-                raised.append(f"{row['image_id']}: {type(e).__name__}: {e}")
             lost.append({"image_id": row["image_id"], "status": status, "error": f"{type(e).__name__}: {e}"})
             rows = pa.Table.from_pylist([row], schema=fstore.MANIFEST_SCHEMA)
             tables.append(shard_table(rows, np.array([status], dtype=object), _blank_features(1)))
@@ -611,7 +610,7 @@ def _rescue_shard(client, task: dict, error: Exception) -> dict:
     return {"dataset": task["dataset"], "index": task["index"], "rows": table.num_rows,
             "status": dict(Counter(table["status"].to_pylist())), "embedded": embedded, "timings": {},
             "seconds": time.perf_counter() - started, "rescued": f"{type(error).__name__}: {error}",
-            "lost": lost, "raised": raised, "table": table}
+            "lost": lost, "table": table}
 
 
 def _write_rescued(task: dict, result: dict) -> None:
