@@ -648,6 +648,20 @@ def test_9_a_crash_that_kills_the_worker_on_every_photo_stops_the_run(tiny, tmp_
     assert len(flag.with_name(flag.name + ".kills").read_text().splitlines()) >= 2  # the shard's task, then photos'
     assert not list(store.glob("**/part-*.parquet")) and not list(store.glob("**/_index.json"))
 
+def test_9_a_worker_that_dies_loading_its_models_stops_the_run_in_one_sentence(tiny, tmp_path):
+    """A worker process killed as it loads its models (the OOM killer's moment of choice): the run
+    stops with a sentence saying so, no traceback, nothing written. (It ended in Dask's
+    CommClosedError traceback from client.run.)"""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]),
+           "DASK_DISTRIBUTED__WORKER__PRELOAD": '["tests.pipeline.dies_loading"]'}
+    store = tmp_path / "store"
+    proc = subprocess.run([*AGEPIPE, "extract", "--dataset", "mini", "--data-dir", str(tiny), "--store", str(store),
+                           "--workers", "1"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "Error: a Dask worker died while it was loading its models" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert not list(store.glob("**/part-*.parquet")) and not list(store.glob("**/_index.json"))
+
 def test_10_worker_cache_keyed_by_the_model_files(buffalo_s, monkeypatch):
     from agepipe.features.models import ModelError, file_sha256
     from agepipe.pipeline import extract as ex

@@ -471,12 +471,26 @@ def check_photos_there(client, tasks: list[dict], sample: int = 64) -> None:
         paths = wanted.setdefault(task["data_root"], [])
         paths += [os.path.join(task["data_root"], r["image_id"]) for r in task["rows"][:sample - len(paths)]
                   if r["status"] == "ok"]
-    for worker, absent in sorted(client.run(roots_without_photos, wanted).items()):
+    absent_roots = on_every_worker(client, "was looking for the photos", roots_without_photos, wanted)
+    for worker, absent in sorted(absent_roots.items()):
         for root in absent:
             paths, dataset = wanted[root], os.path.basename(root)
             raise ExtractError(f"{root}: none of the first {len(paths)} photos its manifest lists is there (the "
                                f"first: {paths[0]}; seen from worker {worker}); unpack them with `agepipe download "
                                f"--dataset {dataset}`, or give the --data-dir that holds them")
+
+
+def on_every_worker(client, doing: str, function, *args) -> dict:
+    """client.run: {worker: ``function(*args)``} from every worker. A worker that dies meanwhile (the
+    kernel's OOM killer picks one as it loads its models, the memory peak) is ExtractError, not
+    Dask's CommClosedError traceback; an error ``function`` raises is raised as it is."""
+    from distributed.comm import CommClosedError
+
+    try:
+        return client.run(function, *args)
+    except CommClosedError as e:
+        raise ExtractError(f"a Dask worker died while it {doing} ({e}); if it ran out of memory, free memory or "
+                           "ask for fewer workers (--workers N), then rerun (finished shards are kept)") from None
 
 
 def roots_without_photos(wanted: dict[str, list[str]]) -> list[str]:
@@ -730,7 +744,7 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
         if layout.mode != "scheduler":  # a user's own workers keep their Ctrl-C and their logs
             client.register_plugin(IgnoreCtrlC())
             client.register_plugin(QuietClose())
-        workers_env = client.run(lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
+        workers_env = on_every_worker(client, "was starting", lambda: os.environ.get("CUDA_VISIBLE_DEVICES"))
         link = dashboard_link(client)
         echo(f"cluster: {layout.mode}, {layout.workers} worker processes"
              + (f", GPUs {','.join(layout.gpus)}" if layout.gpus else "")
@@ -749,7 +763,7 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
                                                   "their labels changed, their results kept" if relabel else ""))
             check_photos_there(client, plan.tasks)
             if plan.tasks:  # every worker loads its models first: a setup error stops the run before any shard
-                batches = client.run(load_models, cfg)
+                batches = on_every_worker(client, "was loading its models", load_models, cfg)
                 if not cfg.batch_size:
                     echo("batch size from each GPU's free memory: "
                          + ", ".join(f"{b} photos" for b in sorted(set(batches.values()))))
