@@ -39,13 +39,28 @@ def known_errors() -> tuple[type[Exception], ...]:
     return DownloadError, MetadataError, ModelError, ExtractError, CheckpointError, StoreError, ClusterError
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: a batch system's time limit (Slurm), `docker stop`, `kill`. The run stops as Ctrl-C
+    stops it (the cluster closed, no worker tracebacks), not mid-write at the signal's default."""
+
+
+def _terminate(signum, frame):
+    import logging
+
+    # Sent to every process of the run (a job's end), the workers die at once: the client's Dask
+    # then logs each lost connection with a traceback. The run is stopping; "terminated" says so.
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+    raise Terminated()
+
+
 class Agepipe(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:
-            click.echo("\ninterrupted", err=True)
-            raise click.exceptions.Exit(130) from None
+        except KeyboardInterrupt as e:
+            terminated = isinstance(e, Terminated)
+            click.echo("\nterminated" if terminated else "\ninterrupted", err=True)
+            raise click.exceptions.Exit(143 if terminated else 130) from None
         except click.ClickException:
             raise
         except Exception as e:
@@ -804,7 +819,11 @@ def main():
     torch's and onnxruntime's thread pools, and stops daemon threads with pthread_exit,
     which aborts a thread inside C++ ("terminate called without an active exception", exit
     134, after a run that did all its work: apache/arrow#34314, #45017). Code that calls
-    `cli.main(...)` itself (the demo, tests) exits normally."""
+    `cli.main(...)` itself (the demo, tests) exits normally. SIGTERM stops a command as Ctrl-C
+    does (Terminated), with exit 143."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(prog_name="agepipe")
         code = 0

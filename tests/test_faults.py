@@ -446,6 +446,51 @@ def test_8_ctrl_c_is_interrupted_exit_130_without_worker_tracebacks(photos, tmp_
     assert "KeyboardInterrupt" not in err
 
 
+def session_processes(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (a process started with start_new_session, and its workers)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            found.append(int(entry.parent.name))
+    return found
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["the-client", "every-process"])
+def test_8_sigterm_stops_as_ctrl_c_does_exit_143(photos, tmp_path, group):
+    """SIGTERM (a batch system's time limit, docker stop) to the client alone or to every process
+    of the run: it died at the signal's default (exit -15), its workers logging heartbeat tracebacks
+    as they lost it. Now it stops as Ctrl-C does, and no process of the run is left."""
+    data = tmp_path / "data"
+    (data / "mini").mkdir(parents=True)
+    for i in range(40):
+        (data / "mini" / f"{i}.jpg").write_bytes(photos["t1"].read_bytes())
+    write_manifest(data / "mini", [row(f"{i}.jpg") for i in range(40)])
+    store = tmp_path / "store"
+    proc = subprocess.Popen([*AGEPIPE, "extract", "--dataset", "mini", "--data-dir", str(data), "--store",
+                             str(store), "--workers", "2", "--shard-rows", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 180
+    while not list(store.glob("*/mini/part-*.parquet")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the signal"
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (out, err)
+    assert "terminated" in err
+    no_traceback(err)
+    deadline = time.time() + 20
+    while session_processes(proc.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert session_processes(proc.pid) == []
+
+
 @pytest.mark.parametrize("full_at", ["part-", "_index.json"])
 def test_8_a_full_disk_stops_the_run_with_a_sentence_and_the_rerun_finishes(photos, tmp_path, full_at):
     """The disk fills while workers write shards, or while the client commits the index: the run
