@@ -356,7 +356,8 @@ def download(dataset, data_dir, source, workers, no_extract):
               help="Local worker processes (default: one per core).")
 @click.option("--shard-rows", type=click.IntRange(1), default=None,
               help="Manifest rows per shard (one shard = one task = one Parquet file; default: the "
-                   "size of the dataset's finished cut, so a rerun resumes it; for a first extract 4096 "
+                   "size of the dataset's finished cut, or of the shards a run stopped before its commit "
+                   "left, so a rerun resumes it; for a first extract 4096 "
                    "with --runtime torch on cuda, else 1000). A shard is one worker's task: on a small "
                    "dataset, fewer rows keep every worker busy. Another size than the cut's cuts the "
                    "rows anew and redoes them.")

@@ -363,6 +363,22 @@ def cut_shard_rows(index: fstore.Index | None, default: int) -> int:
     return first if len(index.shards) > 1 else max(first, default)
 
 
+def uncommitted_cut_rows(store: str, manifest: pa.Table, on_disk: dict, default: int) -> int:
+    """The shard size of a run that stopped before its first commit (no index yet), from its
+    first shard on disk: rerun without its --shard-rows, the default would cut every shard anew
+    and read every photo again. ``default`` when no shard 0 holds the manifest's first rows."""
+    for digest, found in on_disk.items():
+        for path, _ in found:
+            if path.rsplit("/", 1)[-1].startswith("part-00000"):
+                try:
+                    rows = fstore.read_shard_file(store, path, columns=["image_id"]).num_rows
+                except fstore.StoreError:  # gone or damaged since it was listed: not a cut to follow
+                    continue
+                if digest == fstore.rows_digest(manifest.slice(0, rows)):
+                    return rows if rows < manifest.num_rows else max(rows, default)
+    return default
+
+
 def plan_shards(manifest: pa.Table, shard_rows: int) -> list[pa.Table]:
     return [manifest.slice(start, shard_rows) for start in range(0, manifest.num_rows, shard_rows)]
 
@@ -417,7 +433,9 @@ def make_plan(manifests: dict[str, pa.Table], data_dir: str, store: str, feature
         data_root = os.path.join(os.path.expanduser(data_dir), dataset)
         shards = []
         start = 0
-        for index_no, rows in enumerate(plan_shards(manifest, shard_rows or cut_shard_rows(index, default_rows))):
+        size = shard_rows or (cut_shard_rows(index, default_rows) if index else
+                              uncommitted_cut_rows(store, manifest, on_disk, default_rows))
+        for index_no, rows in enumerate(plan_shards(manifest, size)):
             digest, inputs = fstore.rows_digest(rows), fstore.inputs_digest(rows)
             # A shard from before inputs were recorded (None) is taken as made from these rows.
             found = sorted((p for p, made_from in on_disk.get(digest, []) if made_from in (None, inputs)),

@@ -97,6 +97,21 @@ def test_interrupted_run_resumes_to_the_same_rows(mini_data, tmp_path):
     np.testing.assert_allclose(np.stack(a.embedding[ok]), np.stack(b.embedding[ok]), atol=1e-6)
 
 
+def test_a_run_stopped_before_its_first_commit_resumes_in_its_own_cut(mini_data, tmp_path):
+    """A first extract with --shard-rows that stopped before its commit (no index yet) leaves its
+    shards; a rerun without --shard-rows cut at the default size, and read every photo again."""
+    store = tmp_path / "store"
+    assert extract(mini_data, store, "--shard-rows", 4, "--workers", 1).exit_code == 0
+    (store / the_feature_set(store) / "mini" / "_index.json").unlink()  # as if it never committed
+    shards = lambda: sorted(p.name for p in (store / the_feature_set(store) / "mini").glob("part-*"))  # noqa: E731
+    before = shards()
+    result = extract(mini_data, store, "--workers", 1)
+    assert result.exit_code == 0, result.output
+    assert "0 to do (0 rows), 5 already finished (19 rows)" in result.output
+    assert shards() == before and len(before) == 5  # kept, and committed as they are
+    assert_each_manifest_row_once(mini_data, store)
+
+
 def test_a_dataset_whose_photos_are_all_absent_stops_before_any_row(mini_data, tmp_path):
     """A manifest without its photos (not unpacked, another --data-dir) is a setup error: it
     became a "missing_image" row for every photo, which reruns kept even once the photos came."""
