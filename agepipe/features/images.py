@@ -25,7 +25,8 @@ from PIL import Image
 # det_size pixels anyway, so larger photos are decoded reduced (JPEG) or resized.
 MAX_SIDE = 4096
 # Our own bounds come before PIL's bomb guard (Image.MAX_IMAGE_PIXELS, left on): a photo of a
-# face is a few MB; 64M decoded pixels are 192 MB of BGR in one decode thread.
+# face is a few MB; 64M decoded pixels are 192 MB of BGR, and a decode thread's peak at that
+# size was 370-490 MB (PNG, WebP, TIFF; a 62-byte GIF claiming 7999x7999 before its error).
 MAX_FILE_BYTES = 64 << 20
 MAX_PIXELS = 64_000_000
 # libjpeg decodes every block of the image once per scan: 90 kB of repeated scans held a thread
