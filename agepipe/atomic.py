@@ -59,6 +59,40 @@ def open_atomic(fs, path: str, mode: str):
     fs.mv(tmp, path)
 
 
+class FolderError(ValueError):
+    """An output folder a command cannot write: another command is writing it, or the system refuses it."""
+
+
+@contextlib.contextmanager
+def only_writer(folder: str | os.PathLike, command: str) -> Iterator[None]:
+    """One agepipe command at a time writing ``folder`` (train's or table's --out, a demo's folder):
+    two at once wrote each other's run files, one removed the other's runs as an earlier
+    cross-validation's, and one ended in a FileNotFoundError traceback. An flock on FOLDER/.lock,
+    released by the kernel if the process dies; a second command stops at once, before any work."""
+    import fcntl
+
+    folder = Path(folder)
+    made = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        f = open(folder / ".lock", "a")
+    except OSError as e:  # a file where the folder should be, no permission: said before any work
+        raise FolderError(f"{cannot_write(folder, e)}; give `agepipe {command}` another folder") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderError(f"{folder}: another agepipe command is writing this folder now; let it finish, "
+                              f"or give `agepipe {command}` another one") from None
+        try:
+            yield
+        finally:
+            if made and os.listdir(folder) == [".lock"]:  # a command that failed before writing leaves no folder
+                with contextlib.suppress(OSError):
+                    os.unlink(folder / ".lock")
+                    folder.rmdir()
+
+
 def cannot_write(path: str | os.PathLike, error: OSError) -> str:
     """``PATH: cannot write (why)`` for an output a user named that the system refused: no such
     folder, no permission, a full disk, a file where its folder should be."""

@@ -28,6 +28,7 @@ def store_option(f):
 def known_errors() -> tuple[type[Exception], ...]:
     """Errors whose message is the whole story (it names the file or row): shown as one
     sentence, exit 1, no traceback. Anything else is a bug and keeps its traceback."""
+    from agepipe.atomic import FolderError
     from agepipe.download import DownloadError
     from agepipe.datasets.manifest import MetadataError
     from agepipe.features.models import ModelError
@@ -36,7 +37,8 @@ def known_errors() -> tuple[type[Exception], ...]:
     from agepipe.pipeline.extract import ExtractError
     from agepipe.train.checkpoint import CheckpointError
 
-    return DownloadError, MetadataError, ModelError, ExtractError, CheckpointError, StoreError, ClusterError
+    return (DownloadError, MetadataError, ModelError, ExtractError, CheckpointError, StoreError, ClusterError,
+            FolderError)
 
 
 class Terminated(KeyboardInterrupt):
@@ -492,6 +494,7 @@ def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, i
       agepipe train --dataset imdb-wiki --task age101 --out runs/pre
       agepipe train --dataset adience --task age --init runs/pre
     """
+    from agepipe.atomic import only_writer
     from agepipe.train.loop import TrainingWarning
     from agepipe.train.loop import train as train_model
 
@@ -502,33 +505,34 @@ def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, i
     train_overrides = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                        "gamma": gamma, "patience": patience, "seed": seed, "balance": balance or None,
                        "amp": False if fp32 else None}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", TrainingWarning)  # echoed below, once, without a traceback line
-            result = train_model(store, list(datasets), task, out, feature_set=feature_set, test_fold=test_fold,
-                                 cv=cv, seeds=seeds, init=init, device=device, min_det_score=min_det_score,
-                                 mc_samples=mc_samples, model_overrides=model_overrides,
-                                 train_overrides=train_overrides, progress=sys.stderr.isatty(),
-                                 echo=None if sys.stderr.isatty() else click.echo)
-    except (FileNotFoundError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-    for message in result["warnings"] if cv else result["train_warnings"]:
-        click.echo(f"warning: {message}", err=True)
-    if cv:
-        from agepipe.train.report import write_cv_report
+    with only_writer(out, "train"):  # till the CV report is drawn from the runs' folders
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", TrainingWarning)  # echoed below, once, without a traceback line
+                result = train_model(store, list(datasets), task, out, feature_set=feature_set, test_fold=test_fold,
+                                     cv=cv, seeds=seeds, init=init, device=device, min_det_score=min_det_score,
+                                     mc_samples=mc_samples, model_overrides=model_overrides,
+                                     train_overrides=train_overrides, progress=sys.stderr.isatty(),
+                                     echo=None if sys.stderr.isatty() else click.echo)
+        except (FileNotFoundError, ValueError) as e:
+            raise click.ClickException(str(e)) from None
+        for message in result["warnings"] if cv else result["train_warnings"]:
+            click.echo(f"warning: {message}", err=True)
+        if cv:
+            from agepipe.train.report import write_cv_report
 
-        runs = [os.path.join(out, f"fold{r['fold']}-seed{r['seed']}") for r in result["runs"]]
-        removed = result["removed_runs"]
-        if removed:
-            click.echo(f"removed {len(removed)} run folder(s) of an earlier cross-validation: "
-                       + " ".join(removed[:10]) + (f" and {len(removed) - 10} more (cv.json names them)"
-                                                   if len(removed) > 10 else ""))
-        click.echo(f"{len(result['runs'])} runs -> {write_cv_report(out, runs)} (a report.md per run too)")
-        for key, s in result["summary"].items():
-            if key.startswith(("test_", "val_")):
-                click.echo(f"  {key:<24} {s['mean']:.4f} +- {s['std']:.4f}")
-        return
-    _echo_metrics(result, out)
+            runs = [os.path.join(out, f"fold{r['fold']}-seed{r['seed']}") for r in result["runs"]]
+            removed = result["removed_runs"]
+            if removed:
+                click.echo(f"removed {len(removed)} run folder(s) of an earlier cross-validation: "
+                           + " ".join(removed[:10]) + (f" and {len(removed) - 10} more (cv.json names them)"
+                                                       if len(removed) > 10 else ""))
+            click.echo(f"{len(result['runs'])} runs -> {write_cv_report(out, runs)} (a report.md per run too)")
+            for key, s in result["summary"].items():
+                if key.startswith(("test_", "val_")):
+                    click.echo(f"  {key:<24} {s['mean']:.4f} +- {s['std']:.4f}")
+            return
+        _echo_metrics(result, out)
 
 
 def _refuse_ignored(names: tuple[str, ...], cv: bool) -> None:
@@ -624,6 +628,7 @@ def table(store, feature_set, out, tasks, variants, inits, folds, seeds, epochs,
       agepipe table
       agepipe table --tasks gender --variants full,no-ic --folds 0,1 --seeds 2 --epochs 5
     """
+    from agepipe.atomic import only_writer
     from agepipe.train.loop import TrainingWarning
     from agepipe.train.table import Grid, parse_settings, run_table
 
@@ -643,7 +648,7 @@ def table(store, feature_set, out, tasks, variants, inits, folds, seeds, epochs,
 
     try:
         grid = Grid(tasks, variants, inits, folds, seeds, epochs, parse_settings(list(settings)))
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), only_writer(out, "table"):
             warnings.simplefilter("always", TrainingWarning)
             warnings.showwarning = say_once
             run_table(store, out, grid, feature_set=feature_set, datasets=tuple(datasets),
@@ -785,10 +790,12 @@ def demo(workdir):
     """
     from pathlib import Path
 
+    from agepipe.atomic import only_writer
     from agepipe.demo import run_demo
 
     try:
-        run_demo(Path(workdir), lambda args: cli.main(args=args, prog_name="agepipe", standalone_mode=False))
+        with only_writer(Path(workdir), "demo"):  # a second click's demo would extract and train into the same files
+            run_demo(Path(workdir), lambda args: cli.main(args=args, prog_name="agepipe", standalone_mode=False))
     except click.ClickException:
         raise
     except (FileNotFoundError, ValueError) as e:

@@ -143,7 +143,8 @@ class StoreWriteError(StoreError):
 
 
 class IndexChanged(StoreError):
-    """A commit replaced the index a run planned from: another writer's, or the next run's."""
+    """A commit replaced the index a run planned from (another writer's, or the next run's), or the
+    one a reader was reading: the old cut's shards are deleted right after."""
 
 
 def index_changed(store: str, feature_set: str, dataset: str) -> IndexChanged:
@@ -542,9 +543,23 @@ def _listed(store: str, feature_set: str, dataset: str) -> list[tuple[str, Shard
     for entry in index.shards:
         path = _join(root, entry.file)
         if not fs.exists(path):
-            raise StoreError(f"{root}: shard {entry.file} listed in {INDEX_FILE} is missing; {_rerun(dataset)}")
+            raise _if_recut(store, path, StoreError(f"{root}: shard {entry.file} listed in {INDEX_FILE} is missing; "
+                                                    f"{_rerun(dataset)}"))
         out.append((path, entry))
     return out
+
+
+def _if_recut(store: str, path: str, error: StoreError) -> StoreError:
+    """``error`` for a shard a reader found in the index and then could not read; IndexChanged where
+    the index no longer lists it: an extract committed a new cut meanwhile and deleted the old
+    cut's shards. Nothing is damaged and nothing was mixed; a rerun reads the new cut."""
+    feature_set, dataset = path.rstrip("/").rsplit("/", 3)[-3:-1]
+    index = index_to_replace(store, feature_set, dataset)
+    if index is None or _name(path) in {e.file for e in index.shards}:
+        return error
+    return IndexChanged(f"{index_path(store, feature_set, dataset)}: an `agepipe extract` committed a new cut of "
+                        f"{dataset} while this command read it, and the old cut's shards are gone; rerun the "
+                        "command (it read nothing from two cuts)")
 
 
 def _shard_paths(store: str, feature_set: str, datasets: list[str] | str | None):
@@ -600,10 +615,13 @@ def _read_shards(store: str, feature_set: str, datasets, columns: list[str] | No
     0.1.0) must not hold an image in two shards."""
     out, seen = [], {}
     for dataset, path, entry in _shard_paths(store, feature_set, datasets):
-        t = read_shard_file(store, path, columns, entry)
-        if entry is None:
-            ids = t["image_id"] if columns is None or "image_id" in columns else \
+        try:
+            t = read_shard_file(store, path, columns, entry)
+            ids = None if entry is not None else t["image_id"] if columns is None or "image_id" in columns else \
                 read_shard_file(store, path, ["image_id"])["image_id"]
+        except StoreError as e:
+            raise _if_recut(store, path, e) from None
+        if ids is not None:
             for image_id in dict.fromkeys(ids.to_pylist()):
                 if seen.setdefault((dataset, image_id), path) != path:
                     raise StoreError(f"{path.rsplit('/', 1)[0]}: {image_id!r} is in two shards "
@@ -670,10 +688,13 @@ def load_features(store: str, feature_set: str, datasets: list[str] | str | None
     row = 0
     for (_, path, _), keep in zip(shards, keeps):
         k = int(keep.sum())
-        if k == len(keep) and k:  # the common case: straight into the output, no copy
-            read_embeddings(store, path, embeddings[row:row + k])
-        elif k:
-            np.compress(keep, read_embeddings(store, path), axis=0, out=embeddings[row:row + k])
+        try:
+            if k == len(keep) and k:  # the common case: straight into the output, no copy
+                read_embeddings(store, path, embeddings[row:row + k])
+            elif k:
+                np.compress(keep, read_embeddings(store, path), axis=0, out=embeddings[row:row + k])
+        except StoreError as e:  # the shard was there when its labels were read a moment ago
+            raise _if_recut(store, path, e) from None
         row += k
     rows = pa.concat_tables([
         t.filter(pa.array(keep)).append_column("dataset", pa.array([d] * int(keep.sum()), pa.string()))

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy.special import stdtrit
 
-from agepipe.atomic import write_text
+from agepipe.atomic import only_writer, write_text
 from agepipe.datasets import expand_groups
 from agepipe.train.checkpoint import write_json
 from agepipe.train.data import (VAL_FRACTION, check_datasets_held, content_digest, load_task_data, make_split,
@@ -211,28 +211,30 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
                             "pretrain_rows": pre_digest if init == "pretrained" else None, "mc_samples": mc_samples}
                 done, why = _finished_cell(cell_dir, identity)
                 if done is None:
-                    # The old record goes first: a retrain stopped part-way leaves the folder holding new
-                    # runs, which a rerun with the old settings must not pass off as the recorded cell.
-                    (cell_dir / "cell.json").unlink(missing_ok=True)
-                    cell_start, pretrain_seconds, init_run = time.perf_counter(), None, None
-                    if init == "pretrained":
-                        init_run = cell_dir / "pretrain"
-                        split = make_split(pre.rows, None, VAL_FRACTION)
-                        t0 = time.perf_counter()
-                        train_run(pre, split, model_cfg, train_cfg, init_run, pre_record, None, 0, report=False)
-                        pretrain_seconds = time.perf_counter() - t0
-                        echo(f"  {task} {variant}: pre-trained on {'+'.join(pretrain_datasets)} "
-                             f"({len(pre.rows)} rows) in {pretrain_seconds:.1f} s")
-                        model_cfg = model_config_for(task, str(init_run), **VARIANTS[variant])
-                    cv = cross_validate(data, model_cfg, train_cfg, cell_dir, record, grid.seeds,
-                                        str(init_run) if init_run else None, mc_samples, progress=False,
-                                        folds=grid.folds, cuda_graphs=cuda_graphs)
-                    done = {"identity": identity, "seconds": time.perf_counter() - cell_start,
-                            "pretrain_seconds": pretrain_seconds,
-                            "accuracy": [r["test_accuracy"] for r in cv["runs"]],
-                            "folds": [r["fold"] for r in cv["runs"]]}
-                    write_json(cell_dir / "cell.json", done)
-                    how = f"trained in {done['seconds']:.1f} s" + (f" (again: {why})" if why else "")
+                    # A `train --cv --out` into this cell meanwhile would write its runs among these.
+                    with only_writer(cell_dir, "table"):
+                        # The old record goes first: a retrain stopped part-way leaves the folder holding new
+                        # runs, which a rerun with the old settings must not pass off as the recorded cell.
+                        (cell_dir / "cell.json").unlink(missing_ok=True)
+                        cell_start, pretrain_seconds, init_run = time.perf_counter(), None, None
+                        if init == "pretrained":
+                            init_run = cell_dir / "pretrain"
+                            split = make_split(pre.rows, None, VAL_FRACTION)
+                            t0 = time.perf_counter()
+                            train_run(pre, split, model_cfg, train_cfg, init_run, pre_record, None, 0, report=False)
+                            pretrain_seconds = time.perf_counter() - t0
+                            echo(f"  {task} {variant}: pre-trained on {'+'.join(pretrain_datasets)} "
+                                 f"({len(pre.rows)} rows) in {pretrain_seconds:.1f} s")
+                            model_cfg = model_config_for(task, str(init_run), **VARIANTS[variant])
+                        cv = cross_validate(data, model_cfg, train_cfg, cell_dir, record, grid.seeds,
+                                            str(init_run) if init_run else None, mc_samples, progress=False,
+                                            folds=grid.folds, cuda_graphs=cuda_graphs)
+                        done = {"identity": identity, "seconds": time.perf_counter() - cell_start,
+                                "pretrain_seconds": pretrain_seconds,
+                                "accuracy": [r["test_accuracy"] for r in cv["runs"]],
+                                "folds": [r["fold"] for r in cv["runs"]]}
+                        write_json(cell_dir / "cell.json", done)
+                        how = f"trained in {done['seconds']:.1f} s" + (f" (again: {why})" if why else "")
                 else:
                     how = f"reused (trained in {done['seconds']:.1f} s before)"
                 row = {"task": task, "variant": variant, "init": init, **accuracy_stats(done["accuracy"], done["folds"])}

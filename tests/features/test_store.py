@@ -179,6 +179,33 @@ def test_a_deleted_or_damaged_shard_is_refused_naming_what_to_run(tmp_path):
         fstore.status_counts(str(tmp_path), FS)
 
 
+@pytest.mark.parametrize("at", ["index", "labels", "embeddings"])
+def test_a_commit_while_a_reader_reads_is_said_as_that_not_as_damage(tmp_path, monkeypatch, at):
+    """An extract that commits a new cut while train, table or evaluate reads the old one deletes the
+    old cut's shards right after: the reader, past the index, finds a listed shard gone (before its
+    check, or before it opens it for labels or embeddings). It said the store was damaged and to
+    redo the extract (one is running: its lock refuses a second); it says the index changed while
+    it read and to rerun the command. A shard gone with the index unchanged is still damage."""
+    table, emb, ok = shard_rows(30)
+    write_cut(tmp_path, table, 10)
+    hooked = {"index": "read_index", "labels": "read_shard_file", "embeddings": "read_embeddings"}[at]
+    original, committed = getattr(fstore, hooked), []
+
+    def commit_first(*args, **kwargs):
+        result = original(*args, **kwargs) if at == "index" else None  # the reader has the old index
+        if not committed:
+            committed.append(True)
+            write_cut(tmp_path, table, 15)  # another extract's commit: the old cut's shards are deleted
+        return result if at == "index" else original(*args, **kwargs)
+
+    monkeypatch.setattr(fstore, hooked, commit_first)
+    with pytest.raises(fstore.IndexChanged, match=r"d/_index\.json: an `agepipe extract` committed a new cut of d "
+                                                  r"while this command read it.*rerun the command"):
+        fstore.load_features(str(tmp_path), FS, "d")
+    monkeypatch.undo()
+    assert np.array_equal(fstore.load_features(str(tmp_path), FS, "d").embeddings, emb[ok])  # the rerun
+
+
 def re_escape(text):
     import re
 

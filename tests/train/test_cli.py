@@ -109,3 +109,37 @@ def test_evaluate_from_a_store_without_the_runs_feature_set_names_it(gaussian_st
     result = invoke("evaluate", run, "--store", tmp_path / "elsewhere")
     assert result.exit_code == 1 and f"not in {tmp_path / 'elsewhere'} (found: none)" in result.output
     assert "agepipe extract" not in result.output
+
+
+def test_a_second_command_writing_the_same_folder_stops_before_any_work(gaussian_store, tmp_path):
+    """Two `train --cv` (or `table`s, or `demo`s: a double click) into one folder at once wrote each
+    other's run files; one removed the other's runs as an earlier cross-validation's, and one died
+    in a FileNotFoundError traceback drawing its report from a fold folder the other replaced. The
+    second now stops at once with a sentence. The first is held here as the lock a running command
+    holds (flock on OUT/.lock: another open file, as another process's is)."""
+    import fcntl
+
+    store, _ = gaussian_store
+    out = tmp_path / "out"
+    table = ("table", "--store", store, "--out", out, "--tasks", "gender", "--variants", "full", "--inits", "scratch",
+             "--folds", "0", "--seeds", "1", "--epochs", "1")
+    commands = {
+        out: [("train", "--store", store, "--dataset", "adience", "--task", "age", "--cv", "--epochs", "1",
+               "--out", out),
+              ("train", "--store", store, "--dataset", "adience", "--task", "age", "--epochs", "1", "--out", out),
+              table, ("demo", "--workdir", out)],
+        out / "gender" / "scratch" / "full": [table],  # a `train --cv --out` into the table's cell
+    }
+    for held, argvs in commands.items():
+        held.mkdir(parents=True, exist_ok=True)
+        with open(held / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for argv in argvs:
+                result = invoke(*argv)
+                assert result.exit_code == 1, (argv, result.output)
+                assert f"{held}: another agepipe command is writing this folder now; let it finish, or give " \
+                       f"`agepipe {argv[0]}` another one" in result.output, result.output
+                assert "Traceback" not in result.output
+                assert not list(held.glob("fold*")) and not (out / "table.md").exists()
+    result = invoke(*table)  # the first done, the next runs
+    assert result.exit_code == 0, result.output
