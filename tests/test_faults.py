@@ -422,14 +422,13 @@ def test_11_pil_bomb_guard_stays_on():
 
 # --- 8: sentences, exit codes, no tracebacks ----------------------------------------------------
 
-def test_8_ctrl_c_is_interrupted_exit_130_without_worker_tracebacks(photos, tmp_path):
+def running_extract(photos, tmp_path) -> subprocess.Popen:
+    """`agepipe extract` of 40 photos in its own session, once its first shard is written."""
     data = tmp_path / "data"
-    rows = []
+    (data / "mini").mkdir(parents=True)
     for i in range(40):
-        (data / "mini").mkdir(parents=True, exist_ok=True)
         (data / "mini" / f"{i}.jpg").write_bytes(photos["t1"].read_bytes())
-        rows.append(row(f"{i}.jpg"))
-    write_manifest(data / "mini", rows)
+    write_manifest(data / "mini", [row(f"{i}.jpg") for i in range(40)])
     store = tmp_path / "store"
     proc = subprocess.Popen([*AGEPIPE, "extract", "--dataset", "mini", "--data-dir", str(data), "--store",
                              str(store), "--workers", "2", "--shard-rows", "2"],
@@ -437,7 +436,12 @@ def test_8_ctrl_c_is_interrupted_exit_130_without_worker_tracebacks(photos, tmp_
     deadline = time.time() + 180
     while not list(store.glob("*/mini/part-*.parquet")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before Ctrl-C"
+    assert proc.poll() is None, "the run ended before the signal"
+    return proc
+
+
+def test_8_ctrl_c_is_interrupted_exit_130_without_worker_tracebacks(photos, tmp_path):
+    proc = running_extract(photos, tmp_path)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out, err)
@@ -464,19 +468,7 @@ def test_8_sigterm_stops_as_ctrl_c_does_exit_143(photos, tmp_path, group):
     """SIGTERM (a batch system's time limit, docker stop) to the client alone or to every process
     of the run: it died at the signal's default (exit -15), its workers logging heartbeat tracebacks
     as they lost it. Now it stops as Ctrl-C does, and no process of the run is left."""
-    data = tmp_path / "data"
-    (data / "mini").mkdir(parents=True)
-    for i in range(40):
-        (data / "mini" / f"{i}.jpg").write_bytes(photos["t1"].read_bytes())
-    write_manifest(data / "mini", [row(f"{i}.jpg") for i in range(40)])
-    store = tmp_path / "store"
-    proc = subprocess.Popen([*AGEPIPE, "extract", "--dataset", "mini", "--data-dir", str(data), "--store",
-                             str(store), "--workers", "2", "--shard-rows", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 180
-    while not list(store.glob("*/mini/part-*.parquet")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before the signal"
+    proc = running_extract(photos, tmp_path)
     if group:
         os.killpg(proc.pid, signal.SIGTERM)
     else:
