@@ -305,8 +305,32 @@ def writer_lock(store: str, feature_set: str, dataset: str):
     root = dataset_dir(store, feature_set, dataset)
     with _flock(root, wait=False) as held:
         if held is False:
-            raise StoreError(f"another `agepipe extract` is writing {root}; let it finish, then rerun")
+            raise _another_writer(root)
         yield
+
+
+def check_no_writer(store: str, feature_set: str, dataset: str) -> None:
+    """StoreError where another extract holds the dataset's writer lock now. Makes nothing: a look
+    before a run starts its cluster (seconds, minutes where GPUs load models), so a second extract
+    is refused at once; writer_lock takes the lock after."""
+    fs, root = _fs(dataset_dir(store, feature_set, dataset))
+    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
+        return
+    import fcntl
+
+    try:
+        f = open(os.path.join(root, LOCK_FILE))
+    except OSError:  # no lock file: no extract has written this dataset here
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released as the file closes
+        except BlockingIOError:
+            raise _another_writer(root) from None
+
+
+def _another_writer(root: str) -> StoreError:
+    return StoreError(f"another `agepipe extract` is writing {root}; let it finish, then rerun")
 
 
 @contextlib.contextmanager

@@ -744,6 +744,8 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
     feature_set = fstore.feature_set_name(f"{resolved.name}-det{det_size}", identity)
     if limit:
         check_limit_keeps_rows(store, feature_set, whole, limit)
+    for name in names:
+        fstore.check_no_writer(store, feature_set, name)
 
     # Starting worker processes takes seconds; say so before the wait.
     if scheduler:
@@ -799,14 +801,15 @@ def run_extract(datasets: list[str], data_dir: str, store: str, pack: str = "buf
             results = run_tasks(client, plan.tasks, progress)
             wall = time.perf_counter() - started
             commit_plan(plan, results, store, feature_set)
+            # Counted under the locks: another extract's commit in between would fail this run's count
+            stats = run_stats(results, wall)
+            counts = fstore.status_counts(store, feature_set, names)  # another dataset's damage is not this run's
 
-    stats = run_stats(results, wall)
-    counts = fstore.status_counts(store, feature_set, names)  # another dataset's damage is not this run's
+            def record_run(info: dict) -> None:
+                info["counts"] = {**info.get("counts", {}), **counts}
+                info.setdefault("runs", []).append({"datasets": names, "limit": limit, **environment, **stats})
+                info["stats"] = {"images_per_second": stats["images_per_second"],
+                                 "stage_seconds": stats["stage_seconds"]}
 
-    def record_run(info: dict) -> None:
-        info["counts"] = {**info.get("counts", {}), **counts}
-        info.setdefault("runs", []).append({"datasets": names, "limit": limit, **environment, **stats})
-        info["stats"] = {"images_per_second": stats["images_per_second"], "stage_seconds": stats["stage_seconds"]}
-
-    fstore.update_feature_set_info(store, feature_set, record_run)
+            fstore.update_feature_set_info(store, feature_set, record_run)
     return {"feature_set": feature_set, "stats": stats, "counts": counts}

@@ -265,6 +265,18 @@ def test_a_dataset_named_twice_is_extracted_once(mini_data, tmp_path):
     assert len(store_rows(store)) == 3
 
 
+def test_a_second_extract_of_a_dataset_is_refused_before_its_cluster_starts(mini_data, tmp_path):
+    """It said "another `agepipe extract` is writing" only once its own Dask cluster had started,
+    seconds in (minutes on a GPU node loading its models)."""
+    store = tmp_path / "store"
+    assert extract(mini_data, store, "--workers", 1, "--limit", 2).exit_code == 0
+    with fstore.writer_lock(str(store), the_feature_set(store), "mini"):  # the first extract, still running
+        result = extract(mini_data, store, "--workers", 1, "--limit", 3)
+    assert result.exit_code == 1 and "another `agepipe extract` is writing" in result.output, result.output
+    assert "Dask cluster" not in result.output
+    assert len(store_rows(store)) == 2
+
+
 def test_feature_set_json_keeps_its_creation_time(mini_data, tmp_path):
     """feature_set.json's "created" (shown by `agepipe features show`) was the last extract's start."""
     store = tmp_path / "store"
