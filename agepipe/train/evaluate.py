@@ -22,8 +22,8 @@ import torch
 from agepipe.atomic import atomic_path
 from agepipe.train.checkpoint import (CONFIG, CheckpointError, load_checkpoint, read_metrics, scoring_amp,
                                       write_json)
-from agepipe.train.data import (SUBJECTS_ACROSS_DATASETS, class_ages, class_names, load_task_data, make_split,
-                                true_ages)
+from agepipe.train.data import (SUBJECTS_ACROSS_DATASETS, class_ages, class_names, content_digest, load_task_data,
+                                make_split, true_ages)
 from agepipe.train.model import ResMLP, autocast, has_dropout, mc_dropout_mode, resolve_device
 from agepipe.train.report import headline, write_report
 
@@ -335,10 +335,14 @@ def evaluate_run(run_dir: str | Path, store: str | None = None, mc_samples: int 
     metrics["split_sizes"] = split.sizes()
     metrics.pop("warning", None)
     said = list(data.warnings)  # labels whose manifest changed since the cut: scored as they are, said
-    if rec.get("split_sizes") and rec["split_sizes"] != split.sizes():
-        # The store changed since training (rows added or re-extracted): say so in the metrics.
-        said.insert(0, f"split sizes {split.sizes()} differ from training's {rec['split_sizes']}; "
-                       "the store changed since this run was trained")
+    # The store changed since training (rows added, re-extracted or relabelled): said in the
+    # metrics. The rows' digest sees what the split sizes alone miss, a row changed in place; a
+    # run of before it was recorded has the sizes only.
+    resized = bool(rec.get("split_sizes")) and rec["split_sizes"] != split.sizes()
+    if resized or rec.get("rows", content_digest(data)) != content_digest(data):
+        sizes = f"split sizes {split.sizes()}, training's {rec['split_sizes']}" if resized else "the same split sizes"
+        said.insert(0, f"the rows differ from those this run was trained on ({sizes}): the store changed since; "
+                       "scored on the rows as they are now")
     if said:
         metrics["warning"] = "; ".join(said)
     amp = scoring_amp(config, next(model.parameters()).device)  # the precision the run trained in

@@ -32,7 +32,7 @@ from agepipe.train.batched import StackedResMLP, fit_stacked
 from agepipe.train.checkpoint import (CONFIG, CheckpointError, init_from, is_run_folder, model_config_from,
                                       read_config, save_checkpoint, write_json)
 from agepipe.train.data import (NUM_CLASSES, SUBJECTS_ACROSS_DATASETS, VAL_FRACTION, Split, TaskData, check_task,
-                                load_task_data, make_split, resolve_feature_set)
+                                content_digest, load_task_data, make_split, resolve_feature_set)
 from agepipe.train.evaluate import logits_of, score_splits
 from agepipe.train.model import ModelConfig, ResMLP, autocast, paper_config, precision, resolve_device
 from agepipe.train.report import PLOTS, write_cv_table, write_report
@@ -327,7 +327,8 @@ def save_run(data: TaskData, split: Split, model: ResMLP, train_cfg: TrainConfig
     # show them beside the new model.
     for name in ("history.json", "metrics.json", "predictions.parquet", "report.md", *PLOTS):
         (out / name).unlink(missing_ok=True)
-    record = {**data_record, "split_sizes": split.sizes(), "dropped": data.dropped}
+    # "rows": what the run trained and was scored on, so evaluate can tell when the store changed
+    record = {**data_record, "split_sizes": split.sizes(), "dropped": data.dropped, "rows": content_digest(data)}
     config = run_config(data.task, train_cfg, record, init, data.x.device)
     config["warnings"] = warned
     if init:

@@ -256,6 +256,34 @@ def test_evaluate_says_when_the_labels_manifest_changed_since_the_cut(tmp_path):
     assert f"adience: its manifest ({manifest}) has changed since" in metrics["warning"]
 
 
+def test_evaluate_says_when_a_row_changed_in_place_since_training(tmp_path):
+    """A row re-extracted or relabelled since training keeps the split sizes, which were all
+    evaluate compared: it scored the run on other rows without a word. The run records the rows'
+    digest now; a run recorded before it is judged by the sizes alone."""
+    import json
+
+    from agepipe.train.evaluate import evaluate_run
+    from agepipe.train.loop import train
+    from tests.train.synthetic_store import Mixture, adience_like, write_store
+
+    x, y = Mixture.make().sample(400)
+    rows = adience_like(y, subjects=40)
+    run = tmp_path / "run"
+    train(write_store(tmp_path / "store", x, rows), ["adience"], "age", run, mc_samples=0, report=False,
+          progress=False, train_overrides={"epochs": 1})
+    same = write_store(tmp_path / "copy", x, rows)
+    assert "warning" not in evaluate_run(run, store=same, mc_samples=0)
+    moved = x.copy()
+    moved[7] = -moved[7]
+    changed = write_store(tmp_path / "changed", moved, rows)
+    warning = evaluate_run(run, store=changed, mc_samples=0)["warning"]
+    assert "the rows differ from those this run was trained on (the same split sizes)" in warning
+    config = json.loads((run / "config.json").read_text())
+    del config["data"]["rows"]
+    (run / "config.json").write_text(json.dumps(config))
+    assert "warning" not in evaluate_run(run, store=changed, mc_samples=0)
+
+
 def test_bootstrap_of_groups_draws_photos_not_rows():
     """A photo that several runs (seeds) scored is one draw: its copies are not independent rows."""
     from agepipe.train.evaluate import balanced_accuracy, bootstrap_ci
