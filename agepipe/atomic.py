@@ -59,6 +59,18 @@ def open_atomic(fs, path: str, mode: str):
     fs.mv(tmp, path)
 
 
+def flock(f, wait: bool) -> bool:
+    """An exclusive flock on the open file ``f``: True once held; False where ``wait`` is off and
+    another process holds it. Released as ``f`` closes, or by the kernel if the process dies."""
+    import fcntl
+
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
 class FolderError(ValueError):
     """An output folder a command cannot write: another command is writing it, or the system refuses it."""
 
@@ -69,8 +81,6 @@ def only_writer(folder: str | os.PathLike, command: str) -> Iterator[None]:
     two at once wrote each other's run files, one removed the other's runs as an earlier
     cross-validation's, and one ended in a FileNotFoundError traceback. An flock on FOLDER/.lock,
     released by the kernel if the process dies; a second command stops at once, before any work."""
-    import fcntl
-
     folder = Path(folder)
     made = not folder.exists()
     try:
@@ -79,11 +89,9 @@ def only_writer(folder: str | os.PathLike, command: str) -> Iterator[None]:
     except OSError as e:  # a file where the folder should be, no permission: said before any work
         raise FolderError(f"{cannot_write(folder, e)}; give `agepipe {command}` another folder") from None
     with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not flock(f, wait=False):
             raise FolderError(f"{folder}: another agepipe command is writing this folder now; let it finish, "
-                              f"or give `agepipe {command}` another one") from None
+                              f"or give `agepipe {command}` another one")
         try:
             yield
         finally:

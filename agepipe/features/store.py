@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from agepipe.atomic import open_atomic
+from agepipe.atomic import flock, open_atomic
 from agepipe.features.plain_column import read_float_lists
 
 EMBEDDING_DIM = 512
@@ -313,20 +313,10 @@ def check_no_writer(store: str, feature_set: str, dataset: str) -> None:
     """StoreError where another extract holds the dataset's writer lock now. Makes nothing: a look
     before a run starts its cluster (seconds, minutes where GPUs load models), so a second extract
     is refused at once; writer_lock takes the lock after."""
-    fs, root = _fs(dataset_dir(store, feature_set, dataset))
-    if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        return
-    import fcntl
-
-    try:
-        f = open(os.path.join(root, LOCK_FILE))
-    except OSError:  # no lock file: no extract has written this dataset here
-        return
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released as the file closes
-        except BlockingIOError:
-            raise _another_writer(root) from None
+    root = dataset_dir(store, feature_set, dataset)
+    with _flock(root, wait=False, make=False) as held:
+        if held is False:
+            raise _another_writer(root)
 
 
 def _another_writer(root: str) -> StoreError:
@@ -334,22 +324,21 @@ def _another_writer(root: str) -> StoreError:
 
 
 @contextlib.contextmanager
-def _flock(root: str, wait: bool):
+def _flock(root: str, wait: bool, make: bool = True):
     """An exclusive flock on ``root``/.lock; yields False where ``wait`` is off and another
-    process holds it, None on an object store (no locks there)."""
+    process holds it, None on an object store (no locks there) and, with ``make`` off, where
+    there is no lock file (no writer has run there)."""
     fs, root = _fs(root)
     if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
         yield None
         return
-    import fcntl
-
-    with _lock_file(root) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            held = True
-        except BlockingIOError:
-            held = False
-        yield held
+    try:  # _lock_file's own errors are StoreWriteError
+        f = _lock_file(root) if make else open(os.path.join(root, LOCK_FILE))
+    except OSError:  # with make off, no lock file: no writer has run there
+        yield None
+        return
+    with f:
+        yield flock(f, wait)
 
 
 def _lock_file(root: str):
@@ -567,17 +556,16 @@ def _listed(store: str, feature_set: str, dataset: str) -> list[tuple[str, Shard
     for entry in index.shards:
         path = _join(root, entry.file)
         if not fs.exists(path):
-            raise _if_recut(store, path, StoreError(f"{root}: shard {entry.file} listed in {INDEX_FILE} is missing; "
-                                                    f"{_rerun(dataset)}"))
+            raise _if_recut(store, feature_set, dataset, path,
+                            StoreError(f"{root}: shard {entry.file} listed in {INDEX_FILE} is missing; {_rerun(dataset)}"))
         out.append((path, entry))
     return out
 
 
-def _if_recut(store: str, path: str, error: StoreError) -> StoreError:
+def _if_recut(store: str, feature_set: str, dataset: str, path: str, error: StoreError) -> StoreError:
     """``error`` for a shard a reader found in the index and then could not read; IndexChanged where
     the index no longer lists it: an extract committed a new cut meanwhile and deleted the old
     cut's shards. Nothing is damaged and nothing was mixed; a rerun reads the new cut."""
-    feature_set, dataset = path.rstrip("/").rsplit("/", 3)[-3:-1]
     index = index_to_replace(store, feature_set, dataset)
     if index is None or _name(path) in {e.file for e in index.shards}:
         return error
@@ -641,11 +629,11 @@ def _read_shards(store: str, feature_set: str, datasets, columns: list[str] | No
     for dataset, path, entry in _shard_paths(store, feature_set, datasets):
         try:
             t = read_shard_file(store, path, columns, entry)
-            ids = None if entry is not None else t["image_id"] if columns is None or "image_id" in columns else \
-                read_shard_file(store, path, ["image_id"])["image_id"]
         except StoreError as e:
-            raise _if_recut(store, path, e) from None
-        if ids is not None:
+            raise _if_recut(store, feature_set, dataset, path, e) from None
+        if entry is None:  # no index: no commit can replace it meanwhile
+            ids = t["image_id"] if columns is None or "image_id" in columns else \
+                read_shard_file(store, path, ["image_id"])["image_id"]
             for image_id in dict.fromkeys(ids.to_pylist()):
                 if seen.setdefault((dataset, image_id), path) != path:
                     raise StoreError(f"{path.rsplit('/', 1)[0]}: {image_id!r} is in two shards "
@@ -710,7 +698,7 @@ def load_features(store: str, feature_set: str, datasets: list[str] | str | None
         keeps.append(mask.to_numpy(zero_copy_only=False).astype(bool))
     embeddings = np.empty((sum(int(k.sum()) for k in keeps), EMBEDDING_DIM), dtype=np.float32)
     row = 0
-    for (_, path, _), keep in zip(shards, keeps):
+    for (dataset, path, _), keep in zip(shards, keeps):
         k = int(keep.sum())
         try:
             if k == len(keep) and k:  # the common case: straight into the output, no copy
@@ -718,7 +706,7 @@ def load_features(store: str, feature_set: str, datasets: list[str] | str | None
             elif k:
                 np.compress(keep, read_embeddings(store, path), axis=0, out=embeddings[row:row + k])
         except StoreError as e:  # the shard was there when its labels were read a moment ago
-            raise _if_recut(store, path, e) from None
+            raise _if_recut(store, feature_set, dataset, path, e) from None
         row += k
     rows = pa.concat_tables([
         t.filter(pa.array(keep)).append_column("dataset", pa.array([d] * int(keep.sum()), pa.string()))
