@@ -339,7 +339,7 @@ def evaluate_run(run_dir: str | Path, store: str | None = None, mc_samples: int 
     # metrics. The rows' digest sees what the split sizes alone miss, a row changed in place; a
     # run of before it was recorded has the sizes only.
     resized = bool(rec.get("split_sizes")) and rec["split_sizes"] != split.sizes()
-    if resized or rec.get("rows", content_digest(data)) != content_digest(data):
+    if resized or ("rows" in rec and rec["rows"] != content_digest(data)):
         sizes = f"split sizes {split.sizes()}, training's {rec['split_sizes']}" if resized else "the same split sizes"
         said.insert(0, f"the rows differ from those this run was trained on ({sizes}): the store changed since; "
                        "scored on the rows as they are now")
