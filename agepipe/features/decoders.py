@@ -16,6 +16,7 @@ replaced and the batch goes on.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import multiprocessing
 import os
@@ -152,6 +153,7 @@ class HostSlot:
             if error == 0:
                 self._registered[shm.name] = tensor.data_ptr()
             else:  # still correct, but each copy to the device then waits for the host
+                clear_cuda_error()
                 warnings.warn(f"shared memory not pinned for CUDA (cudaHostRegister error {error}): "
                               "copies to the GPU will be synchronous", stacklevel=2)
         return shm.name, tensor
@@ -183,6 +185,17 @@ class HostSlot:
         self.views = self.canvas_np = self.meta_np = self.status_np = self.counters_np = self.flat_np = None
         for name in list(self._segments):
             self._release(name)
+
+
+def clear_cuda_error():
+    """Take the error a failed CUDA runtime call (cudaHostRegister) left behind. The runtime keeps
+    it as this thread's last error, and torch checks every kernel launch with cudaGetLastError, so
+    the next kernel launched, any kernel, would raise it as its own. A launch here takes it
+    (cudaGetLastError also resets it)."""
+    import torch
+
+    with contextlib.suppress(RuntimeError):  # torch.AcceleratorError is a RuntimeError
+        torch.ones(1, device="cuda")
 
 
 def close_segment(shm: shared_memory.SharedMemory):

@@ -195,3 +195,42 @@ def test_a_photo_that_changes_after_it_overflowed_is_not_taken_from_the_changed_
     finally:
         pool.close()
         slot.close()
+
+
+def test_a_slot_cuda_would_not_pin_leaves_no_cuda_error_behind(monkeypatch):
+    """cudaHostRegister can fail (a sandbox's GPU proxy, a driver that will not pin shared memory);
+    the slot then warns and copies synchronously. But the runtime keeps a failed call's error as the
+    thread's last error, and torch checks each kernel launch with cudaGetLastError: the pipeline's
+    next kernel raised it as its own, so the fallback crashed. Stand-ins for CUDA's runtime here:
+    a register that fails and leaves its error, and a kernel launch that raises a pending one."""
+    import torch
+
+    runtime = {"last_error": 0, "unregistered": 0}
+
+    class Cudart:
+        @staticmethod
+        def cudaHostRegister(ptr, nbytes, flags):
+            runtime["last_error"] = 712  # cudaErrorHostMemoryAlreadyRegistered, say
+            return 712
+
+        @staticmethod
+        def cudaHostUnregister(ptr):
+            runtime["unregistered"] += 1
+            return 0
+
+    def launch(*size, device=None, **kw):  # a kernel launch: torch's C10_CUDA_KERNEL_LAUNCH_CHECK
+        error, runtime["last_error"] = runtime["last_error"], 0
+        if error:
+            raise RuntimeError(f"CUDA error {error}")
+        return torch.empty(0)
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart)
+    monkeypatch.setattr(torch, "ones", launch)
+    with pytest.warns(UserWarning, match="not pinned"):
+        slot = HostSlot(2, (32, 32), pin=True, shared=True)
+    try:
+        assert runtime["last_error"] == 0  # the pipeline's next kernel launches cleanly
+        assert not slot._registered
+    finally:
+        slot.close()
+    assert runtime["unregistered"] == 0  # nothing was registered, so nothing is unregistered
