@@ -386,6 +386,9 @@ def _download(url: str, part: Path, name: str, auth, timeout: float, position: i
             raise _Retryable("the file changed on the server since the part was fetched; starting over")
         start, total = _content_range(response, offset, name, version)
         if start == 0:
+            # The old bytes go before the new version is recorded: a stop here (a full disk) must
+            # not leave them under it for the next run to resume from.
+            _drop_part(part)
             _keep_version(part, response)
         free = shutil.disk_usage(part.parent).free
         if total is not None and total - start > free:

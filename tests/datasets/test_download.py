@@ -87,6 +87,31 @@ def test_a_file_changed_on_the_server_between_runs_is_fetched_again_whole(server
     assert not list(tmp_path.glob("blob.bin.part*"))
 
 
+def test_a_changed_file_that_does_not_fit_leaves_no_part_for_its_new_version(server, tmp_path, monkeypatch):
+    """The rerun learns the file changed upstream (a 200 to its If-Range), then stops on a full
+    disk before writing a byte. The part held version 1's head under version 2's ETag, so the
+    next run resumed it and got version 1's head with version 2's tail, its sha256 recorded."""
+    import collections
+
+    from agepipe import download
+
+    server.files["/official/blob.bin"] = BLOB
+    server.script["/official/blob.bin"] = [("drop", 777_777), ("status", 503), ("status", 503)]
+    with pytest.raises(DownloadError):
+        fetch([remote(server)], tmp_path, retries=1, **FAST)
+    newer = os.urandom(len(BLOB))
+    server.files["/official/blob.bin"] = newer
+    f = RemoteFile("blob.bin", f"{server.url}/official/blob.bin")     # size 0: past the first check
+    usage = collections.namedtuple("usage", "total used free")
+    with monkeypatch.context() as full:
+        full.setattr(download.shutil, "disk_usage", lambda path: usage(1 << 40, 1 << 40, len(BLOB) - 1))
+        with pytest.raises(NotEnoughSpace, match="blob.bin"):
+            fetch([f], tmp_path, **FAST)
+    [path] = fetch([f], tmp_path, **FAST)
+    assert path.read_bytes() == newer
+    assert json.loads((tmp_path / CHECKSUMS_FILE).read_text())["blob.bin"]["sha256"] == hashlib.sha256(newer).hexdigest()
+
+
 def test_server_ignoring_range_is_refetched_whole_and_verifies(server, tmp_path):
     server.files["/official/blob.bin"] = BLOB
     (tmp_path / "blob.bin.part").write_bytes(BLOB[:500_000])
