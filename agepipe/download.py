@@ -405,10 +405,15 @@ def _if_range(part: Path) -> Path:
     return part.with_name(part.name + ".if-range")
 
 
-def _keep_version(part: Path, response) -> None:
-    """Record which version of the file the part holds (a strong ETag, else Last-Modified)."""
+def _version(response) -> str | None:
+    """Which version of the file the response holds: a strong ETag, else Last-Modified."""
     etag = response.headers.get("ETag")
-    version = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
+    return etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified")
+
+
+def _keep_version(part: Path, response) -> None:
+    """Record which version of the file the part holds."""
+    version = _version(response)
     if version:
         _if_range(part).write_text(version)
     else:
@@ -472,7 +477,8 @@ def _content_range(response, offset: int, name: str, version: str | None = None)
         if first > offset:
             raise _Retryable(f"asked for byte {offset}, got bytes from {first}")
         return first, size
-    if offset and version:
+    # A server without Range support (python -m http.server) answers 200 with the same version.
+    if offset and version and _version(response) != version:
         log.warning("%s: the file changed on the server since the part was fetched; fetching it again "
                     "from the first byte", name)
     elif offset:

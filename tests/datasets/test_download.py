@@ -121,6 +121,20 @@ def test_server_ignoring_range_is_refetched_whole_and_verifies(server, tmp_path)
     assert [(s.range, s.status) for s in server.log] == [("bytes=500000-", 200)]
 
 
+def test_a_server_ignoring_range_is_not_reported_as_a_changed_file(server, tmp_path, caplog):
+    """A server without Range support (python -m http.server) answers the resume with the whole
+    file, of the version the part holds: said as such, not as a file changed on the server."""
+    server.files["/official/blob.bin"] = BLOB
+    server.script["/official/blob.bin"] = [("drop", 777_777), ("status", 503), ("status", 503)]
+    with pytest.raises(DownloadError):
+        fetch([remote(server)], tmp_path, retries=1, **FAST)
+    server.script["/official/blob.bin"] = [("ignore_range",)]
+    with caplog.at_level(logging.WARNING, logger="agepipe.download"):
+        [path] = fetch([remote(server)], tmp_path, **FAST)
+    assert path.read_bytes() == BLOB and server.log[-1].if_range is not None
+    assert "blob.bin: the server ignored the Range request" in caplog.text and "changed" not in caplog.text
+
+
 def test_complete_part_from_a_run_stopped_before_the_rename(server, tmp_path):
     server.files["/official/blob.bin"] = BLOB
     (tmp_path / "blob.bin.part").write_bytes(BLOB)
