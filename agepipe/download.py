@@ -442,6 +442,11 @@ def _open(url: str, offset: int, auth, timeout: float, name: str, version: str |
             e.close()
             if e.code == 401 and auth and not sent_auth:
                 token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+                asked, wanted = urllib.parse.urlsplit(e.geturl()), urllib.parse.urlsplit(url)
+                if asked.hostname == wanted.hostname and (asked.scheme, wanted.scheme) != ("http", "https"):
+                    # Sent to the URL that asks (a redirect to it, http -> https, would drop them),
+                    # but not over plain http when https was asked for.
+                    request.full_url = e.geturl()
                 # Unredirected: a redirect to another host does not carry the credentials.
                 request.add_unredirected_header("Authorization", f"Basic {token}")
                 sent_auth = True

@@ -29,6 +29,8 @@ class FlakyServer(ThreadingHTTPServer):
 
     auth     (user, password): 401 until a request carries them
     corrupt  {path}: flip the first byte of what is served
+    redirects {path: other path}: answer 301 to the other path on this server, before asking
+             for credentials (as an http -> https redirect does)
     script   {path: [action, ...]}: each request for path takes the next action, if any:
              ("drop", n)      send n bytes of the body, then cut the connection
              ("ignore_range",) answer a Range request with the whole file (200)
@@ -48,6 +50,7 @@ class FlakyServer(ThreadingHTTPServer):
         self.files: dict[str, bytes] = {}
         self.auth: tuple[str, str] | None = None
         self.corrupt: set[str] = set()
+        self.redirects: dict[str, str] = {}
         self.script: dict[str, list[tuple]] = {}
         self.log: list[Served] = []
         self.lock = threading.Lock()
@@ -94,6 +97,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         srv = self.server
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
+        if path in srv.redirects:
+            return self._reply(path, 301, [("Location", srv.url + srv.redirects[path])])
         if srv.auth is not None:
             token = base64.b64encode(f"{srv.auth[0]}:{srv.auth[1]}".encode()).decode()
             if self.headers.get("Authorization") != f"Basic {token}":

@@ -164,6 +164,19 @@ def test_basic_auth_is_sent_only_when_the_server_asks(server, tmp_path):
         fetch([remote(server)], tmp_path / "wrong", auth=("adiencedb", "wrong"), **FAST)
 
 
+def test_credentials_reach_the_url_a_redirect_leads_to_on_the_same_host(server, tmp_path):
+    """The server redirects the file's URL (http -> https, a moved folder), then asks for
+    credentials there. They were added to the first URL, which a redirect does not carry them
+    from: the retry met the same 401 and failed as "credentials refused", never having sent them."""
+    server.files["/moved/blob.bin"] = BLOB
+    server.redirects["/official/blob.bin"] = "/moved/blob.bin"
+    server.auth = ("adiencedb", "adience")
+    [path] = fetch([remote(server)], tmp_path, auth=("adiencedb", "adience"), **FAST)
+    assert path.read_bytes() == BLOB
+    assert [(s.path, s.status, s.authorization is not None) for s in server.log] == [
+        ("/official/blob.bin", 301, False), ("/moved/blob.bin", 401, False), ("/moved/blob.bin", 200, True)]
+
+
 def test_credentials_in_the_source_url(server, tmp_path):
     server.files["/mirror/blob.bin"] = BLOB
     server.auth = ("me", "p@ss")
