@@ -37,6 +37,7 @@ import lzma
 import os
 import shutil
 import socket
+import ssl
 import tarfile
 import threading
 import urllib.error
@@ -395,7 +396,8 @@ def _download(url: str, part: Path, name: str, auth, timeout: float, position: i
             raise NotEnoughSpace(f"{name}: {_gb(total - start)} still to fetch, {_gb(free)} free in {part.parent}")
         try:
             _write_stream(response, part, start, total, name, position, stop)
-        except (ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException) as e:
+        # ssl.SSLError: a TLS record damaged on the way (an OSError, but no ConnectionError).
+        except (ConnectionError, TimeoutError, socket.timeout, http.client.HTTPException, ssl.SSLError) as e:
             raise _Retryable(f"connection lost ({e.__class__.__name__})") from None
         # http.client raises IncompleteRead on a chunked body cut short
         return total is not None or bool(getattr(response, "chunked", False))

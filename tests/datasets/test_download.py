@@ -50,6 +50,28 @@ def test_dropped_connection_resumes_without_fetching_bytes_twice(server, tmp_pat
     assert server.bytes_sent("/official/blob.bin") == len(BLOB)
 
 
+def test_a_tls_error_mid_body_is_retried_from_the_bytes_on_disk(server, tmp_path, monkeypatch):
+    """A TLS record damaged on a flaky link (IMDB-WIKI is served over https) fails the read with
+    ssl.SSLError, an OSError but no ConnectionError: the run ended there instead of resuming."""
+    import ssl
+
+    from agepipe import download
+
+    server.files["/official/blob.bin"] = BLOB
+    write_stream, starts = download._write_stream, []
+
+    def tls_fails_once(stream, part, start, *args):
+        starts.append(start)
+        if len(starts) == 1:
+            part.write_bytes(stream.read(1_000_000))
+            raise ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] decryption failed or bad record mac")
+        return write_stream(stream, part, start, *args)
+
+    monkeypatch.setattr(download, "_write_stream", tls_fails_once)
+    [path] = fetch([remote(server)], tmp_path, **FAST)
+    assert path.read_bytes() == BLOB and starts == [0, 1_000_000]
+
+
 def test_interrupted_run_resumes_on_the_next_run(server, tmp_path):
     server.files["/official/blob.bin"] = BLOB
     # The link drops, then the server is down: this run gives up with the bytes it got.
