@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from agepipe.atomic import cannot_write
+from agepipe.atomic import cannot_write, only_writer
 from agepipe.datasets import adience, imdb_wiki, sample
 from agepipe.download import DownloadError, RemoteFile, fetch, forget
 from agepipe.datasets.manifest import MetadataError, manifest_path, write_manifest
@@ -76,17 +76,19 @@ def prepare(name: str, data_dir: str | Path, source: str | None = None, workers:
     except OSError as e:
         raise DownloadError(f"{cannot_write(root, e)}; `agepipe download` writes the dataset there: make "
                             "--data-dir writable, or give another") from None
-    if source is None and dataset.default_source is not None:
-        source = dataset.default_source(root)
-    fetch(list(dataset.files), root, source=source, auth=dataset.auth, workers=workers,
-          extract=extract, **fetch_options)
-    if not extract:
-        return None
-    try:
-        frame = dataset.build_manifest(root)
-    except MetadataError as e:
-        raise _drop_stale_manifest(manifest_path(data_dir, name), _forget_wrong_file(dataset, root, e)) from None
-    return write_manifest(frame, manifest_path(data_dir, name)), frame
+    # Two at once would write one NAME.part and remove each other's unfinished extraction.
+    with only_writer(root, "download"):
+        if source is None and dataset.default_source is not None:
+            source = dataset.default_source(root)
+        fetch(list(dataset.files), root, source=source, auth=dataset.auth, workers=workers,
+              extract=extract, **fetch_options)
+        if not extract:
+            return None
+        try:
+            frame = dataset.build_manifest(root)
+        except MetadataError as e:
+            raise _drop_stale_manifest(manifest_path(data_dir, name), _forget_wrong_file(dataset, root, e)) from None
+        return write_manifest(frame, manifest_path(data_dir, name)), frame
 
 
 def _drop_stale_manifest(path: Path, error: MetadataError) -> MetadataError:

@@ -194,3 +194,23 @@ def test_a_failed_rebuild_removes_the_manifest_of_the_old_metadata(tmp_path):
                                        "--store", str(tmp_path / "store")], catch_exceptions=False)
     assert extract.exit_code != 0
     assert "run `agepipe download --dataset wiki` first" in extract.output
+
+
+def test_a_second_download_of_a_dataset_stops_while_one_runs(tmp_path, server):
+    """Two downloads of one dataset at once fetched one NAME.part over two connections (the second
+    truncating what the first was writing; the loser failed renaming a part the winner had
+    renamed) and removed each other's unfinished extraction. The second now stops at once,
+    before any request, as train and table do on their --out."""
+    from agepipe.atomic import only_writer
+
+    for name, data in adience_files().items():
+        server.files[f"/adiencedb/{name}"] = data
+    root = tmp_path / "data" / "adience"
+    root.mkdir(parents=True)
+    with only_writer(root, "download"):                 # the first download, still running
+        result = run("--dataset", "adience", "--source", f"{server.url}/adiencedb/", "--data-dir", tmp_path / "data")
+    assert result.exit_code == 1
+    assert f"{root}: another agepipe command is writing this folder now" in result.output
+    assert server.log == []
+    result = run("--dataset", "adience", "--source", f"{server.url}/adiencedb/", "--data-dir", tmp_path / "data")
+    assert result.exit_code == 0, result.output
