@@ -158,8 +158,10 @@ def fetch(files: list[RemoteFile], dest_dir: str | os.PathLike, source: str | No
                 except DownloadError as e:
                     errors.append(e)
         except BaseException:
-            # Ctrl-C (or a bug): workers stop at their next chunk instead of finishing gigabytes.
+            # Ctrl-C (or a bug): workers stop at their next chunk instead of finishing gigabytes,
+            # and files still queued are not started.
             stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
             raise
     if len(errors) == 1:
         raise errors[0]

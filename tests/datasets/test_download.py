@@ -299,6 +299,18 @@ def test_ctrl_c_stops_the_workers_and_leaves_a_resumable_part(server, tmp_path):
     assert path.read_bytes() == BLOB and [s.range for s in server.log if s.status == 206] == [f"bytes={got}-"]
 
 
+def test_ctrl_c_starts_no_file_still_waiting_for_a_worker(server, tmp_path):
+    """Files queued behind busy workers (Adience's six with four workers) were started after
+    Ctrl-C, each opening a connection before its first chunk noticed the stop."""
+    server.files["/official/blob.bin"] = BLOB
+    server.files["/official/next.bin"] = BLOB
+    server.script["/official/blob.bin"] = [("trickle", 32 * 1024, 0.05)]
+    threading.Timer(0.4, os.kill, (os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        fetch([remote(server), remote(server, name="next.bin")], tmp_path, workers=1, **FAST)
+    assert "/official/next.bin" not in {s.path for s in server.log}
+
+
 def test_a_leftover_part_goes_once_the_file_is_in_place(tmp_path):
     # An interrupted download, then the file by a hard link from a folder (or already whole):
     # the stale .part, gigabytes for IMDB, is not kept forever.
