@@ -632,6 +632,10 @@ def _extract_members(archive: Path, work: Path, protected: set[str], stop: threa
                     tar.extract(member, work, set_attrs=not member.isdir(), **data_filter)
                 except _FILTER_ERROR as e:
                     raise UnsafeArchiveError(f"{archive}: refusing member {member.name!r}: {e}") from None
+                if member.islnk() and not os.path.lexists(os.path.join(work, member.name)):
+                    # A file system without hard links (exFAT): tarfile would copy the target from
+                    # the member list emptied below, and skips the member without a word when it cannot.
+                    shutil.copyfile(os.path.join(work, member.linkname), os.path.join(work, member.name))
                 tar.members.clear()     # 460k TarInfo objects are memory nobody reads again
                 count += 1
                 bar.update()

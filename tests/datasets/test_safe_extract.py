@@ -170,3 +170,19 @@ def test_an_extended_header_past_the_bound_is_refused_before_it_is_read(tmp_path
                                             r"an extended header of \d+ bytes"):
         safe_extract(archive, tmp_path / "data")
     assert snapshot(tmp_path / "data") == []
+
+
+def test_a_hard_link_the_file_system_refuses_is_copied_not_skipped(tmp_path, monkeypatch):
+    """On a file system without hard links (an exFAT disk for the data), tarfile falls back to
+    copying the member from its member list, which safe_extract empties as it goes: the member
+    was skipped without a word, and the extraction recorded as finished."""
+    archive = tmp_path / "links.tar"
+    archive.write_bytes(tar_bytes(member("top/a.jpg", data=b"alpha"),
+                                  member("top/b.jpg", tarfile.LNKTYPE, link="top/a.jpg")))
+
+    def no_hard_links(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    safe_extract(archive, tmp_path / "data")
+    assert (tmp_path / "data" / "top" / "b.jpg").read_bytes() == b"alpha"
