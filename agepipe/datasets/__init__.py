@@ -88,7 +88,11 @@ def prepare(name: str, data_dir: str | Path, source: str | None = None, workers:
             frame = dataset.build_manifest(root)
         except MetadataError as e:
             raise _drop_stale_manifest(manifest_path(data_dir, name), _forget_wrong_file(dataset, root, e)) from None
-        return write_manifest(frame, manifest_path(data_dir, name)), frame
+        try:
+            return write_manifest(frame, manifest_path(data_dir, name)), frame
+        except OSError as e:    # a disk the unpacked photos filled: said after every file is in place
+            raise DownloadError(f"{cannot_write(manifest_path(data_dir, name), e)}; the dataset's files are "
+                                "in place: rerun `agepipe download` once it can be written") from None
 
 
 def _drop_stale_manifest(path: Path, error: MetadataError) -> MetadataError:

@@ -214,3 +214,22 @@ def test_a_second_download_of_a_dataset_stops_while_one_runs(tmp_path, server):
     assert server.log == []
     result = run("--dataset", "adience", "--source", f"{server.url}/adiencedb/", "--data-dir", tmp_path / "data")
     assert result.exit_code == 0, result.output
+
+
+def test_a_manifest_that_cannot_be_written_is_one_sentence(tmp_path, monkeypatch):
+    """The disk fills up with the unpacked photos, then the manifest cannot be written: that
+    was an OSError traceback after every file had been fetched and unpacked."""
+    import errno
+
+    from agepipe.datasets import manifest
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(manifest.pq, "write_table", full_disk)
+    source = write_files(tmp_path / "Downloads", adience_files())
+    result = run("--dataset", "adience", "--source", str(source), "--data-dir", str(tmp_path / "data"))
+    assert result.exit_code == 1
+    path = tmp_path / "data" / "adience" / "manifest.parquet"
+    assert f"Error: {path}: cannot write (No space left on device)" in result.output
+    assert not path.exists()
