@@ -61,8 +61,6 @@ CHECKSUMS_FILE = ".checksums.json"
 MANIFEST_FILE = "manifest.parquet"  # written after extraction; an archive never supplies it
 CHUNK = 1 << 20
 MAX_BACKOFF_S = 60.0
-# Retrying cannot help these: the request itself is wrong or refused.
-_FATAL_HTTP = {400, 401, 403, 404, 405, 410, 451}
 _NO_SUCH_HOST = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 
 
