@@ -381,8 +381,7 @@ def _download(url: str, part: Path, name: str, auth, timeout: float, position: i
         _drop_part(part)
         raise _Retryable(f"the part holds {offset} bytes but the file has {e.total}; starting over") from None
     with response:
-        etag = response.headers.get("ETag")
-        if response.status == 206 and version and version.startswith('"') and etag and etag != version:
+        if response.status == 206 and version and _version(response) not in (None, version):
             _drop_part(part)  # a server that ignored If-Range but names the version it sent
             raise _Retryable("the file changed on the server since the part was fetched; starting over")
         start, total = _content_range(response, offset, name, version)

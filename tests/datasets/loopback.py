@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import email.utils
 import hashlib
 import socket
 import threading
@@ -29,6 +30,8 @@ class FlakyServer(ThreadingHTTPServer):
 
     auth     (user, password): 401 until a request carries them
     corrupt  {path}: flip the first byte of what is served
+    validator "etag" (a strong ETag naming the version served) or "last-modified" (a
+             Last-Modified date per version and no ETag, as many static file servers send)
     redirects {path: other path}: answer 301 to the other path on this server, before asking
              for credentials (as an http -> https redirect does)
     script   {path: [action, ...]}: each request for path takes the next action, if any:
@@ -51,6 +54,7 @@ class FlakyServer(ThreadingHTTPServer):
         self.auth: tuple[str, str] | None = None
         self.corrupt: set[str] = set()
         self.redirects: dict[str, str] = {}
+        self.validator = "etag"
         self.script: dict[str, list[tuple]] = {}
         self.log: list[Served] = []
         self.lock = threading.Lock()
@@ -111,8 +115,12 @@ class _Handler(BaseHTTPRequestHandler):
         body = srv.files[path]
         if path in srv.corrupt:
             body = bytes([body[0] ^ 0xFF]) + body[1:]
-        etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'  # a strong ETag: the version served
-        start, status, headers = 0, 200, [("ETag", etag)]
+        digest = hashlib.sha256(body).hexdigest()
+        if srv.validator == "etag":
+            field, etag = "ETag", '"' + digest[:16] + '"'  # a strong ETag: the version served
+        else:
+            field, etag = "Last-Modified", email.utils.formatdate(int(digest[:8], 16), usegmt=True)
+        start, status, headers = 0, 200, [(field, etag)]
         wanted = self.headers.get("Range")
         if_range = self.headers.get("If-Range")
         if if_range and if_range != etag and action[0] != "ignore_if_range":
@@ -121,7 +129,7 @@ class _Handler(BaseHTTPRequestHandler):
             start = int(wanted.removeprefix("bytes=").split("-")[0])
             if start >= len(body):
                 return self._reply(path, 416, [("Content-Range", f"bytes */{len(body)}")])
-            status, headers = 206, [("ETag", etag), ("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")]
+            status, headers = 206, [(field, etag), ("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")]
         payload = body[start:]
         self.send_response(status)
         for k, v in headers:

@@ -87,11 +87,15 @@ def test_interrupted_run_resumes_on_the_next_run(server, tmp_path):
     assert server.bytes_sent("/official/blob.bin") == len(BLOB)
 
 
+@pytest.mark.parametrize("validator", ["etag", "last-modified"])
 @pytest.mark.parametrize("server_honours_if_range", [True, False])
-def test_a_file_changed_on_the_server_between_runs_is_fetched_again_whole(server, tmp_path, server_honours_if_range):
+def test_a_file_changed_on_the_server_between_runs_is_fetched_again_whole(server, tmp_path, server_honours_if_range,
+                                                                          validator):
     """The first run gets part of version 1; the file then changes upstream. The rerun asks for
     the rest only if the file is still version 1 (If-Range), so the result is version 2 whole,
-    never version 1's head and version 2's tail (whose sha256 would have been recorded)."""
+    never version 1's head and version 2's tail (whose sha256 would have been recorded), whether
+    the server names its versions by ETag or only by Last-Modified."""
+    server.validator = validator
     server.files["/official/blob.bin"] = BLOB
     server.script["/official/blob.bin"] = [("drop", 777_777), ("status", 503), ("status", 503)]
     with pytest.raises(DownloadError):
@@ -99,12 +103,12 @@ def test_a_file_changed_on_the_server_between_runs_is_fetched_again_whole(server
     version = (tmp_path / "blob.bin.part.if-range").read_text()
     newer = os.urandom(len(BLOB))
     server.files["/official/blob.bin"] = newer
-    if not server_honours_if_range:  # a 206 of the new version, which names itself in its ETag
+    if not server_honours_if_range:  # a 206 of the new version, which names itself in its validator
         server.script["/official/blob.bin"] = [("ignore_if_range",)]
     [path] = fetch([remote(server)], tmp_path, **FAST)
     assert path.read_bytes() == newer
     resumed = [s for s in server.log if s.range == "bytes=777777-"][-1]
-    assert resumed.if_range == version and version.startswith('"')
+    assert resumed.if_range == version and version.startswith('"') == (validator == "etag")
     assert json.loads((tmp_path / CHECKSUMS_FILE).read_text())["blob.bin"]["sha256"] == hashlib.sha256(newer).hexdigest()
     assert not list(tmp_path.glob("blob.bin.part*"))
 
