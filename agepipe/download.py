@@ -443,10 +443,8 @@ def _open(url: str, offset: int, auth, timeout: float, name: str, version: str |
             e.close()
             if e.code == 401 and auth and not sent_auth:
                 token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
-                asked, wanted = urllib.parse.urlsplit(e.geturl()), urllib.parse.urlsplit(url)
-                if asked.hostname == wanted.hostname and (asked.scheme, wanted.scheme) != ("http", "https"):
-                    # Sent to the URL that asks (a redirect to it, http -> https, would drop them),
-                    # but not over plain http when https was asked for.
+                if _may_send_auth(e.geturl(), url):
+                    # Sent to the URL that asks: a redirect to it (http -> https) would drop them.
                     request.full_url = e.geturl()
                 # Unredirected: a redirect to another host does not carry the credentials.
                 request.add_unredirected_header("Authorization", f"Basic {token}")
@@ -457,6 +455,9 @@ def _open(url: str, offset: int, auth, timeout: float, name: str, version: str |
                 raise _RangeNotSatisfiable(int(total) if total.isdigit() else None) from None
             if e.code == 401:
                 why = "credentials refused" if sent_auth else "the server asks for credentials"
+                if sent_auth and not _may_send_auth(e.geturl(), url):
+                    why = (f"{e.geturl()}, where the server redirects, asks for credentials, which agepipe "
+                           f"sends only to {urllib.parse.urlsplit(url).hostname} (over https if asked)")
                 raise DownloadError(f"{name}: {url}: HTTP 401, {why}") from None
             if e.code in (408, 429) or e.code >= 500:
                 raise _Retryable(f"HTTP {e.code} {e.reason}") from None
@@ -468,6 +469,13 @@ def _open(url: str, offset: int, auth, timeout: float, name: str, version: str |
                 # A name that does not resolve will not resolve in a minute either.
                 raise DownloadError(f"{name}: {url}: no such host ({reason.strerror})") from None
             raise _Retryable(f"{e.__class__.__name__}: {getattr(e, 'reason', e)}") from None
+
+
+def _may_send_auth(asked: str, url: str) -> bool:
+    """Credentials for ``url`` go to a URL that asks for them on the same host, never over plain
+    http when https was asked for."""
+    asked_at, wanted = urllib.parse.urlsplit(asked), urllib.parse.urlsplit(url)
+    return asked_at.hostname == wanted.hostname and (asked_at.scheme, wanted.scheme) != ("http", "https")
 
 
 def _content_range(response, offset: int, name: str, version: str | None = None) -> tuple[int, int | None]:

@@ -32,8 +32,8 @@ class FlakyServer(ThreadingHTTPServer):
     corrupt  {path}: flip the first byte of what is served
     validator "etag" (a strong ETag naming the version served) or "last-modified" (a
              Last-Modified date per version and no ETag, as many static file servers send)
-    redirects {path: other path}: answer 301 to the other path on this server, before asking
-             for credentials (as an http -> https redirect does)
+    redirects {path: other path or URL}: answer 301 to the other path on this server (or the URL),
+             before asking for credentials (as an http -> https redirect does)
     script   {path: [action, ...]}: each request for path takes the next action, if any:
              ("drop", n)      send n bytes of the body, then cut the connection
              ("ignore_range",) answer a Range request with the whole file (200)
@@ -102,7 +102,8 @@ class _Handler(BaseHTTPRequestHandler):
         srv = self.server
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
         if path in srv.redirects:
-            return self._reply(path, 301, [("Location", srv.url + srv.redirects[path])])
+            to = srv.redirects[path]
+            return self._reply(path, 301, [("Location", to if "://" in to else srv.url + to)])
         if srv.auth is not None:
             token = base64.b64encode(f"{srv.auth[0]}:{srv.auth[1]}".encode()).decode()
             if self.headers.get("Authorization") != f"Basic {token}":

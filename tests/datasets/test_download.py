@@ -203,6 +203,18 @@ def test_credentials_reach_the_url_a_redirect_leads_to_on_the_same_host(server, 
         ("/official/blob.bin", 301, False), ("/moved/blob.bin", 401, False), ("/moved/blob.bin", 200, True)]
 
 
+def test_credentials_are_not_sent_to_another_host_and_the_error_says_so(server, tmp_path):
+    """A redirect to another host that asks for credentials gets none (they are for the host
+    the user named); the error says where the request went instead of 'credentials refused'."""
+    elsewhere = f"http://localhost:{server.server_address[1]}/moved/blob.bin"
+    server.files["/moved/blob.bin"] = BLOB
+    server.redirects["/official/blob.bin"] = elsewhere
+    server.auth = ("adiencedb", "adience")
+    with pytest.raises(DownloadError, match=f"{elsewhere}, where .* redirects, asks for credentials.*only to 127.0.0.1"):
+        fetch([remote(server)], tmp_path, auth=("adiencedb", "adience"), **FAST)
+    assert not [s for s in server.log if s.path == "/moved/blob.bin" and s.authorization]
+
+
 def test_credentials_in_the_source_url(server, tmp_path):
     server.files["/mirror/blob.bin"] = BLOB
     server.auth = ("me", "p@ss")
