@@ -7,7 +7,9 @@ a failed write leaves the old file, or none, and a rerun trusts only what it fin
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -59,15 +61,27 @@ def open_atomic(fs, path: str, mode: str):
     fs.mv(tmp, path)
 
 
+# A file system that does not lock (NFS without its lock daemon: ENOLCK; some FUSE mounts).
+_NO_LOCKS = {errno.ENOLCK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
 def flock(f, wait: bool) -> bool:
     """An exclusive flock on the open file ``f``: True once held; False where ``wait`` is off and
-    another process holds it. Released as ``f`` closes, or by the kernel if the process dies."""
+    another process holds it. Released as ``f`` closes, or by the kernel if the process dies.
+    Where the file system locks nothing, True with a warning: refusing every command there
+    would stop more work than the lock protects."""
     import fcntl
 
     try:
         fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         return False
+    except OSError as e:
+        if e.errno not in _NO_LOCKS:
+            raise
+        logging.getLogger(__name__).warning(
+            "%s: the file system does not lock files (%s): nothing stops two agepipe commands from "
+            "writing here at once; run one at a time", f.name, os.strerror(e.errno))
     return True
 
 

@@ -2,7 +2,11 @@
 import fsspec
 import pytest
 
-from agepipe.atomic import atomic_path, open_atomic, write_text
+import errno
+import fcntl
+import logging
+
+from agepipe.atomic import atomic_path, only_writer, open_atomic, write_text
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -38,3 +42,20 @@ def test_open_atomic_on_an_fsspec_filesystem_is_all_or_nothing(tmp_path, protoco
         raise RuntimeError("the writer failed midway")
     assert fs.cat_file(path) == b"old"
     assert [p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)] == ["_index.json"]
+
+
+def test_a_file_system_that_does_not_lock_warns_and_lets_the_command_run(tmp_path, monkeypatch, caplog):
+    """NFS without its lock daemon refuses flock with ENOLCK: the command runs, with a warning
+    naming the lock file, instead of ending every train, table, download and extract there in a
+    traceback. Another error of flock is not taken for that."""
+    def refuse(f, how, code=errno.ENOLCK):
+        raise OSError(code, "refused")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    ran = []
+    with caplog.at_level(logging.WARNING), only_writer(tmp_path / "runs", "train"):
+        ran.append(True)
+    assert ran and "runs/.lock: the file system does not lock files" in caplog.text
+    monkeypatch.setattr(fcntl, "flock", lambda f, how: refuse(f, how, errno.EBADF))
+    with pytest.raises(OSError), only_writer(tmp_path / "runs", "train"):
+        pass
