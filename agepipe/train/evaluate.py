@@ -23,7 +23,7 @@ from agepipe.atomic import atomic_path
 from agepipe.train.checkpoint import (CONFIG, CheckpointError, load_checkpoint, read_metrics, scoring_amp,
                                       write_json)
 from agepipe.train.data import (SUBJECTS_ACROSS_DATASETS, class_ages, class_names, content_digest, load_task_data,
-                                make_split, true_ages)
+                                make_split, subject_keys, true_ages)
 from agepipe.train.model import ResMLP, autocast, has_dropout, mc_dropout_mode, resolve_device
 from agepipe.train.report import headline, write_report
 
@@ -200,38 +200,43 @@ def majority_baseline(train_y: np.ndarray, y: np.ndarray, names: list[str]) -> d
 def bootstrap_ci(y: np.ndarray, pred: np.ndarray, resamples: int = BOOTSTRAP, seed: int = 0,
                  groups: np.ndarray | None = None) -> dict:
     """95% percentile intervals of accuracy and balanced accuracy over resamples of the rows,
-    or of the ``groups`` (a photo's id) when rows are not independent draws: a photo that
-    several runs (seeds) scored is one draw, its predictions kept together.
+    or of the ``groups`` when rows are not independent draws: a subject, whose photos look alike
+    and mostly share a label (the splits never cut one for that reason), or a photo that several
+    runs (seeds) scored; a group's rows are kept together; "groups" says how many there are.
 
-    Both depend on a group only through its cell (class, rows, rows right), so a resample of
-    the groups is a multinomial draw of the cells' counts: the same distribution as drawing
-    indices, at a cost that does not grow with the rows (drawing indices and scoring each
-    resample in Python took about 0.2 s per split, most of the time a run took to be scored)."""
+    Both depend on a group only through its cells (rows and rows right of each class), so a
+    resample of the groups is a multinomial draw of the groups' distinct patterns of cells: the
+    same distribution as drawing indices, at a cost that does not grow with the rows (drawing
+    indices and scoring each resample in Python took about 0.2 s per split, most of the time a
+    run took to be scored)."""
     y, pred = np.asarray(y), np.asarray(pred)
     if len(y) == 0:
         return {}
     present, cls = np.unique(y, return_inverse=True)
-    cls, copies, hits = _group_cells(cls.ravel(), pred == y, groups)
-    m = int(copies.max())  # one row per group (m = 1): the cells are (class, right or wrong)
-    cells = np.bincount((cls * m + copies - 1) * (m + 1) + hits, minlength=len(present) * m * (m + 1))
-    draws = np.random.default_rng(seed).multinomial(len(cls), cells / len(cls), size=resamples)
-    draws = draws.reshape(resamples, len(present), m, m + 1)
-    right = (draws * np.arange(m + 1)).sum((2, 3))
-    support = (draws * np.arange(1, m + 1)[:, None]).sum((2, 3))
+    k = len(present)
+    group = np.arange(len(y)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1].ravel()
+    # One code per (group, class) cell that has rows: its class, rows and rows right.
+    cell, inverse = np.unique(group * k + cls.ravel(), return_inverse=True)
+    rows = np.bincount(inverse.ravel())
+    hits = np.bincount(inverse.ravel(), weights=pred == y).astype(np.int64)
+    base = int(rows.max()) + 1
+    owner = cell // k  # sorted: a group's cells are consecutive, in class order
+    slot = np.arange(len(cell)) - np.searchsorted(owner, owner)
+    pattern = np.full((owner[-1] + 1, slot.max() + 1), -1, dtype=np.int64)
+    pattern[owner, slot] = (cell % k * base + rows) * base + hits
+    patterns, count = np.unique(pattern, axis=0, return_counts=True)
+    draws = np.random.default_rng(seed).multinomial(len(pattern), count / len(pattern), size=resamples)
+    which, code = np.nonzero(patterns >= 0)[0], patterns[patterns >= 0]
+    support = np.zeros((len(patterns), k))
+    right = np.zeros((len(patterns), k))
+    np.add.at(support, (which, code // base // base), code // base % base)
+    np.add.at(right, (which, code // base // base), code % base)
+    support, right = draws @ support, draws @ right
     with np.errstate(invalid="ignore"):  # a class no row of the resample has: not averaged, as balanced_accuracy
         bal = np.nanmean(right / support, axis=1)
-    return {"resamples": resamples,
+    return {"resamples": resamples, **({"groups": len(pattern)} if groups is not None else {}),
             "accuracy": np.percentile(right.sum(1) / support.sum(1), [2.5, 97.5]).tolist(),
             "balanced_accuracy": np.percentile(bal, [2.5, 97.5]).tolist()}
-
-
-def _group_cells(cls: np.ndarray, correct: np.ndarray, groups: np.ndarray | None):
-    """Per group: its class (a photo's label is the same in every run), rows and rows right."""
-    if groups is None:
-        return cls, np.ones(len(cls), dtype=np.int64), correct.astype(np.int64)
-    first, inverse = np.unique(np.asarray(groups), return_index=True, return_inverse=True)[1:]
-    inverse = inverse.ravel()
-    return cls[first], np.bincount(inverse), np.bincount(inverse, weights=correct).astype(np.int64)
 
 
 def scores(probs: np.ndarray, y: np.ndarray, task: str, ages: np.ndarray | None) -> dict:
@@ -252,12 +257,12 @@ def scores(probs: np.ndarray, y: np.ndarray, task: str, ages: np.ndarray | None)
 
 def evaluate_split(model: ResMLP, x: torch.Tensor, y: torch.Tensor, task: str, ages: np.ndarray | None,
                    mc_samples: int = 32, amp: bool = True, train_y: np.ndarray | None = None,
-                   rows_out: dict | None = None) -> dict:
+                   rows_out: dict | None = None, subjects: np.ndarray | None = None) -> dict:
     """Everything the report shows, for one split: deterministic and MC-dropout scores with
     bootstrap intervals, per-class precision and recall, the majority baseline (the most
     frequent class of ``train_y``), the confusion matrix, reliability bins, the risk-coverage
     curve and warnings. ``rows_out``, when given, receives the per-row columns of
-    predictions.parquet."""
+    predictions.parquet; ``subjects``, each row's subject, makes the bootstrap draw subjects."""
     y_np = y.cpu().numpy()
     names = class_names(task)
     probs = torch.softmax(logits_of(model, x, amp), -1).cpu().numpy()
@@ -280,7 +285,7 @@ def evaluate_split(model: ResMLP, x: torch.Tensor, y: torch.Tensor, task: str, a
     # The headline numbers are those of the final prediction (the MC mean when there is one).
     out["prediction"] = "MC dropout mean" if mi is not None else "deterministic"
     out["per_class"] = per_class(y_np, pred, names)
-    out["bootstrap_95"] = bootstrap_ci(y_np, pred)
+    out["bootstrap_95"] = bootstrap_ci(y_np, pred, groups=subjects)
     if train_y is not None and len(train_y):
         out["majority_baseline"] = majority_baseline(np.asarray(train_y), y_np, names)
     out["risk_coverage"] = risk_coverage(uncertainty, pred == y_np, measure)
@@ -363,7 +368,8 @@ def score_splits(model: ResMLP, data, split, mc_samples: int, amp: bool, run_dir
         index = torch.from_numpy(idx).to(data.x.device)
         ages = true_ages(data.task, rows, data.y[index].cpu().numpy())
         per_row: dict = {}
-        out[name] = evaluate_split(model, data.x[index], data.y[index], data.task, ages, mc, amp, train_y, per_row)
+        out[name] = evaluate_split(model, data.x[index], data.y[index], data.task, ages, mc, amp, train_y, per_row,
+                                   subject_keys(rows))
         tables.append(predictions_table(rows, name, per_row, class_names(data.task)))
     table = pa.concat_tables(tables)
     # The entropy column holds another quantity per split when MC dropout scored the test rows

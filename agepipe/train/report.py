@@ -197,7 +197,8 @@ def headline_section(task: str, test: dict) -> list[str]:
     which = test.get("prediction", "deterministic")
     lines = ["## Headline (test fold)", "",
              f"Prediction: {which}. 95% intervals from {ci.get('resamples', 0)} bootstrap resamples of the "
-             f"{test['n']} test rows.", "",
+             + (f"{ci['groups']} subjects of the {test['n']} test rows (a subject's photos drawn together)."
+                if "groups" in ci else f"{test['n']} test rows."), "",
              "| | accuracy | balanced accuracy |", "| --- | --- | --- |",
              f"| model | {_fmt(h['accuracy'])} {_ci(ci.get('accuracy'))} | "
              f"{_fmt(h.get('balanced_accuracy'))} {_ci(ci.get('balanced_accuracy'))} |"]
