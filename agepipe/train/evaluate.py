@@ -388,6 +388,8 @@ def predictions_table(rows, split_name: str, per_row: dict, names: list[str]) ->
     return pa.table({
         "image_id": pa.array(rows["image_id"].astype(str).tolist(), pa.string()),
         "dataset": pa.array(rows["dataset"].astype(str).tolist() if "dataset" in rows else [""] * n, pa.string()),
+        # the person: a cross-validation's pooled interval draws a subject's photos together (bootstrap_ci)
+        "subject_id": pa.array(rows["subject_id"].astype("string"), pa.string(), from_pandas=True),
         "split": pa.array([split_name] * n, pa.string()),
         "label": pa.array([names[int(k)] for k in per_row["label"]], pa.string()),
         "prediction": pa.array([names[int(k)] for k in per_row["prediction"]], pa.string()),

@@ -111,8 +111,8 @@ def write_report(run_dir: str | Path) -> Path:
     lines += risk_coverage_section(test["risk_coverage"])
     lines += ["## Plots", ""] + [f"![{title}]({name})" for name, title in PLOTS.items() if (run_dir / name).exists()]
     if (run_dir / "predictions.parquet").exists():
-        lines += ["", "Per-photo predictions (val and test): `predictions.parquet` with image_id, dataset, split, "
-                  "label, prediction, correct, probabilities (in the order of the classes above), entropy, "
+        lines += ["", "Per-photo predictions (val and test): `predictions.parquet` with image_id, dataset, subject_id, "
+                  "split, label, prediction, correct, probabilities (in the order of the classes above), entropy, "
                   "mutual_information (nats)."]
     path = run_dir / "report.md"
     write_text(path, "\n".join(lines) + "\n")
@@ -298,13 +298,19 @@ def write_cv_report(out_dir: str | Path, run_dirs: list[str | Path]) -> Path:
     lines += [f"| {k.replace('_', ' ')} | {np.nanmean(v):.4f} +- {np.nanstd(v):.4f} |" for k, v in table.items()]
     y, pred, probs = (np.concatenate(a) for a in zip(*(arrays(t) for *_, t in entries)))
     entropy = np.concatenate([t["entropy"].to_numpy() for *_, t in entries])
-    # Runs of several seeds score the same photos: a photo is one draw of the bootstrap, not one per run.
+    # Runs of several seeds score the same photos, and a subject's photos are alike: a subject is one
+    # draw of the bootstrap, not one per photo or run (a photo of no known subject, or of a run
+    # written before predictions.parquet named subjects, is its own).
     photos = np.concatenate([(t["dataset"] + "/" + t["image_id"]).to_numpy() for *_, t in entries])
-    pooled_ci = bootstrap_ci(y, pred, groups=photos)
+    subjects = np.concatenate([t["subject_id"].fillna(t["dataset"] + "/" + t["image_id"]).to_numpy()
+                               if "subject_id" in t else (t["dataset"] + "/" + t["image_id"]).to_numpy()
+                               for *_, t in entries])
+    pooled_ci = bootstrap_ci(y, pred, groups=subjects)
     lines += ["", "## Pooled over runs (every run's test rows together)", "",
-              f"{len(y)} predictions of {len(np.unique(photos))} photos: accuracy {(pred == y).mean():.4f} "
-              f"{_ci(pooled_ci['accuracy'])}, balanced accuracy {balanced_accuracy(y, pred):.4f} "
-              f"{_ci(pooled_ci['balanced_accuracy'])} (95% bootstrap intervals, resampling photos).", ""]
+              f"{len(y)} predictions of {len(np.unique(photos))} photos of {pooled_ci['groups']} subjects: accuracy "
+              f"{(pred == y).mean():.4f} {_ci(pooled_ci['accuracy'])}, balanced accuracy "
+              f"{balanced_accuracy(y, pred):.4f} {_ci(pooled_ci['balanced_accuracy'])} "
+              "(95% bootstrap intervals, resampling subjects).", ""]
     lines += per_class_section(per_class(y, pred, names))
     pooled_rel = reliability(probs, y)
     lines += reliability_section(pooled_rel)

@@ -139,7 +139,26 @@ def test_pooled_interval_resamples_photos_that_several_runs_scored(cv_runs, tmp_
     out, runs = cv_runs
     once = write_cv_report(tmp_path / "once", runs).read_text()
     twice = write_cv_report(tmp_path / "twice", runs + runs).read_text()
-    pooled = [next(line for line in text.splitlines() if " photos: accuracy " in line) for text in (once, twice)]
+    pooled = [next(line for line in text.splitlines() if " predictions of " in line) for text in (once, twice)]
     rows = sum(json.loads((run / "metrics.json").read_text())["test"]["n"] for run in runs)
     assert pooled[0].startswith(f"{rows} predictions of {rows} photos")
     assert pooled[1] == pooled[0].replace(f"{rows} predictions", f"{2 * rows} predictions", 1)
+
+
+def test_pooled_interval_resamples_subjects(cv_runs, tmp_path):
+    """A subject's photos are alike: the pooled interval draws the store's 100 subjects, not their photos;
+    runs written before predictions.parquet named the subjects draw photos."""
+    import shutil
+
+    _, runs = cv_runs
+    line = next(line for line in write_cv_report(tmp_path / "cv", runs).read_text().splitlines()
+                if " predictions of " in line)
+    assert " photos of 100 subjects: accuracy " in line and "resampling subjects" in line
+    old = [shutil.copytree(run, tmp_path / run.name) for run in runs]
+    for run in old:
+        table = pq.read_table(run / "predictions.parquet")
+        pq.write_table(table.drop_columns(["subject_id"]), run / "predictions.parquet")
+    rows = sum(json.loads((run / "metrics.json").read_text())["test"]["n"] for run in runs)
+    line = next(line for line in write_cv_report(tmp_path / "old", old).read_text().splitlines()
+                if " predictions of " in line)
+    assert f" photos of {rows} subjects: accuracy " in line
