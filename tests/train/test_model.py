@@ -63,6 +63,19 @@ def test_mc_dropout_mode_keeps_batchnorm_frozen_and_dropout_sampling():
     assert torch.equal(model.blocks[1].ic[0].running_mean, before)
 
 
+
+def test_dropout_of_a_bfloat16_input_keeps_the_mean():
+    """Under autocast a CPU's dropout sees bfloat16: nn.Dropout scaled the kept units by 1 / 0.95 rounded
+    to bfloat16 (1.0547), so a layer's mean output was 1.002 times its input, in training and in each MC pass."""
+    from agepipe.train.model import ic_layer
+
+    torch.manual_seed(0)
+    dropout = ic_layer(8, ModelConfig(num_classes=2, batch_norm=False, dropout=0.05)).train()
+    out = dropout(torch.ones(4_000_000, dtype=torch.bfloat16))
+    assert abs(out.float().mean().item() - 1) < 6e-4  # the mean's sd: 0.23 / 2000 = 1.2e-4
+    assert (out == 0).float().mean().item() == pytest.approx(0.05, abs=6e-4)
+    assert torch.equal(dropout.eval()(torch.ones(3, dtype=torch.bfloat16)), torch.ones(3, dtype=torch.bfloat16))
+
 @pytest.mark.parametrize("bad", [dict(num_classes=1), dict(num_classes=8, dropout=1.0),
                                  dict(num_classes=8, num_blocks=10)])
 def test_bad_configs_are_refused(bad):
