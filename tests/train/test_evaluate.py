@@ -73,6 +73,24 @@ def test_mc_dropout_is_one_batched_forward_with_independent_masks():
     assert calls == [16 * 15, 16 * 15, 16 * 10]
 
 
+def test_mc_dropout_gives_the_same_numbers_twice_and_leaves_the_callers_random_stream():
+    """evaluate and predict twice on one run: the same probabilities, entropies and so the same
+    UNDECIDED flags; another seed draws other masks; torch's stream goes on as if unused."""
+    torch.manual_seed(0)
+    model = ResMLP(ModelConfig(num_classes=8, dropout=0.3)).eval()
+    x = torch.randn(30, 512)
+    torch.manual_seed(5)
+    first = mc_dropout(model, x, samples=8)
+    after = torch.rand(3)
+    second = mc_dropout(model, x, samples=8)
+    other = mc_dropout(model, x, samples=8, seed=1)
+    assert np.array_equal(first.probs, second.probs)
+    assert np.array_equal(first.mutual_information, second.mutual_information)
+    assert not np.allclose(first.probs, other.probs)
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(3), after)
+
+
 def test_mc_dropout_without_dropout_has_no_mutual_information():
     model = ResMLP(ModelConfig(num_classes=3, dropout=0.0)).eval()
     mc = mc_dropout(model, torch.randn(8, 512), samples=4)
