@@ -25,6 +25,7 @@ from torch.torch_version import TorchVersion
 from tqdm import tqdm
 
 import agepipe
+from agepipe.atomic import FolderError
 from agepipe.datasets import expand_groups
 from agepipe.features import store as fstore
 from agepipe.train import graphs
@@ -515,6 +516,18 @@ def summary_values(metrics: dict) -> dict:
     return out
 
 
+def check_out(out: str | Path, cv: bool) -> None:
+    """A single run and a cross-validation write report.md and the plots at the top of their
+    folder: one into the other's wrote over its report, leaving config.json beside cv.json."""
+    out = Path(out)
+    if not cv and (out / "cv.json").is_file():
+        raise FolderError(f"{out} holds a cross-validation (cv.json): a single run there would write over its "
+                          "report; give `agepipe train` another --out, or add --cv to run it again")
+    if cv and is_run_folder(out):
+        raise FolderError(f"{out} holds a run (config.json): a cross-validation there would write over its "
+                          "report; give `agepipe train --cv` another --out")
+
+
 def check_init_features(init: str, record: dict) -> None:
     """Refuse to start from a run trained on another recogniser's embeddings: its weights read
     another space, and fine-tuning from them would train on as if they did not."""
@@ -554,6 +567,7 @@ def train(store: str, datasets: list[str], task: str, out: str | Path, *, featur
     reports then: `agepipe evaluate` draws one for any run folder), trained at once as one
     stacked model unless ``batched`` is False."""
     check_task(task)
+    check_out(out, cv)
     datasets = expand_groups(datasets)  # imdb-wiki: imdb and wiki
     feature_set = resolve_feature_set(store, feature_set)
     data = load_task_data(store, feature_set, datasets, task, min_det_score, resolve_device(device))

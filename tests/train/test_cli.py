@@ -52,6 +52,25 @@ def test_cv_from_the_command_line(gaussian_store, tmp_path):
     assert not (tmp_path / "fold0-seed3").exists()
 
 
+def test_a_single_run_and_a_cross_validation_do_not_share_a_folder(gaussian_store, tmp_path):
+    """A run into a cross-validation's --out (or a --cv into a run's) wrote its report.md and
+    plots over the other's, leaving config.json and cv.json side by side; it is refused, naming
+    the folder, before any training."""
+    store, _ = gaussian_store
+    common = ("train", "--store", store, "--dataset", "adience", "--task", "gender", "--epochs", "1", "--mc-samples", "0")
+    assert invoke(*common, "--cv", "--out", tmp_path / "cv").exit_code == 0
+    cv_report = (tmp_path / "cv" / "report.md").read_text()
+    result = invoke(*common, "--out", tmp_path / "cv")
+    assert result.exit_code == 1 and f"{tmp_path / 'cv'} holds a cross-validation (cv.json)" in result.output
+    assert not (tmp_path / "cv" / "config.json").exists() and (tmp_path / "cv" / "report.md").read_text() == cv_report
+    assert invoke(*common, "--out", tmp_path / "run").exit_code == 0
+    run_report = (tmp_path / "run" / "report.md").read_text()
+    result = invoke(*common, "--cv", "--out", tmp_path / "run")
+    assert result.exit_code == 1 and f"{tmp_path / 'run'} holds a run (config.json)" in result.output
+    assert not (tmp_path / "run" / "cv.json").exists() and (tmp_path / "run" / "report.md").read_text() == run_report
+    assert invoke(*common, "--out", tmp_path / "run").exit_code == 0  # a run again into its own folder: as before
+
+
 def test_init_from_another_architecture_names_what_differs(gaussian_store, tmp_path):
     """--init from a run of another architecture printed both ModelConfig reprs; it names the
     fields that differ and the options that set them."""
