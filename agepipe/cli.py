@@ -335,7 +335,10 @@ def download(dataset, data_dir, source, workers, no_extract):
     except KeyError as e:
         fail(e.args[0])
     for name in names:
-        result = prepare(name, data_dir, source=source, workers=workers, extract=not no_extract)
+        try:
+            result = prepare(name, data_dir, source=source, workers=workers, extract=not no_extract)
+        except FileNotFoundError as e:  # the sample's photos come from packages of the test-base extra
+            fail(str(e))
         if result is None:
             click.echo(f"{name}: files verified in {Path(data_dir).expanduser() / name} (--no-extract: "
                        "not unpacked, no manifest)")

@@ -129,6 +129,19 @@ def test_the_sample_downloads_again_after_its_build_folder_was_removed(tmp_path)
     assert f"manifest: {data / 'sample' / 'manifest.parquet'}" in result.output
 
 
+def test_the_sample_without_the_package_of_its_photos_is_one_sentence(tmp_path, monkeypatch):
+    """The sample's photos come from installed packages (the test-base extra): without
+    insightface, `download --dataset sample` ended in a FileNotFoundError traceback."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "insightface" else find_spec(name, *a))
+    result = run("--dataset", "sample", "--data-dir", tmp_path / "data")
+    assert result.exit_code == 1
+    assert ("Error: the sample needs the installed package insightface (for data/images/t1.jpg): "
+            "pip install insightface\n") in result.output
+
+
 def test_a_truncated_archive_is_forgotten_so_a_whole_copy_is_taken_next(tmp_path):
     """--source holds half a browser download of aligned.tar.gz: it fails as damaged, and its
     sha256 (recorded on first use) goes with it; the whole copy then downloads. (Every later
