@@ -98,8 +98,15 @@ def without_nulls(table: pa.Table) -> pa.Table:
 
 # --- paths -----------------------------------------------------------------------------
 
+def _url_to_fs(store: str):
+    try:
+        return fsspec.core.url_to_fs(str(store))
+    except (ImportError, ValueError) as e:  # gs:// without gcsfs installed, a scheme fsspec does not know
+        raise StoreError(f"{store}: fsspec cannot open it ({e})") from None
+
+
 def _fs(store: str):
-    fs, path = fsspec.core.url_to_fs(str(store))
+    fs, path = _url_to_fs(store)
     if not isinstance(fs, fsspec.implementations.local.LocalFileSystem):
         fs.invalidate_cache()  # object stores cache listings; workers in other processes write
     return fs, path
@@ -108,7 +115,7 @@ def _fs(store: str):
 def absolute(store: str) -> str:
     """A local store's absolute path (a URL as given): a process with another working folder, as
     a worker of an existing cluster, finds the same folder."""
-    fs, path = fsspec.core.url_to_fs(str(store))
+    fs, path = _url_to_fs(store)
     return path if isinstance(fs, fsspec.implementations.local.LocalFileSystem) else str(store)
 
 

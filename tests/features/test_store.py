@@ -390,6 +390,29 @@ def test_the_cli_says_which_shard_is_broken_without_a_traceback(tmp_path):
         assert "run `agepipe extract --dataset d` to redo it" in result.output and "Traceback" not in result.output
 
 
+def test_a_store_url_fsspec_cannot_open_is_one_sentence(tmp_path, monkeypatch):
+    """--store gs://... without gcsfs installed (README: "any fsspec URL whose package is
+    installed"), or a scheme fsspec does not know, ended in fsspec's ImportError or ValueError
+    traceback; it is one sentence naming the store and what fsspec said (exit 1)."""
+    import importlib
+
+    from click.testing import CliRunner
+
+    from agepipe.cli import cli
+
+    registry = importlib.import_module("fsspec.registry")  # a scheme whose package is not installed, as gs:// without gcsfs
+    monkeypatch.setitem(registry.known_implementations, "agepipetest",
+                        {"class": "agepipe_no_such_module.FileSystem",
+                         "err": "Please install agepipe-no-such-package to access it"})
+    for store, said in (("agepipetest://bucket/store", "Please install agepipe-no-such-package to access it"),
+                        ("nosuchscheme://bucket/store", "Protocol not known: nosuchscheme")):
+        for args in (["features", "list"],
+                     ["train", "--dataset", "d", "--task", "gender", "--out", str(tmp_path / "run")]):
+            result = CliRunner().invoke(cli, [*args, "--store", store])
+            assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (args, result.output)
+            assert f"Error: {store}: fsspec cannot open it ({said})" in result.output, (args, result.output)
+
+
 @pytest.mark.parametrize("text", ['{"pack": "buffalo_s", "det_', "[]"])
 def test_a_damaged_feature_set_json_is_refused_naming_it(tmp_path, text):
     """feature_set.json cut short (a copy interrupted) or not an object: `features show`, train
