@@ -335,8 +335,14 @@ def evaluate_run(run_dir: str | Path, store: str | None = None, mc_samples: int 
     if missing:
         raise CheckpointError(f"{run_dir / CONFIG}: \"data\" does not say where the run's rows came from "
                               f"(no {', '.join(missing)}), so its split cannot be rebuilt")
-    data = load_task_data(store or rec["store"], rec["feature_set"], rec["datasets"], task,
-                          rec["min_det_score"], next(model.parameters()).device)
+    try:
+        data = load_task_data(store or rec["store"], rec["feature_set"], rec["datasets"], task,
+                              rec["min_det_score"], next(model.parameters()).device)
+    except FileNotFoundError as e:
+        if store and rec.get("store") and store != rec["store"]:  # an AGEPIPE_STORE set long ago is easy to forget
+            raise FileNotFoundError(f"{e}. {run_dir} was trained from the store {rec['store']}; --store (or env "
+                                    f"AGEPIPE_STORE) pointed evaluate at {store}") from None
+        raise
     split = make_split(data.rows, rec["test_fold"], rec["val_fraction"],
                        subjects_per_dataset=rec.get("subjects") != SUBJECTS_ACROSS_DATASETS)
     path = run_dir / "metrics.json"

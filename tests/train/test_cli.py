@@ -71,6 +71,20 @@ def test_a_single_run_and_a_cross_validation_do_not_share_a_folder(gaussian_stor
     assert invoke(*common, "--out", tmp_path / "run").exit_code == 0  # a run again into its own folder: as before
 
 
+def test_evaluate_from_another_store_than_the_runs_names_both(gaussian_store, tmp_path):
+    """AGEPIPE_STORE (set for another project) overrides the store a run recorded: evaluate said only
+    "feature set ... not in OTHER", not that the run came from elsewhere nor why OTHER was read."""
+    store, _ = gaussian_store
+    run = tmp_path / "run"
+    assert invoke("train", "--store", store, "--dataset", "adience", "--task", "gender", "--out", run,
+                  "--epochs", "1", "--mc-samples", "0").exit_code == 0
+    other = tmp_path / "other-store"
+    result = CliRunner().invoke(cli, ["evaluate", str(run), "--mc-samples", "0"], env={"AGEPIPE_STORE": str(other)})
+    assert result.exit_code == 1 and f"not in {other} (found: none)" in result.output, result.output
+    assert (f"{run} was trained from the store {store}; --store (or env AGEPIPE_STORE) pointed evaluate at "
+            f"{other}") in " ".join(result.output.split()), result.output
+
+
 def test_init_from_another_architecture_names_what_differs(gaussian_store, tmp_path):
     """--init from a run of another architecture printed both ModelConfig reprs; it names the
     fields that differ and the options that set them."""
