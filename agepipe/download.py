@@ -218,7 +218,10 @@ def _split_credentials(source: str | None, auth):
     """Credentials written into a source URL take precedence and are removed from it."""
     if not source or "://" not in source:
         return source, auth
-    parts = urllib.parse.urlsplit(source)
+    try:
+        parts = urllib.parse.urlsplit(source)
+    except ValueError as e:  # "Invalid IPv6 URL": a bracket left open in the host
+        raise DownloadError(f"--source {source}: not a URL ({e})") from None
     if parts.username is None:
         return source, auth
     netloc = parts.netloc.rpartition("@")[2]   # the host as written: an IPv6 one keeps its brackets

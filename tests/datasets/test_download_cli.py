@@ -142,6 +142,14 @@ def test_the_sample_without_the_package_of_its_photos_is_one_sentence(tmp_path, 
             "pip install insightface\n") in result.output
 
 
+def test_a_source_url_that_does_not_parse_is_one_sentence(tmp_path):
+    """A bracket left open in --source's host (urllib: "Invalid IPv6 URL") ended in a ValueError traceback."""
+    source = "http://[mirror.example.org/imdb-wiki/"
+    result = run("--dataset", "adience", "--data-dir", tmp_path / "data", "--source", source)
+    assert result.exit_code == 1
+    assert f"Error: --source {source}: not a URL (Invalid IPv6 URL)\n" in result.output
+
+
 def test_a_truncated_archive_is_forgotten_so_a_whole_copy_is_taken_next(tmp_path):
     """--source holds half a browser download of aligned.tar.gz: it fails as damaged, and its
     sha256 (recorded on first use) goes with it; the whole copy then downloads. (Every later
