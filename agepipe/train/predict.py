@@ -262,7 +262,7 @@ def annotation_paths(annotate_to: str, images: list[str]) -> list[Path]:
         if suffix and not cv2.haveImageWriter(annotate_to):  # checked before any photo, not at the first
             raise ValueError(f"{annotate_to}: cannot write a {suffix} image; give a name ending in .jpg or .png, "
                              "or a folder")
-        return [Path(annotate_to)]
+        return never_a_photo([Path(annotate_to)], images)
     if os.path.lexists(annotate_to) and not folder:
         raise ValueError(f"{annotate_to}: a file, not a folder; with {len(images)} photos --annotate needs a "
                          "folder to write one annotated photo each into")
@@ -281,7 +281,18 @@ def annotation_paths(annotate_to: str, images: list[str]) -> list[Path]:
             name = f"{s}-{k}"
         seen.add(name)
         names.append(name)
-    return [Path(annotate_to) / f"{name}.annotated.jpg" for name in names]
+    return never_a_photo([Path(annotate_to) / f"{name}.annotated.jpg" for name in names], images)
+
+
+def never_a_photo(targets: list[Path], images: list[str]) -> list[Path]:
+    """``targets``, refused where one is a photo given: `predict me.jpg --annotate me.jpg`, or a
+    folder annotated into again (a.jpg drawn over the a.annotated.jpg given too), replaced a photo."""
+    given = {os.path.realpath(p) for p in images}
+    for target in targets:
+        if os.path.realpath(target) in given:
+            raise ValueError(f"{target}: --annotate would write over this photo, which is one of those given; "
+                             "give --annotate another name or folder")
+    return targets
 
 
 def predict_images(paths: list[str], predictor: Predictor, annotate_to: str | None = None) -> list[dict]:

@@ -195,6 +195,29 @@ def test_annotate_to_a_name_that_cannot_hold_the_image_is_one_sentence(runs, pho
     assert taken.read_bytes() == b"a file" and not (tmp_path / "out.txt").exists()
 
 
+def test_annotate_never_writes_over_a_photo_it_was_given(runs, photos, tmp_path):
+    """`predict me.jpg --annotate me.jpg` replaced the user's photo with the drawing, and a second
+    `predict pics --annotate pics` drew a.jpg over a.annotated.jpg, which it had been given too."""
+    import shutil
+
+    age, _ = runs
+    photo = tmp_path / "me.jpg"
+    shutil.copy(photos["t1"], photo)
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    shutil.copy(photos["t1"], pics / "a.jpg")
+    shutil.copy(photos["t1"], pics / "a.annotated.jpg")
+    before = {p: p.read_bytes() for p in (photo, pics / "a.jpg", pics / "a.annotated.jpg")}
+    for images, target, named in (([photo], photo, photo), ([pics], pics, pics / "a.annotated.jpg")):
+        result = CliRunner().invoke(cli, ["predict", *map(str, images), "--age-model", str(age), "--mc-samples", "0",
+                                          "--annotate", str(target)])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+        assert (f"Error: {named}: --annotate would write over this photo, which is one of those given; "
+                "give --annotate another name or folder") in result.output
+    assert {p: p.read_bytes() for p in before} == before and sorted(pics.iterdir()) == [pics / "a.annotated.jpg",
+                                                                                         pics / "a.jpg"]
+
+
 @pytest.mark.parametrize("option", ["--annotate", "--json-out"])
 def test_an_output_that_cannot_be_written_is_one_sentence(runs, photos, tmp_path, option):
     age, _ = runs
