@@ -117,6 +117,12 @@ def fail(message: str):
     raise click.ClickException(message)
 
 
+def not_a_photo_given(out: str, photos: list[str], option: str) -> None:
+    """An output file that is one of the photos read (`embed me.jpg --out me.jpg`) would replace it."""
+    if os.path.realpath(out) in {os.path.realpath(p) for p in photos}:
+        fail(f"{out}: {option} would write over this photo, which is one of those given; give {option} another name")
+
+
 def no_images(images) -> str:
     from agepipe.features.images import IMAGE_SUFFIXES
 
@@ -165,6 +171,7 @@ def embed(images, out, batch_size, pack, det_size, device, runtime):
     paths = find_images(list(images))
     if not paths:
         fail(no_images(images))
+    not_a_photo_given(out, paths, "--out")
     embedder = load_embedder(pack, det_size, device, runtime)
     click.echo(f"models: {embedder.pack.name} ({embedder.pack.detector.name}, {embedder.pack.recognizer.name}) "
                f"on {embedder.provider}, det size {det_size}", err=True)
@@ -748,6 +755,8 @@ def predict(images, age_model, gender_model, mc_samples, as_json, json_out, anno
     paths = find_images(list(images))
     if not paths:
         fail(no_images(images))
+    if json_out:
+        not_a_photo_given(json_out, paths, "--json-out")
     try:
         predictor = Predictor(age_model, gender_model, pack, det_size, mc_samples, device)
         results = predict_images(paths, predictor, annotate)

@@ -97,6 +97,18 @@ def test_an_out_that_cannot_be_written_is_one_sentence(tmp_path, photos):
             in result.output)
 
 
+def test_an_out_that_is_a_photo_given_is_refused(tmp_path, photos):
+    """`embed me.jpg --out me.jpg` replaced the photo with a Parquet file."""
+    photo = tmp_path / "me.jpg"
+    shutil.copy(photos["biden"], photo)
+    before = photo.read_bytes()
+    result = run("embed", photo, "--out", photo)
+    assert result.exit_code == 1
+    assert (f"Error: {photo}: --out would write over this photo, which is one of those given; give --out "
+            "another name") in result.output
+    assert photo.read_bytes() == before
+
+
 def test_corrupt_onnx_file_is_named(tmp_path, photos, buffalo_s):
     models = tmp_path / "models"
     models.mkdir()

@@ -218,6 +218,22 @@ def test_annotate_never_writes_over_a_photo_it_was_given(runs, photos, tmp_path)
                                                                                          pics / "a.jpg"]
 
 
+def test_json_out_never_writes_over_a_photo_it_was_given(runs, photos, tmp_path):
+    """`predict me.jpg --json-out me.jpg` replaced the photo with the JSON."""
+    import shutil
+
+    age, _ = runs
+    photo = tmp_path / "me.jpg"
+    shutil.copy(photos["t1"], photo)
+    before = photo.read_bytes()
+    result = CliRunner().invoke(cli, ["predict", str(photo), "--age-model", str(age), "--mc-samples", "0",
+                                      "--json-out", str(photo)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    assert (f"Error: {photo}: --json-out would write over this photo, which is one of those given; give --json-out "
+            "another name") in result.output
+    assert photo.read_bytes() == before
+
+
 @pytest.mark.parametrize("option", ["--annotate", "--json-out"])
 def test_an_output_that_cannot_be_written_is_one_sentence(runs, photos, tmp_path, option):
     age, _ = runs
