@@ -118,9 +118,12 @@ def fail(message: str):
 
 
 def not_a_photo_given(out: str, photos: list[str], option: str) -> None:
-    """An output file that is one of the photos read (`embed me.jpg --out me.jpg`) would replace it."""
-    if os.path.realpath(out) in {os.path.realpath(p) for p in photos}:
-        fail(f"{out}: {option} would write over this photo, which is one of those given; give {option} another name")
+    from agepipe.features.images import never_a_photo
+
+    try:
+        never_a_photo([out], photos, option)
+    except ValueError as e:
+        fail(str(e))
 
 
 def no_images(images) -> str:

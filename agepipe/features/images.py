@@ -216,6 +216,17 @@ def read_image(path: str) -> np.ndarray:
     return read_photo(path, max_side=1 << 30).pixels
 
 
+def never_a_photo(targets: list, photos: list[str], option: str) -> None:
+    """ValueError where an output is one of the photos read: `embed me.jpg --out me.jpg`,
+    `predict me.jpg --annotate me.jpg`, or a folder annotated into again (a.jpg drawn over the
+    a.annotated.jpg given too) replaced the photo."""
+    given = {os.path.realpath(p) for p in photos}
+    for target in targets:
+        if os.path.realpath(target) in given:
+            raise ValueError(f"{target}: {option} would write over this photo, which is one of those given; "
+                             f"give {option} another name")
+
+
 def find_images(paths: list[str]) -> list[str]:
     """Files as given, folders walked (sorted) for image files."""
     found = []

@@ -16,7 +16,7 @@ import torch
 
 from agepipe import atomic
 from agepipe.features.embed import FaceEmbedder, in_original_pixels
-from agepipe.features.images import ImageError, read_photo
+from agepipe.features.images import ImageError, never_a_photo, read_photo
 from agepipe.train.checkpoint import CheckpointError, load_checkpoint, metrics_error, read_metrics, scoring_amp
 from agepipe.train.data import class_names
 from agepipe.train.evaluate import entropy, expected_age, logits_of, mc_dropout, uncertainty_measure
@@ -262,7 +262,8 @@ def annotation_paths(annotate_to: str, images: list[str]) -> list[Path]:
         if suffix and not cv2.haveImageWriter(annotate_to):  # checked before any photo, not at the first
             raise ValueError(f"{annotate_to}: cannot write a {suffix} image; give a name ending in .jpg or .png, "
                              "or a folder")
-        return never_a_photo([Path(annotate_to)], images)
+        never_a_photo([annotate_to], images, "--annotate")
+        return [Path(annotate_to)]
     if os.path.lexists(annotate_to) and not folder:
         raise ValueError(f"{annotate_to}: a file, not a folder; with {len(images)} photos --annotate needs a "
                          "folder to write one annotated photo each into")
@@ -281,18 +282,9 @@ def annotation_paths(annotate_to: str, images: list[str]) -> list[Path]:
             name = f"{s}-{k}"
         seen.add(name)
         names.append(name)
-    return never_a_photo([Path(annotate_to) / f"{name}.annotated.jpg" for name in names], images)
-
-
-def never_a_photo(targets: list[Path], images: list[str]) -> list[Path]:
-    """``targets``, refused where one is a photo given: `predict me.jpg --annotate me.jpg`, or a
-    folder annotated into again (a.jpg drawn over the a.annotated.jpg given too), replaced a photo."""
-    given = {os.path.realpath(p) for p in images}
-    for target in targets:
-        if os.path.realpath(target) in given:
-            raise ValueError(f"{target}: --annotate would write over this photo, which is one of those given; "
-                             "give --annotate another name or folder")
-    return targets
+    paths = [Path(annotate_to) / f"{name}.annotated.jpg" for name in names]
+    never_a_photo(paths, images, "--annotate")
+    return paths
 
 
 def predict_images(paths: list[str], predictor: Predictor, annotate_to: str | None = None) -> list[dict]:

@@ -213,7 +213,7 @@ def test_annotate_never_writes_over_a_photo_it_was_given(runs, photos, tmp_path)
                                           "--annotate", str(target)])
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (result.output, result.exception)
         assert (f"Error: {named}: --annotate would write over this photo, which is one of those given; "
-                "give --annotate another name or folder") in result.output
+                "give --annotate another name") in result.output
     assert {p: p.read_bytes() for p in before} == before and sorted(pics.iterdir()) == [pics / "a.annotated.jpg",
                                                                                          pics / "a.jpg"]
 
