@@ -46,7 +46,7 @@ def test_demo_runs_the_whole_chain(tmp_path):
         verdict = next(line for line in result.output.splitlines() if line.strip().startswith(f"the {task} model"))
         beats = test["mc"]["balanced_accuracy"] > base
         assert ("does not beat the majority baseline" in verdict) == (not beats), verdict
-        assert f"{test['n']} held-out faces" in verdict
+        assert f"{test['n']} held-out photos" in verdict
     # predict wrote JSON and an image
     predictions = json.loads((work / "predict.json").read_text())
     faces = predictions[0]["faces"]

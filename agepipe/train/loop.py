@@ -563,9 +563,9 @@ def train(store: str, datasets: list[str], task: str, out: str | Path, *, featur
           model_overrides: dict | None = None, train_overrides: dict | None = None,
           report: bool = True, progress: bool = True, echo=None, batched: bool = True) -> dict:
     """`agepipe train`: the store's rows for ``task`` into memory once, then one run
-    (test fold ``test_fold``) or, with ``cv``, every fold times ``seeds`` (no per-run
-    reports then: `agepipe evaluate` draws one for any run folder), trained at once as one
-    stacked model unless ``batched`` is False."""
+    (test fold ``test_fold``) or, with ``cv``, every fold times ``seeds``, trained at once as one
+    stacked model unless ``batched`` is False (their reports are drawn after, by the caller:
+    `agepipe train --cv` draws one per run and the CV's report, in parallel)."""
     check_task(task)
     check_out(out, cv)
     datasets = expand_groups(datasets)  # imdb-wiki: imdb and wiki

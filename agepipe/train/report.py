@@ -178,16 +178,16 @@ def baseline_sentence(kind: str, split: dict) -> str:
     bal, ci = h["balanced_accuracy"], split.get("bootstrap_95", {}).get("balanced_accuracy")
     points = 100 * (bal - base["balanced_accuracy"])
     interval = f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
-    numbers = (f"balanced accuracy {bal:.2f}{interval} on {n} held-out faces vs the majority baseline's "
+    numbers = (f"balanced accuracy {bal:.2f}{interval} on {n} held-out photos vs the majority baseline's "
                f"{base['balanced_accuracy']:.2f} (always {base['class']})")
     if points <= 0 and base["balanced_accuracy"] >= 1:
-        return (f"the {kind} model does not beat the majority baseline, nor can it here: every held-out face "
+        return (f"the {kind} model does not beat the majority baseline, nor can it here: every held-out photo "
                 f"is {base['class']}, so the constant guess is already right; {numbers}")
     if points <= 0:
         return f"the {kind} model does not beat the majority baseline: too little data to learn; {numbers}"
     if ci and ci[0] <= base["balanced_accuracy"]:
         return (f"the {kind} model beats the majority baseline by {points:.0f} points, but the 95% interval "
-                f"includes the baseline: not conclusive on {n} faces; {numbers}")
+                f"includes the baseline: not conclusive on {n} photos; {numbers}")
     return f"the {kind} model beats the majority baseline by {points:.0f} points; {numbers}"
 
 
