@@ -407,6 +407,9 @@ def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, bat
 
     if gpus and scheduler:
         fail("--gpus starts its own workers; with --scheduler, start GPU workers on the cluster instead")
+    if decoders and runtime != "torch":
+        fail(f"--decoders chooses what decodes beside the device pipeline of --runtime torch; {runtime} "
+             "decodes in its own threads")
     try:
         gpu_ids = parse_gpus(gpus)
     except ValueError as e:
@@ -644,6 +647,11 @@ def table(store, feature_set, out, tasks, variants, inits, folds, seeds, epochs,
     from agepipe.atomic import only_writer
     from agepipe.train.loop import TrainingWarning
     from agepipe.train.table import Grid, parse_settings, run_table
+
+    import torch
+
+    if cuda_graphs and (device == "cpu" or not torch.cuda.is_available()):  # graphs replay on a GPU only
+        click.echo("warning: --cuda-graphs: the runs train on the CPU, so they step as usual", err=True)
 
     said, show = set(), warnings.showwarning
 

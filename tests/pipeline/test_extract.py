@@ -732,3 +732,13 @@ def test_a_stopped_runs_task_that_finishes_after_the_next_commit_leaves_no_file(
     assert len(pd.read_parquet(folder)) == 6
     # while its run is the current one, a task writes as before
     assert ex.extract_shard({**nxt.tasks[0], "generation": fstore.read_index(store, "fs-test", "mini").generation})
+
+
+def test_decoders_without_the_device_pipeline_are_refused_before_any_work(mini_data, tmp_path):
+    # It ran without a word, the decoders chosen used by no path. (--gpus with --device cpu is
+    # kept: the GPU workers' layout on a CPU, as the tests and bench/gpu_extract_device.py run it.)
+    result = CliRunner().invoke(cli, ["extract", "--dataset", "mini", "--data-dir", str(mini_data),
+                                      "--store", str(tmp_path / "store"), "--decoders", "processes"])
+    said = "--decoders chooses what decodes beside the device pipeline of --runtime torch; onnxruntime decodes"
+    assert result.exit_code == 1 and said in result.output, result.output
+    assert not (tmp_path / "store").exists()

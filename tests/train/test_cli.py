@@ -176,3 +176,13 @@ def test_a_second_command_writing_the_same_folder_stops_before_any_work(gaussian
                 assert not list(held.glob("fold*")) and not (out / "table.md").exists()
     result = invoke(*table)  # the first done, the next runs
     assert result.exit_code == 0, result.output
+
+
+def test_table_cuda_graphs_on_a_cpu_says_it_steps_as_usual(gaussian_store, tmp_path):
+    # The flag was dropped without a word where the runs train on the CPU.
+    store, _ = gaussian_store
+    result = invoke("table", "--store", store, "--out", tmp_path / "t", "--tasks", "gender", "--variants", "full",
+                    "--inits", "scratch", "--folds", "0", "--seeds", "1", "--epochs", "1", "--device", "cpu",
+                    "--cuda-graphs")
+    assert result.exit_code == 0, result.output
+    assert "warning: --cuda-graphs: the runs train on the CPU, so they step as usual" in result.output
