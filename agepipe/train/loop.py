@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import agepipe
 from agepipe.atomic import FolderError
-from agepipe.datasets import expand_groups
+from agepipe.datasets import GROUPS, expand_groups
 from agepipe.features import store as fstore
 from agepipe.train import graphs
 from agepipe.train.batched import StackedResMLP, fit_stacked
@@ -542,18 +542,21 @@ def check_init_features(init: str, record: dict) -> None:
 
 def init_leak(init: str | None, record: dict) -> list[str]:
     """A sentence when the init run trained on rows of this run's test fold (a dataset of both,
-    another test fold): the starting weights saw the rows this run is scored on. One sentence for
-    every run it concerns, so a cross-validation says it once."""
+    or IMDB and WIKI, which share people and their folds: another test fold): the starting weights
+    saw the rows, or the people, this run is scored on. One sentence for every run it concerns, so a
+    cross-validation says it once."""
     if not init or record["test_fold"] is None:
         return []
     theirs = read_config(init).get("data", {})
-    shared = [d for d in record["datasets"] if d in expand_groups(theirs.get("datasets", []))]
+    mine = {d for name in record["datasets"] for group in GROUPS.values() if name in group for d in group}
+    mine.update(record["datasets"])
+    shared = [d for d in expand_groups(theirs.get("datasets", [])) if d in mine]
     seen = [k for k in range(5) if k != theirs.get("test_fold")]  # its training and validation folds
     if not shared or record["test_fold"] not in seen:
         return []
     held = f"its test fold was {theirs['test_fold']}" if theirs.get("test_fold") is not None else "it held out no fold"
     return [f"--init {init} was trained on the {' and '.join(shared)} rows of folds {', '.join(map(str, seen))} "
-            f"({held}): a run tested on one of them starts from weights that saw its test rows, so its test "
+            f"({held}): a run tested on one of them starts from weights that saw its test rows' people, so its test "
             "scores are inflated. Start from a run of the same test fold, or one trained on other datasets"]
 
 

@@ -314,6 +314,30 @@ def test_init_from_a_run_that_trained_on_the_test_fold_warns_of_the_leak(tmp_pat
     assert result.exit_code == 0 and result.output.count(f"warning: {leak}") == 1, result.output
 
 
+def test_init_from_an_imdb_run_warns_a_wiki_run_tested_on_its_training_folds(tmp_path):
+    # A person's IMDB and Wikipedia photos share a subject (their name) and so a fold: a run of wiki
+    # test fold 2 started from an imdb run of test fold 0 starts from weights that trained on its test
+    # people's IMDB photos. The warning looked for the same dataset name in both and said nothing.
+    from agepipe.train.loop import TrainingWarning
+
+    mixture = Mixture.make(seed=8)
+    for k, dataset in enumerate(("imdb", "wiki")):
+        x, y = mixture.sample(400, seed=1 + k)
+        person = np.arange(len(y)) % 40
+        store = write_store(tmp_path / "store", x, {**adience_like(y, subjects=40), "fold": person % 5,
+                                                    "subject_id": np.array([f"name{p}" for p in person])},
+                            dataset=dataset)
+    pre = str(tmp_path / "pre")
+    quiet = {"mc_samples": 0, "report": False, "progress": False, "train_overrides": {"epochs": 1}}
+    train(store, ["imdb"], "age", pre, test_fold=0, **quiet)
+    leak = f"--init {pre} was trained on the imdb rows of folds 1, 2, 3, 4"
+    with pytest.warns(TrainingWarning, match=re.escape(leak)):
+        metrics = train(store, ["wiki"], "age", tmp_path / "fine", test_fold=2, init=pre, **quiet)
+    assert [w for w in metrics["train_warnings"] if w.startswith(leak)]
+    same = train(store, ["wiki"], "age", tmp_path / "same", test_fold=0, init=pre, **quiet)
+    assert not [w for w in same["train_warnings"] if w.startswith("--init")]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_cuda_graph_step_trains_like_the_eager_step():
     from agepipe.train.loop import PAPER_TRAIN, GraphedTrainStep, TrainStep, make_optimizer
