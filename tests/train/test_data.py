@@ -10,13 +10,14 @@ from tests.train.synthetic_store import FEATURE_SET, write_store
 
 
 def test_labels_per_task():
-    rows = pd.DataFrame({"age": [1.0, 22.0, np.nan, 104.6, 39.5, np.nan],
-                         "age_bin": [0, -1, -1, 7, 5, 3],
-                         "gender": [0, 1, -1, 1, 0, 0]})
+    rows = pd.DataFrame({"age": [1.0, 22.0, np.nan, 104.6, 39.5, np.nan, 28.5],
+                         "age_bin": [0, -1, -1, 7, 5, 3, 4],
+                         "gender": [0, 1, -1, 1, 0, 0, 1]})
     # A known bin wins; an age outside Adience's ranges takes the nearest midpoint (22 -> 17.5).
-    assert labels("age", rows).tolist() == [0, 3, -1, 7, 5, 3]
-    assert labels("age101", rows).tolist() == [1, 22, -1, 100, 40, -1]
-    assert labels("gender", rows).tolist() == [0, 1, -1, 1, 0, 0]
+    assert labels("age", rows).tolist() == [0, 3, -1, 7, 5, 3, 4]
+    # A half year goes up alike for odd and even years (np.rint gave 28.5 -> 28 but 39.5 -> 40).
+    assert labels("age101", rows).tolist() == [1, 22, -1, 100, 40, -1, 29]
+    assert labels("gender", rows).tolist() == [0, 1, -1, 1, 0, 0, 1]
     with pytest.raises(ValueError, match="unknown task"):
         labels("height", rows)
 
