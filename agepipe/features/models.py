@@ -70,6 +70,9 @@ def _role(path: Path) -> str | None:
         return None
     dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
     if len(graph.output) in (6, 9, 10, 15) and len(dims) == 4 and dims[1] == 3:
+        if len(graph.output) != 9:  # detect.Detector decodes 3 strides with keypoints: others crashed every photo
+            raise ModelError(f"{path}: an SCRFD detector of {len(graph.output)} outputs; agepipe needs the "
+                             "9-output SCRFD (strides 8, 16, 32 with 5-point landmarks, as in buffalo_s and buffalo_l)")
         return "detector"
     if len(graph.output) == 1 and dims[-2:] == [112, 112]:
         width = [d.dim_value for d in graph.output[0].type.tensor_type.shape.dim][-1:]

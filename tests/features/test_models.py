@@ -86,3 +86,19 @@ def test_a_recogniser_of_other_than_512_d_embeddings_is_refused_before_anything_
     (tmp_path / "det.onnx").symlink_to(buffalo_s.detector)
     with pytest.raises(ModelError, match=r"rec128.onnx: a recogniser of 128-d embeddings; .* 512-d"):
         resolve_pack(str(tmp_path))
+
+
+@pytest.mark.parametrize("outputs", [6, 15])
+def test_an_scrfd_other_than_the_9_output_one_is_refused_before_anything_runs(tmp_path, buffalo_s, outputs):
+    # One without landmarks (insightface's scrfd_500m.onnx) ended every photo in an IndexError;
+    # one of 5 strides read stride 64's scores as stride 8's boxes and failed on a candidate.
+    import onnx
+
+    graph = onnx.load(str(buffalo_s.detector))
+    outs = list(graph.graph.output)
+    del graph.graph.output[:]
+    graph.graph.output.extend(outs[:6] if outputs == 6 else outs[:3] + outs[:2] + outs[3:6] + outs[3:5] + outs[6:] + outs[6:8])
+    onnx.save(graph, tmp_path / "scrfd.onnx")
+    (tmp_path / "rec.onnx").symlink_to(buffalo_s.recognizer)
+    with pytest.raises(ModelError, match=rf"scrfd.onnx: an SCRFD detector of {outputs} outputs; .* 9-output"):
+        resolve_pack(str(tmp_path))
