@@ -471,6 +471,8 @@ def _open(url: str, offset: int, auth, timeout: float, name: str, version: str |
             if isinstance(reason, socket.gaierror) and reason.errno in _NO_SUCH_HOST:
                 # A name that does not resolve will not resolve in a minute either.
                 raise DownloadError(f"{name}: {url}: no such host ({reason.strerror})") from None
+            if isinstance(reason, (FileNotFoundError, IsADirectoryError, PermissionError)):  # a file:// URL
+                raise DownloadError(f"{name}: {url}: {reason.strerror}") from None
             raise _Retryable(f"{e.__class__.__name__}: {getattr(e, 'reason', e)}") from None
 
 

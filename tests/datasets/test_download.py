@@ -428,3 +428,11 @@ def test_a_body_without_a_length_is_taken_with_a_warning_when_no_sha256_can_chec
     with caplog.at_level(logging.WARNING, logger="agepipe.download"):     # the sha256 checks it
         [path] = fetch([remote(server, sha256=hashlib.sha256(BLOB).hexdigest())], tmp_path, **FAST)
     assert path.read_bytes() == BLOB and "no length" not in caplog.text
+
+
+def test_a_missing_file_url_fails_at_once_not_after_retries(tmp_path):
+    # `agepipe models fetch --url file:///...` to a file that is not there retried for 31 s.
+    missing = tmp_path / "nowhere" / "blob.bin"
+    with pytest.raises(DownloadError) as raised:
+        fetch([RemoteFile("blob.bin", missing.as_uri())], tmp_path / "dest", retries=3, **FAST)
+    assert str(raised.value) == f"blob.bin: {missing.as_uri()}: No such file or directory"
