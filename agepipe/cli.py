@@ -644,11 +644,11 @@ def table(store, feature_set, out, tasks, variants, inits, folds, seeds, epochs,
       agepipe table
       agepipe table --tasks gender --variants full,no-ic --folds 0,1 --seeds 2 --epochs 5
     """
+    import torch
+
     from agepipe.atomic import only_writer
     from agepipe.train.loop import TrainingWarning
     from agepipe.train.table import Grid, parse_settings, run_table
-
-    import torch
 
     if cuda_graphs and (device == "cpu" or not torch.cuda.is_available()):  # graphs replay on a GPU only
         click.echo("warning: --cuda-graphs: the runs train on the CPU, so they step as usual", err=True)
