@@ -41,6 +41,15 @@ def known_errors() -> tuple[type[Exception], ...]:
             FolderError)
 
 
+def credential_errors() -> tuple[type[Exception], ...]:
+    """botocore's "no credentials" errors, where s3fs is installed (it brings botocore)."""
+    try:
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+    except ImportError:
+        return ()
+    return NoCredentialsError, PartialCredentialsError
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM: a batch system's time limit (Slurm), `docker stop`, `kill`. The run stops as Ctrl-C
     stops it (the cluster closed, no worker tracebacks), not mid-write at the signal's default."""
@@ -68,6 +77,10 @@ class Agepipe(click.Group):
         except Exception as e:
             if isinstance(e, known_errors()):
                 raise click.ClickException(str(e)) from None
+            if isinstance(e, credential_errors()):  # a store at s3:// without keys: the user's setup, not a bug
+                raise click.ClickException(f"the object store: {e}; give credentials as README.md's \"S3 and other "
+                                           "object stores\" says (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                                           "or AWS_PROFILE)") from None
             raise
 
 

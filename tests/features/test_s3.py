@@ -99,3 +99,17 @@ def test_extract_into_s3_resumes_and_reads_back(s3, tmp_path, monkeypatch):
         "--out", tmp_path / "runs" / "read-only", "--epochs", 1)
     assert json.loads((tmp_path / "runs" / "read-only" / "config.json").read_text())["data"]["split_sizes"] == \
         record["data"]["split_sizes"]
+
+
+def test_a_store_in_s3_without_credentials_is_one_sentence(s3, monkeypatch):
+    # It ended in botocore's NoCredentialsError traceback.
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    result = CliRunner().invoke(cli, ["features", "list", "--store", "s3://bucket/store"])
+    assert result.exit_code == 1, result.output + repr(result.exception)
+    assert result.output.startswith("Error: the object store: Unable to locate credentials; give credentials as "
+                                    "README.md's \"S3 and other object stores\" says"), result.output
