@@ -2,6 +2,7 @@
 s3://...` on a local Dask cluster, then features list/show and train reading it back.
 Credentials and endpoint come from the usual environment variables, as a user would set them."""
 import json
+import urllib.request
 
 import pytest
 from click.testing import CliRunner
@@ -27,6 +28,8 @@ def s3(monkeypatch):
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
         monkeypatch.setenv(key, value)
+    # moto keeps its buckets per process, not per server: an earlier test's bucket would be there
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")).read()
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem(skip_instance_cache=True)
     fs.mkdir("bucket")
@@ -39,8 +42,6 @@ def s3(monkeypatch):
 
 def reset_auth(endpoint, after_requests):
     """moto checks credentials against its IAM after this many more requests ("inf": never)."""
-    import urllib.request
-
     urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=after_requests.encode(),
                                                   headers={"Content-Type": "text/plain"}, method="POST")).read()
 
