@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from agepipe.train import graphs
-from agepipe.train.model import ResMLP, autocast
+from agepipe.train.model import ResMLP, autocast, dropout
 
 
 def _key(name: str) -> str:
@@ -90,10 +90,7 @@ class StackedResMLP(nn.Module):
             if isinstance(m, nn.BatchNorm1d):
                 x = self._batch_norm(m, x)
             elif isinstance(m, nn.Dropout) and self.training:
-                # What F.dropout does, but the mask from torch.rand and a compare: its bernoulli_
-                # makes dropout 30% slower on a CPU (measured, forward and backward).
-                # float32 draws: under autocast x may be bfloat16, whose coarse grid would skew p.
-                x = x * torch.rand_like(x, dtype=torch.float32).ge_(m.p).div_(1 - m.p)
+                x = dropout(x, m.p)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
