@@ -252,6 +252,7 @@ def write_cv_report(out_dir: str | Path, run_dirs: list[str | Path]) -> Path:
     pooled bootstrap interval, and the same plots across folds."""
     import pyarrow.parquet as pq
 
+    from agepipe.train.data import subject_keys
     from agepipe.train.evaluate import (balanced_accuracy, bootstrap_ci, per_class, reliability,
                                         risk_coverage)
 
@@ -299,11 +300,10 @@ def write_cv_report(out_dir: str | Path, run_dirs: list[str | Path]) -> Path:
     y, pred, probs = (np.concatenate(a) for a in zip(*(arrays(t) for *_, t in entries)))
     entropy = np.concatenate([t["entropy"].to_numpy() for *_, t in entries])
     # Runs of several seeds score the same photos, and a subject's photos are alike: a subject is one
-    # draw of the bootstrap, not one per photo or run (a photo of no known subject, or of a run
-    # written before predictions.parquet named subjects, is its own).
+    # draw of the bootstrap, not one per photo or run, keyed as the runs' own intervals key it (a
+    # photo of no known subject, or of a run written before predictions.parquet named subjects, is its own).
     photos = np.concatenate([(t["dataset"] + "/" + t["image_id"]).to_numpy() for *_, t in entries])
-    subjects = np.concatenate([t["subject_id"].fillna(t["dataset"] + "/" + t["image_id"]).to_numpy()
-                               if "subject_id" in t else (t["dataset"] + "/" + t["image_id"]).to_numpy()
+    subjects = np.concatenate([subject_keys(t if "subject_id" in t else t.assign(subject_id=None))
                                for *_, t in entries])
     pooled_ci = bootstrap_ci(y, pred, groups=subjects)
     lines += ["", "## Pooled over runs (every run's test rows together)", "",
