@@ -78,6 +78,24 @@ def test_dropout_of_a_bfloat16_input_keeps_the_mean():
     assert (out == 0).float().mean().item() == pytest.approx(0.05, abs=6e-4)
     assert torch.equal(dropout.eval()(torch.ones(3, dtype=torch.bfloat16)), torch.ones(3, dtype=torch.bfloat16))
 
+def test_keep_mask_on_a_cpu_uses_every_bit_of_its_draws():
+    """The CPU mask takes four 16-bit lanes from each 64-bit draw: each lane must keep units at
+    1 - p and be independent of its neighbours (a lane whose top bit never varied, as an int64
+    random_ without its full range gives, would drop all or none)."""
+    from agepipe.train.model import keep_mask
+
+    torch.manual_seed(0)
+    for p in (0.05, 0.5):
+        lanes = keep_mask(torch.empty(4 * 500_000 + 3), p)[:-3].view(-1, 4).float()  # an odd size is cut to fit
+        assert lanes.mean(0).tolist() == pytest.approx([1 - p] * 4, abs=3e-3)
+        both = (lanes[:, :3] * lanes[:, 1:]).mean(0)  # neighbours kept together as often as chance says
+        assert both.tolist() == pytest.approx([(1 - p) ** 2] * 3, abs=3e-3)
+    torch.manual_seed(1)
+    first = keep_mask(torch.empty(64, 9), 0.3)
+    torch.manual_seed(1)
+    assert first.shape == (64, 9) and torch.equal(first, keep_mask(torch.empty(64, 9), 0.3))  # seeded
+
+
 @pytest.mark.parametrize("bad", [dict(num_classes=1), dict(num_classes=8, dropout=1.0),
                                  dict(num_classes=8, num_blocks=10)])
 def test_bad_configs_are_refused(bad):
