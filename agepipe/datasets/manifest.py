@@ -164,15 +164,27 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     return pq.read_table(path).to_pandas()
 
 
+def _where(frame: pd.DataFrame, status: str, shown: int = 3) -> str:
+    """The first few rows of an unusable status, by file:line where the metadata has lines (else
+    image_id), so a malformed line can be found without reading the manifest."""
+    if status == "ok":
+        return ""
+    at = frame["source_line"] if "source_line" in frame else frame["image_id"]
+    rows = at[frame["status"] == status]
+    more = f", ... {len(rows) - shown:,} more" if len(rows) > shown else ""
+    return f"   ({', '.join(map(str, rows.iloc[:shown]))}{more})"
+
+
 def summarize(frame: pd.DataFrame, name: str, published: dict[int, int] | int | None = None) -> str:
-    """Rows per status, per fold, and per age class and gender among usable rows."""
+    """Rows per status (where the first unusable ones are), per fold, and per age class and gender
+    among usable rows."""
     n = len(frame)
     lines = [f"{name}: {n:,} rows"]
     if isinstance(published, int) and published != n:
         lines[0] += f" (published total: {published:,}; this metadata differs)"
     lines.append("  status:")
     for status, count in frame["status"].value_counts().sort_index().items():
-        lines.append(f"    {status:<22}{count:>9,}")
+        lines.append(f"    {status:<22}{count:>9,}{_where(frame, status)}")
     lines.append("  fold:")
     for fold, count in frame["fold"].value_counts().sort_index().items():
         note = ""
