@@ -96,11 +96,12 @@ UNDECIDED_MI = 0.05
 
 def run_caution(kind: str, run: str | Path) -> str | None:
     """A sentence when the run's own test fold says its predictions are no better than a
-    constant guess (from its metrics.json; None when it beats its majority baseline)."""
+    constant guess (from its metrics.json; None when it beats its majority baseline, or held
+    out no rows to say so: a table's pretrain run, whose scores are NaN)."""
     test = read_metrics(run).get("test", {})
     try:
         base = test.get("majority_baseline")
-        if not base or headline(test)["balanced_accuracy"] > base["balanced_accuracy"]:
+        if not base or not test.get("n", 1) or headline(test)["balanced_accuracy"] > base["balanced_accuracy"]:
             return None
     except (AttributeError, KeyError, TypeError) as e:
         raise metrics_error(run, f"its test scores: {type(e).__name__} {e}") from None

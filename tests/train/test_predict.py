@@ -278,3 +278,17 @@ def test_the_legend_of_a_model_without_dropout_says_one_deterministic_pass(gauss
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((3, 512), dtype=np.float32))
     sampled = [predictor._predict(predictor.runs["gender"][0], x, predictor.passes["gender"], False)[0] for _ in range(2)]
     np.testing.assert_array_equal(*sampled)  # the gender model's one pass: the same answer every time
+
+
+def test_a_run_that_held_out_no_fold_is_not_flagged_as_a_constant_guess(gaussian_store, tmp_path):
+    """A run trained with no test fold (a table's pretrain run) has no held-out rows, so its balanced
+    accuracy and baseline are NaN: predict said it "did not beat its majority baseline on its held-out
+    fold" and greyed every face as a constant guess."""
+    from agepipe.train.predict import run_caution
+
+    store, _ = gaussian_store
+    run = tmp_path / "run"
+    train(store, ["adience"], "gender", run, test_fold=None, mc_samples=0, report=False, progress=False,
+          train_overrides={"epochs": 1})
+    assert json.loads((run / "metrics.json").read_text())["test"]["n"] == 0
+    assert run_caution("gender", run) is None
