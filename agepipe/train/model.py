@@ -62,11 +62,14 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     one number at a time on one thread, and ``torch.rand`` took 16% of a stacked CV step here
     (4x the time of the same bits drawn as int64). p is then rounded to a multiple of 1/65536
     (0.05 to 0.0500031). Elsewhere (CUDA draws in parallel) from ``torch.rand`` and a compare."""
-    if x.device.type != "cpu":
+    threshold = round(p * 65536) - 32768
+    # A p within 2**-17 of 1 rounds to a threshold of 32768, past int16: the compare wraps it to -32768
+    # and keeps every unit, so such a p draws from torch.rand too.
+    if x.device.type != "cpu" or threshold > 32767:
         return torch.rand_like(x, dtype=torch.float32).ge(p)
     n = x.numel()
     bits = torch.empty(-(-n // 4), dtype=torch.int64).random_(-2 ** 63, None)  # every bit random
-    return bits.view(torch.int16)[:n].view(x.shape).ge(round(p * 65536) - 32768)
+    return bits.view(torch.int16)[:n].view(x.shape).ge(threshold)
 
 
 def dropout(x: torch.Tensor, p: float) -> torch.Tensor:

@@ -96,6 +96,17 @@ def test_keep_mask_on_a_cpu_uses_every_bit_of_its_draws():
     assert first.shape == (64, 9) and torch.equal(first, keep_mask(torch.empty(64, 9), 0.3))  # seeded
 
 
+def test_keep_mask_of_a_rate_within_2_to_the_minus_17_of_one_keeps_almost_nothing():
+    """A p that rounds to 65536/65536 made the 16-bit threshold 32768, which an int16 compare wraps
+    to -32768: every unit was kept, then scaled by 1 / (1 - p) (over 100,000x)."""
+    from agepipe.train.model import dropout, keep_mask
+
+    torch.manual_seed(0)
+    for p in (0.999995, 1 - 1e-7):
+        assert keep_mask(torch.empty(100_000), p).float().mean().item() < 1e-3
+        assert dropout(torch.ones(100_000), p).mean().item() < 100  # about 1, not 1 / (1 - p)
+
+
 @pytest.mark.parametrize("bad", [dict(num_classes=1), dict(num_classes=8, dropout=1.0),
                                  dict(num_classes=8, num_blocks=10)])
 def test_bad_configs_are_refused(bad):
