@@ -496,7 +496,7 @@ FP32_HELP = ("Train and score in float32. Default: bfloat16 mixed precision wher
 @click.option("--no-batch-norm", is_flag=True, help="Ablation: no BatchNorm in the IC layers.")
 @click.option("--no-skip", is_flag=True, help="Ablation: no skip connections in the residual blocks.")
 @click.option("--blocks", type=click.IntRange(0, 8), default=None, help="Downsampling stages, each halving the width (paper: 2 age, 4 gender).")
-@click.option("--residuals-per-block", type=click.IntRange(0), default=None,
+@click.option("--residuals-per-block", type=click.IntRange(0, 64), default=None,  # checkpoint.MAX_RESIDUALS
               help="Residual blocks before each downsampling stage (paper: 1).")
 @click.option("--min-det-score", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Leave out faces the detector was less sure of.")

@@ -119,6 +119,18 @@ def test_options_the_kind_of_training_would_ignore_are_refused(gaussian_store, t
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_architecture_options_stop_where_a_run_could_still_be_loaded(tmp_path):
+    """A run with more residual blocks than checkpoint.py reads trained and saved, then evaluate,
+    predict and --init refused it."""
+    from agepipe.train.checkpoint import MAX_BLOCKS, MAX_RESIDUALS
+
+    params = {p.name: p.type for p in cli.commands["train"].params}
+    assert params["residuals_per_block"].max == MAX_RESIDUALS and params["blocks"].max <= MAX_BLOCKS
+    result = invoke("train", "--dataset", "adience", "--task", "age", "--out", tmp_path / "r",
+                    "--residuals-per-block", MAX_RESIDUALS + 1)
+    assert result.exit_code == 2 and "--residuals-per-block" in result.output and not (tmp_path / "r").exists()
+
+
 def test_a_misspelled_dataset_or_an_empty_store_says_what_to_do(gaussian_store, tmp_path):
     # A typo was told to run `agepipe extract --dataset adeince`, which download then refused; a
     # store with no feature set was told to name one with --feature-set.
