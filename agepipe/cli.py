@@ -791,7 +791,7 @@ def predict(images, age_model, gender_model, mc_samples, as_json, json_out, anno
             write_json(json_out, results)
         except OSError as e:
             fail(f"{cannot_write(json_out, e)}; give another --json-out")
-    for caution in predictor.cautions.values():
+    for caution in [*predictor.warnings, *predictor.cautions.values()]:
         click.echo(f"warning: {caution}", err=True)
     for result in results:
         if as_json:

@@ -54,6 +54,13 @@ class Predictor:
             raise CheckpointError("the age and gender runs were trained on embeddings from different face "
                                   f"models ({', '.join(sorted(names))}); one photo's faces cannot serve both")
         recorded = next((f for f in features if f), {})
+        self.warnings = []  # what the user should know that is not about one model's answers
+        sizes = {kind: f["det_size"] for kind, f in zip(self.runs, features) if "det_size" in f}
+        if det_size is None and len(set(sizes.values())) > 1:
+            self.warnings.append(
+                "the runs' faces were found at different det sizes (" + ", ".join(
+                    f"{kind} {size}" for kind, size in sizes.items()) + f"); these photos' at "
+                f"{recorded['det_size']}, so the other model sees slightly different embeddings (--det-size to choose)")
         self.embedder = FaceEmbedder(models or recorded.get("pack", "buffalo_s"),
                                      det_size=det_size or recorded.get("det_size", 640))
         want = recorded.get("recognizer_sha256")

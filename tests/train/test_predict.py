@@ -170,6 +170,28 @@ def test_runs_must_match_their_kind_and_the_face_models(runs, tmp_path):
         Predictor(str(other), None)
 
 
+def test_runs_from_different_det_sizes_are_named_and_the_photos_take_the_first(runs, photos, tmp_path):
+    """The face models' det size was taken from the first run without a word when the other's
+    embeddings came from another."""
+    age, gender = runs
+    config = json.loads((gender / "config.json").read_text())
+    config["data"]["features"]["det_size"] = 320
+    other = tmp_path / "gender320"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps(config))
+    (other / "model.safetensors").write_bytes((gender / "model.safetensors").read_bytes())
+    predictor = Predictor(str(age), str(other), mc_samples=0)
+    assert predictor.embedder.det_size == 640
+    assert predictor.warnings == ["the runs' faces were found at different det sizes (age 640, gender 320); these "
+                                  "photos' at 640, so the other model sees slightly different embeddings "
+                                  "(--det-size to choose)"]
+    assert Predictor(str(age), str(other), det_size=320, mc_samples=0).warnings == []
+    assert Predictor(str(age), str(gender), mc_samples=0).warnings == []
+    result = CliRunner().invoke(cli, ["predict", str(photos["t1"]), "--age-model", str(age), "--gender-model",
+                                      str(other), "--mc-samples", "0"])
+    assert result.exit_code == 0 and "warning: the runs' faces were found at different det sizes" in result.output
+
+
 def test_annotate_to_a_folder_with_one_photo_writes_into_the_folder(tmp_path):
     from agepipe.train.predict import annotation_paths
 
