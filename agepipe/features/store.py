@@ -11,6 +11,7 @@ be any fsspec URL. Reading writes nothing.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -125,6 +126,17 @@ def _join(*parts: str) -> str:
 
 def _name(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _files(fs, root: str, pattern: str) -> list[str]:
+    """The paths in the folder ``root`` whose names match ``pattern``, sorted. Not fs.glob of the
+    joined path: that reads a [, * or ? in the store's own path as a pattern too, and in
+    /data/store [1] found no shard at all."""
+    try:
+        paths = fs.ls(root, detail=False)
+    except (FileNotFoundError, NotADirectoryError):  # no folder: no file in it
+        return []
+    return sorted(p for p in paths if fnmatch.fnmatchcase(_name(p), pattern))
 
 
 def shard_name(index: int) -> str:
@@ -259,7 +271,7 @@ def shards_on_disk(store: str, feature_set: str, dataset: str) -> dict[str, list
     if not fs.exists(root):
         return {}
     found: dict[str, list[tuple[str, str | None]]] = {}
-    for path in sorted(fs.glob(_join(root, SHARD_GLOB))):
+    for path in _files(fs, root, SHARD_GLOB):
         digests = shard_digests(store, path)
         if digests:
             found.setdefault(digests[0], []).append((path, digests[1]))
@@ -273,7 +285,7 @@ def rows_on_disk(store: str, feature_set: str, dataset: str) -> int:
     if not fs.exists(root):
         return 0
     ids: set[str] = set()
-    for path in fs.glob(_join(root, SHARD_GLOB)):
+    for path in _files(fs, root, SHARD_GLOB):
         try:
             ids.update(read_shard_file(store, path, ["image_id"])["image_id"].to_pylist())
         except StoreError:
@@ -290,7 +302,7 @@ def remove_file(store: str, path: str) -> None:
 def _remove_temporaries(fs, root: str, names: list[str]) -> int:
     """The temporaries open_atomic left for ``names`` in ``root`` (.NAME.<id>.tmp): a process killed
     mid-write never removes its own."""
-    stale = [path for name in names for path in fs.glob(_join(root, f".{name}.*.tmp"))]
+    stale = [path for name in names for path in _files(fs, root, f".{name}.*.tmp")]
     for path in stale:
         fs.rm(path)
     return len(stale)
@@ -450,7 +462,7 @@ def commit_shards(store: str, feature_set: str, dataset: str, shards: list[Shard
                    "manifest_sha256": manifest_sha256, "generation": index.generation}, f, indent=1)
     listed = {e.file for e in index.shards}
     root = path.rsplit("/", 1)[0]
-    for old in fs.glob(_join(root, SHARD_GLOB)):
+    for old in _files(fs, root, SHARD_GLOB):
         if _name(old) not in listed:
             fs.rm(old)
     if fs.exists(_join(root, ".arrow")):  # agepipe 0.1.0's read copies
@@ -550,7 +562,7 @@ def _listed(store: str, feature_set: str, dataset: str) -> list[tuple[str, Shard
     index = read_index(store, feature_set, dataset)
     fs, root = _fs(dataset_dir(store, feature_set, dataset))
     if index is None:
-        found = sorted(fs.glob(_join(root, SHARD_GLOB)))
+        found = _files(fs, root, SHARD_GLOB)
         if not all(map(_is_legacy_shard, found)):
             # Shards this version wrote and no index: an extract stopped before its commit. They
             # may cover part of the manifest only; the rerun keeps them and finishes the rest.

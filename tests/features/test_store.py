@@ -526,3 +526,25 @@ def test_temporaries_of_a_writer_killed_mid_write_are_removed_by_the_next(tmp_pa
     fstore.update_feature_set_info(str(tmp_path), FS, lambda info: info.update(runs=[]))
     assert not [p for p in junk if p.exists()]
     assert sorted(p.name for p in tmp_path.rglob(".*")) == [".lock", ".lock"]
+
+
+def test_a_store_whose_path_holds_glob_characters_finds_its_shards(tmp_path):
+    """A store at /data/store [1]: the shards were found with fs.glob on the whole path, which
+    read the "[1]" as a pattern and found none, so a new cut never deleted the old one (pandas
+    reading the folder counted each row twice), a rerun found no finished shard, and a reader
+    took shards no index lists for no shards at all."""
+    root = tmp_path / "store [1]"
+    table, emb, ok = shard_rows(12)
+    write_cut(root, table, 4)
+    write_cut(root, table, 6)  # a re-cut: the old cut's shards go
+    folder = root / FS / "d"
+    listed = [p.rsplit("/", 1)[-1] for p in fstore.shard_files(str(root), FS, "d")]
+    assert sorted(p.name for p in folder.glob("part-*")) == sorted(listed) and len(listed) == 2
+    assert len(pd.read_parquet(folder)) == 12
+    assert sum(len(found) for found in fstore.shards_on_disk(str(root), FS, "d").values()) == 2
+    assert fstore.rows_on_disk(str(root), FS, "d") == 12
+    (folder / ".part-00000-0123abcd.parquet.deadbeef.tmp").write_text("half")
+    assert fstore.remove_stale_temporaries(str(root), FS, "d") == 1
+    (folder / "_index.json").unlink()  # as if the extract stopped before its commit
+    with pytest.raises(fstore.UnfinishedExtract):
+        fstore.load_features(str(root), FS, "d")
