@@ -186,6 +186,16 @@ def _rerun(dataset: str) -> str:
     return f"run `agepipe extract --dataset {dataset}` to redo it"
 
 
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())  # Arrow's messages end lines inside a sentence
+
+
+def _redo_damaged(path: str) -> str:
+    # A rerun knows a finished shard by its footer alone, so one damaged before its footer would
+    # be kept again: it must go first.
+    return f"delete it, then run `agepipe extract --dataset {_dataset_of(path)}` to redo it"
+
+
 def _dataset_of(shard_path: str) -> str:
     return shard_path.rstrip("/").rsplit("/", 2)[-2]
 
@@ -627,7 +637,7 @@ def read_shard_file(store: str, path: str, columns: list[str] | None = None,
             pf = pq.ParquetFile(source, pre_buffer=not local)
             table = pf.read(columns=columns)
     except (OSError, pa.ArrowException) as e:
-        raise StoreError(f"{path}: cannot read this shard ({e}); {_rerun(_dataset_of(path))}") from None
+        raise StoreError(f"{path}: cannot read this shard ({_one_line(e)}); {_redo_damaged(path)}") from None
     if entry is not None:
         digest = (pf.schema_arrow.metadata or {}).get(b"agepipe.rows", b"").decode()
         if digest != entry.digest or pf.metadata.num_rows != entry.rows:
@@ -686,8 +696,7 @@ def read_embeddings(store: str, path: str, out: np.ndarray | None = None) -> np.
                     out[...] = found
                     found = out
     except (OSError, pa.ArrowException, ValueError) as e:
-        raise StoreError(f"{path}: cannot read this shard's embeddings ({e}); "
-                         f"{_rerun(_dataset_of(path))}") from None
+        raise StoreError(f"{path}: cannot read this shard's embeddings ({_one_line(e)}); {_redo_damaged(path)}") from None
     return found
 
 

@@ -179,6 +179,22 @@ def test_a_deleted_or_damaged_shard_is_refused_naming_what_to_run(tmp_path):
         fstore.status_counts(str(tmp_path), FS)
 
 
+def test_a_shard_damaged_before_its_footer_is_to_be_deleted_not_only_rerun(tmp_path):
+    """A rerun knows a finished shard by its footer (shard_digests), so one whose data pages are
+    damaged and footer whole was trusted again: the reader said to rerun extract, which kept it."""
+    table, _, _ = shard_rows(30)
+    write_cut(tmp_path, table, 10)
+    path = fstore.shard_files(str(tmp_path), FS, "d")[0]
+    before = fstore.shard_digests(str(tmp_path), path)
+    data = bytearray(open(path, "rb").read())
+    data[4:400] = bytes(396)  # the first column's pages zeroed; the footer at the end untouched
+    open(path, "wb").write(bytes(data))
+    assert fstore.shard_digests(str(tmp_path), path) == before  # what a rerun checks: still "finished"
+    with pytest.raises(fstore.StoreError, match=re_escape(path) + r": cannot read this shard .*; delete it, "
+                                                r"then run `agepipe extract --dataset d` to redo it"):
+        fstore.load_features(str(tmp_path), FS, "d")
+
+
 @pytest.mark.parametrize("at", ["index", "labels", "embeddings"])
 def test_a_commit_while_a_reader_reads_is_said_as_that_not_as_damage(tmp_path, monkeypatch, at):
     """An extract that commits a new cut while train, table or evaluate reads the old one deletes the
