@@ -293,6 +293,10 @@ def _finished_cell(cell_dir: Path, identity: dict) -> tuple[dict | None, str]:
         if isinstance(old.get(key), dict):
             old[key] = _without_store(old[key])
     new = json.loads(json.dumps(identity))  # tuples and lists alike
+    # amp only asks for bfloat16; "precision" says what ran (float32 both ways on a device without it)
+    for ident in (old, new):
+        if isinstance(ident.get("train"), dict):
+            ident["train"] = {k: v for k, v in ident["train"].items() if k != "amp"}
     changed = [k for k in new if k in old and old[k] != new[k]]
     unrecorded = [k for k in new if k not in old and new[k] is not None]
     why = [f"{', '.join(keys)} {what}" for keys, what in ((changed, "changed"), (unrecorded, "not recorded")) if keys]

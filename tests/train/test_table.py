@@ -333,6 +333,18 @@ def test_a_cell_is_trained_again_in_another_precision_and_an_old_float32_one_is_
     assert "reused" in invoke(*args).output
 
 
+def test_fp32_reuses_a_cell_where_the_device_has_no_bfloat16_to_leave(tmp_path, monkeypatch):
+    """Where the device lacks bfloat16 both ways train in float32, the same runs: --fp32 on a cell
+    trained without it (or the reverse) reuses it. (train.amp differed, so every cell trained again.)"""
+    monkeypatch.setattr("agepipe.train.model.bf16_native", lambda device: False)
+    store = age_gender_store(tmp_path / "store", n_adience=400, n_imdb=50, n_wiki=50)
+    args = ("table", "--store", store, "--out", tmp_path / "t", "--tasks", "age", "--variants", "full",
+            "--inits", "scratch", "--folds", "0,1", "--seeds", "1", "--epochs", "1", "--device", "cpu")
+    assert invoke(*args).exit_code == 0
+    again = invoke(*args, "--fp32")
+    assert again.exit_code == 0 and "reused" in again.output, again.output
+
+
 def test_pretraining_on_the_people_of_the_cross_validation_is_refused(tmp_path):
     """Pre-training uses every row: on --dataset's own people it saw each run's test fold, and the
     pre-trained cells' accuracies came out inflated without a word."""
