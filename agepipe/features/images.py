@@ -114,6 +114,15 @@ def jpeg_structure(data: bytes) -> JpegStructure:
     return JpegStructure(size, False, progressive, scans)
 
 
+def _tile_pixels(im: Image.Image) -> int:
+    """Pixels of one of a tiled TIFF's tiles (0 for anything else): OpenCV allocates a whole tile
+    whatever the image's size, so a 260 kB TIFF of 16x16 pixels in one 16368x16368 tile took 770 MB."""
+    tags = getattr(im, "tag_v2", None) if im.format == "TIFF" else None
+    if not tags:
+        return 0
+    return int(tags.get(322, 0) or 0) * int(tags.get(323, 0) or 0)  # TileWidth, TileLength
+
+
 def _header_size(data: bytes, name: str) -> tuple[int, int] | None:
     """(width, height) from the header alone; None when no header is recognised."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
@@ -122,11 +131,15 @@ def _header_size(data: bytes, name: str) -> tuple[int, int] | None:
         with warnings.catch_warnings():  # the size is all this asks: the decoder judges the rest, and a
             warnings.simplefilter("ignore")  # cut TIFF's 'Corrupt EXIF data' printed twice a photo
             with Image.open(io.BytesIO(data)) as im:
-                return im.size
+                size, tile = im.size, _tile_pixels(im)
     except Image.DecompressionBombError as e:
         raise ImageError("too_large", f"{name}: {e}") from None
     except Exception:
         return None
+    if tile > MAX_PIXELS:
+        raise ImageError("too_large", f"{name}: TIFF tiles of {tile:,} pixels (each decoded whole), more than "
+                         f"the {MAX_PIXELS:,} pixels agepipe decodes")
+    return size
 
 
 def decode_image(data: bytes, name: str = "<bytes>", max_side: int = MAX_SIDE) -> Photo:

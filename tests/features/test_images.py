@@ -111,3 +111,19 @@ def test_pixels_are_the_photo_as_shown_whatever_its_exif_orientation(photos, ori
     a, b = decode_image(upright.getvalue()).pixels, decode_image(turned.getvalue()).pixels
     assert a.shape == b.shape == (200, 160, 3)
     assert abs(a.astype(int) - b.astype(int)).mean() < 3  # the same photo, up to lossy coding
+
+
+def test_a_tiff_is_bounded_by_its_tiles_not_just_its_size():
+    """OpenCV decodes a tiled TIFF a whole tile at a time, whatever the image's size: 260 kB of
+    16x16 pixels in one 16368x16368 tile took 770 MB (63 kB in an 8016x8016 tile: 190 MB)."""
+    tifffile = pytest.importorskip("tifffile")
+    out = io.BytesIO()
+    tifffile.imwrite(out, np.zeros((16, 16), np.uint8), tile=(8016, 8016), compression="zlib")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ImageError, match="tiles") as e:
+        decode_image(out.getvalue(), "tiles.tif")
+    assert e.value.status == "too_large"
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 50
+    out = io.BytesIO()
+    tifffile.imwrite(out, np.full((300, 200, 3), 90, np.uint8), tile=(256, 256), compression="zlib")
+    assert decode_image(out.getvalue(), "tiled.tif").pixels.shape == (300, 200, 3)  # real tiles: decoded
