@@ -241,11 +241,16 @@ def never_a_photo(targets: list, photos: list[str], option: str) -> None:
 
 
 def find_images(paths: list[str]) -> list[str]:
-    """Files as given, folders walked (sorted) for image files."""
+    """Files as given, folders walked (sorted) for image files. A folder that cannot be listed is
+    kept as a path of its own, so its read gives it a row saying why (os.walk skipped it silently)."""
     found = []
+
+    def unlisted(error: OSError):
+        found.append(error.filename)
+
     for path in paths:
         if os.path.isdir(path):
-            for root, dirs, files in os.walk(path):
+            for root, dirs, files in os.walk(path, onerror=unlisted):
                 dirs.sort()
                 found += [os.path.join(root, f) for f in sorted(files)
                           if f.lower().endswith(IMAGE_SUFFIXES)]

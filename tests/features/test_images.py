@@ -127,3 +127,25 @@ def test_a_tiff_is_bounded_by_its_tiles_not_just_its_size():
     out = io.BytesIO()
     tifffile.imwrite(out, np.full((300, 200, 3), 90, np.uint8), tile=(256, 256), compression="zlib")
     assert decode_image(out.getvalue(), "tiled.tif").pixels.shape == (300, 200, 3)  # real tiles: decoded
+
+
+def test_a_folder_that_cannot_be_listed_gets_a_row_not_silence(tmp_path, monkeypatch):
+    """os.walk skips a folder it cannot list (another user's, chmod 700) without a word: its photos
+    were left out of `agepipe embed photos/`, with no row and no error."""
+    import os
+
+    (tmp_path / "a.jpg").write_bytes(b"")
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private" / "b.jpg").write_bytes(b"")
+    scandir = os.scandir
+
+    def refusing(path="."):
+        if os.fspath(path).endswith("private"):  # as a non-root user sees a chmod 000 folder
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing)
+    found = images.find_images([str(tmp_path)])
+    assert found == [str(tmp_path / "a.jpg"), str(tmp_path / "private")]
+    (path, error), = [(p, e) for p, e in images.read_photos(found[1:])]
+    assert isinstance(error, ImageError) and str(tmp_path / "private") in str(error)
