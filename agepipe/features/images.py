@@ -32,6 +32,10 @@ MAX_PIXELS = 64_000_000
 # libjpeg decodes every block of the image once per scan: 90 kB of repeated scans held a thread
 # 47 s (8000x8000). Encoders write about 10; libjpeg-turbo's tools cap untrusted files at 500.
 MAX_SCANS = 500
+# jpeg_structure takes a Python step per marker while holding the GIL: 60 MB of 4-byte comment
+# segments held it 5 s (libjpeg skips them in 0.1 s). Encoders write a few dozen; an ICC profile or
+# extended XMP split into 64 kB segments adds one per 64 kB.
+MAX_SEGMENTS = 10_000
 # Decoded photos waiting for the caller: 64 photos of 500x625 hold 60 MB, but 64 of 4096x4096
 # (a JPEG of one colour, 0.3 MB, decodes to that) held 3.2 GB.
 PREFETCH_BYTES = 512 << 20
@@ -63,6 +67,7 @@ _PROGRESSIVE = {0xC2, 0xC6, 0xCA, 0xCE}
 # marker D0-D7 nor a fill byte FF. One C-level search, not a Python step per FF byte: the decode
 # threads hold the GIL for this, and a GPU worker runs 16 of them beside its launching thread.
 _SCAN_END = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])")
+_FILL = re.compile(rb"\xff+")  # fill bytes before a marker: 60 MB of them took 8 s a byte at a time
 
 
 class JpegStructure(NamedTuple):
@@ -70,6 +75,7 @@ class JpegStructure(NamedTuple):
     complete: bool                # the end-of-image marker follows the last scan
     progressive: bool
     scans: int
+    segments: int = 0             # markers read; the walk stops past MAX_SEGMENTS
 
     @property
     def whole(self) -> bool:
@@ -84,21 +90,24 @@ def jpeg_structure(data: bytes) -> JpegStructure:
     the decoder reads them, so bytes FF D9 inside a segment, an EXIF thumbnail or after the
     image's end decide nothing: a cut-off file is one whose data ends before the decoder would
     reach EOI (libjpeg then fills the rest with grey and only warns)."""
-    size, pos, n, progressive, scans = None, 2, len(data), False, 0
+    size, pos, n, progressive, scans, segments = None, 2, len(data), False, 0, 0
     while pos + 1 < n:
         if data[pos] != 0xFF:                       # garbage where a marker belongs
-            return JpegStructure(size, False, progressive, scans)
+            return JpegStructure(size, False, progressive, scans, segments)
         marker = data[pos + 1]
-        if marker == 0xFF:                          # fill byte
-            pos += 1
+        if marker == 0xFF:                          # fill bytes: to the last of them
+            pos = _FILL.match(data, pos).end() - 1
             continue
+        segments += 1
+        if segments > MAX_SEGMENTS:
+            return JpegStructure(size, False, progressive, scans, segments)
         if marker == 0xD9:
-            return JpegStructure(size, True, progressive, scans)
+            return JpegStructure(size, True, progressive, scans, segments)
         if marker in _STANDALONE:
             pos += 2
             continue
         if pos + 4 > n:
-            return JpegStructure(size, False, progressive, scans)
+            return JpegStructure(size, False, progressive, scans, segments)
         length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
         if marker in _SOF and size is None and pos + 9 <= n:  # libjpeg allocates for the first, refuses others
             height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
@@ -109,9 +118,9 @@ def jpeg_structure(data: bytes) -> JpegStructure:
             scans += 1
             end = _SCAN_END.search(data, pos)
             if end is None:
-                return JpegStructure(size, False, progressive, scans)
+                return JpegStructure(size, False, progressive, scans, segments)
             pos = end.start()
-    return JpegStructure(size, False, progressive, scans)
+    return JpegStructure(size, False, progressive, scans, segments)
 
 
 def _tile_pixels(im: Image.Image) -> int:
@@ -149,6 +158,8 @@ def decode_image(data: bytes, name: str = "<bytes>", max_side: int = MAX_SIDE) -
     if jpeg:
         structure = jpeg_structure(data)
         size, whole = structure.size, structure.whole
+        if structure.segments > MAX_SEGMENTS:
+            raise ImageError("too_large", f"{name}: more than the {MAX_SEGMENTS:,} JPEG segments agepipe reads")
         if not structure.complete:
             # libjpeg fills a cut-off JPEG with grey and only warns; a half-grey face
             # would give a plausible but wrong embedding.

@@ -149,3 +149,19 @@ def test_a_folder_that_cannot_be_listed_gets_a_row_not_silence(tmp_path, monkeyp
     assert found == [str(tmp_path / "a.jpg"), str(tmp_path / "private")]
     (path, error), = [(p, e) for p, e in images.read_photos(found[1:])]
     assert isinstance(error, ImageError) and str(tmp_path / "private") in str(error)
+
+
+def test_markers_by_the_million_cost_no_seconds_of_the_gil():
+    """jpeg_structure stepped through fill bytes one at a time and had no bound on segments, all
+    in Python holding the GIL that every decode thread and the inference shares: 60 MB of fill
+    bytes took 8 s, 60 MB of 4-byte comments 5 s, where libjpeg takes 0.1 s."""
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (120, 80, 60)).save(out, "JPEG")
+    data = out.getvalue()
+    start = time.perf_counter()
+    assert decode_image(data[:2] + b"\xff" * (40 << 20) + data[2:], "fill.jpg").pixels.shape == (16, 16, 3)
+    assert time.perf_counter() - start < 1  # 3.4 s a byte at a time
+    with pytest.raises(ImageError, match="segments") as e:
+        decode_image(data[:2] + b"\xff\xfe\x00\x02" * (images.MAX_SEGMENTS + 1) + data[2:], "comments.jpg")
+    assert e.value.status == "too_large"
+    decode_image(data[:2] + b"\xff\xfe\x00\x02" * 1000 + data[2:], "some.jpg")  # a few comments: fine
