@@ -136,6 +136,8 @@ def _header_size(data: bytes, name: str) -> tuple[int, int] | None:
     """(width, height) from the header alone; None when no header is recognised."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
         return struct.unpack(">II", data[16:24])
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:  # the logical screen OpenCV allocates: PIL
+        return struct.unpack("<HH", data[6:10])  # walked every block before the first frame in Python
     try:
         with warnings.catch_warnings():  # the size is all this asks: the decoder judges the rest, and a
             warnings.simplefilter("ignore")  # cut TIFF's 'Corrupt EXIF data' printed twice a photo

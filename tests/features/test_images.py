@@ -165,3 +165,21 @@ def test_markers_by_the_million_cost_no_seconds_of_the_gil():
         decode_image(data[:2] + b"\xff\xfe\x00\x02" * (images.MAX_SEGMENTS + 1) + data[2:], "comments.jpg")
     assert e.value.status == "too_large"
     decode_image(data[:2] + b"\xff\xfe\x00\x02" * 1000 + data[2:], "some.jpg")  # a few comments: fine
+
+
+def test_a_gif_size_costs_no_seconds_of_the_gil():
+    """PIL read a GIF's size by walking every block before its first frame in Python, holding the
+    GIL: 20 MB of empty comment blocks took 1.6 s (OpenCV's decode: 0.07 s). The logical screen,
+    what OpenCV allocates, bounds it as before."""
+    out = io.BytesIO()
+    Image.new("P", (16, 16), 3).save(out, "GIF")
+    gif = out.getvalue()
+    start = 13 + (3 * (2 << (gif[10] & 7)) if gif[10] & 0x80 else 0)  # after the global colour table
+    data = gif[:start] + b"\x21\xfe\x00" * ((40 << 20) // 3) + gif[start:]
+    begun = time.perf_counter()
+    assert decode_image(data, "comments.gif").pixels.shape == (16, 16, 3)
+    assert time.perf_counter() - begun < 1  # 3.2 s through PIL
+    huge = gif[:6] + struct.pack("<HH", 9000, 9000) + gif[10:]
+    with pytest.raises(ImageError, match="9000x9000") as e:
+        decode_image(huge, "huge.gif")
+    assert e.value.status == "too_large"
