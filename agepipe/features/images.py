@@ -2,9 +2,10 @@
 
 Statuses: missing_image (no such path), not_a_file (a folder, FIFO or device: never opened
 for reading, so it cannot hang or stream forever), too_large (more bytes than MAX_FILE_BYTES,
-or more pixels than MAX_PIXELS even decoded reduced, a progressive JPEG at its full size:
-refused from the header, before any pixel is allocated), read_error, decode_error (not an
-image, or a truncated one).
+or more pixels than MAX_PIXELS even decoded reduced, a progressive JPEG at its full size, a
+TIFF's tile; a JPEG of more than MAX_SCANS scans or MAX_SEGMENTS markers: refused from the
+header, before any pixel is allocated), read_error, decode_error (not an image, or a truncated
+one). A folder that cannot be listed is read as a path of its own (read_error or not_a_file).
 """
 from __future__ import annotations
 
