@@ -162,3 +162,26 @@ def test_pooled_interval_resamples_subjects(cv_runs, tmp_path):
     line = next(line for line in write_cv_report(tmp_path / "old", old).read_text().splitlines()
                 if " predictions of " in line)
     assert f" photos of {rows} subjects: accuracy " in line
+
+
+def test_the_confusion_matrix_is_of_the_prediction_the_report_scores():
+    """With MC dropout the report scores the MC mean (headline, per-class table, warnings): the
+    confusion matrix it draws must count those predictions, not the deterministic pass's."""
+    import torch
+
+    from agepipe.train.evaluate import evaluate_split
+    from agepipe.train.model import ModelConfig, ResMLP
+
+    torch.manual_seed(0)
+    model = ResMLP(ModelConfig(num_classes=8, dropout=0.5))
+    model.train()
+    model(torch.randn(256, 512))
+    model.eval()
+    x, y = torch.randn(300, 512), torch.randint(0, 8, (300,))
+    ages = np.full(300, 30.0, np.float32)
+    test = evaluate_split(model, x, y, "age", ages, mc_samples=8, amp=False)
+    cm = np.array(test["confusion_matrix"])
+    assert test["prediction"] == "MC dropout mean"
+    assert test["mc"]["accuracy"] != test["accuracy"]  # the two passes disagree on some rows
+    assert cm.sum(0).tolist() == [r["predicted"] for r in test["per_class"]]
+    assert np.trace(cm) / cm.sum() == pytest.approx(test["mc"]["accuracy"])
