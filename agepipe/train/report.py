@@ -88,14 +88,16 @@ def write_report(run_dir: str | Path) -> Path:
     lines = [f"# {task} run: {run_dir.name}", "",
              f"- feature set `{data['feature_set']}`, datasets {', '.join(data['datasets'])}, "
              f"test fold {data['test_fold']}",
-             "- rows: " + ", ".join(f"{k} {v}" for k, v in data.get("split_sizes", {}).items()),
+             # evaluate's sizes where it scored the rows the store holds now, else the training's
+             "- rows: " + ", ".join(f"{k} {v}" for k, v in (metrics.get("split_sizes")
+                                                            or data.get("split_sizes", {})).items()),
              "- classes: " + ", ".join(_names(task, test)),
              "- model: " + ", ".join(f"{k} {v}" for k, v in config["model"].items()),
              f"- best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')}, "
              f"training {metrics.get('train_seconds', math.nan):.1f} s"
              + (f", class-balanced ({balance})" if balance else "")
              + (f", initialised from `{config['init']}`" if config.get("init") else ""), ""]
-    lines += warnings_section(metrics.get("train_warnings", []) + test.get("warnings", []))
+    lines += warnings_section(run_warnings(metrics))
     lines += headline_section(task, test)
     lines += ["## Test metrics", "",
               "| metric | deterministic | " + (f"MC dropout (K={mc['samples']}) |" if mc else ""),
@@ -157,6 +159,13 @@ def write_reports(run_dirs: list[Path]) -> None:
 
 def headline_reliability(split: dict) -> dict:
     return split["mc"]["reliability"] if "mc" in split else split["reliability"]
+
+
+def run_warnings(metrics: dict) -> list[str]:
+    """Training's warnings, evaluate's (the store changed since training: it says so in "warning")
+    and the test fold's."""
+    said = [metrics["warning"]] if metrics.get("warning") else []
+    return metrics.get("train_warnings", []) + said + metrics["test"].get("warnings", [])
 
 
 def warnings_section(warnings: list[str]) -> list[str]:
@@ -275,7 +284,7 @@ def write_cv_report(out_dir: str | Path, run_dirs: list[str | Path]) -> Path:
 
     lines = [f"# Cross-validation report: {task}, {len(runs)} runs", "", "- classes: " + ", ".join(names), ""]
     warnings = [f"{run.name}: {w}" for run, _, m, _ in entries
-                for w in m.get("train_warnings", []) + m["test"].get("warnings", [])]
+                for w in run_warnings(m)]
     lines += warnings_section(warnings)
     lines += ["## Every run (test fold)", "",
               "| run | test fold | rows | accuracy [95% CI] | balanced accuracy [95% CI] | majority baseline "

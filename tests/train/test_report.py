@@ -185,3 +185,24 @@ def test_the_confusion_matrix_is_of_the_prediction_the_report_scores():
     assert test["mc"]["accuracy"] != test["accuracy"]  # the two passes disagree on some rows
     assert cm.sum(0).tolist() == [r["predicted"] for r in test["per_class"]]
     assert np.trace(cm) / cm.sum() == pytest.approx(test["mc"]["accuracy"])
+
+
+def test_a_report_evaluate_wrote_on_a_changed_store_says_so_and_counts_the_rows_it_scored(tmp_path):
+    """evaluate on a store that gained rows since training: report.md listed the training's split
+    sizes beside metrics of more test rows, and its Warnings said "none" though evaluate warned."""
+    import pandas as pd
+
+    from agepipe.train.evaluate import evaluate_run
+    from tests.train.synthetic_store import Mixture, adience_like, write_store
+
+    x, y = Mixture.make().sample(500)
+    rows = pd.DataFrame(adience_like(y, subjects=50))
+    run = tmp_path / "run"
+    train(write_store(tmp_path / "store", x[:400], rows.iloc[:400].reset_index(drop=True)), ["adience"], "age", run,
+          mc_samples=0, report=False, progress=False, train_overrides={"epochs": 1})
+    metrics = evaluate_run(run, store=write_store(tmp_path / "more", x, rows), mc_samples=0)
+    report = (run / "report.md").read_text()
+    sizes = metrics["split_sizes"]
+    assert f"- rows: train {sizes['train']}, val {sizes['val']}, test {sizes['test']}" in report
+    assert metrics["test"]["n"] == sizes["test"]
+    assert "the rows differ from those this run was trained on" in report.split("## Headline")[0]
