@@ -186,6 +186,7 @@ def baseline_sentence(kind: str, split: dict) -> str:
         return f"the {kind} model: no held-out rows to score"
     bal, ci = h["balanced_accuracy"], split.get("bootstrap_95", {}).get("balanced_accuracy")
     points = 100 * (bal - base["balanced_accuracy"])
+    gain = f"{points:.0f}" if points >= 1 else f"{points:.1g}"  # not "by 0 points" for a fraction of one
     interval = f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
     numbers = (f"balanced accuracy {bal:.2f}{interval} on {n} held-out photos vs the majority baseline's "
                f"{base['balanced_accuracy']:.2f} (always {base['class']})")
@@ -195,9 +196,9 @@ def baseline_sentence(kind: str, split: dict) -> str:
     if points <= 0:
         return f"the {kind} model does not beat the majority baseline: too little data to learn; {numbers}"
     if ci and ci[0] <= base["balanced_accuracy"]:
-        return (f"the {kind} model beats the majority baseline by {points:.0f} points, but the 95% interval "
+        return (f"the {kind} model beats the majority baseline by {gain} points, but the 95% interval "
                 f"includes the baseline: not conclusive on {n} photos; {numbers}")
-    return f"the {kind} model beats the majority baseline by {points:.0f} points; {numbers}"
+    return f"the {kind} model beats the majority baseline by {gain} points; {numbers}"
 
 
 def headline_section(task: str, test: dict) -> list[str]:

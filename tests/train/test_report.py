@@ -206,3 +206,17 @@ def test_a_report_evaluate_wrote_on_a_changed_store_says_so_and_counts_the_rows_
     assert f"- rows: train {sizes['train']}, val {sizes['val']}, test {sizes['test']}" in report
     assert metrics["test"]["n"] == sizes["test"]
     assert "the rows differ from those this run was trained on" in report.split("## Headline")[0]
+
+
+def test_a_model_a_fraction_of_a_point_above_its_baseline_is_not_said_to_beat_it_by_0_points():
+    """A near-constant model on imbalanced classes (a few rows of a rare class right) gains well
+    under a point of balanced accuracy: the sentence said it 'beats the majority baseline by 0 points'."""
+    from agepipe.train.report import baseline_sentence
+
+    split = {"n": 5000, "balanced_accuracy": 0.1253,
+             "majority_baseline": {"class": "25-32", "accuracy": 0.4, "balanced_accuracy": 0.125},
+             "bootstrap_95": {"balanced_accuracy": [0.1249, 0.1262]}}
+    said = baseline_sentence("age", split)
+    assert "by 0 points" not in said and "by 0.03 points" in said
+    split.update(balanced_accuracy=0.52, bootstrap_95={"balanced_accuracy": [0.4, 0.6]})
+    assert "by 40 points" in baseline_sentence("age", split)  # whole points, as before
