@@ -183,3 +183,15 @@ def test_a_gif_size_costs_no_seconds_of_the_gil():
     with pytest.raises(ImageError, match="9000x9000") as e:
         decode_image(huge, "huge.gif")
     assert e.value.status == "too_large"
+
+
+def test_a_folder_walk_finds_every_format_a_photo_given_by_name_is_read_from(tmp_path, photos):
+    """.gif and .jfif photos given by name were read, and skipped without a word in a folder."""
+    image = cv2.imread(str(photos["t1"]))
+    Image.fromarray(image[:, :, ::-1]).save(tmp_path / "a.gif")
+    cv2.imwrite(str(tmp_path / "b.jpg"), image)
+    (tmp_path / "b.jpg").rename(tmp_path / "b.jfif")
+    (tmp_path / "notes.txt").write_text("not a photo")
+    found = images.find_images([str(tmp_path)])
+    assert found == [str(tmp_path / "a.gif"), str(tmp_path / "b.jfif")]
+    assert all(photo.pixels.shape[2] == 3 for _, photo in images.read_photos(found))

@@ -153,7 +153,7 @@ def test_a_folder_without_photos_says_what_predict_and_embed_look_for(runs, tmp_
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 1, result.output
         assert f"no images found in {tmp_path}: give photo files, or folders holding .jpg" in result.output
-        assert ".tiff files" in result.output
+        assert ".gif files" in result.output
 
 
 def test_runs_must_match_their_kind_and_the_face_models(runs, tmp_path):
