@@ -73,21 +73,26 @@ def write_report(run_dir: str | Path) -> Path:
     config, metrics = _read(run_dir / "config.json"), _read(run_dir / "metrics.json")
     history = _read(run_dir / "history.json") if (run_dir / "history.json").exists() else None
     task, test = config["task"], metrics["test"]
+    # A run that held out no fold (a table's pre-training) has no test rows: its test sections and
+    # plots said "0 bootstrap resamples", tables of dashes and an ECE of nan.
+    scored = bool(test.get("n"))
     if history:
         plot_learning_curves(history, run_dir / "learning_curves.png")
-    plot_confusion(np.array(test["confusion_matrix"]), _names(task, test), run_dir / "confusion_matrix.png")
-    curves = [("deterministic", test["reliability"])]
-    if "mc" in test:
-        curves.append((f"MC dropout K={test['mc']['samples']}", test["mc"]["reliability"]))
-    plot_reliability(curves, run_dir / "reliability.png")
-    plot_risk_coverage([("this run", test["risk_coverage"])], test["risk_coverage"]["measure"]
-                       if "measure" in test["risk_coverage"] else "predictive entropy", run_dir / "risk_coverage.png")
+    if scored:
+        plot_confusion(np.array(test["confusion_matrix"]), _names(task, test), run_dir / "confusion_matrix.png")
+        curves = [("deterministic", test["reliability"])]
+        if "mc" in test:
+            curves.append((f"MC dropout K={test['mc']['samples']}", test["mc"]["reliability"]))
+        plot_reliability(curves, run_dir / "reliability.png")
+        plot_risk_coverage([("this run", test["risk_coverage"])], test["risk_coverage"]["measure"]
+                           if "measure" in test["risk_coverage"] else "predictive entropy",
+                           run_dir / "risk_coverage.png")
 
     data, mc = config["data"], test.get("mc")
     balance = config.get("train", {}).get("balance")
     lines = [f"# {task} run: {run_dir.name}", "",
              f"- feature set `{data['feature_set']}`, datasets {', '.join(data['datasets'])}, "
-             f"test fold {data['test_fold']}",
+             + ("no test fold (every fold trained on)" if data["test_fold"] is None else f"test fold {data['test_fold']}"),
              # evaluate's sizes where it scored the rows the store holds now, else the training's
              "- rows: " + ", ".join(f"{k} {v}" for k, v in (metrics.get("split_sizes")
                                                             or data.get("split_sizes", {})).items()),
@@ -98,19 +103,24 @@ def write_report(run_dir: str | Path) -> Path:
              + (f", class-balanced ({balance})" if balance else "")
              + (f", initialised from `{config['init']}`" if config.get("init") else ""), ""]
     lines += warnings_section(run_warnings(metrics))
-    lines += headline_section(task, test)
-    lines += ["## Test metrics", "",
-              "| metric | deterministic | " + (f"MC dropout (K={mc['samples']}) |" if mc else ""),
-              "| --- | --- | " + ("--- |" if mc else "")]
-    for key, label in ROWS:
-        if key in test or (mc and key in mc):
-            lines.append(f"| {label} | {_fmt(test.get(key))} | " + (f"{_fmt(mc.get(key))} |" if mc else ""))
-    lines += ["", f"Validation accuracy {_fmt(metrics['val'].get('accuracy'))}, balanced "
-              f"{_fmt(metrics['val'].get('balanced_accuracy'))} ({metrics['val'].get('n')} rows, "
-              "subject-disjoint from training).", ""]
-    lines += per_class_section(test.get("per_class"))
-    lines += reliability_section(headline_reliability(test))
-    lines += risk_coverage_section(test["risk_coverage"])
+    validation = [f"Validation accuracy {_fmt(metrics['val'].get('accuracy'))}, balanced "
+                  f"{_fmt(metrics['val'].get('balanced_accuracy'))} ({metrics['val'].get('n')} rows, "
+                  "subject-disjoint from training).", ""]
+    if not scored:
+        lines += ["## Test", "", "No held-out test rows: this run's training and validation rows come from every "
+                  "fold.", ""] + validation
+    else:
+        lines += headline_section(task, test)
+        lines += ["## Test metrics", "",
+                  "| metric | deterministic | " + (f"MC dropout (K={mc['samples']}) |" if mc else ""),
+                  "| --- | --- | " + ("--- |" if mc else "")]
+        for key, label in ROWS:
+            if key in test or (mc and key in mc):
+                lines.append(f"| {label} | {_fmt(test.get(key))} | " + (f"{_fmt(mc.get(key))} |" if mc else ""))
+        lines += [""] + validation
+        lines += per_class_section(test.get("per_class"))
+        lines += reliability_section(headline_reliability(test))
+        lines += risk_coverage_section(test["risk_coverage"])
     lines += ["## Plots", ""] + [f"![{title}]({name})" for name, title in PLOTS.items() if (run_dir / name).exists()]
     if (run_dir / "predictions.parquet").exists():
         lines += ["", "Per-photo predictions (val and test): `predictions.parquet` with image_id, dataset, subject_id, "

@@ -220,3 +220,20 @@ def test_a_model_a_fraction_of_a_point_above_its_baseline_is_not_said_to_beat_it
     assert "by 0 points" not in said and "by 0.03 points" in said
     split.update(balanced_accuracy=0.52, bootstrap_95={"balanced_accuracy": [0.4, 0.6]})
     assert "by 40 points" in baseline_sentence("age", split)  # whole points, as before
+
+
+def test_a_run_that_held_out_no_fold_reports_its_validation_not_empty_test_sections(gaussian_store, tmp_path):
+    """A table's pre-training run holds no test row: its report said "test fold None", "0 bootstrap
+    resamples of the 0 test rows", tables of dashes and "Expected calibration error nan", beside
+    empty plots."""
+    from agepipe.train.report import write_report
+
+    store, _ = gaussian_store
+    run = tmp_path / "pretrain"
+    train(store, ["adience"], "gender", run, test_fold=None, mc_samples=4, report=False, progress=False,
+          train_overrides={"epochs": 1})
+    text = write_report(run).read_text()
+    assert "no test fold (every fold trained on)" in text and "No held-out test rows" in text
+    assert "Validation accuracy" in text and "learning_curves.png" in text
+    assert not any(s in text for s in ("test fold None", "bootstrap resamples", " nan", "| - -"))
+    assert not any((run / name).exists() for name in ("reliability.png", "risk_coverage.png", "confusion_matrix.png"))
