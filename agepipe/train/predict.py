@@ -57,10 +57,12 @@ class Predictor:
         self.warnings = []  # what the user should know that is not about one model's answers
         sizes = {kind: f["det_size"] for kind, f in zip(self.runs, features) if "det_size" in f}
         if det_size is None and len(set(sizes.values())) > 1:
+            used = recorded["det_size"]
+            other = " and ".join(kind for kind, size in sizes.items() if size != used)
             self.warnings.append(
                 "the runs' faces were found at different det sizes (" + ", ".join(
-                    f"{kind} {size}" for kind, size in sizes.items()) + f"); these photos' at "
-                f"{recorded['det_size']}, so the other model sees slightly different embeddings (--det-size to choose)")
+                    f"{kind} {size}" for kind, size in sizes.items()) + f"); predict finds faces at {used}, so "
+                f"the {other} model sees embeddings slightly unlike its training's (--det-size to choose)")
         self.embedder = FaceEmbedder(models or recorded.get("pack", "buffalo_s"),
                                      det_size=det_size or recorded.get("det_size", 640))
         want = recorded.get("recognizer_sha256")

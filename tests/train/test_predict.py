@@ -182,9 +182,9 @@ def test_runs_from_different_det_sizes_are_named_and_the_photos_take_the_first(r
     (other / "model.safetensors").write_bytes((gender / "model.safetensors").read_bytes())
     predictor = Predictor(str(age), str(other), mc_samples=0)
     assert predictor.embedder.det_size == 640
-    assert predictor.warnings == ["the runs' faces were found at different det sizes (age 640, gender 320); these "
-                                  "photos' at 640, so the other model sees slightly different embeddings "
-                                  "(--det-size to choose)"]
+    assert predictor.warnings == ["the runs' faces were found at different det sizes (age 640, gender 320); predict "
+                                  "finds faces at 640, so the gender model sees embeddings slightly unlike its "
+                                  "training's (--det-size to choose)"]
     assert Predictor(str(age), str(other), det_size=320, mc_samples=0).warnings == []
     assert Predictor(str(age), str(gender), mc_samples=0).warnings == []
     result = CliRunner().invoke(cli, ["predict", str(photos["t1"]), "--age-model", str(age), "--gender-model",
