@@ -59,7 +59,7 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """Dropout's mask for ``x``: True where a unit is kept, with probability 1 - p.
 
     On a CPU from 16 random bits per unit, four units per 64-bit draw: torch's CPU generator draws
-    one number at a time on one thread, and ``torch.rand`` took 16% of a stacked CV step here
+    one number at a time on one thread, and ``torch.rand`` took 16% of a stacked cross-validation here
     (4x the time of the same bits drawn as int64). p is then rounded to a multiple of 1/65536
     (0.05 to 0.0500031). Elsewhere (CUDA draws in parallel) from ``torch.rand`` and a compare."""
     threshold = round(p * 65536) - 32768
