@@ -2,6 +2,7 @@
 import io
 import resource
 import struct
+import sys
 import time
 
 import cv2
@@ -160,6 +161,24 @@ def test_markers_by_the_million_cost_no_seconds_of_the_gil():
     data = out.getvalue()
     filled = data[:2] + b"\xff" * (40 << 20) + data[2:]  # 3.4 s a byte at a time (measured, not timed here)
     assert images.jpeg_structure(filled).complete and images.jpeg_structure(filled).segments < 20
+    # A run of fill bytes is one step of the walk, not one per byte: its Python lines, counted, not timed
+    # (segments counts markers only, so the assertion above held with a step per fill byte too).
+    steps = []
+
+    def tracer(frame, event, arg):  # global: jpeg_structure's frame only; local: each of its lines
+        if frame.f_code is not images.jpeg_structure.__code__:
+            return None
+        steps.append(event)
+        return tracer
+
+    some = data[:2] + b"\xff" * 10_000 + data[2:]
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        assert images.jpeg_structure(some).complete
+    finally:
+        sys.settrace(previous)
+    assert 0 < len(steps) < 1_000  # a step per fill byte: over 30,000
     assert decode_image(filled, "fill.jpg").pixels.shape == (16, 16, 3)
     with pytest.raises(ImageError, match="segments") as e:
         decode_image(data[:2] + b"\xff\xfe\x00\x02" * (images.MAX_SEGMENTS + 1) + data[2:], "comments.jpg")
