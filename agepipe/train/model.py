@@ -61,11 +61,13 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     On a CPU from 16 random bits per unit, four units per 64-bit draw: torch's CPU generator draws
     one number at a time on one thread, and ``torch.rand`` took 16% of a stacked cross-validation here
     (4x the time of the same bits drawn as int64). p is then rounded to a multiple of 1/65536
-    (0.05 to 0.0500031). Elsewhere (CUDA draws in parallel) from ``torch.rand`` and a compare."""
+    (0.05 to 0.0500031), which moves p and 1 - p by under 0.1% where both are at least 2**-7.
+    Elsewhere (CUDA draws in parallel), and for a p nearer 0 or 1, from ``torch.rand`` and a compare."""
     threshold = round(p * 65536) - 32768
-    # A p within 2**-17 of 1 rounds to a threshold of 32768, past int16: the compare wraps it to -32768
-    # and keeps every unit, so such a p draws from torch.rand too.
-    if x.device.type != "cpu" or threshold > 32767:
+    # Near 0 or 1 the rounding is most of p or of 1 - p: 1e-6 rounded to 0 (no dropout at all), 0.99999
+    # kept 1.5x the units that 1 / (1 - p) scales for, and within 2**-17 of 1 the threshold 32768
+    # wrapped to -32768 in the int16 compare (every unit kept). Such a p draws from torch.rand.
+    if x.device.type != "cpu" or not 2 ** -7 <= p <= 1 - 2 ** -7:
         return torch.rand_like(x, dtype=torch.float32).ge(p)
     n = x.numel()
     bits = torch.empty(-(-n // 4), dtype=torch.int64).random_(-2 ** 63, None)  # every bit random

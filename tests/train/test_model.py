@@ -107,6 +107,17 @@ def test_keep_mask_of_a_rate_within_2_to_the_minus_17_of_one_keeps_almost_nothin
         assert dropout(torch.ones(100_000), p).mean().item() < 100  # about 1, not 1 / (1 - p)
 
 
+def test_keep_mask_of_a_rate_near_0_or_1_is_not_rounded_to_another():
+    """16 bits round p to a multiple of 1/65536: 5e-6 rounded to 0 and dropped nothing (while MC dropout
+    took its passes as samples), and 0.99999 kept 1/65536 of the units, 1.5x the 1 - p that
+    1 / (1 - p) scales for, so each layer's output came out 1.5x too large."""
+    from agepipe.train.model import dropout, keep_mask
+
+    torch.manual_seed(0)
+    assert not keep_mask(torch.empty(4_000_000), 5e-6).all()  # about 20 dropped
+    assert dropout(torch.ones(20_000_000), 0.99999).mean().item() == pytest.approx(1, abs=0.25)  # not 1.5
+
+
 @pytest.mark.parametrize("bad", [dict(num_classes=1), dict(num_classes=8, dropout=1.0),
                                  dict(num_classes=8, num_blocks=10)])
 def test_bad_configs_are_refused(bad):
