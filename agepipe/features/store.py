@@ -190,9 +190,12 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())  # Arrow's messages end lines inside a sentence
 
 
-def _redo_damaged(path: str) -> str:
-    # A rerun knows a finished shard by its footer alone, so one damaged before its footer would
-    # be kept again: it must go first.
+def _after_read_error(path: str, e: Exception) -> str:
+    """What to do about a shard that could not be read. No permission or a lost connection says
+    nothing of the file. Anything else (Arrow's damaged-page errors are plain OSErrors too) is damage,
+    and a rerun knows a finished shard by its footer alone, so it would keep one damaged before that."""
+    if isinstance(e, (PermissionError, ConnectionError, TimeoutError)):
+        return "fix access to it (its permissions, the connection), then run the command again"
     return f"delete it, then run `agepipe extract --dataset {_dataset_of(path)}` to redo it"
 
 
@@ -637,7 +640,7 @@ def read_shard_file(store: str, path: str, columns: list[str] | None = None,
             pf = pq.ParquetFile(source, pre_buffer=not local)
             table = pf.read(columns=columns)
     except (OSError, pa.ArrowException) as e:
-        raise StoreError(f"{path}: cannot read this shard ({_one_line(e)}); {_redo_damaged(path)}") from None
+        raise StoreError(f"{path}: cannot read this shard ({_one_line(e)}); {_after_read_error(path, e)}") from None
     if entry is not None:
         digest = (pf.schema_arrow.metadata or {}).get(b"agepipe.rows", b"").decode()
         if digest != entry.digest or pf.metadata.num_rows != entry.rows:
@@ -696,7 +699,8 @@ def read_embeddings(store: str, path: str, out: np.ndarray | None = None) -> np.
                     out[...] = found
                     found = out
     except (OSError, pa.ArrowException, ValueError) as e:
-        raise StoreError(f"{path}: cannot read this shard's embeddings ({_one_line(e)}); {_redo_damaged(path)}") from None
+        raise StoreError(f"{path}: cannot read this shard's embeddings ({_one_line(e)}); "
+                         f"{_after_read_error(path, e)}") from None
     return found
 
 

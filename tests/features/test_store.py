@@ -195,6 +195,21 @@ def test_a_shard_damaged_before_its_footer_is_to_be_deleted_not_only_rerun(tmp_p
         fstore.load_features(str(tmp_path), FS, "d")
 
 
+def test_a_shard_that_cannot_be_opened_for_access_is_not_called_damaged(tmp_path, monkeypatch):
+    """No permission (or a lost connection) says nothing of the file: deleting the shard, the advice
+    for damage, would throw away a finished one."""
+    table, _, _ = shard_rows(30)
+    write_cut(tmp_path, table, 10)
+
+    def refused(*args, **kwargs):  # as a user without read permission meets it (tests run as root)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(fstore.pq, "ParquetFile", refused)
+    with pytest.raises(fstore.StoreError, match="Permission denied.*fix access to it") as e:
+        fstore.load_features(str(tmp_path), FS, "d")
+    assert "delete it" not in str(e.value)
+
+
 @pytest.mark.parametrize("at", ["index", "labels", "embeddings"])
 def test_a_commit_while_a_reader_reads_is_said_as_that_not_as_damage(tmp_path, monkeypatch, at):
     """An extract that commits a new cut while train, table or evaluate reads the old one deletes the
