@@ -136,6 +136,9 @@ def _files(fs, root: str, pattern: str) -> list[str]:
         paths = fs.ls(root, detail=False)
     except (FileNotFoundError, NotADirectoryError):  # no folder: no file in it
         return []
+    except PermissionError as e:
+        raise StoreError(f"{root}: cannot list this folder ({e.strerror or e}); fix its permissions, then run "
+                         "the command again") from None
     return sorted(p for p in paths if fnmatch.fnmatchcase(_name(p), pattern))
 
 

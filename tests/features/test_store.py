@@ -195,6 +195,24 @@ def test_a_shard_damaged_before_its_footer_is_to_be_deleted_not_only_rerun(tmp_p
         fstore.load_features(str(tmp_path), FS, "d")
 
 
+def test_a_dataset_folder_that_cannot_be_listed_is_one_sentence(tmp_path, monkeypatch):
+    """fs.glob walked past a folder it could not list (no shard found, silently); fs.ls raises."""
+    import fsspec.implementations.local as local
+
+    table, _, _ = shard_rows(30)
+    write_cut(tmp_path, table, 10)
+    listing = local.LocalFileSystem.ls
+
+    def refusing(self, path, *args, **kwargs):  # as a user without read permission meets it (tests run as root)
+        if str(path).rstrip("/").endswith(f"{FS}/d"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return listing(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(local.LocalFileSystem, "ls", refusing)
+    with pytest.raises(fstore.StoreError, match=r"d: cannot list this folder \(Permission denied\); fix its permissions"):
+        fstore.rows_on_disk(str(tmp_path), FS, "d")
+
+
 def test_a_shard_that_cannot_be_opened_for_access_is_not_called_damaged(tmp_path, monkeypatch):
     """No permission (or a lost connection) says nothing of the file: deleting the shard, the advice
     for damage, would throw away a finished one."""
