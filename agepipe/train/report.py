@@ -196,7 +196,8 @@ def baseline_sentence(kind: str, split: dict) -> str:
         return f"the {kind} model: no held-out rows to score"
     bal, ci = h["balanced_accuracy"], split.get("bootstrap_95", {}).get("balanced_accuracy")
     points = 100 * (bal - base["balanced_accuracy"])
-    gain = f"{points:.0f}" if points >= 1 else f"{points:.1g}"  # not "by 0 points" for a fraction of one
+    # not "by 0 points" for a fraction of one, nor "by 1e-05 points"
+    gain = f"{points:.0f}" if points >= 1 else f"{points:.1g}" if points >= 0.01 else "under 0.01"
     interval = f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
     numbers = (f"balanced accuracy {bal:.2f}{interval} on {n} held-out photos vs the majority baseline's "
                f"{base['balanced_accuracy']:.2f} (always {base['class']})")

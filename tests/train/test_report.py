@@ -218,6 +218,8 @@ def test_a_model_a_fraction_of_a_point_above_its_baseline_is_not_said_to_beat_it
              "bootstrap_95": {"balanced_accuracy": [0.1249, 0.1262]}}
     said = baseline_sentence("age", split)
     assert "by 0 points" not in said and "by 0.03 points" in said
+    split.update(balanced_accuracy=0.1250001)
+    assert "by under 0.01 points" in baseline_sentence("age", split)  # not "by 1e-05 points"
     split.update(balanced_accuracy=0.52, bootstrap_95={"balanced_accuracy": [0.4, 0.6]})
     assert "by 40 points" in baseline_sentence("age", split)  # whole points, as before
 
