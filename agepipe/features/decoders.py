@@ -361,9 +361,9 @@ class ProcessDecoders:
             except queue.Empty:
                 self._replace_dead()
                 continue
-            if error:
+            self.inflight[seq].waiting.discard(index)  # first: the wait that drains the batch after
+            if error:  # the error must not wait for this reply again (it would never come)
                 raise RuntimeError(f"a decode process failed:\n{error}")
-            self.inflight[seq].waiting.discard(index)
             self.inflight[seq].digests.update(digests)
         del self.inflight[pending.seq]
         for j, digest in pending.digests.items():  # decoded a moment ago

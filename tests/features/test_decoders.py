@@ -234,3 +234,30 @@ def test_a_slot_cuda_would_not_pin_leaves_no_cuda_error_behind(monkeypatch):
     finally:
         slot.close()
     assert runtime["unregistered"] == 0  # nothing was registered, so nothing is unregistered
+
+
+def test_a_decode_process_that_raises_is_an_error_and_its_batch_can_be_waited_out(photos, tmp_path):
+    """The pipeline raises the decoder's error, then (as after any failure) waits out the batches
+    still decoding, this one included: that wait must end, not wait for a reply already given."""
+    import threading
+
+    from tests.features import raising_decoder
+
+    paths = [str(p) for p in photos.values()]
+    bug = tmp_path / "bug.jpg"
+    bug.write_bytes(photos["obama"].read_bytes())
+    paths.insert(1, str(bug))
+    slots = [HostSlot(len(paths), SIZE, pin=False, shared=True) for _ in range(2)]
+    pool = ProcessDecoders(2, slots, decode=raising_decoder.decode_into)
+    try:
+        pending = pool.submit(slots[0], paths, [None] * len(paths))
+        with pytest.raises(RuntimeError, match="a bug in decoding"):
+            pool.wait(pending)
+        waiter = threading.Thread(target=lambda: pool.wait(pending), daemon=True)
+        waiter.start()
+        waiter.join(timeout=30)
+        assert not waiter.is_alive(), "waiting out the failed batch never ended"
+    finally:
+        pool.close()
+        for slot in slots:
+            slot.close()
