@@ -130,14 +130,18 @@ class HostSlot:
         self.batch, self.size, self.pin, self.shared = batch, size, pin, shared
         self._segments: dict[str, shared_memory.SharedMemory] = {}
         self._registered: dict[str, int] = {}  # segment name -> address pinned with cudaHostRegister
-        self.name, buf = self._allocate(slot_bytes(batch, size[1], size[0]))
-        self.views = slot_views(buf.numpy(), batch, size[1], size[0])
-        self.meta_np, self.counters_np, self.status_np, self.canvas_np = self.views
-        import torch  # here, not at the top: the decode processes import this module and need no torch
+        try:  # a segment made before /dev/shm ran out must not outlive the error (GBs at batch 256)
+            self.name, buf = self._allocate(slot_bytes(batch, size[1], size[0]))
+            self.views = slot_views(buf.numpy(), batch, size[1], size[0])
+            self.meta_np, self.counters_np, self.status_np, self.canvas_np = self.views
+            import torch  # here, not at the top: the decode processes import this module and need no torch
 
-        self.meta, self.canvas = torch.from_numpy(self.meta_np), torch.from_numpy(self.canvas_np)
-        self.flat_name, self.flat = self._allocate(flat_bytes or batch * BYTES_PER_PHOTO)
-        self.flat_np = self.flat.numpy()
+            self.meta, self.canvas = torch.from_numpy(self.meta_np), torch.from_numpy(self.canvas_np)
+            self.flat_name, self.flat = self._allocate(flat_bytes or batch * BYTES_PER_PHOTO)
+            self.flat_np = self.flat.numpy()
+        except BaseException:
+            self.close()
+            raise
 
     def _allocate(self, nbytes: int) -> tuple[str | None, torch.Tensor]:
         import torch

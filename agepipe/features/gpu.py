@@ -274,10 +274,17 @@ class DevicePipeline:
             raise ModelError("decoding in processes: this process is daemonic and may not start any (a Dask "
                              "worker: set distributed.worker.daemon to False); or decode with threads")
         shared = self.decoder_kind == "processes"
-        hosts = [HostSlot(batch_size, self.size, pin=self.cuda, shared=shared) for _ in range(2)]
-        self.slots = [_Slot(h, self.device) for h in hosts]
-        self.threads = max(1, decode_threads)
-        self.decoders = (ProcessDecoders if shared else ThreadDecoders)(self.threads, hosts)
+        hosts = []
+        try:  # the slots made so far freed if the next one finds /dev/shm full (no finalizer yet)
+            for _ in range(2):
+                hosts.append(HostSlot(batch_size, self.size, pin=self.cuda, shared=shared))
+            self.slots = [_Slot(h, self.device) for h in hosts]
+            self.threads = max(1, decode_threads)
+            self.decoders = (ProcessDecoders if shared else ThreadDecoders)(self.threads, hosts)
+        except BaseException:
+            for host in hosts:
+                host.close()
+            raise
         self._finalizer = weakref.finalize(self, _close, self.decoders, hosts)
         # One shard (one call of extract) at a time on the device, in arrival order: a call waiting its
         # turn gets its first batches decoded into the slots the call before it frees, so the device

@@ -354,3 +354,27 @@ def test_non_finite_detector_outputs_are_no_face_on_both_paths(photos, embedder,
     assert np.isfinite(box).all() and np.isfinite(score) and np.isfinite(found["embedding"]).all()
     np.testing.assert_allclose(found["bbox"][0], box, atol=1.0)
     assert float(found["embedding"][0] @ emb) >= 0.999
+
+
+@pytest.mark.parametrize("fails_at", [2, 3, 4])
+def test_a_pipeline_that_cannot_get_its_shared_memory_leaves_none_behind(buffalo_s, monkeypatch, fails_at):
+    """/dev/shm too full for the second slot (or its flat buffer): the MemoryError, and the
+    segments already made unlinked, not held (GBs at batch 256) while the worker lives."""
+    import os
+
+    def segments():
+        return {n for n in os.listdir("/dev/shm") if not n.startswith("sem.")}
+
+    check, calls = decoders.check_shm_space, []
+
+    def full_after(nbytes, *args):
+        calls.append(nbytes)
+        if len(calls) == fails_at:
+            raise MemoryError("/dev/shm is full")
+        check(nbytes, *args)
+
+    monkeypatch.setattr(decoders, "check_shm_space", full_after)
+    before = segments()
+    with pytest.raises(MemoryError):
+        gpu.DevicePipeline(buffalo_s, device="cpu", batch_size=2, decoders="processes")
+    assert segments() <= before
