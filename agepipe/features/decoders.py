@@ -383,14 +383,17 @@ class ProcessDecoders:
                 continue
             photo = int(self.current[i])
             s, j = divmod(photo, self.slots[0].batch)
-            if photo < 0 or self.slots[s].status_np[j] != 0:  # broken at start, or killed between photos
-                raise RuntimeError(f"decode process {proc.name} exited with code {proc.exitcode} outside any photo")
-            self.slots[s].status_np[j] = CRASHED
+            on_photo = photo >= 0 and self.slots[s].status_np[j] == 0  # else broken at start, or killed between photos
+            if on_photo:
+                self.slots[s].status_np[j] = CRASHED
             self.current[i] = -1
             self._start(i)
             for seq in sorted(self.inflight):  # tasks are taken in order; it had finished the others
                 if i in self.inflight[seq].waiting:
                     self.tasks[i].put(self.inflight[seq].task)
+            if not on_photo:  # no photo to blame: this wait fails, but replaced first, the pipeline (kept
+                # by its worker for later shards) is not left without a decoder for good
+                raise RuntimeError(f"decode process {proc.name} exited with code {proc.exitcode} outside any photo")
 
     def close(self):
         for q in self.tasks:

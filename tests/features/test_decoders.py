@@ -261,3 +261,29 @@ def test_a_decode_process_that_raises_is_an_error_and_its_batch_can_be_waited_ou
         pool.close()
         for slot in slots:
             slot.close()
+
+
+def test_a_decoder_killed_between_photos_fails_one_wait_not_every_later_one(photos):
+    """Killed while on no photo (the OOM killer, idle): no photo to blame, so the batch's wait
+    fails; the process is replaced all the same, so the batch drains and later batches (a retry,
+    the worker's next shards, which reuse its pipeline) decode."""
+    import signal
+
+    paths = [str(p) for p in photos.values()]
+    hints = [None] * len(paths)
+    slots = [HostSlot(len(paths), SIZE, pin=False, shared=True) for _ in range(2)]
+    pool = ProcessDecoders(2, slots)
+    try:
+        pool.wait(pool.submit(slots[0], paths, hints))  # both up, now idle
+        os.kill(pool.procs[0].pid, signal.SIGKILL)
+        pool.procs[0].join()
+        pending = pool.submit(slots[1], paths, hints)
+        with pytest.raises(RuntimeError, match="outside any photo"):
+            pool.wait(pending)
+        pool.wait(pending)  # drained, as the pipeline does after a failure
+        pool.wait(pool.submit(slots[0], paths, hints))
+        assert np.isin(slots[0].status_np[:len(paths)], (decoders.OK, decoders.OVERFLOW)).all()
+    finally:
+        pool.close()
+        for slot in slots:
+            slot.close()
