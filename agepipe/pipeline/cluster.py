@@ -131,30 +131,32 @@ def open_client(scheduler: str | None = None, gpus: list[str] | None = None, wor
         finally:
             client.close()
         return
-    # read by each nanny as it starts; a nanny of an earlier cluster in this process may have left
-    # the variable in os.environ, which its workers would inherit
     layout = gpu_layout(gpus) if gpus else local_layout(workers)
-    with dask.config.set(GPU_WORKER_CONFIG if gpus else WORKER_CONFIG), _without_env("MALLOC_TRIM_THRESHOLD_"), \
-            _workers_start(layout.workers):
-        if gpus:
-            # One worker process per GPU, each seeing only its own device, like dask-cuda's LocalCUDACluster.
-            # Two task threads: one shard writes its Parquet while the next has the device (features/gpu.py
-            # gives the device to one shard at a time, the waiting one's first batches decoded early).
-            spec = {f"gpu-{g}": {"cls": Nanny, "options": {"nthreads": 2, "host": LOOPBACK, "silence_logs": 40,
-                                                           "env": {"CUDA_VISIBLE_DEVICES": g}}}
-                    for g in gpus}
-            cluster = SpecCluster(workers=spec, silence_logs=40, scheduler={
-                "cls": Scheduler, "options": {"host": LOOPBACK, "dashboard_address": f"{LOOPBACK}:0"}})
-        else:
-            cluster = LocalCluster(n_workers=layout.workers, threads_per_worker=1, processes=True, host=LOOPBACK,
-                                   dashboard_address=f"{LOOPBACK}:0", silence_logs=40)
-    try:
-        with Client(cluster) as client:
-            with _workers_start(layout.workers):
-                client.wait_for_workers(layout.workers, timeout=WORKER_START_TIMEOUT)
-            yield client, layout
-    finally:
-        cluster.close()
+    # set for the cluster's whole life, not just its start: a nanny reads distributed.worker.daemon
+    # each time it (re)starts its worker, and a daemonic GPU worker may not start decode processes
+    with dask.config.set(GPU_WORKER_CONFIG if gpus else WORKER_CONFIG):
+        # read by each nanny as it starts; a nanny of an earlier cluster in this process may have left
+        # the variable in os.environ, which its workers would inherit
+        with _without_env("MALLOC_TRIM_THRESHOLD_"), _workers_start(layout.workers):
+            if gpus:
+                # One worker process per GPU, each seeing only its own device, like dask-cuda's LocalCUDACluster.
+                # Two task threads: one shard writes its Parquet while the next has the device (features/gpu.py
+                # gives the device to one shard at a time, the waiting one's first batches decoded early).
+                spec = {f"gpu-{g}": {"cls": Nanny, "options": {"nthreads": 2, "host": LOOPBACK, "silence_logs": 40,
+                                                               "env": {"CUDA_VISIBLE_DEVICES": g}}}
+                        for g in gpus}
+                cluster = SpecCluster(workers=spec, silence_logs=40, scheduler={
+                    "cls": Scheduler, "options": {"host": LOOPBACK, "dashboard_address": f"{LOOPBACK}:0"}})
+            else:
+                cluster = LocalCluster(n_workers=layout.workers, threads_per_worker=1, processes=True, host=LOOPBACK,
+                                       dashboard_address=f"{LOOPBACK}:0", silence_logs=40)
+        try:
+            with Client(cluster) as client:
+                with _workers_start(layout.workers):
+                    client.wait_for_workers(layout.workers, timeout=WORKER_START_TIMEOUT)
+                yield client, layout
+        finally:
+            cluster.close()
 
 
 def dashboard_link(client) -> str | None:

@@ -110,3 +110,19 @@ def test_local_workers_that_do_not_start_are_one_sentence_and_write_nothing(tmp_
     assert "Error: 1 local Dask worker process did not start" in result.output, result.output
     assert "--workers" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "store").exists()
+
+
+def _daemonic():
+    import multiprocessing
+
+    return multiprocessing.current_process().daemon
+
+
+def test_a_gpu_worker_restarted_by_its_nanny_may_still_start_decode_processes():
+    """A worker that dies (a native crash in the models, the OOM killer) comes back from its nanny,
+    which reads distributed.worker.daemon as it starts it: a daemonic GPU worker could decode
+    only in threads (`--decoders processes`: a ModelError that stops the run)."""
+    with open_client(gpus=["0"]) as (client, layout):
+        assert list(client.run(_daemonic).values()) == [False]
+        client.restart()
+        assert list(client.run(_daemonic).values()) == [False]
