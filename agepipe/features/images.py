@@ -40,8 +40,8 @@ MAX_SEGMENTS = 10_000
 # Decoded photos waiting for the caller: 64 photos of 500x625 hold 60 MB, but 64 of 4096x4096
 # (a JPEG of one colour, 0.3 MB, decodes to that) held 3.2 GB.
 PREFETCH_BYTES = 512 << 20
-# Every format read_photo decodes (a GIF's first frame); a folder walk skipped .gif and .jfif files
-# that the same photos given by name were read from.
+# Every format read_photo decodes (a GIF's first frame, with OpenCV 4.11 or later: before, a GIF is
+# a decode_error row); a folder walk skipped .gif and .jfif files that were read when given by name.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
