@@ -58,7 +58,19 @@ def open_atomic(fs, path: str, mode: str):
         with contextlib.suppress(Exception):
             fs.rm(tmp)
         raise
-    fs.mv(tmp, path)
+    _rename(fs, tmp, path)
+
+
+def _rename(fs, tmp: str, path: str) -> None:
+    """fs.mv, but on a local disk os.replace: an atomic rename, where fsspec's mv reads a [, * or ?
+    in the path as a pattern (fsspec 2023.1.0 on any file system: nothing could be written to a
+    store at '/data/store [1]'). On an object store a move is a copy and a delete anyway."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        os.replace(fs._strip_protocol(tmp), fs._strip_protocol(path))
+    else:
+        fs.mv(tmp, path)
 
 
 # A file system that does not lock (NFS without its lock daemon: ENOLCK; some FUSE mounts).
