@@ -9,6 +9,7 @@ one). A folder that cannot be listed is read as a path of its own (read_error or
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
@@ -210,6 +211,17 @@ def decode_image(data: bytes, name: str = "<bytes>", max_side: int = MAX_SIDE) -
     return Photo(np.ascontiguousarray(pixels), scale)
 
 
+# The machine's, not the file's: too many open files, no memory. A photo's read_error is kept for
+# good (--retry-failed redoes only transient rows), so these are raised as they are: the shard's
+# photos are redone one by one, a photo that fails again is a transient "error" row, and a
+# shard of which every photo fails stops the run.
+_MACHINE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+def _read_error(path: str, e: OSError) -> Exception:
+    return e if e.errno in _MACHINE_ERRNOS else ImageError("read_error", f"{path}: {e.strerror or e}")
+
+
 def read_bytes(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
     """A regular file's bytes, at most ``limit``. Opened without blocking and checked on the
     open descriptor, so a FIFO, a device (a link to /dev/zero) or a folder is refused, not read."""
@@ -218,7 +230,7 @@ def read_bytes(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
     except FileNotFoundError:
         raise ImageError("missing_image", f"{path}: no such file") from None
     except OSError as e:
-        raise ImageError("read_error", f"{path}: {e.strerror or e}") from None
+        raise _read_error(path, e) from None
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
@@ -230,7 +242,7 @@ def read_bytes(path: str, limit: int = MAX_FILE_BYTES) -> bytes:
         try:
             data = f.read(min(info.st_size, limit) + 1)  # not limit + 1: CPython allocates all it is asked for
         except OSError as e:
-            raise ImageError("read_error", f"{path}: {e.strerror or e}") from None
+            raise _read_error(path, e) from None
     if len(data) > limit:  # grew since fstat
         raise ImageError("too_large", f"{path}: more than the {limit:,} bytes agepipe reads per image")
     return data

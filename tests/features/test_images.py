@@ -226,3 +226,34 @@ def opencv_reads_gif() -> bool:
     out = io.BytesIO()
     Image.new("P", (4, 4), 1).save(out, "GIF")
     return cv2.imdecode(np.frombuffer(out.getvalue(), np.uint8), cv2.IMREAD_COLOR) is not None
+
+
+def test_a_machine_out_of_file_descriptors_is_not_a_photos_read_error(tmp_path, monkeypatch):
+    """EMFILE was recorded as the photo's read_error, a status --retry-failed never redoes: a run that
+    met a file-descriptor limit lost those photos for good. It is raised as it is (the shard's photos
+    are redone one by one, and a photo that fails again is a transient "error" row); a permission
+    error stays the photo's read_error."""
+    import errno
+    import os
+
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"\xff\xd8")
+    opening = os.open
+
+    def failing(code):
+        def open_(p, *args, **kwargs):
+            if str(p) == str(path):
+                raise OSError(code, os.strerror(code), str(p))
+            return opening(p, *args, **kwargs)
+        return open_
+
+    monkeypatch.setattr(images.os, "open", failing(errno.EMFILE))
+    with pytest.raises(OSError) as e:
+        images.read_bytes(str(path))
+    assert not isinstance(e.value, ImageError) and e.value.errno == errno.EMFILE
+    with pytest.raises(OSError, match="Too many open files"):
+        list(images.read_photos([str(path)]))
+    monkeypatch.setattr(images.os, "open", failing(errno.EACCES))
+    with pytest.raises(ImageError, match="Permission denied") as e:
+        images.read_bytes(str(path))
+    assert e.value.status == "read_error"
