@@ -283,9 +283,7 @@ def shard_digests(store: str, path: str) -> tuple[str, str | None] | None:
 def shards_on_disk(store: str, feature_set: str, dataset: str) -> dict[str, list[tuple[str, str | None]]]:
     """{rows digest: [(path, inputs digest)]} of every readable shard in the dataset folder,
     listed or not: a crashed run's finished shards are found again by the rows they hold."""
-    fs, root = _fs(dataset_dir(store, feature_set, dataset))
-    if not fs.exists(root):
-        return {}
+    fs, root = _fs(dataset_dir(store, feature_set, dataset))  # no folder: _files finds nothing
     found: dict[str, list[tuple[str, str | None]]] = {}
     for path in _files(fs, root, SHARD_GLOB):
         digests = shard_digests(store, path)
@@ -297,9 +295,7 @@ def shards_on_disk(store: str, feature_set: str, dataset: str) -> dict[str, list
 def rows_on_disk(store: str, feature_set: str, dataset: str) -> int:
     """Distinct rows in the dataset folder's readable shards, listed or not (what a writer finds
     again where no readable index lists them)."""
-    fs, root = _fs(dataset_dir(store, feature_set, dataset))
-    if not fs.exists(root):
-        return 0
+    fs, root = _fs(dataset_dir(store, feature_set, dataset))  # no folder: _files finds nothing
     ids: set[str] = set()
     for path in _files(fs, root, SHARD_GLOB):
         try:

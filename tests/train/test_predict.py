@@ -156,16 +156,21 @@ def test_a_folder_without_photos_says_what_predict_and_embed_look_for(runs, tmp_
         assert ".gif files" in result.output
 
 
+def run_with_features(run, folder, **features):
+    """A copy of ``run`` whose config records other face-model ``features``."""
+    config = json.loads((run / "config.json").read_text())
+    config["data"]["features"].update(features)
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes((run / "model.safetensors").read_bytes())
+    return folder
+
+
 def test_runs_must_match_their_kind_and_the_face_models(runs, tmp_path):
     age, gender = runs
     with pytest.raises(CheckpointError, match="task gender; --age-model needs one for age or age101"):
         Predictor(str(gender), None)
-    config = json.loads((age / "config.json").read_text())
-    config["data"]["features"]["recognizer_sha256"] = "0" * 64
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "config.json").write_text(json.dumps(config))
-    (other / "model.safetensors").write_bytes((age / "model.safetensors").read_bytes())
+    other = run_with_features(age, tmp_path / "other", recognizer_sha256="0" * 64)
     with pytest.raises(CheckpointError, match="recogniser sha256 000000000000"):
         Predictor(str(other), None)
 
@@ -174,12 +179,7 @@ def test_runs_from_different_det_sizes_are_named_and_the_photos_take_the_first(r
     """The face models' det size was taken from the first run without a word when the other's
     embeddings came from another."""
     age, gender = runs
-    config = json.loads((gender / "config.json").read_text())
-    config["data"]["features"]["det_size"] = 320
-    other = tmp_path / "gender320"
-    other.mkdir()
-    (other / "config.json").write_text(json.dumps(config))
-    (other / "model.safetensors").write_bytes((gender / "model.safetensors").read_bytes())
+    other = run_with_features(gender, tmp_path / "gender320", det_size=320)
     predictor = Predictor(str(age), str(other), mc_samples=0)
     assert predictor.embedder.det_size == 640
     assert predictor.warnings == ["the runs' faces were found at different det sizes (age 640, gender 320); predict "
