@@ -132,7 +132,8 @@ def fetch(files: list[RemoteFile], dest_dir: str | os.PathLike, source: str | No
     def one(index: int) -> Path:
         f = files[index]
         try:
-            path = _get(f, locations[index], dest_dir, auth, retries, backoff, timeout, index, stop)
+            path = _get(f, locations[index], dest_dir, auth, retries, backoff, timeout, index, stop,
+                        unpack=extract and f.extract)
             if extract and f.extract:
                 try:
                     safe_extract(path, dest_dir, protected={g.name for g in files}, _stop=stop, _position=index)
@@ -183,7 +184,7 @@ def safe_extract(archive: str | os.PathLike, target: str | os.PathLike, *, prote
     """
     archive, target = Path(archive), Path(target)
     target.mkdir(parents=True, exist_ok=True)
-    marker = target / f".{archive.name}.extracted"
+    marker = _extracted_marker(target, archive.name)
     stat = archive.stat()
     identity = {"archive": archive.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     done = _read_json(marker)
@@ -255,21 +256,39 @@ def _mirror_url(base: str, name: str) -> str:
 
 
 def _check_free_space(files, locations, dest_dir: Path, extract: bool) -> None:
-    """Fail before starting when the files still to fetch (and unpack) cannot fit."""
+    """Fail before starting when the files still to fetch (and unpack) cannot fit.
+
+    Sizes are the files' own where known without a request: a local source's, a finished
+    download's, the catalogue's for the official URLs. A mirror may hold another copy (a newer
+    release, a sample): its file is checked when the response gives its length (_download).
+    """
     need = 0
     for f, where in zip(files, locations):
         final, part = dest_dir / f.name, dest_dir / (f.name + ".part")
-        if not final.exists():
-            linkable = isinstance(where, Path) and where.exists() and \
-                where.stat().st_dev == dest_dir.stat().st_dev
-            if not linkable:
-                need += max(0, f.size - (part.stat().st_size if part.exists() else 0))
-        # Archives of JPEGs barely compress: unpacking needs about the archive's size again.
-        if extract and f.extract and not (dest_dir / f".{f.name}.extracted").exists():
-            need += f.size
+        if final.exists():
+            size, copy = final.stat().st_size, 0
+        elif isinstance(where, Path):
+            size = where.stat().st_size if where.is_file() else 0  # a missing file fails in _get
+            linked = where.is_file() and where.stat().st_dev == dest_dir.stat().st_dev
+            copy = 0 if linked else size
+        elif where == f.url:
+            size = copy = f.size
+        else:
+            continue
+        need += max(0, copy - (part.stat().st_size if part.exists() else 0))
+        need += _unpacked_size(f, size, dest_dir, extract)
     free = shutil.disk_usage(dest_dir).free
     if need > free:
         raise NotEnoughSpace(f"{dest_dir}: about {_gb(need)} needed, {_gb(free)} free")
+
+
+def _unpacked_size(f: RemoteFile, size: int, dest_dir: Path, extract: bool) -> int:
+    """About what unpacking ``f`` still takes: archives of JPEGs barely compress."""
+    return size if extract and f.extract and not _extracted_marker(dest_dir, f.name).exists() else 0
+
+
+def _extracted_marker(target: Path, name: str) -> Path:
+    return target / f".{name}.extracted"
 
 
 def _gb(n: int) -> str:
@@ -279,7 +298,7 @@ def _gb(n: int) -> str:
 # --- getting one file ---------------------------------------------------------------------
 
 def _get(f: RemoteFile, where: str | Path, dest_dir: Path, auth, retries: int, backoff: float,
-         timeout: float, position: int, stop: threading.Event) -> Path:
+         timeout: float, position: int, stop: threading.Event, unpack: bool = False) -> Path:
     final, part = dest_dir / f.name, dest_dir / (f.name + ".part")
     if final.exists():
         _drop_part(part)  # an interrupted download's bytes, now of no use (gigabytes for IMDB)
@@ -288,7 +307,8 @@ def _get(f: RemoteFile, where: str | Path, dest_dir: Path, auth, retries: int, b
     if isinstance(where, Path) and _try_hardlink(where, final):
         _drop_part(part)
     else:
-        delimited = _fill_part(where, part, f.name, auth, retries, backoff, timeout, position, stop)
+        unpack = unpack and not _extracted_marker(dest_dir, f.name).exists()
+        delimited = _fill_part(where, part, f.name, auth, retries, backoff, timeout, position, stop, unpack)
         os.replace(part, final)
         _drop_part(part)
         if not delimited and not f.sha256:
@@ -301,7 +321,7 @@ def _get(f: RemoteFile, where: str | Path, dest_dir: Path, auth, retries: int, b
 
 
 def _fill_part(where: str | Path, part: Path, name: str, auth, retries: int, backoff: float,
-               timeout: float, position: int, stop: threading.Event) -> bool:
+               timeout: float, position: int, stop: threading.Event, unpack: bool = False) -> bool:
     """Complete ``part``, resuming after every failure; ``retries`` failures in a row without a
     new byte end it. False when nothing told where the file ends (a body ended by the server
     closing the connection looks whole even when cut short)."""
@@ -312,7 +332,7 @@ def _fill_part(where: str | Path, part: Path, name: str, auth, retries: int, bac
             if isinstance(where, Path):
                 _copy_from(where, part, name, position, stop)
                 return True
-            return _download(where, part, name, auth, timeout, position, stop)
+            return _download(where, part, name, auth, timeout, position, stop, unpack)
         except _Retryable as e:
             after = part.stat().st_size if part.exists() else 0
             failures = 0 if after > before else failures + 1
@@ -371,8 +391,9 @@ class _RangeNotSatisfiable(Exception):
 
 
 def _download(url: str, part: Path, name: str, auth, timeout: float, position: int,
-              stop: threading.Event) -> bool:
-    """Whether the response told where the file ends (a size, or chunked encoding's last chunk)."""
+              stop: threading.Event, unpack: bool = False) -> bool:
+    """Whether the response told where the file ends (a size, or chunked encoding's last chunk).
+    ``unpack``: the file will be unpacked next to it, which takes about its size again."""
     offset = part.stat().st_size if part.exists() else 0
     version = _if_range(part).read_text() if offset and _if_range(part).exists() else None
     _source_record(part).unlink(missing_ok=True)  # bytes from here on are not the folder's file
@@ -394,8 +415,10 @@ def _download(url: str, part: Path, name: str, auth, timeout: float, position: i
             _drop_part(part)
             _keep_version(part, response)
         free = shutil.disk_usage(part.parent).free
-        if total is not None and total - start > free:
-            raise NotEnoughSpace(f"{name}: {_gb(total - start)} still to fetch, {_gb(free)} free in {part.parent}")
+        if total is not None and total - start + (total if unpack else 0) > free:
+            then = " and unpack" if unpack else ""
+            raise NotEnoughSpace(f"{name}: {_gb(total - start)} still to fetch{then} ({_gb(total)}), "
+                                 f"{_gb(free)} free in {part.parent}")
         try:
             _write_stream(response, part, start, total, name, position, stop)
         # ssl.SSLError: a TLS record damaged on the way (an OSError, but no ConnectionError).

@@ -285,6 +285,41 @@ def test_free_space_is_checked_before_any_request(server, tmp_path):
     assert server.log == []
 
 
+def test_a_mirror_or_folder_copy_is_measured_by_its_own_size_not_the_catalogue_s(server, tmp_path):
+    """A mirror or a folder may hold another copy than the catalogue describes (a sample of
+    IMDB-WIKI's 7 GB tar): the check before starting refused it on a disk with less free space
+    than the catalogue's size, however small the copy."""
+    server.files["/mirror/blob.bin"] = BLOB
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "blob.bin").write_bytes(BLOB)
+    huge = RemoteFile("blob.bin", f"{server.url}/official/blob.bin", size=10 ** 18)
+    for source, dest in ((f"{server.url}/mirror", "a"), (str(folder), "b")):
+        [path] = fetch([huge], tmp_path / dest, source=source, **FAST)
+        assert path.read_bytes() == BLOB
+
+
+@pytest.mark.parametrize("extract, refused", [(False, False), (True, True)])
+def test_a_mirror_s_file_is_checked_for_its_download_and_its_unpacking(server, tmp_path, monkeypatch,
+                                                                          extract, refused):
+    """A mirror's size is known from its response: there the check counts unpacking too."""
+    import collections
+
+    from agepipe import download
+
+    server.files["/mirror/blob.bin"] = BLOB
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(download.shutil, "disk_usage", lambda path: usage(1 << 40, 1 << 40, len(BLOB) + 1))
+    f = RemoteFile("blob.bin", "http://127.0.0.1:9/unreachable/blob.bin", size=10 ** 18, extract=extract)
+    if refused:
+        with pytest.raises(NotEnoughSpace, match="blob.bin: .* still to fetch and unpack"):
+            fetch([f], tmp_path, source=f"{server.url}/mirror", extract=True, **FAST)
+        assert not (tmp_path / "blob.bin").exists()
+    else:
+        [path] = fetch([f], tmp_path, source=f"{server.url}/mirror", extract=True, **FAST)
+        assert path.read_bytes() == BLOB
+
+
 @pytest.mark.parametrize("as_url", [False, True])
 def test_local_source_folder_or_file_url(tmp_path, as_url):
     source = tmp_path / "mine"
