@@ -157,6 +157,29 @@ def _header_size(data: bytes, name: str) -> tuple[int, int] | None:
     return size
 
 
+def _exif_orientation(data: bytes) -> int:
+    """The EXIF orientation (1-8) of an image's bytes; 1 (as stored) when it has none."""
+    try:
+        with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as im:
+            warnings.simplefilter("ignore")
+            value = im.getexif().get(0x0112, 1)
+    except Exception:  # EXIF that cannot be read: the photo as stored, as OpenCV shows it then
+        return 1
+    return value if value in range(1, 9) else 1
+
+
+def _oriented(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """``pixels`` as EXIF ``orientation`` says they are shown (what OpenCV does for a JPEG)."""
+    if orientation in (5, 6, 7, 8):  # the stored rows are the shown columns
+        pixels = pixels.transpose(1, 0, 2)
+        orientation = {5: 1, 6: 2, 7: 3, 8: 4}[orientation]
+    if orientation in (2, 3):
+        pixels = pixels[:, ::-1]
+    if orientation in (3, 4):
+        pixels = pixels[::-1]
+    return np.ascontiguousarray(pixels)
+
+
 def decode_image(data: bytes, name: str = "<bytes>", max_side: int = MAX_SIDE) -> Photo:
     if not data:
         raise ImageError("decode_error", f"{name}: empty file (0 bytes)")
@@ -194,12 +217,17 @@ def decode_image(data: bytes, name: str = "<bytes>", max_side: int = MAX_SIDE) -
         raise ImageError("too_large", f"{name}: {size[0]}x{size[1]} pixels, progressive or multi-scan (decoded "
                          f"whole whatever the reduction), more than the {MAX_PIXELS:,} pixels agepipe decodes")
     buf = np.frombuffer(data, dtype=np.uint8)
+    webp = data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+    if webp:  # OpenCV 5 turns a WebP by its EXIF orientation, OpenCV 4 does not: agepipe does it
+        flag |= cv2.IMREAD_IGNORE_ORIENTATION
     try:
         pixels = cv2.imdecode(buf, flag)
     except cv2.error as e:  # e.g. a header claiming more pixels than OpenCV allows
         raise ImageError("decode_error", f"{name}: {str(e).strip().splitlines()[-1]}") from None
     if pixels is None:
         raise ImageError("decode_error", f"{name}: not a readable image")
+    if webp:
+        pixels = _oriented(pixels, _exif_orientation(data))
     scale = float(reduce)
     if reduce > 1:
         scale = max(size) / max(pixels.shape[:2])

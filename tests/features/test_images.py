@@ -101,8 +101,7 @@ def test_a_cut_tiff_is_a_decode_error_without_warnings(recwarn):
 @pytest.mark.parametrize("orientation, stored", [(3, Image.ROTATE_180), (6, Image.ROTATE_90), (8, Image.ROTATE_270)])
 def test_pixels_are_the_photo_as_shown_whatever_its_exif_orientation(photos, orientation, stored):
     """Boxes and landmarks are in the frame the photo is shown in: a decoder that ignored EXIF
-    (nvjpeg does) would put them in another frame and detect on a photo lying on its side. (OpenCV
-    5.1 turns PNG and WebP too; JPEG is what OpenCV has turned since 3.1, the floor 4.8 included.)"""
+    (nvjpeg does) would put them in another frame and detect on a photo lying on its side."""
     face = Image.open(photos["obama"]).resize((160, 200))
     exif = Image.Exif()
     exif[0x0112] = orientation
@@ -112,6 +111,22 @@ def test_pixels_are_the_photo_as_shown_whatever_its_exif_orientation(photos, ori
     a, b = decode_image(upright.getvalue()).pixels, decode_image(turned.getvalue()).pixels
     assert a.shape == b.shape == (200, 160, 3)
     assert abs(a.astype(int) - b.astype(int)).mean() < 3  # the same photo, up to lossy coding
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_every_exif_orientation_is_applied_the_same_in_every_opencv(fmt, orientation):
+    """OpenCV 5 turns a WebP by its EXIF orientation and OpenCV 4.8 (the floor) did not, so one
+    photo gave two embeddings, by the OpenCV installed; PNG is turned by both."""
+    from PIL import ImageOps
+
+    stored = np.random.default_rng(orientation).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    Image.fromarray(stored).save(out, fmt, exif=exif.tobytes(), **({"lossless": True} if fmt == "WEBP" else {}))
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(out.getvalue())).convert("RGB")))
+    assert np.array_equal(decode_image(out.getvalue()).pixels, shown[..., ::-1])  # BGR
 
 
 def test_a_tiff_is_bounded_by_its_tiles_not_just_its_size():
