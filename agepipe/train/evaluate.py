@@ -79,7 +79,11 @@ def mc_dropout(model: ResMLP, x: torch.Tensor, samples: int = 32, amp: bool = Tr
     step = max(1, max_rows // samples)
     try:
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), autocast(x.device, amp):
-            torch.manual_seed(seed)
+            # This device's generator and the CPU's, which fork_rng restores: torch.manual_seed
+            # would reseed every GPU's for good (another model training on one, in this process).
+            torch.random.default_generator.manual_seed(seed)
+            if x.device.type == "cuda":
+                torch.cuda.default_generators[x.device.index].manual_seed(seed)
             for start in range(0, n, step):
                 part = x[start:start + step]
                 # Each of the K copies of a row gets its own dropout masks.

@@ -91,6 +91,18 @@ def test_mc_dropout_gives_the_same_numbers_twice_and_leaves_the_callers_random_s
     assert torch.equal(torch.rand(3), after)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mc_dropout_on_a_gpu_leaves_every_gpu_s_random_stream():
+    """torch.manual_seed inside it reseeded every GPU's generator, and fork_rng restored only the
+    one it ran on: a model training on another GPU of the process lost its stream."""
+    model = ResMLP(ModelConfig(num_classes=8, dropout=0.3)).cuda().eval()
+    before = [torch.cuda.get_rng_state(d) for d in range(torch.cuda.device_count())]
+    x = torch.randn(30, 512, device="cuda")
+    first = mc_dropout(model, x, samples=8)
+    assert all(torch.equal(torch.cuda.get_rng_state(d), b) for d, b in enumerate(before))
+    assert np.array_equal(first.probs, mc_dropout(model, x, samples=8).probs)
+
+
 def test_mc_dropout_without_dropout_has_no_mutual_information():
     model = ResMLP(ModelConfig(num_classes=3, dropout=0.0)).eval()
     mc = mc_dropout(model, torch.randn(8, 512), samples=4)
