@@ -144,7 +144,10 @@ def alive(pid: int) -> bool:
 
 
 def test_the_default_is_processes_where_they_can_run(monkeypatch):
+    asked = []
+    monkeypatch.setattr(decoders, "check_shm_space", asked.append)  # this machine's /dev/shm aside
     assert decoders.default_decoders(16, (640, 640)) == "processes"
+    assert asked and asked[0] >= 2 * 16 * 640 * 640 * 3  # room for two slots of pixels asked for
 
     def no_room(nbytes, where="/dev/shm"):
         raise MemoryError(f"{where} has 64 MiB free")
