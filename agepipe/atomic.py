@@ -56,19 +56,24 @@ def open_atomic(fs, path: str, mode: str):
                 os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
     except BaseException:
         with contextlib.suppress(Exception):
-            fs.rm(tmp)
+            fs.rm_file(tmp)  # not fs.rm: it reads [, * or ? as a pattern
         raise
     _rename(fs, tmp, path)
 
 
 def _rename(fs, tmp: str, path: str) -> None:
-    """fs.mv, but on a local disk os.replace: an atomic rename, where fsspec's mv reads a [, * or ?
-    in the path as a pattern (fsspec 2023.1.0 on any file system: nothing could be written to a
-    store at '/data/store [1]'). On an object store a move is a copy and a delete anyway."""
+    """fs.mv, but on a local disk os.replace (an atomic rename), and where the file system has no
+    move of its own (an object store: a copy and a delete anyway) cp_file and rm_file: fsspec's
+    generic mv reads a [, * or ? in the path as a pattern, so nothing could be written to a store
+    at 's3://bucket/store [1]' (nor on a local disk with fsspec 2023.1.0)."""
     from fsspec.implementations.local import LocalFileSystem
+    from fsspec.spec import AbstractFileSystem
 
     if isinstance(fs, LocalFileSystem):
         os.replace(fs._strip_protocol(tmp), fs._strip_protocol(path))
+    elif type(fs).mv is AbstractFileSystem.mv:
+        fs.cp_file(tmp, path)
+        fs.rm_file(tmp)
     else:
         fs.mv(tmp, path)
 

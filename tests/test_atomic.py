@@ -29,10 +29,11 @@ def test_the_name_shows_nothing_until_the_block_ends(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
 
 
+@pytest.mark.parametrize("name", ["store", "store [1]*?"])  # fsspec's generic mv globbed them
 @pytest.mark.parametrize("protocol", ["file", "memory"])
-def test_open_atomic_on_an_fsspec_filesystem_is_all_or_nothing(tmp_path, protocol):
+def test_open_atomic_on_an_fsspec_filesystem_is_all_or_nothing(tmp_path, protocol, name):
     fs = fsspec.filesystem(protocol)
-    folder = f"{tmp_path}/store" if protocol == "file" else f"/{tmp_path.name}/store"
+    folder = f"{tmp_path}/{name}" if protocol == "file" else f"/{tmp_path.name}/{name}"
     path = f"{folder}/_index.json"
     with open_atomic(fs, path, "w") as f:
         f.write("old")

@@ -308,7 +308,7 @@ def rows_on_disk(store: str, feature_set: str, dataset: str) -> int:
 def remove_file(store: str, path: str) -> None:
     """``path`` as write_shard returns it (on an object store, without the URL's scheme)."""
     fs, _ = _fs(store)
-    fs.rm(path)
+    fs.rm_file(path)  # not fs.rm, which on an object store reads a [, * or ? in the path as a pattern
 
 
 def _remove_temporaries(fs, root: str, names: list[str]) -> int:
@@ -316,7 +316,7 @@ def _remove_temporaries(fs, root: str, names: list[str]) -> int:
     mid-write never removes its own."""
     stale = [path for name in names for path in _files(fs, root, f".{name}.*.tmp")]
     for path in stale:
-        fs.rm(path)
+        fs.rm_file(path)
     return len(stale)
 
 
@@ -476,7 +476,7 @@ def commit_shards(store: str, feature_set: str, dataset: str, shards: list[Shard
     root = path.rsplit("/", 1)[0]
     for old in _files(fs, root, SHARD_GLOB):
         if _name(old) not in listed:
-            fs.rm(old)
+            fs.rm_file(old)
     if fs.exists(_join(root, ".arrow")):  # agepipe 0.1.0's read copies
         fs.rm(_join(root, ".arrow"), recursive=True)
     return index

@@ -577,6 +577,26 @@ def test_temporaries_of_a_writer_killed_mid_write_are_removed_by_the_next(tmp_pa
     assert sorted(p.name for p in tmp_path.rglob(".*")) == [".lock", ".lock"]
 
 
+def test_a_store_on_an_object_store_whose_path_holds_glob_characters_is_written_and_recut(tmp_path):
+    """fsspec's generic mv and rm (an object store's, here the memory file system's) read a [, *
+    or ? as a pattern: no shard could be committed under 's3://bucket/store [1]', and a re-cut
+    could not delete the old cut's shards."""
+    fsspec = pytest.importorskip("fsspec")
+    root = f"memory://{tmp_path.name}/store [1]*?"
+    table, emb, ok = shard_rows(12)
+    try:
+        write_cut(root, table, 4)
+        write_cut(root, table, 6)
+        listed = [p.rsplit("/", 1)[-1] for p in fstore.shard_files(root, FS, "d")]
+        fs = fsspec.filesystem("memory")
+        folder = f"/{tmp_path.name}/store [1]*?/{FS}/d"
+        on_disk = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False) if "/part-" in p)
+        assert on_disk == sorted(listed) and len(listed) == 2
+        assert np.array_equal(fstore.load_features(root, FS, "d").embeddings, emb[ok])
+    finally:
+        fsspec.filesystem("memory").rm(f"/{tmp_path.name}", recursive=True)
+
+
 def test_a_store_whose_path_holds_glob_characters_finds_its_shards(tmp_path):
     """A store at /data/store [1]: the shards were found with fs.glob on the whole path, which
     read the "[1]" as a pattern and found none, so a new cut never deleted the old one (pandas
