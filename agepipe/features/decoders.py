@@ -16,6 +16,7 @@ replaced and the batch goes on.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import itertools
 import multiprocessing
@@ -256,6 +257,7 @@ class ThreadDecoders:
         return pending
 
     def wait(self, pending: _Pending):
+        concurrent.futures.wait(pending.futures)  # all of them, before one raises: none left writing the slot
         for f in pending.futures:
             f.result()
 
@@ -321,19 +323,26 @@ class ProcessDecoders:
     def __init__(self, n: int, slots: list[HostSlot], decode=decode_into):
         self.n, self.slots, self.decode = max(1, n), slots, decode  # decode: a module-level function
         self.ctx = multiprocessing.get_context("spawn")
-        self.locks = [self.ctx.Lock() for _ in slots]
-        self.replies = self.ctx.Queue()
         self.current_shm = shared_memory.SharedMemory(create=True, size=8 * self.n)
         self.current = np.ndarray(self.n, np.int64, self.current_shm.buf)
-        self.current[:] = -1
         self.procs: list = [None] * self.n
         self.tasks: list = [None] * self.n
         self.seq = itertools.count()
         self.inflight: dict[int, _Pending] = {}
+        self._start_all()
+
+    def _start_all(self):
+        # new locks and replies queue: a process killed while it held one would block the others
+        self.locks = [self.ctx.Lock() for _ in self.slots]
+        self.replies = self.ctx.Queue()
+        self.current[:] = -1
         for i in range(self.n):
             self._start(i)
 
     def _start(self, i: int):
+        if self.tasks[i] is not None:  # its reader is gone: nothing to flush at exit
+            self.tasks[i].cancel_join_thread()
+            self.tasks[i].close()
         self.tasks[i] = self.ctx.Queue()
         slot = self.slots[0]
         self.procs[i] = self.ctx.Process(
@@ -343,32 +352,47 @@ class ProcessDecoders:
         self.procs[i].start()
 
     def submit(self, slot: HostSlot, paths: list[str], hints: list) -> _Pending:
-        slot.reset()
         pending = _Pending(slot, paths)
         pending.seq = next(self.seq)
         pending.task = (self.slots.index(slot), slot.flat_name, pending.seq, list(paths),
                         [None if h is None else tuple(map(float, h)) for h in hints])
-        pending.waiting = set(range(self.n))
         self.inflight[pending.seq] = pending
+        self._send(pending)
+        return pending
+
+    def _send(self, pending: _Pending):
+        """The batch to every decoder, from its first photo."""
+        pending.slot.reset()
+        pending.digests.clear()
+        pending.waiting = set(range(self.n))
         for i in range(self.n):
             self.tasks[i].put(pending.task)
-        return pending
 
     def wait(self, pending: _Pending):
         """Until every decoder has finished the batch. A decoder that died is replaced: the photo it
-        was on is marked crashed, and the replacement joins the batches it had not finished."""
+        was on is marked crashed, and the replacement joins the batches it had not finished. A wait
+        that raises abandons its batch: every decoder is killed and started afresh (one still on it
+        would write its old photos into the next batch the slot holds), the other batches in flight
+        are sent to them again, and a later wait for the abandoned batch returns at once."""
         import queue
 
-        while pending.waiting:
-            try:
-                index, seq, error, digests = self.replies.get(timeout=0.5)
-            except queue.Empty:
-                self._replace_dead()
-                continue
-            self.inflight[seq].waiting.discard(index)  # first: the wait that drains the batch after
-            if error:  # the error must not wait for this reply again (it would never come)
-                raise RuntimeError(f"a decode process failed:\n{error}")
-            self.inflight[seq].digests.update(digests)
+        if pending.seq not in self.inflight:
+            return
+        try:
+            while pending.waiting:
+                try:
+                    index, seq, error, digests = self.replies.get(timeout=0.5)
+                except queue.Empty:
+                    self._replace_dead()
+                    continue
+                if error:
+                    raise RuntimeError(f"a decode process failed:\n{error}")
+                self.inflight[seq].waiting.discard(index)
+                self.inflight[seq].digests.update(digests)
+        except BaseException:
+            del self.inflight[pending.seq]
+            self._restart()
+            raise
         del self.inflight[pending.seq]
         for j, digest in pending.digests.items():  # decoded a moment ago
             pixels = read_photo(pending.paths[j]).pixels
@@ -384,26 +408,39 @@ class ProcessDecoders:
             photo = int(self.current[i])
             s, j = divmod(photo, self.slots[0].batch)
             on_photo = photo >= 0 and self.slots[s].status_np[j] == 0  # else broken at start, or killed between photos
-            if on_photo:
-                self.slots[s].status_np[j] = CRASHED
+            if not on_photo:  # no photo to blame: this wait fails (and restarts every decoder)
+                raise RuntimeError(f"decode process {proc.name} exited with code {proc.exitcode} outside any photo")
+            self.slots[s].status_np[j] = CRASHED
             self.current[i] = -1
             self._start(i)
             for seq in sorted(self.inflight):  # tasks are taken in order; it had finished the others
                 if i in self.inflight[seq].waiting:
                     self.tasks[i].put(self.inflight[seq].task)
-            if not on_photo:  # no photo to blame: this wait fails, but replaced first, the pipeline (kept
-                # by its worker for later shards) is not left without a decoder for good
-                raise RuntimeError(f"decode process {proc.name} exited with code {proc.exitcode} outside any photo")
+
+    def _restart(self):
+        """Every decoder killed and started afresh; the batches still in flight sent again."""
+        self._stop(grace=0)
+        self._start_all()
+        for seq in sorted(self.inflight):
+            self._send(self.inflight[seq])
+
+    def _stop(self, grace: float):
+        """Every decoder stopped (asked to, and given ``grace`` seconds, first) and its queues closed."""
+        if grace:
+            for q in self.tasks:
+                q.put(None)
+            for proc in self.procs:
+                proc.join(timeout=grace)
+        for proc in self.procs:
+            proc.kill()
+            proc.join()
+        for q in self.tasks:
+            q.cancel_join_thread()
+            q.close()
+        self.replies.close()
 
     def close(self):
-        for q in self.tasks:
-            q.put(None)
-        for proc in self.procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                proc.kill()
-        for q in (*self.tasks, self.replies):
-            q.close()
+        self._stop(grace=5)
         self.current = None
         close_segment(self.current_shm)
         self.current_shm.unlink()

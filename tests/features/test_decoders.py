@@ -290,3 +290,49 @@ def test_a_decoder_killed_between_photos_fails_one_wait_not_every_later_one(phot
         pool.close()
         for slot in slots:
             slot.close()
+
+
+def test_a_failed_wait_leaves_no_decoder_writing_a_slot(photos, tmp_path):
+    """A wait that raised (here a decoder's bug) left the other decoders on its batch: the next
+    batch in that slot reset the slot's counter, and they went on taking its photo indices, writing
+    the old batch's pixels over the new one's (the pipeline waits a failed batch out, but a second
+    error in that wait left it too). Now no decoder is on the failed batch once its wait has raised:
+    the next batch in that slot, and one in flight in the other, hold their own photos only."""
+    from tests.features import slow_decoder
+
+    paths = [str(p) for p in photos.values()]
+    slow = [str(tmp_path / "bug.jpg")]
+    for p in paths[:-1]:
+        slow.append(str(tmp_path / f"slow-{os.path.basename(p)}"))
+        os.link(p, slow[-1])
+    hints = [None] * len(paths)
+    slots = [HostSlot(len(paths), SIZE, pin=False, shared=True, flat_bytes=1 << 26) for _ in range(2)]  # no overflow
+    pool = ProcessDecoders(2, slots, decode=slow_decoder.decode_into)
+    try:
+        pool.wait(pool.submit(slots[0], paths, hints))  # both decoders up
+        failing = pool.submit(slots[0], slow, hints)  # one decoder raises at once, the other is slow
+        other = pool.submit(slots[1], paths, hints)
+        with pytest.raises(RuntimeError, match="a bug in decoding"):
+            pool.wait(failing)
+        again = paths[::-1]  # photo j is not the failed batch's photo j
+        pool.wait(pool.submit(slots[0], again, hints))
+        pool.wait(other)
+        for slot, expected in ((slots[0], again), (slots[1], paths)):
+            assert_holds(slot, expected)
+    finally:
+        pool.close()
+        for slot in slots:
+            slot.close()
+
+
+def assert_holds(slot: HostSlot, paths: list[str]):
+    """The slot's canvas, meta and flat pixels are those of ``paths``, decoded in this process."""
+    canvas = np.empty_like(slot.canvas_np[0])
+    for j, path in enumerate(paths):
+        assert slot.status_np[j] == decoders.OK
+        pixels = decoders.read_photo(path).pixels
+        offset, h, w = slot.meta_np[j, :3].astype(int)
+        assert (h, w) == pixels.shape[:2], path
+        np.testing.assert_array_equal(slot.flat_np[offset:offset + h * w * 3], pixels.reshape(-1))
+        decoders.letterbox_into(pixels, canvas)
+        np.testing.assert_array_equal(slot.canvas_np[j], canvas)
