@@ -323,13 +323,18 @@ class ProcessDecoders:
     def __init__(self, n: int, slots: list[HostSlot], decode=decode_into):
         self.n, self.slots, self.decode = max(1, n), slots, decode  # decode: a module-level function
         self.ctx = multiprocessing.get_context("spawn")
-        self.current_shm = shared_memory.SharedMemory(create=True, size=8 * self.n)
-        self.current = np.ndarray(self.n, np.int64, self.current_shm.buf)
         self.procs: list = [None] * self.n
         self.tasks: list = [None] * self.n
+        self.replies = None
         self.seq = itertools.count()
         self.inflight: dict[int, _Pending] = {}
-        self._start_all()
+        self.current_shm = shared_memory.SharedMemory(create=True, size=8 * self.n)
+        try:  # all or nothing: a process that would not start must not leave the others, or the segment, behind
+            self.current = np.ndarray(self.n, np.int64, self.current_shm.buf)
+            self._start_all()
+        except BaseException:
+            self.close(grace=0)
+            raise
 
     def _start_all(self):
         # new locks and replies queue: a process killed while it held one would block the others
@@ -345,11 +350,12 @@ class ProcessDecoders:
             self.tasks[i].close()
         self.tasks[i] = self.ctx.Queue()
         slot = self.slots[0]
-        self.procs[i] = self.ctx.Process(
+        proc = self.ctx.Process(
             target=_decoder_main, name=f"agepipe-decode-{i}", daemon=True,
             args=(i, self.tasks[i], self.replies, [s.name for s in self.slots], (slot.batch, slot.size[1], slot.size[0]),
                   self.locks, self.current_shm.name, self.decode, os.getpid()))
-        self.procs[i].start()
+        proc.start()
+        self.procs[i] = proc  # once started: _stop can join it
 
     def submit(self, slot: HostSlot, paths: list[str], hints: list) -> _Pending:
         pending = _Pending(slot, paths)
@@ -426,21 +432,24 @@ class ProcessDecoders:
 
     def _stop(self, grace: float):
         """Every decoder stopped (asked to, and given ``grace`` seconds, first) and its queues closed."""
+        procs = [p for p in self.procs if p is not None]  # None: never started
+        tasks = [q for q in self.tasks if q is not None]
         if grace:
-            for q in self.tasks:
+            for q in tasks:
                 q.put(None)
-            for proc in self.procs:
+            for proc in procs:
                 proc.join(timeout=grace)
-        for proc in self.procs:
+        for proc in procs:
             proc.kill()
             proc.join()
-        for q in self.tasks:
+        for q in tasks:
             q.cancel_join_thread()
             q.close()
-        self.replies.close()
+        if self.replies is not None:
+            self.replies.close()
 
-    def close(self):
-        self._stop(grace=5)
+    def close(self, grace: float = 5):
+        self._stop(grace)
         self.current = None
         close_segment(self.current_shm)
         self.current_shm.unlink()

@@ -336,3 +336,38 @@ def assert_holds(slot: HostSlot, paths: list[str]):
         np.testing.assert_array_equal(slot.flat_np[offset:offset + h * w * 3], pixels.reshape(-1))
         decoders.letterbox_into(pixels, canvas)
         np.testing.assert_array_equal(slot.canvas_np[j], canvas)
+
+
+def test_a_pool_that_fails_to_start_leaves_nothing_behind(monkeypatch):
+    """A decode process that would not start (out of processes or memory) left the ones started
+    before it running, and the pool's shared segment in /dev/shm, for as long as the worker lived."""
+    from multiprocessing import shared_memory
+
+    made, started = [], []
+
+    class Recorded(shared_memory.SharedMemory):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self.name)
+
+    process = decoders.multiprocessing.get_context("spawn").Process
+    real_start = process.start
+
+    def start(self):
+        if started:
+            raise OSError("no more processes")
+        real_start(self)
+        started.append(self)
+
+    slots = [HostSlot(4, (64, 64), pin=False, shared=True) for _ in range(2)]
+    try:
+        monkeypatch.setattr(shared_memory, "SharedMemory", Recorded)
+        monkeypatch.setattr(process, "start", start)
+        with pytest.raises(OSError, match="no more processes"):
+            ProcessDecoders(3, slots)
+    finally:
+        monkeypatch.undo()
+        for slot in slots:
+            slot.close()
+    assert len(started) == 1 and not alive(started[0].pid)
+    assert made and not any(os.path.exists(f"/dev/shm/{name}") for name in made)
