@@ -11,8 +11,9 @@ and with 16 decode threads the launching thread queues behind them for every ker
 (bench/decoders_bench.py measures the launcher's rate beside either kind). Processes share
 nothing with it but memory: the slots live in shared memory, registered as pinned with CUDA, and
 only a few small messages per batch cross the pipes. A photo that crashes a decoder process (a
-codec bug, the kernel's OOM killer) costs that photo, recorded as decode_error; the process is
-replaced and the batch goes on.
+codec bug, the kernel's OOM killer), or keeps it longer than PHOTO_TIMEOUT_S (a codec spinning on
+a pathological file: the process is killed), costs that photo, recorded as decode_error; the
+process is replaced and the batch goes on.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import itertools
 import multiprocessing
 import os
 import threading
+import time
 import traceback
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +48,9 @@ OK, OVERFLOW, CRASHED = 1, 2, 3
 # A batch's photos laid end to end: a first guess; the buffer grows when a batch needs more.
 BYTES_PER_PHOTO = 1 << 20
 DECODERS = ("threads", "processes")
+# A decode process on one photo longer than this is stuck (a codec spinning on a pathological file,
+# which would hold the run for good): killed, and the photo counted as one that crashed it.
+PHOTO_TIMEOUT_S = 120.0
 
 
 def letterbox_into(image: np.ndarray, canvas: np.ndarray) -> float:
@@ -292,7 +297,8 @@ def _decoder_main(index: int, tasks, replies, slot_names: list[str], geometry: t
         shm = shared_memory.SharedMemory(name=name)
         slots.append((shm, *slot_views(np.ndarray(shm.size, np.uint8, shm.buf), batch, h, w)))
     current_shm = shared_memory.SharedMemory(name=current_name)
-    current = np.ndarray(current_shm.size // 8, np.int64, current_shm.buf)
+    state = np.ndarray(current_shm.size // 8, np.int64, current_shm.buf)
+    current, since = state[0::2], state[1::2]  # per process: its photo, and when it started it
     flats: dict[int, tuple[str, shared_memory.SharedMemory]] = {}
     while (task := _next_task(tasks, parent)) is not None:
         s, flat_name, seq, paths, hints = task
@@ -303,6 +309,7 @@ def _decoder_main(index: int, tasks, replies, slot_names: list[str], geometry: t
         flat = np.ndarray(flats[s][1].size, np.uint8, flats[s][1].buf)
 
         def starting(j, s=s):
+            since[index] = time.monotonic_ns()  # first: the pipeline must not see the photo with the last one's time
             current[index] = s * batch + j  # if this process dies now, this photo did it
 
         try:  # photos that overflow are placed by the pipeline, which decodes them again: their digests
@@ -320,17 +327,19 @@ def _decoder_main(index: int, tasks, replies, slot_names: list[str], geometry: t
 class ProcessDecoders:
     """Decoding by a pool of processes (spawned: a CUDA process must not fork) into shared slots."""
 
-    def __init__(self, n: int, slots: list[HostSlot], decode=decode_into):
+    def __init__(self, n: int, slots: list[HostSlot], decode=decode_into, photo_timeout_s: float = PHOTO_TIMEOUT_S):
         self.n, self.slots, self.decode = max(1, n), slots, decode  # decode: a module-level function
+        self.photo_timeout_s = photo_timeout_s
         self.ctx = multiprocessing.get_context("spawn")
         self.procs: list = [None] * self.n
         self.tasks: list = [None] * self.n
         self.replies = None
         self.seq = itertools.count()
         self.inflight: dict[int, _Pending] = {}
-        self.current_shm = shared_memory.SharedMemory(create=True, size=8 * self.n)
+        self.current_shm = shared_memory.SharedMemory(create=True, size=16 * self.n)
         try:  # all or nothing: a process that would not start must not leave the others, or the segment, behind
-            self.current = np.ndarray(self.n, np.int64, self.current_shm.buf)
+            state = np.ndarray(2 * self.n, np.int64, self.current_shm.buf)
+            self.current, self.since = state[0::2], state[1::2]  # as _decoder_main sees them
             self._start_all()
         except BaseException:
             self.close(grace=0)
@@ -375,11 +384,12 @@ class ProcessDecoders:
             self.tasks[i].put(pending.task)
 
     def wait(self, pending: _Pending):
-        """Until every decoder has finished the batch. A decoder that died is replaced: the photo it
-        was on is marked crashed, and the replacement joins the batches it had not finished. A wait
-        that raises abandons its batch: every decoder is killed and started afresh (one still on it
-        would write its old photos into the next batch the slot holds), the other batches in flight
-        are sent to them again, and a later wait for the abandoned batch returns at once."""
+        """Until every decoder has finished the batch. A decoder that died, or was killed for being on
+        one photo longer than ``photo_timeout_s``, is replaced: the photo it was on is marked crashed,
+        and the replacement joins the batches it had not finished. A wait that raises abandons its
+        batch: every decoder is killed and started afresh (one still on it would write its old photos
+        into the next batch the slot holds), the other batches in flight are sent to them again, and
+        a later wait for the abandoned batch returns at once."""
         import queue
 
         if pending.seq not in self.inflight:
@@ -408,15 +418,24 @@ class ProcessDecoders:
             pending.overflow[j] = pixels
 
     def _replace_dead(self):
+        now = time.monotonic_ns()
         for i, proc in enumerate(self.procs):
-            if proc.is_alive():
+            hung = self.current[i] >= 0 and now - self.since[i] > self.photo_timeout_s * 1e9
+            if hung:
+                proc.kill()
+                proc.join()
+            elif proc.is_alive():
                 continue
-            photo = int(self.current[i])
+            photo = int(self.current[i])  # after the kill: the photo it was on when killed
             s, j = divmod(photo, self.slots[0].batch)
             on_photo = photo >= 0 and self.slots[s].status_np[j] == 0  # else broken at start, or killed between photos
             if not on_photo:  # no photo to blame: this wait fails (and restarts every decoder)
                 raise RuntimeError(f"decode process {proc.name} exited with code {proc.exitcode} outside any photo")
             self.slots[s].status_np[j] = CRASHED
+            if hung:  # the row says decode_error, as for a crash: this says why
+                path = next((p.paths[j] for p in self.inflight.values() if p.slot is self.slots[s]), "a photo")
+                warnings.warn(f"{path}: not decoded in {self.photo_timeout_s:g} s, its decode process was killed",
+                              stacklevel=2)
             self.current[i] = -1
             self._start(i)
             for seq in sorted(self.inflight):  # tasks are taken in order; it had finished the others
@@ -450,7 +469,7 @@ class ProcessDecoders:
 
     def close(self, grace: float = 5):
         self._stop(grace)
-        self.current = None
+        self.current = self.since = None
         close_segment(self.current_shm)
         self.current_shm.unlink()
 

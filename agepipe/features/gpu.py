@@ -210,7 +210,7 @@ class _Batch:
         host = self.slot.host
         for j, code in enumerate(host.status_np[:len(self.rows)].tolist()):
             if code == CRASHED:
-                self.errors[j] = "decode_error"  # the decoder process died on this file
+                self.errors[j] = "decode_error"  # the decoder process died on this file, or hung (killed)
             elif code not in (OK, OVERFLOW):
                 if code not in range(1, len(STATUSES)):
                     raise RuntimeError(f"photo {j} of a batch was never decoded (status code {code})")

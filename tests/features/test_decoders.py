@@ -371,3 +371,39 @@ def test_a_pool_that_fails_to_start_leaves_nothing_behind(monkeypatch):
             slot.close()
     assert len(started) == 1 and not alive(started[0].pid)
     assert made and not any(os.path.exists(f"/dev/shm/{name}") for name in made)
+
+
+def test_a_photo_that_hangs_its_decoder_costs_that_photo_only(photos, tmp_path):
+    """A decoder stuck in one photo (a codec spinning on a pathological file) neither replied nor
+    died, so the batch's wait, and the run, never ended. Now a decoder on one photo longer than the
+    limit is killed and replaced, the photo marked crashed (a decode_error row) with a warning."""
+    import threading
+
+    from tests.features import slow_decoder
+
+    paths = [str(p) for p in photos.values()]
+    paths.insert(2, str(tmp_path / "hang.jpg"))
+    os.link(photos["obama"], paths[2])
+    slot = HostSlot(len(paths), SIZE, pin=False, shared=True)
+    pool = ProcessDecoders(2, [slot], decode=slow_decoder.decode_into, photo_timeout_s=3)
+    errors = []
+
+    def wait():
+        try:
+            pool.wait(pending)
+        except BaseException as e:
+            errors.append(e)
+
+    try:
+        pending = pool.submit(slot, paths, [None] * len(paths))
+        waiter = threading.Thread(target=wait, daemon=True)
+        with pytest.warns(UserWarning, match="hang.jpg: not decoded in 3 s, its decode process was killed"):
+            waiter.start()
+            waiter.join(timeout=60)
+        assert not waiter.is_alive(), "the batch's wait never ended"
+        assert not errors
+        names = [decoders.STATUSES[c] for c in slot.status_np[:len(paths)]]
+        assert names[2] == "crashed" and all(n in ("ok", "overflow") for n in names[:2] + names[3:])
+    finally:
+        pool.close()
+        slot.close()
