@@ -100,7 +100,13 @@ def read_fold_file(path: Path, fold: int) -> pd.DataFrame:
     missing = [c for c in REQUIRED if c not in header]
     if missing:
         raise MetadataError(f"{path}: line 1 is not an Adience fold header (no {', '.join(missing)})", path)
-    col = {name: i for i, name in enumerate(header)}
+    # Only the columns the manifest reads: another (a converted copy's "fold") must not overwrite
+    # the row's own fields, and one of them twice would be ambiguous.
+    used = (*REQUIRED, *NUMERIC)
+    twice = [c for c in used if header.count(c) > 1]
+    if twice:
+        raise MetadataError(f"{path}: line 1 names column {twice[0]!r} twice; not an Adience fold header", path)
+    col = {name: i for i, name in enumerate(header) if name in used}
     needed = max(col[c] for c in REQUIRED) + 1
     rows = []
     for number, line in enumerate(lines[1:], start=2):
@@ -114,8 +120,8 @@ def read_fold_file(path: Path, fold: int) -> pd.DataFrame:
             return fields[i] if i is not None and i < len(fields) else ""
 
         rows.append({"fold": fold, "line": number, "broken": len(fields) < needed or extra,
-                     **{name: get(name) for name in header if name}})
-    frame = pd.DataFrame(rows, columns=["fold", "line", "broken", *[h for h in header if h]])
+                     **{name: get(name) for name in col}})
+    frame = pd.DataFrame(rows, columns=["fold", "line", "broken", *col])
     frame["source_line"] = [f"{path.name}:{n}" for n in frame["line"]]
     return frame
 

@@ -108,3 +108,26 @@ def test_the_summary_names_where_the_unusable_lines_are(tmp_path):
     assert "fold_0_data.txt:11, fold_0_data.txt:12, fold_0_data.txt:18" in broken
     assert "fold_0_data.txt:14" in next(line for line in text.splitlines() if line.strip().startswith("bad_age"))
     assert not any(":" in line for line in text.splitlines() if line.strip().startswith("ok "))
+
+
+def test_a_header_column_the_manifest_does_not_read_cannot_overwrite_a_rows_fold_or_line(tmp_path):
+    """A converted copy's header with its own "fold" (or "line") column: its values replaced the
+    fold taken from the file name and the build died in pandas, naming no file."""
+    root = tmp_path / "adience"
+    root.mkdir()
+    for k in range(5):
+        header = "\t".join([*builders.ADIENCE_HEADER, "fold", "line"])
+        line = "\t".join(["u1", "i.jpg", "1", "35", "f", *"1234567", "", "x"])
+        (root / f"fold_{k}_data.txt").write_text(f"{header}\n{line}\n" if k == 3 else header + "\n")
+    frame = adience.build_manifest(root)
+    assert frame[["fold", "source_line", "age", "status"]].values.tolist() == [[3, "fold_3_data.txt:2", 35.0, "missing_image"]]
+
+
+def test_a_header_that_names_a_column_twice_is_named(tmp_path):
+    root = tmp_path / "adience"
+    root.mkdir()
+    for k in range(5):
+        header = [*builders.ADIENCE_HEADER, "age"] if k == 2 else builders.ADIENCE_HEADER
+        (root / f"fold_{k}_data.txt").write_text("\t".join(header) + "\n")
+    with pytest.raises(MetadataError, match=r"fold_2_data.txt: line 1 names column 'age' twice"):
+        adience.build_manifest(root)
