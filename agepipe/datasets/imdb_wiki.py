@@ -13,11 +13,11 @@ the year (the original code's convention: a photo is assumed taken mid-year). MA
 1 January of year 0, so Python's ordinal is dob - 366. ``image_id``: ``{name}_crop/`` + full_path.
 ``subject_id``: the person's name in both datasets, so that one person's IMDB and Wikipedia photos
 are one subject, in one fold, on one side of every split (namesakes share a subject too, which makes
-folds coarser, never leaky); without a name, IMDB's celebrity id; with neither, the row is its own
-subject (its image_id). ``fold``: a hash of subject_id. ``face_hint``: face_location (x1, y1, x2,
-y2 in the cropped image's pixels) unless no face was found. Extra columns keep dob, photo_taken,
-name, face_score, second_face_score (and celeb_id), so a trainer can apply the usual filters
-(face_score >= 1, no second face).
+folds coarser, never leaky); without a name, the name another row of its IMDB celebrity id has,
+else that id; with neither, the row is its own subject (its image_id). ``fold``: a hash of
+subject_id. ``face_hint``: face_location (x1, y1, x2, y2 in the cropped image's pixels) unless no
+face was found. Extra columns keep dob, photo_taken, name, face_score, second_face_score (and
+celeb_id), so a trainer can apply the usual filters (face_score >= 1, no second face).
 
 Statuses, the first that applies:
     bad_path             full_path would leave the dataset folder
@@ -247,7 +247,13 @@ def build_manifest(root: Path, name: str) -> pd.DataFrame:
     if name == "imdb":
         celeb_id = np.asarray(meta["celeb_id"], dtype=np.float64)
         known = np.isfinite(celeb_id) & (celeb_id > 0)
-        subjects = [nm or (str(int(c)) if k else "") for nm, c, k in zip(names, celeb_id, known)]
+        # A row without a name takes the name its celebrity's other rows have: as the id, it
+        # would be a second subject, in another fold, for the same person.
+        named = {}
+        for nm, c, k in zip(names, celeb_id, known):
+            if nm and k:
+                named.setdefault(c, nm)
+        subjects = [nm or (named.get(c, str(int(c))) if k else "") for nm, c, k in zip(names, celeb_id, known)]
     subjects = [s or i for s, i in zip(subjects, image_ids)]
 
     frame = pd.DataFrame({

@@ -215,3 +215,22 @@ def test_a_numeric_field_that_holds_no_numbers_is_named_with_its_entry(tmp_path)
     scipy.io.savemat(path, {"wiki": struct})
     with pytest.raises(MetadataError, match=r"wiki.mat: field 'gender' is not an array of numbers \(entry 0: 'm'\)"):
         imdb_wiki.build_manifest(root, "wiki")
+
+
+def test_a_celebrity_whose_name_some_rows_lack_is_one_subject(tmp_path):
+    """IMDB rows of one celeb_id, some with the name and some without: the named ones were the
+    subject "Fred Astaire", the others "6488", two subjects in different folds, so one person's
+    photos straddled the train/test split."""
+    from tests.datasets.builders import MatRow, matlab_datenum
+
+    root = tmp_path / "imdb"
+    (root / "imdb_crop").mkdir(parents=True)
+    dob = matlab_datenum(date(1899, 5, 10))
+    rows = [MatRow("01/a.jpg", dob, 1968, 1.0, "", celeb_id=6488),
+            MatRow("01/b.jpg", dob, 1970, 1.0, "Fred Astaire", celeb_id=6488),
+            MatRow("01/c.jpg", dob, 1971, 1.0, "", celeb_id=7777)]
+    write_mat(root / "imdb_crop" / "imdb.mat", "imdb", rows)
+    frame = imdb_wiki.build_manifest(root, "imdb")
+    assert frame["subject_id"].tolist() == ["Fred Astaire", "Fred Astaire", "7777"]
+    assert frame["fold"].iloc[0] == frame["fold"].iloc[1]
+    assert frame["name"].tolist() == ["", "Fred Astaire", ""]      # the metadata's own names stay
