@@ -20,7 +20,7 @@ face was found. Extra columns keep dob, photo_taken, name, face_score, second_fa
 celeb_id), so a trainer can apply the usual filters (face_score >= 1, no second face).
 
 Statuses, the first that applies:
-    bad_path             full_path would leave the dataset folder
+    bad_path             full_path would leave the dataset folder, or is not one string
     bad_date             dob or photo_taken is missing or no date at all (dob 0, tiny or NaN)
     bad_age              the age at the photo is outside 0-100 (e.g. taken before birth)
     bad_gender           gender other than 0, 1 or NaN
@@ -185,11 +185,13 @@ def numbers(path: Path, field: str, values: np.ndarray) -> np.ndarray:
 
 
 def cell_strings(cells: np.ndarray) -> list[str]:
-    """A MATLAB cell array of strings: each cell is a 1-element array, or empty for ''."""
+    """A MATLAB cell array of strings: each cell is a 1-element array, or empty for ''. A cell
+    that holds anything else (numbers, a nested cell, a char matrix of several rows) is '' too:
+    its text would be a path or name the metadata does not give."""
     out = []
     for cell in cells:
         cell = np.asarray(cell).reshape(-1)
-        out.append(str(cell[0]).strip() if cell.size else "")
+        out.append(str(cell[0]).strip() if cell.size == 1 and cell.dtype.kind == "U" else "")
     return out
 
 

@@ -234,3 +234,27 @@ def test_a_celebrity_whose_name_some_rows_lack_is_one_subject(tmp_path):
     assert frame["subject_id"].tolist() == ["Fred Astaire", "Fred Astaire", "7777"]
     assert frame["fold"].iloc[0] == frame["fold"].iloc[1]
     assert frame["name"].tolist() == ["", "Fred Astaire", ""]      # the metadata's own names stay
+
+
+def test_a_full_path_cell_that_is_not_one_string_is_a_bad_path(tmp_path):
+    """A full_path cell holding a nested cell, numbers or a char matrix of two rows became the
+    path "wiki_crop/['01/b.jpg']", "wiki_crop/3.0" or the first row alone: a row "ok" for one
+    of two paths, or "missing_image" for a path no metadata names."""
+    from tests.datasets.builders import MatRow, matlab_datenum
+
+    root = tmp_path / "wiki"
+    (root / "wiki_crop" / "01").mkdir(parents=True)
+    dob = matlab_datenum(date(1950, 1, 1))
+    rows = [MatRow(f"01/{c}.jpg", dob, 1980, 1.0, f"Person {c}") for c in "abcd"]
+    for r in rows:
+        (root / "wiki_crop" / r.full_path).write_bytes(b"jpeg")
+    write_mat(root / "wiki_crop" / "wiki.mat", "wiki", rows)
+    mat = scipy.io.loadmat(root / "wiki_crop" / "wiki.mat")
+    cells = mat["wiki"][0, 0]["full_path"]
+    nested = np.empty((1, 1), dtype=object)
+    nested[0, 0] = np.array(["01/b.jpg"])
+    cells[0, 1], cells[0, 2], cells[0, 3] = nested, np.array([[3.0]]), np.array(["01/d.jpg", "01/a.jpg"])
+    scipy.io.savemat(root / "wiki_crop" / "wiki.mat", {"wiki": mat["wiki"]})
+    frame = imdb_wiki.build_manifest(root, "wiki")
+    assert frame["status"].tolist() == ["ok", "bad_path", "bad_path", "bad_path"]
+    assert frame["image_id"].iloc[0] == "wiki_crop/01/a.jpg" and frame["image_id"].is_unique
