@@ -132,6 +132,9 @@ def build_manifest(root: Path) -> pd.DataFrame:
     raw = pd.concat([read_fold_file(root / name, k) for k, name in enumerate(FOLD_FILES)],
                     ignore_index=True)
     n = len(raw)
+    if not n:   # nothing to account for, and columns too empty to have a type to write
+        raise MetadataError(f"{root}: no fold file {FOLD_FILES[0]} .. {FOLD_FILES[-1]} lists an image "
+                            "(each holds its header only)")
     ident = raw[["user_id", "original_image", "face_id"]].fillna("")
     named = (ident != "").all(axis=1).to_numpy()
     image_ids = [aligned_path(u, f, o) if ok else source.replace(":", "#L")

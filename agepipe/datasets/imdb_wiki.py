@@ -163,6 +163,8 @@ def read_mat(path: Path, name: str) -> dict[str, np.ndarray]:
         raise MetadataError(f"{path}: struct {name!r} lacks fields {missing}")
     fields = {f: np.asarray(record[f]).reshape(-1) for f in struct.dtype.names}
     n = len(fields["full_path"])
+    if not n:   # nothing to account for, and columns too empty to have a type to write
+        raise MetadataError(f"{path}: struct {name!r} lists no image", path)
     wrong = {f: len(fields[f]) for f in required if len(fields[f]) != n}
     if wrong:
         raise MetadataError(f"{path}: full_path has {n} entries but {wrong}")

@@ -131,3 +131,13 @@ def test_a_header_that_names_a_column_twice_is_named(tmp_path):
         (root / f"fold_{k}_data.txt").write_text("\t".join(header) + "\n")
     with pytest.raises(MetadataError, match=r"fold_2_data.txt: line 1 names column 'age' twice"):
         adience.build_manifest(root)
+
+
+def test_fold_files_that_list_no_image_are_named(tmp_path):
+    """Five fold files with a header and no line after it: the manifest's empty columns were
+    untyped and writing it died in pyarrow (ArrowTypeError), naming no file."""
+    root = tmp_path / "adience"
+    for k in range(5):
+        write_files(root, {f"fold_{k}_data.txt": ("\t".join(builders.ADIENCE_HEADER) + "\n").encode()})
+    with pytest.raises(MetadataError, match=r"adience: no fold file fold_0_data.txt .. fold_4_data.txt lists an image"):
+        adience.build_manifest(root)

@@ -258,3 +258,13 @@ def test_a_full_path_cell_that_is_not_one_string_is_a_bad_path(tmp_path):
     frame = imdb_wiki.build_manifest(root, "wiki")
     assert frame["status"].tolist() == ["ok", "bad_path", "bad_path", "bad_path"]
     assert frame["image_id"].iloc[0] == "wiki_crop/01/a.jpg" and frame["image_id"].is_unique
+
+
+def test_metadata_that_lists_no_image_is_named(tmp_path):
+    """A struct of empty fields: the manifest's empty columns were untyped and writing it died in
+    pyarrow (ArrowTypeError), naming no file."""
+    root = tmp_path / "wiki"
+    (root / "wiki_crop").mkdir(parents=True)
+    write_mat(root / "wiki_crop" / "wiki.mat", "wiki", [])
+    with pytest.raises(MetadataError, match=r"wiki.mat: struct 'wiki' lists no image"):
+        imdb_wiki.build_manifest(root, "wiki")
