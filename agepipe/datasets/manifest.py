@@ -146,8 +146,10 @@ def write_manifest(frame: pd.DataFrame, path: str | os.PathLike) -> Path:
         if field.name == "face_hint":
             columns[field.name] = fixed_list(matrix, 4, valid)
         else:
-            # from_pandas=False: an unknown age stays NaN, as the contract says, not null.
-            columns[field.name] = pa.array(frame[field.name].to_numpy(), type=field.type, from_pandas=False)
+            # An unknown age stays NaN, as the contract says, not null; elsewhere NaN is how pandas 3's
+            # string type holds a missing value (a line's empty user_id): null.
+            columns[field.name] = pa.array(frame[field.name].to_numpy(), type=field.type,
+                                           from_pandas=not pa.types.is_floating(field.type))
     table = pa.table(columns, schema=MANIFEST_SCHEMA)
     extras = [c for c in frame.columns if c not in MANIFEST_SCHEMA.names]
     if extras:

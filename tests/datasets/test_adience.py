@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
@@ -141,3 +142,20 @@ def test_fold_files_that_list_no_image_are_named(tmp_path):
         write_files(root, {f"fold_{k}_data.txt": ("\t".join(builders.ADIENCE_HEADER) + "\n").encode()})
     with pytest.raises(MetadataError, match=r"adience: no fold file fold_0_data.txt .. fold_4_data.txt lists an image"):
         adience.build_manifest(root)
+
+
+def test_a_line_without_a_user_id_is_written_with_no_subject(tmp_path):
+    """A line whose user_id is empty, with every fold file holding lines: under pandas 3 the
+    subject column is of pandas' string type, whose missing value is NaN, and writing the
+    manifest died in pyarrow (ArrowTypeError: Expected bytes, got a 'float' object)."""
+    from agepipe.datasets.manifest import write_manifest
+
+    root = tmp_path / "adience"
+    for k in range(5):
+        lines = ["\t".join(builders.ADIENCE_HEADER), f"u{k}\ti.jpg\t1\t35\tf"] + (["\ti.jpg\t2\t35\tf"] if k == 0 else [])
+        write_files(root, {f"fold_{k}_data.txt": "\n".join(lines).encode()})
+    frame = adience.build_manifest(root)
+    written = read_manifest(write_manifest(frame, root / "manifest.parquet")).set_index("source_line")
+    assert written.loc["fold_0_data.txt:3", "status"] == "broken_line"
+    assert pd.isna(written.loc["fold_0_data.txt:3", "subject_id"]) and written.loc["fold_0_data.txt:2", "subject_id"] == "u0"
+    assert pq.read_table(root / "manifest.parquet", columns=["subject_id"])["subject_id"].null_count == 1
