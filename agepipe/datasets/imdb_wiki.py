@@ -10,7 +10,8 @@ Published totals: IMDB 460,723 images, WIKI 62,328.
 
 ``age``: photo_taken minus the birth year, one less when the birthday falls in the second half of
 the year (the original code's convention: a photo is assumed taken mid-year). MATLAB's day 1 is
-1 January of year 0, so Python's ordinal is dob - 366. ``image_id``: ``{name}_crop/`` + full_path.
+1 January of year 0, so Python's ordinal is dob - 366. ``image_id``: ``{name}_crop/`` + full_path
+(without one, ``{name}_crop/{name}.mat#N`` for entry N, from 0).
 ``subject_id``: the person's name in both datasets, so that one person's IMDB and Wikipedia photos
 are one subject, in one fold, on one side of every split (namesakes share a subject too, which makes
 folds coarser, never leaky); without a name, the name another row of its IMDB celebrity id has,
@@ -20,7 +21,7 @@ face was found. Extra columns keep dob, photo_taken, name, face_score, second_fa
 celeb_id), so a trainer can apply the usual filters (face_score >= 1, no second face).
 
 Statuses, the first that applies:
-    bad_path             full_path would leave the dataset folder, or is not one string
+    bad_path             full_path would leave the dataset folder, or is empty or not one string
     bad_date             dob or photo_taken is missing or no date at all (dob 0, tiny or NaN)
     bad_age              the age at the photo is outside 0-100 (e.g. taken before birth)
     bad_gender           gender other than 0, 1 or NaN
@@ -227,8 +228,10 @@ def build_manifest(root: Path, name: str) -> pd.DataFrame:
     root = Path(root)
     meta = read_mat(mat_path(root, name), name)
     n = len(meta["full_path"])
-    image_ids = [f"{name}_crop/{p}" for p in cell_strings(meta["full_path"])]
-    bad_path = np.array([not is_safe_relpath(i) for i in image_ids], dtype=bool)
+    paths = cell_strings(meta["full_path"])
+    # A row without a path is named by its entry (from 0, as numbers() names one), so it can be found.
+    image_ids = [f"{name}_crop/{p}" if p else f"{name}_crop/{name}.mat#{i}" for i, p in enumerate(paths)]
+    bad_path = np.array([not p or not is_safe_relpath(i) for p, i in zip(paths, image_ids)], dtype=bool)
 
     age, bad_date = age_at_photo(meta["dob"], meta["photo_taken"])
     bad_age = ~bad_date & ~((age >= 0) & (age <= MAX_AGE))

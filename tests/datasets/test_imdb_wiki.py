@@ -268,3 +268,22 @@ def test_metadata_that_lists_no_image_is_named(tmp_path):
     write_mat(root / "wiki_crop" / "wiki.mat", "wiki", [])
     with pytest.raises(MetadataError, match=r"wiki.mat: struct 'wiki' lists no image"):
         imdb_wiki.build_manifest(root, "wiki")
+
+
+def test_a_row_without_a_full_path_is_named_by_its_entry_in_the_metadata(tmp_path):
+    """An empty full_path cell was the image_id "wiki_crop/" (a second one "wiki_crop/#2"): the
+    summary's bad_path rows named neither the file nor the entry to look at."""
+    from agepipe.datasets.manifest import summarize
+    from tests.datasets.builders import MatRow, matlab_datenum
+
+    root = tmp_path / "wiki"
+    (root / "wiki_crop").mkdir(parents=True)
+    dob = matlab_datenum(date(1950, 1, 1))
+    rows = [MatRow(path, dob, 1980, 1.0, "Someone") for path in ("01/a.jpg", "", "01/b.jpg", "")]
+    write_mat(root / "wiki_crop" / "wiki.mat", "wiki", rows)
+    frame = imdb_wiki.build_manifest(root, "wiki")
+    assert frame["image_id"].tolist() == ["wiki_crop/01/a.jpg", "wiki_crop/wiki.mat#1", "wiki_crop/01/b.jpg",
+                                          "wiki_crop/wiki.mat#3"]
+    assert frame["status"].tolist() == ["missing_image", "bad_path", "missing_image", "bad_path"]
+    bad = next(line for line in summarize(frame, "wiki").splitlines() if line.strip().startswith("bad_path"))
+    assert "(wiki_crop/wiki.mat#1, wiki_crop/wiki.mat#3)" in bad
