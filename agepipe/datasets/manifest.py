@@ -188,7 +188,11 @@ def summarize(frame: pd.DataFrame, name: str, published: dict[int, int] | int | 
     for status, count in frame["status"].value_counts().sort_index().items():
         lines.append(f"    {status:<22}{count:>9,}{_where(frame, status)}")
     lines.append("  fold:")
-    for fold, count in frame["fold"].value_counts().sort_index().items():
+    counts = frame["fold"].value_counts()
+    # A published fold with no row at all (its file holds a header only) is shown too, as 0.
+    folds = set(counts.index) | (set(published) if isinstance(published, dict) else set())
+    for fold in sorted(folds):
+        count = int(counts.get(fold, 0))
         note = ""
         if isinstance(published, dict) and published.get(int(fold)) not in (None, count):
             note = f"   (published: {published[int(fold)]:,})"

@@ -159,3 +159,16 @@ def test_a_line_without_a_user_id_is_written_with_no_subject(tmp_path):
     assert written.loc["fold_0_data.txt:3", "status"] == "broken_line"
     assert pd.isna(written.loc["fold_0_data.txt:3", "subject_id"]) and written.loc["fold_0_data.txt:2", "subject_id"] == "u0"
     assert pq.read_table(root / "manifest.parquet", columns=["subject_id"])["subject_id"].null_count == 1
+
+
+def test_the_summary_shows_a_fold_whose_file_lists_no_image(tmp_path):
+    """fold_3_data.txt holding its header only: the summary listed folds 0, 1, 2 and 4 and said
+    nothing of fold 3, whose published 3,446 rows were all missing."""
+    root = tmp_path / "adience"
+    for k in range(5):
+        lines = ["\t".join(builders.ADIENCE_HEADER)] + ([] if k == 3 else [f"u{k}\ti.jpg\t1\t35\tf"])
+        write_files(root, {f"fold_{k}_data.txt": "\n".join(lines).encode()})
+    text = summarize(adience.build_manifest(root), "adience", adience.PUBLISHED_ROWS)
+    folds = text.split("  fold:\n")[1].split("  age class")[0].splitlines()
+    assert [line.split()[:2] for line in folds] == [["0", "1"], ["1", "1"], ["2", "1"], ["3", "0"], ["4", "1"]]
+    assert "(published: 3,446)" in folds[3]
