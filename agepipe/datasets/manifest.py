@@ -106,9 +106,13 @@ def mark_duplicates(image_ids: list[str], status: np.ndarray) -> list[str]:
 def files_on_disk(root: Path, folder: str) -> set[str]:
     """Relative paths (from ``root``) of every file under ``root/folder``: one walk instead of a
     stat per manifest row."""
+    def unreadable(e: OSError):  # its files would be missing_image rows, for a reason not theirs
+        if not isinstance(e, FileNotFoundError):  # no folder: every row is missing_image, rightly
+            raise MetadataError(f"{e.filename}: cannot be listed ({e.strerror or e}); fix access, then rerun")
+
     found = set()
     base = root / folder
-    for dirpath, _, filenames in os.walk(base):
+    for dirpath, _, filenames in os.walk(base, onerror=unreadable):
         rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
         found.update(f"{rel}/{name}" for name in filenames)
     return found

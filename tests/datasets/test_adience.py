@@ -172,3 +172,26 @@ def test_the_summary_shows_a_fold_whose_file_lists_no_image(tmp_path):
     folds = text.split("  fold:\n")[1].split("  age class")[0].splitlines()
     assert [line.split()[:2] for line in folds] == [["0", "1"], ["1", "1"], ["2", "1"], ["3", "0"], ["4", "1"]]
     assert "(published: 3,446)" in folds[3]
+
+
+def test_a_folder_of_images_that_cannot_be_listed_is_named_not_counted_as_missing_images(tmp_path, monkeypatch):
+    """os.walk skipped a folder it could not list (permissions, a dropped network mount) without a
+    word, and every photo in it became a missing_image row: a wrong status, kept by every rerun."""
+    import os
+
+    prepare("adience", tmp_path, source=str(write_files(tmp_path / "mine", adience_files())))
+    root = tmp_path / "adience"
+    shut = root / "aligned" / "7153718@N04"
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(shut):
+            raise PermissionError(13, "Permission denied", str(shut))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(MetadataError, match=f"{shut}: cannot be listed \\(Permission denied\\)"):
+        adience.build_manifest(root)
+    monkeypatch.undo()
+    frame = adience.build_manifest(root)  # listed again: its photos are found
+    assert (frame["status"] == "ok").any() and not (frame["status"] == "missing_image").all()
