@@ -220,6 +220,9 @@ def features_list(store):
 
     names = fstore.list_feature_sets(store)
     if not names:
+        if not fstore.is_folder(store):  # a mistyped --store is no empty store: exit 0 would hide the typo
+            fail(f"no feature store at {store} (no such folder): run `agepipe extract --dataset NAME` first, "
+                 "or point --store (env AGEPIPE_STORE) at the store an extract wrote")
         click.echo(f"no feature sets in {store}")
         return
     damaged = []

@@ -551,6 +551,12 @@ def list_feature_sets(store: str) -> list[str]:
     return sorted(_name(p) for p in fs.ls(root, detail=False) if fs.exists(_join(p, "feature_set.json")))
 
 
+def is_folder(store: str) -> bool:
+    """Whether the store's root is a folder (on an object store, a prefix that holds objects)."""
+    fs, root = _fs(store)
+    return fs.isdir(root)
+
+
 def list_datasets(store: str, feature_set: str) -> list[str]:
     fs, root = _fs(_join(str(store), feature_set))
     if not fs.exists(root):

@@ -462,6 +462,23 @@ def test_a_store_url_fsspec_cannot_open_is_one_sentence(tmp_path, monkeypatch):
             assert f"Error: {store}: fsspec cannot open it ({said})" in result.output, (args, result.output)
 
 
+def test_features_list_of_a_store_that_is_not_there_says_so(tmp_path):
+    """A mistyped --store (no such folder, or a file) read "no feature sets in X" with exit 0, as an
+    empty store does: a script taking the first word as a feature set's name got "no"."""
+    from click.testing import CliRunner
+
+    from agepipe.cli import cli
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("")
+    for store in (tmp_path / "nope", tmp_path / "file"):
+        result = CliRunner().invoke(cli, ["features", "list", "--store", str(store)])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert f"Error: no feature store at {store} (no such folder)" in result.output
+    result = CliRunner().invoke(cli, ["features", "list", "--store", str(tmp_path / "empty")])
+    assert result.exit_code == 0 and result.output == f"no feature sets in {tmp_path / 'empty'}\n"
+
+
 @pytest.mark.parametrize("text", ['{"pack": "buffalo_s", "det_', "[]"])
 def test_a_damaged_feature_set_json_is_refused_naming_it(tmp_path, text):
     """feature_set.json cut short (a copy interrupted) or not an object: `features show`, train
