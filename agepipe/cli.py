@@ -97,6 +97,7 @@ def cli():
 # --- commands: embed and features ---
 
 CUDA_HELP = "cuda needs onnxruntime-gpu (or --runtime torch with a CUDA torch)."
+DEVICE_HELP = "Where the face models run. " + CUDA_HELP
 
 
 def _det_size(ctx, param, value):
@@ -108,7 +109,7 @@ def _det_size(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
-def models_options(device_default: str | None = "cpu", device_help: str = CUDA_HELP):
+def models_options(device_default: str | None = "cpu", device_help: str = DEVICE_HELP):
     """--models, --det-size, --device and --runtime: which face models run, and how."""
     def decorate(f):
         f = click.option("--runtime", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime",
@@ -258,11 +259,11 @@ def _damaged(by_dataset: dict) -> list[str]:
             if isinstance(e, fstore.StoreError) and not isinstance(e, fstore.UnfinishedExtract)]
 
 
-@features.command("show")
+@features.command("show", short_help="Show a feature set's configuration and rows per dataset and status.")
 @click.argument("name")
 @store_option
 def features_show(name, store):
-    """Show a feature set's configuration and rows per dataset and status."""
+    """Show feature set NAME's configuration and rows per dataset and status."""
     from agepipe.features import store as fstore
 
     info = fstore.read_feature_set_info(store, name)
@@ -312,8 +313,8 @@ def models():
 
 @models.command("fetch", short_help="Download a pack into insightface's cache; print its sha256.")
 @click.argument("pack", default="buffalo_l")
-@click.option("--url", default=None, help="Download buffalo_l.zip from this URL (a mirror) instead of insightface's GitHub release; "
-                   "env AGEPIPE_MODEL_URL.")
+@click.option("--url", default=None, help="Download buffalo_l.zip from this URL (a mirror) instead of insightface's GitHub release "
+                   "(env AGEPIPE_MODEL_URL).")
 def models_fetch(pack, url):
     """Download PACK (default buffalo_l) into insightface's model cache and print each file's
     sha256; the first sha256 seen is recorded and checked on every later use."""
@@ -378,7 +379,7 @@ def download(dataset, data_dir, source, workers, no_extract):
 
 @cli.command()
 @click.option("--dataset", "datasets", multiple=True, required=True,
-              help="Dataset(s) with a manifest in the data dir: adience, imdb, wiki, imdb-wiki, sample.")
+              help="Dataset(s) with a manifest in the data dir: adience, imdb, wiki, imdb-wiki, sample; repeatable.")
 @data_dir_option
 @store_option
 @click.option("--gpus", default=None, help="'all' or ids like 0,1: one worker process per GPU.")
@@ -402,7 +403,8 @@ def download(dataset, data_dir, source, workers, no_extract):
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N rows, for a quick try (refused where the store holds more of the dataset).")
 @click.option("--retry-failed", is_flag=True,
               help="Redo rows whose status was a transient failure (error, worker_lost) or whose photo was missing.")
-@models_options(device_default=None, device_help="Default: cuda with --gpus, else cpu. " + CUDA_HELP)
+@models_options(device_default=None,
+                device_help="Where the face models run (default: cuda with --gpus, else cpu). " + CUDA_HELP)
 def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, batch_size, decoders, limit,
             retry_failed, pack, det_size, runtime, device):
     """Detect, align and embed every manifest row into the feature store.
@@ -624,9 +626,9 @@ def _fold_list(ctx, param, value):
               help="Override a hyper-parameter (lr, weight_decay, gamma, batch_size, patience) for all, a task, "
                    "a variant or task:variant, e.g. --set no-ic.lr=0.001 --set gender:full.batch_size=256.")
 @click.option("--dataset", "datasets", multiple=True, default=("adience",), show_default=True,
-              help="Cross-validation dataset(s).")
+              help="Cross-validation dataset(s); repeatable.")
 @click.option("--pretrain-dataset", "pretrain_datasets", multiple=True, default=("imdb-wiki",), show_default=True,
-              help="Pre-training dataset(s) of the pretrained cells.")
+              help="Pre-training dataset(s) of the pretrained cells; repeatable.")
 @click.option("--min-det-score", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Leave out faces the detector was less sure of.")
 @click.option("--mc-samples", type=click.IntRange(0), default=0, show_default=True,
@@ -760,9 +762,11 @@ def evaluate(run, store, mc_samples, device):
                    "this is an existing folder or ends in /); a photo over 4096 px a side is drawn "
                    "reduced, as its faces were found.")
 @click.option("--models", "pack", default=None,
-              help="Face models (default: the pack of the runs' feature set, else buffalo_s).")
+              help="Model pack: buffalo_l, buffalo_s or a folder of ONNX files (default: the pack of the runs' "
+                   "feature set, else buffalo_s).")
 @click.option("--det-size", type=click.IntRange(32, 4096), default=None, callback=_det_size,
-              help="Detector input size, a multiple of 32 (default: the runs' feature set's, else 640).")
+              help="Square detector input size in pixels, a multiple of 32 (default: the runs' feature set's, "
+                   "else 640).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the MLPs run (the face models run on the CPU).")
 def predict(images, age_model, gender_model, mc_samples, as_json, json_out, annotate, pack, det_size, device):
