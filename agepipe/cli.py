@@ -221,9 +221,7 @@ def features_list(store):
 
     names = fstore.list_feature_sets(store)
     if not names:
-        if not fstore.is_folder(store):  # a mistyped --store is no empty store: exit 0 would hide the typo
-            fail(f"no feature store at {store} (no such folder): run `agepipe extract --dataset NAME` first, "
-                 "or point --store (env AGEPIPE_STORE) at the store an extract wrote")
+        _no_store_folder(store)  # a mistyped --store is no empty store: exit 0 would hide the typo
         click.echo(f"no feature sets in {store}")
         return
     damaged = []
@@ -239,6 +237,15 @@ def features_list(store):
         damaged += _damaged(by_dataset)
     if damaged:
         fail("\n".join(damaged))
+
+
+def _no_store_folder(store: str) -> None:
+    """Stop, naming the store, when --store is no folder (a typo): not "no feature sets" there."""
+    from agepipe.features import store as fstore
+
+    if not fstore.is_folder(store):
+        fail(f"no feature store at {store} (no such folder): run `agepipe extract --dataset NAME` first, "
+             "or point --store (env AGEPIPE_STORE) at the store an extract wrote")
 
 
 def _unreadable(error) -> str:
@@ -268,6 +275,7 @@ def features_show(name, store):
 
     info = fstore.read_feature_set_info(store, name)
     if not info:
+        _no_store_folder(store)
         known = ", ".join(fstore.list_feature_sets(store)) or "none"
         fail(f"no feature set {name!r} in {store} (known: {known})")
     click.echo(f"feature set {name} in {store}")

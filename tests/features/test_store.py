@@ -462,9 +462,10 @@ def test_a_store_url_fsspec_cannot_open_is_one_sentence(tmp_path, monkeypatch):
             assert f"Error: {store}: fsspec cannot open it ({said})" in result.output, (args, result.output)
 
 
-def test_features_list_of_a_store_that_is_not_there_says_so(tmp_path):
+def test_features_of_a_store_that_is_not_there_says_so(tmp_path):
     """A mistyped --store (no such folder, or a file) read "no feature sets in X" with exit 0, as an
-    empty store does: a script taking the first word as a feature set's name got "no"."""
+    empty store does: a script taking the first word as a feature set's name got "no". `features
+    show` said "no feature set 'NAME' in X (known: none)", as if the store were there."""
     from click.testing import CliRunner
 
     from agepipe.cli import cli
@@ -472,11 +473,14 @@ def test_features_list_of_a_store_that_is_not_there_says_so(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("")
     for store in (tmp_path / "nope", tmp_path / "file"):
-        result = CliRunner().invoke(cli, ["features", "list", "--store", str(store)])
-        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-        assert f"Error: no feature store at {store} (no such folder)" in result.output
+        for args in (["features", "list"], ["features", "show", FS]):
+            result = CliRunner().invoke(cli, [*args, "--store", str(store)])
+            assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+            assert f"Error: no feature store at {store} (no such folder)" in result.output, args
     result = CliRunner().invoke(cli, ["features", "list", "--store", str(tmp_path / "empty")])
     assert result.exit_code == 0 and result.output == f"no feature sets in {tmp_path / 'empty'}\n"
+    result = CliRunner().invoke(cli, ["features", "show", FS, "--store", str(tmp_path / "empty")])
+    assert result.exit_code == 1 and f"no feature set '{FS}' in {tmp_path / 'empty'} (known: none)" in result.output
 
 
 @pytest.mark.parametrize("text", ['{"pack": "buffalo_s", "det_', "[]"])
