@@ -303,6 +303,9 @@ def test_features_show_keeps_the_last_extract_that_ran_photos_over_a_rerun_with_
     [line] = [s for s in result.output.splitlines() if "last extract" in s]
     found = re.search(r"last extract: mini: 2 rows in [0-9.]+ s, ([0-9.]+) images/s, finished 20", line)
     assert found and float(found[1]) > 0 and "{" not in line, line  # the first run's, not the rerun's 0
+    # the stages in the order extract's own summary gives them (feature_set.json sorts its keys)
+    assert re.search(r"time per stage \(summed over workers\): decode [0-9.]+ s, detect [0-9.]+ s, align [0-9.]+ s, "
+                     r"embed [0-9.]+ s, write [0-9.]+ s$", line), line
 
 
 def test_a_manifest_changed_where_the_row_digest_does_not_look_redoes_those_shards(mini_data, tmp_path):
