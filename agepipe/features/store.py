@@ -546,7 +546,7 @@ def update_feature_set_info(store: str, feature_set: str, update) -> dict:
 
 def list_feature_sets(store: str) -> list[str]:
     fs, root = _fs(store)
-    if not fs.exists(root):
+    if not fs.isdir(root):  # a file: fsspec 2023.1.0 (the floor) listed it with os.scandir, NotADirectoryError
         return []
     return sorted(_name(p) for p in fs.ls(root, detail=False) if fs.exists(_join(p, "feature_set.json")))
 
