@@ -239,11 +239,14 @@ def decode_image(data: bytes, name: str = "<bytes>", max_side: int = MAX_SIDE) -
     return Photo(np.ascontiguousarray(pixels), scale)
 
 
-# The machine's, not the file's: too many open files, no memory. A photo's read_error is kept for
-# good (--retry-failed redoes only transient rows), so these are raised as they are: the shard's
-# photos are redone one by one, a photo that fails again is a transient "error" row, and a
-# shard of which every photo fails stops the run.
-_MACHINE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# The machine's, not the file's: too many open files, no memory, a network mount that dropped or
+# stalls (FUSE's ENOTCONN, NFS's ESTALE, and EIO or ETIMEDOUT from a soft mount whose server does
+# not answer). A photo's read_error is kept for good (--retry-failed redoes only transient rows),
+# so these are raised as they are: the shard's photos are redone one by one, a photo that fails
+# again is a transient "error" row, and a shard of which every photo fails stops the run.
+_MACHINE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.ENOTCONN, errno.ESTALE,
+                   errno.EIO, errno.ETIMEDOUT, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENETDOWN,
+                   errno.ENETUNREACH, errno.ECONNRESET}
 
 
 def _read_error(path: str, e: OSError) -> Exception:

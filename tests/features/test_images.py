@@ -272,3 +272,24 @@ def test_a_machine_out_of_file_descriptors_is_not_a_photos_read_error(tmp_path, 
     with pytest.raises(ImageError, match="Permission denied") as e:
         images.read_bytes(str(path))
     assert e.value.status == "read_error"
+
+
+@pytest.mark.parametrize("code", ["ENOTCONN", "ESTALE", "EIO", "ETIMEDOUT"])
+def test_a_network_mount_that_drops_is_not_a_photos_read_error(tmp_path, monkeypatch, code):
+    """A FUSE or NFS mount of the photos that dropped or stalled mid-run (ENOTCONN, ESTALE; EIO or
+    ETIMEDOUT from a soft mount) made every photo read after it a read_error, kept for good: a status
+    --retry-failed never redoes. It is raised as EMFILE is: the machine's, not the photo's."""
+    import errno
+    import os
+
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"\xff\xd8")
+    number = getattr(errno, code)
+
+    def open_(p, *args, **kwargs):
+        raise OSError(number, os.strerror(number), str(p))
+
+    monkeypatch.setattr(images.os, "open", open_)
+    with pytest.raises(OSError) as e:
+        images.read_bytes(str(path))
+    assert not isinstance(e.value, ImageError) and e.value.errno == number
