@@ -54,11 +54,11 @@ def open_atomic(fs, path: str, mode: str):
             f.flush()
             with contextlib.suppress(AttributeError, OSError, ValueError, io.UnsupportedOperation):
                 os.fsync(f.fileno())  # the bytes reach the disk before the name points at them
+        _rename(fs, tmp, path)  # inside: a rename that fails (a copy cut off) leaves no temporary either
     except BaseException:
         with contextlib.suppress(Exception):
             fs.rm_file(tmp)  # not fs.rm: it reads [, * or ? as a pattern
         raise
-    _rename(fs, tmp, path)
 
 
 def _rename(fs, tmp: str, path: str) -> None:

@@ -45,6 +45,29 @@ def test_open_atomic_on_an_fsspec_filesystem_is_all_or_nothing(tmp_path, protoco
     assert [p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)] == ["_index.json"]
 
 
+@pytest.mark.parametrize("protocol", ["file", "memory"])
+def test_open_atomic_whose_rename_fails_leaves_no_temporary(tmp_path, protocol, monkeypatch):
+    """The rename came after open_atomic's cleanup: a rename that failed (an object store's copy cut
+    off by the network, a folder where the file should be) left the written temporary beside the
+    file, until some later writer of that folder swept it."""
+    fs = fsspec.filesystem(protocol)
+    folder = str(tmp_path) if protocol == "file" else f"/{tmp_path.name}"
+    path = f"{folder}/_index.json"
+    if protocol == "file":
+        fs.makedirs(path)  # os.replace of a file over a folder: IsADirectoryError
+    else:
+        with open_atomic(fs, path, "w") as f:
+            f.write("old")
+
+        def cut_off(*args, **kwargs):
+            raise ConnectionError("the copy was cut off")
+        monkeypatch.setattr(fs, "cp_file", cut_off)
+    with pytest.raises(OSError), open_atomic(fs, path, "w") as f:
+        f.write("new")
+    assert [p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)] == ["_index.json"]
+    assert protocol == "file" or fs.cat_file(path) == b"old"
+
+
 def test_a_file_system_that_does_not_lock_warns_and_lets_the_command_run(tmp_path, monkeypatch, caplog):
     """NFS without its lock daemon refuses flock with ENOLCK: the command runs, with a warning
     naming the lock file, instead of ending every train, table, download and extract there in a
