@@ -532,6 +532,8 @@ def commit_plan(plan: Plan, results: list[dict], store: str, feature_set: str) -
                                             f"committed; rerun `agepipe extract --dataset {dataset}`")
                 path = written[dataset, index_no]
             entries.append(fstore.ShardEntry(path.rsplit("/", 1)[-1], start, rows, digest))
+        # Every task has ended: a temporary now is a killed worker's, which it could not remove.
+        fstore.remove_stale_temporaries(store, feature_set, dataset)
         fstore.commit_shards(store, feature_set, dataset, entries, cut.manifest_sha256, cut.generation, cut.manifest)
 
 

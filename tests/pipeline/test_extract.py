@@ -520,6 +520,40 @@ def test_a_photo_that_breaks_its_task_costs_only_that_photo(mini_data, tmp_path,
     assert table["status"].to_pylist() == ["ok", "ok", "ok", "error", "ok", "ok"]
 
 
+def test_a_worker_killed_mid_write_leaves_no_temporary_after_the_run(mini_data, tmp_path, monkeypatch):
+    """A worker killed while it wrote a shard cannot remove its temporary; Dask runs the task again
+    and the run finishes. Its commit deleted the shards it left out but not that temporary, which
+    stayed in the folder until some later extract of the dataset."""
+    from distributed import Client, LocalCluster
+
+    from agepipe.pipeline import extract as ex
+
+    real, killed = ex.extract_shard, tmp_path / "killed"  # a file: the task runs a copy of this closure
+
+    def extract_shard(task):
+        if not killed.exists():  # the first attempt dies mid-write, as a killed process leaves its temporary
+            killed.touch()
+            folder = Path(fstore.dataset_dir(task["store"], task["feature_set"], task["dataset"]))
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / ".part-00000-0badc0de.parquet.0123456789abcdef.tmp").write_bytes(b"PAR1 half")
+            raise RuntimeError("killed mid-write")
+        return real(task)
+
+    monkeypatch.setattr(ex, "extract_shard", extract_shard)
+    manifests, hashed = ex.read_manifests(str(mini_data), ["mini"])
+    store = str(tmp_path / "store")
+    plan = ex.make_plan({"mini": manifests["mini"].slice(0, 6)}, str(mini_data), store, "fs-test",
+                        ex.ExtractConfig(pack="buffalo_s"), 10, False, hashed)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        results = ex.run_tasks(client, plan.tasks, progress=False)
+    ex.commit_plan(plan, results, store, "fs-test")
+    assert killed.exists() and "rescued" not in results[0]  # Dask's retry did it
+    folder = Path(fstore.dataset_dir(store, "fs-test", "mini"))
+    assert sorted(p.name for p in folder.iterdir() if p.name != ".lock") == \
+        ["_index.json", results[0]["file"]]
+
+
 def test_degenerate_photos_get_a_status_not_a_crash(tmp_path, embedder):
     import cv2
 
