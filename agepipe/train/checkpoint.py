@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from agepipe.atomic import atomic_path
+from agepipe.features.store import EMBEDDING_DIM
 from agepipe.train.data import NUM_CLASSES
 from agepipe.train.model import ModelConfig, ResMLP
 
@@ -112,6 +113,10 @@ def read_config(run_dir: str | Path) -> dict:
     if model.num_classes != NUM_CLASSES[config["task"]]:
         raise CheckpointError(f"{path}: a model of {model.num_classes} classes, but task {config['task']} has "
                               f"{NUM_CLASSES[config['task']]}")
+    # Weights that fit such a config load, then fail on the first embedding with torch's "mat1 and mat2 shapes".
+    if model.in_features != EMBEDDING_DIM:
+        raise CheckpointError(f"{path}: a model of {model.in_features} input features, but the store's embeddings "
+                              f"have {EMBEDDING_DIM}")
     if not isinstance(config.get("data", {}), dict):
         raise CheckpointError(f"{path}: \"data\" (where the run's rows came from) is not an object")
     if not isinstance(config.get("train", {}), dict):

@@ -14,7 +14,7 @@ def saved_run(tmp_path, cfg=None):
     torch.manual_seed(0)
     model = ResMLP(cfg or paper_config("age", 8))
     model.train()
-    model(torch.randn(64, 512))  # move the BatchNorm running statistics off their defaults
+    model(torch.randn(64, model.config.in_features))  # move the BatchNorm running statistics off their defaults
     run = tmp_path / "run"
     task = {8: "age", 101: "age101", 2: "gender"}[model.config.num_classes]
     save_checkpoint(run, model.eval(), {"task": task})
@@ -81,6 +81,15 @@ def test_a_data_record_of_the_wrong_types_names_the_file(tmp_path, key, value, m
     (run / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="config.json: " + message):
         load_checkpoint(run)
+
+def test_a_model_of_another_input_width_is_refused_at_load(tmp_path):
+    """Its weights fit its config, so only the first embedding scored found it: a RuntimeError
+    'mat1 and mat2 shapes cannot be multiplied' from evaluate or predict, no file named."""
+    _, run = saved_run(tmp_path, ModelConfig(num_classes=8, in_features=256))
+    with pytest.raises(CheckpointError, match="config.json: a model of 256 input features, but the store's "
+                                              "embeddings have 512"):
+        load_checkpoint(run)
+
 
 def test_weights_that_do_not_fit_the_config_are_refused(tmp_path):
     _, run = saved_run(tmp_path)
