@@ -143,6 +143,17 @@ def weightless_validation(data: TaskData, split: Split, cfg: TrainConfig) -> lis
             "kept."]
 
 
+def empty_test(split: Split, record: dict) -> list[str]:
+    """A test fold with no row to score (a dataset without that fold, or --min-det-score above all its
+    faces): every test metric is NaN, which the run's output would otherwise show with no word of why."""
+    if record["test_fold"] is None or len(split.test):
+        return []
+    return [f"the test split is empty: fold {record['test_fold']} of {', '.join(record['datasets'])} has no row with "
+            "status \"ok\", a label and a finite embedding" + (f" (det_score >= {record['min_det_score']:g})"
+                                                               if record["min_det_score"] > 0 else "")
+            + ", so every test metric is NaN. Choose another --test-fold"]
+
+
 def has_validation(val_y: torch.Tensor, weight: torch.Tensor | None) -> bool:
     """Whether the validation split can pick an epoch: it has rows, and under --balance rows of a
     class the training split holds (the others weigh 0, and a loss over no weight is 0/0 = NaN)."""
@@ -311,7 +322,7 @@ def initial_model(model_cfg: ModelConfig, seed: int, init: str | None, device) -
 def warn_before(data: TaskData, split: Split, train_cfg: TrainConfig, init: str | None,
                 record: dict) -> list[str]:
     warned = (data.warnings + init_leak(init, record) + training_warnings(len(split.train), len(split.val), train_cfg)
-              + weightless_validation(data, split, train_cfg))
+              + weightless_validation(data, split, train_cfg) + empty_test(split, record))
     for message in warned:
         warnings.warn(message, TrainingWarning, stacklevel=3)
     return warned

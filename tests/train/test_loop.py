@@ -358,3 +358,20 @@ def test_the_cuda_graph_step_trains_like_the_eager_step():
         weights.append((model.head.weight.detach().clone(), step.take()))
     assert torch.allclose(weights[0][0], weights[1][0], atol=1e-4)
     assert weights[0][1][0] == pytest.approx(weights[1][1][0], rel=1e-4)
+
+
+def test_a_test_fold_without_rows_is_said_not_only_nan(tmp_path):
+    """--test-fold 4 of rows in folds 0-3 (a small dataset, or --min-det-score above the fold's faces):
+    the run trained and printed test accuracy nan with no word of why."""
+    from agepipe.train.loop import TrainingWarning
+
+    mixture = Mixture.make(seed=3)
+    x, y = mixture.sample(400, seed=4)
+    rows = adience_like(y, subjects=40)
+    rows["fold"] = rows["fold"] % 4
+    store = write_store(tmp_path / "store", x, rows)
+    with pytest.warns(TrainingWarning, match="the test split is empty: fold 4 of adience has no row"):
+        metrics = train(store, ["adience"], "age", tmp_path / "run", test_fold=4, mc_samples=0, report=False,
+                        progress=False, train_overrides={"epochs": 1})
+    assert metrics["test"]["n"] == 0
+    assert any(w.startswith("the test split is empty") for w in metrics["train_warnings"])
