@@ -12,8 +12,8 @@ and with 16 decode threads the launching thread queues behind them for every ker
 nothing with it but memory: the slots live in shared memory, registered as pinned with CUDA, and
 only a few small messages per batch cross the pipes. A photo that crashes a decoder process (a
 codec bug, the kernel's OOM killer), or keeps it longer than PHOTO_TIMEOUT_S (a codec spinning on
-a pathological file: the process is killed), costs that photo, recorded as decode_error; the
-process is replaced and the batch goes on.
+a pathological file: the process is killed), costs that photo, a worker_lost row (transient, as on
+the CPU path: --retry-failed tries it again); the process is replaced and the batch goes on.
 """
 from __future__ import annotations
 
@@ -432,7 +432,7 @@ class ProcessDecoders:
             if not on_photo:  # no photo to blame: this wait fails (and restarts every decoder)
                 raise RuntimeError(f"decode process {proc.name} exited with code {proc.exitcode} outside any photo")
             self.slots[s].status_np[j] = CRASHED
-            if hung:  # the row says decode_error, as for a crash: this says why
+            if hung:  # the row says worker_lost, as for a crash: this says why
                 path = next((p.paths[j] for p in self.inflight.values() if p.slot is self.slots[s]), "a photo")
                 warnings.warn(f"{path}: not decoded in {self.photo_timeout_s:g} s, its decode process was killed",
                               stacklevel=2)

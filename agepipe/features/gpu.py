@@ -210,7 +210,9 @@ class _Batch:
         host = self.slot.host
         for j, code in enumerate(host.status_np[:len(self.rows)].tolist()):
             if code == CRASHED:
-                self.errors[j] = "decode_error"  # the decoder process died on this file, or hung (killed)
+                # its decode process died on it or hung (killed): a hostile file, or the OOM killer's
+                # choice, so transient as on the CPU path, where a photo that kills its worker is worker_lost
+                self.errors[j] = "worker_lost"
             elif code not in (OK, OVERFLOW):
                 if code not in range(1, len(STATUSES)):
                     raise RuntimeError(f"photo {j} of a batch was never decoded (status code {code})")

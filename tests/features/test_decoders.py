@@ -376,7 +376,7 @@ def test_a_pool_that_fails_to_start_leaves_nothing_behind(monkeypatch):
 def test_a_photo_that_hangs_its_decoder_costs_that_photo_only(photos, tmp_path):
     """A decoder stuck in one photo (a codec spinning on a pathological file) neither replied nor
     died, so the batch's wait, and the run, never ended. Now a decoder on one photo longer than the
-    limit is killed and replaced, the photo marked crashed (a decode_error row) with a warning."""
+    limit is killed and replaced, the photo marked crashed (a worker_lost row) with a warning."""
     import threading
 
     from tests.features import slow_decoder

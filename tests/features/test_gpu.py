@@ -135,6 +135,27 @@ def reference(embedder, path, hint=None):
     return len(det), (det.boxes[k] * photo.scale, det.scores[k], emb[0], norms[0])
 
 
+def test_a_photo_that_kills_its_decode_process_is_a_transient_row(photos, buffalo_s, tmp_path, monkeypatch):
+    """Killed on a photo (a codec bug, or the OOM killer's choice, a machine fault) it was a
+    decode_error, kept for good, where the CPU path makes a photo that kills its worker a
+    worker_lost row that --retry-failed tries again."""
+    import functools
+
+    from tests.features import crashing_decoder
+
+    crash = tmp_path / "crash.jpg"
+    crash.write_bytes(photos["obama"].read_bytes())
+    paths = [str(photos["obama"]), str(crash), str(photos["biden"])]
+    monkeypatch.setattr(gpu, "ProcessDecoders", functools.partial(decoders.ProcessDecoders,
+                                                                   decode=crashing_decoder.decode_into))
+    pipeline = gpu.DevicePipeline(buffalo_s, device="cpu", batch_size=4, decode_threads=1, decoders="processes")
+    try:
+        errors, packed = pipeline.extract(paths, [None] * len(paths), Counter())
+    finally:
+        pipeline.close()
+    assert errors == [None, "worker_lost", None]
+
+
 @pytest.mark.parametrize("kind", decoders.DECODERS)
 def test_device_pipeline_on_cpu_agrees_with_onnxruntime(photos, embedder, buffalo_s, tmp_path, kind):
     """Same face chosen for every photo, boxes within 1 px, cosine >= 0.999 (fp32 on the CPU),
