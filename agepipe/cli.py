@@ -724,6 +724,8 @@ def _echo_metrics(metrics: dict, run: str):
                    f"mutual information {test['mc']['mean_mutual_information']:.4f} nats")
     click.echo(f"  val accuracy {metrics['val']['accuracy']:.4f}"
                + (" (rows: " + ", ".join(f"{split} {n}" for split, n in sizes.items()) + ")" if sizes else ""))
+    if metrics.get("left_out"):  # the datasets' other rows, so that every row is accounted for
+        click.echo("  left out: " + ", ".join(f"{why} {n}" for why, n in metrics["left_out"].items()))
     click.echo("  " + baseline_sentence(metrics.get("task", "this"), test))
     for warning in test.get("warnings", []):
         click.echo(f"warning: {warning}", err=True)

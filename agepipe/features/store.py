@@ -11,11 +11,13 @@ be any fsspec URL. Reading writes nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import hashlib
 import json
 import os
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import fsspec
@@ -711,9 +713,11 @@ def read_embeddings(store: str, path: str, out: np.ndarray | None = None) -> np.
 
 @dataclass
 class Features:
-    """Embeddings as one contiguous (n, 512) float32 matrix and their rows' labels."""
+    """Embeddings as one contiguous (n, 512) float32 matrix and their rows' labels; ``left_out``:
+    how many rows of the folds read each filter left out (by status, and below the det score)."""
     embeddings: np.ndarray
     rows: pd.DataFrame
+    left_out: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 LABEL_COLUMNS = ["image_id", "subject_id", "fold", "age", "age_bin", "gender", "det_score", "embedding_norm"]
@@ -725,14 +729,20 @@ def load_features(store: str, feature_set: str, datasets: list[str] | str | None
     No Python loop per row: each shard's embedding pages are copied once, straight into
     the one output matrix."""
     shards = _read_shards(store, feature_set, datasets, LABEL_COLUMNS + ["status"])
-    keeps = []
+    keeps, left_out = [], Counter()
     for _, _, table in shards:
-        mask = pc.equal(table["status"], "ok")
+        asked = np.ones(len(table), dtype=bool)  # the folds asked for: the rest is not left out, only not read
         if folds is not None:
-            mask = pc.and_(mask, pc.is_in(table["fold"], pa.array(folds, pa.int8())))
+            asked = pc.is_in(table["fold"], pa.array(folds, pa.int8())).to_numpy(zero_copy_only=False).astype(bool)
+        status = table["status"].to_numpy(zero_copy_only=False)
+        keep = asked & (status == "ok")
+        left_out.update(status[asked & ~keep].tolist())
         if min_det_score > 0:
-            mask = pc.and_(mask, pc.greater_equal(table["det_score"], min_det_score))
-        keeps.append(mask.to_numpy(zero_copy_only=False).astype(bool))
+            above = pc.fill_null(pc.greater_equal(table["det_score"], min_det_score), False)
+            low = keep & ~above.to_numpy(zero_copy_only=False).astype(bool)
+            left_out["det_score_below_min"] += int(low.sum())
+            keep &= ~low
+        keeps.append(keep)
     embeddings = np.empty((sum(int(k.sum()) for k in keeps), EMBEDDING_DIM), dtype=np.float32)
     row = 0
     for (dataset, path, _), keep in zip(shards, keeps):
@@ -748,7 +758,7 @@ def load_features(store: str, feature_set: str, datasets: list[str] | str | None
     rows = pa.concat_tables([
         t.filter(pa.array(keep)).append_column("dataset", pa.array([d] * int(keep.sum()), pa.string()))
         for (d, _, t), keep in zip(shards, keeps)])
-    return Features(embeddings, rows.drop_columns(["status"]).to_pandas())
+    return Features(embeddings, rows.drop_columns(["status"]).to_pandas(), {k: v for k, v in sorted(left_out.items()) if v})
 
 
 def _counts(store: str, feature_set: str, dataset: str) -> dict[str, int]:

@@ -176,7 +176,8 @@ def load_task_data(store: str, feature_set: str, datasets: list[str], task: str,
                          "and a finite embedding; nothing to train or score")
     rows = feats.rows.loc[known].reset_index(drop=True)
     x = torch.from_numpy(feats.embeddings if known.all() else feats.embeddings[known])
-    dropped = {"unknown_label": int((y < 0).sum())}
+    # every row of the datasets read that is not trained or scored on, by why (DESIGN: none silently)
+    dropped = {**feats.left_out, "unknown_label": int((y < 0).sum())}
     said = stale_labels(store, feature_set, datasets)
     bad = (y >= 0) & ~finite
     if bad.any():

@@ -348,7 +348,8 @@ def save_run(data: TaskData, split: Split, model: ResMLP, train_cfg: TrainConfig
     save_checkpoint(out, model, config)
     write_json(out / "history.json", result)
     metrics = {"task": data.task, "best_epoch": result["best_epoch"], "epochs_run": len(result["history"]),
-               "train_seconds": seconds, "train_warnings": warned}
+               "train_seconds": seconds, "train_warnings": warned, "split_sizes": split.sizes(),
+               "left_out": {k: v for k, v in data.dropped.items() if v}}
     metrics.update(score_splits(model, data, split, mc_samples, train_cfg.amp, out))
     write_json(out / "metrics.json", metrics)
     if report:

@@ -89,13 +89,15 @@ def write_report(run_dir: str | Path) -> Path:
                            run_dir / "risk_coverage.png")
 
     data, mc = config["data"], test.get("mc")
+    left = metrics.get("left_out")  # the datasets' rows neither trained nor scored on, and why
     balance = config.get("train", {}).get("balance")
     lines = [f"# {task} run: {run_dir.name}", "",
              f"- feature set `{data['feature_set']}`, datasets {', '.join(data['datasets'])}, "
              + ("no test fold (every fold trained on)" if data["test_fold"] is None else f"test fold {data['test_fold']}"),
              # evaluate's sizes where it scored the rows the store holds now, else the training's
              "- rows: " + ", ".join(f"{k} {v}" for k, v in (metrics.get("split_sizes")
-                                                            or data.get("split_sizes", {})).items()),
+                                                            or data.get("split_sizes", {})).items())
+             + (f"; left out: {', '.join(f'{k} {v}' for k, v in left.items())}" if left else ""),
              "- classes: " + ", ".join(_names(task, test)),
              "- model: " + ", ".join(f"{k} {v}" for k, v in config["model"].items()),
              f"- best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')}, "

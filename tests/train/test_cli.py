@@ -198,3 +198,32 @@ def test_table_cuda_graphs_on_a_cpu_says_it_steps_as_usual(gaussian_store, tmp_p
                     "--cuda-graphs")
     assert result.exit_code == 0, result.output
     assert "warning: --cuda-graphs: the runs train on the CPU, so they step as usual" in result.output
+
+
+def test_train_says_which_rows_it_left_out_and_why(tmp_path):
+    """DESIGN: every tool reports how many rows had which status. train said only how many rows
+    each split had: a store's no_face and decode_error rows, those under --min-det-score and
+    those without a label left no trace in its output, metrics.json or report.md."""
+    import numpy as np
+
+    from tests.train.synthetic_store import Mixture, adience_like, write_store
+
+    x, y = Mixture.make().sample(600)
+    rows = adience_like(y)
+    rows["status"] = np.array(["ok"] * 590 + ["no_face"] * 6 + ["decode_error"] * 4, dtype=object)
+    rows["det_score"] = np.where(np.arange(600) < 7, 0.4, 0.9)  # 7 ok rows under the threshold
+    rows["gender"][10:13] = -1
+    store = write_store(tmp_path / "store", x, rows)
+    run = tmp_path / "run"
+    result = invoke("train", "--store", store, "--dataset", "adience", "--task", "gender", "--out", run,
+                    "--epochs", "1", "--mc-samples", "0", "--test-fold", "0", "--min-det-score", "0.5")
+    assert result.exit_code == 0, result.output
+    said = "left out: decode_error 4, det_score_below_min 7, no_face 6, unknown_label 3"
+    assert f"  {said}\n" in result.output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["left_out"] == {"decode_error": 4, "det_score_below_min": 7, "no_face": 6, "unknown_label": 3}
+    assert sum(metrics["split_sizes"].values()) + sum(metrics["left_out"].values()) == 600  # every row
+    assert said in (run / "report.md").read_text()
+    result = invoke("evaluate", run, "--mc-samples", "0")  # scored again: the same rows said
+    assert result.exit_code == 0, result.output
+    assert f"  {said}\n" in result.output and said in (run / "report.md").read_text()

@@ -34,7 +34,7 @@ def test_load_keeps_ok_rows_with_a_label_above_the_det_score(tmp_path):
     assert data.y.tolist() == [0, 1, 0, 1, 0, 0]
     # Each row keeps its own embedding through the filters.
     assert data.x.argmax(1).tolist() == [0, 1, 4, 5, 6, 9]
-    assert data.dropped == {"unknown_label": 1}
+    assert data.dropped == {"decode_error": 1, "det_score_below_min": 1, "no_face": 1, "unknown_label": 1}
 
 
 def test_no_row_left_to_train_on_says_why(tmp_path):
