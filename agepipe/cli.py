@@ -576,6 +576,8 @@ def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, i
             for key, s in result["summary"].items():
                 if key.startswith(("test_", "val_")):
                     click.echo(f"  {key:<24} {s['mean']:.4f} +- {s['std']:.4f}")
+            if result["left_out"]:  # the same rows for every run
+                click.echo("  left out: " + ", ".join(f"{why} {n}" for why, n in result["left_out"].items()))
             return
         _echo_metrics(result, out)
 

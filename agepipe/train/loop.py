@@ -463,7 +463,7 @@ def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfi
             echo(f"run {len(runs)}/{len(jobs)}: fold {k} seed {s}: test accuracy {metrics['test']['accuracy']:.4f}, "
                  f"balanced {metrics['test']['balanced_accuracy']:.4f} ({metrics['train_seconds']:.1f} s)")
     cv = {"task": data.task, "folds": folds, "seeds": seeds, "batched": batched, "runs": runs,
-          "warnings": sorted(warned),
+          "warnings": sorted(warned), "left_out": {k: v for k, v in data.dropped.items() if v},
           "summary": {key: {"mean": float(np.mean([r[key] for r in runs])),
                             "std": float(np.std([r[key] for r in runs]))}
                       for key in runs[0] if key not in ("fold", "seed")}}

@@ -227,3 +227,8 @@ def test_train_says_which_rows_it_left_out_and_why(tmp_path):
     result = invoke("evaluate", run, "--mc-samples", "0")  # scored again: the same rows said
     assert result.exit_code == 0, result.output
     assert f"  {said}\n" in result.output and said in (run / "report.md").read_text()
+    result = invoke("train", "--store", store, "--dataset", "adience", "--task", "gender", "--out", tmp_path / "cv",
+                    "--cv", "--epochs", "1", "--mc-samples", "0", "--min-det-score", "0.5")
+    assert result.exit_code == 0, result.output
+    assert f"  {said}\n" in result.output
+    assert json.loads((tmp_path / "cv" / "cv.json").read_text())["left_out"] == metrics["left_out"]
