@@ -577,7 +577,9 @@ def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, i
                 if key.startswith(("test_", "val_")):
                     click.echo(f"  {key:<24} {s['mean']:.4f} +- {s['std']:.4f}")
             if result["left_out"]:  # the same rows for every run
-                click.echo("  left out: " + ", ".join(f"{why} {n}" for why, n in result["left_out"].items()))
+                from agepipe.train.report import in_words
+
+                click.echo(f"  left out: {in_words(result['left_out'])}")
             return
         _echo_metrics(result, out)
 
@@ -711,7 +713,7 @@ def table(store, feature_set, out, tasks, variants, inits, folds, seeds, epochs,
 
 
 def _echo_metrics(metrics: dict, run: str):
-    from agepipe.train.report import baseline_sentence
+    from agepipe.train.report import baseline_sentence, in_words
 
     test = metrics["test"]
     sizes = metrics.get("split_sizes")
@@ -727,7 +729,7 @@ def _echo_metrics(metrics: dict, run: str):
     click.echo(f"  val accuracy {metrics['val']['accuracy']:.4f}"
                + (" (rows: " + ", ".join(f"{split} {n}" for split, n in sizes.items()) + ")" if sizes else ""))
     if metrics.get("left_out"):  # the datasets' other rows, so that every row is accounted for
-        click.echo("  left out: " + ", ".join(f"{why} {n}" for why, n in metrics["left_out"].items()))
+        click.echo(f"  left out: {in_words(metrics['left_out'])}")
     click.echo("  " + baseline_sentence(metrics.get("task", "this"), test))
     for warning in test.get("warnings", []):
         click.echo(f"warning: {warning}", err=True)

@@ -67,6 +67,11 @@ def _save(fig: Figure, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=110)
 
 
+def in_words(counts: dict) -> str:
+    """{"no_face": 3, "unknown_label": 1} as "no_face 3, unknown_label 1"."""
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
 def write_report(run_dir: str | Path) -> Path:
     """report.md and the four plots from config.json, history.json and metrics.json."""
     run_dir = Path(run_dir)
@@ -97,7 +102,7 @@ def write_report(run_dir: str | Path) -> Path:
              # evaluate's sizes where it scored the rows the store holds now, else the training's
              "- rows: " + ", ".join(f"{k} {v}" for k, v in (metrics.get("split_sizes")
                                                             or data.get("split_sizes", {})).items())
-             + (f"; left out: {', '.join(f'{k} {v}' for k, v in left.items())}" if left else ""),
+             + (f"; left out: {in_words(left)}" if left else ""),
              "- classes: " + ", ".join(_names(task, test)),
              "- model: " + ", ".join(f"{k} {v}" for k, v in config["model"].items()),
              f"- best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')}, "
