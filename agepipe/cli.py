@@ -55,13 +55,34 @@ class Terminated(KeyboardInterrupt):
     stops it (the cluster closed, no worker tracebacks), not mid-write at the signal's default."""
 
 
-def _terminate(signum, frame):
+def _quiet_stopping() -> None:
+    """The run is stopping; "terminated" or "interrupted" says so. Sent to every process of the run
+    (a job's end, a terminal's Ctrl-C), the workers die at once and the client's Dask logs each lost
+    connection with a traceback; and a stop that comes before distributed's sync() has bound its
+    future makes its cancel callback raise NameError, which tornado logs with a traceback
+    (distributed 2026.8, utils.sync)."""
     import logging
 
-    # Sent to every process of the run (a job's end), the workers die at once: the client's Dask
-    # then logs each lost connection with a traceback. The run is stopping; "terminated" says so.
-    logging.getLogger("distributed").setLevel(logging.CRITICAL)
+    for name in ("distributed", "tornado.application"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def _terminate(signum, frame):
+    _quiet_stopping()
     raise Terminated()
+
+
+def _interrupt(signum, frame):
+    _quiet_stopping()
+    raise KeyboardInterrupt()
+
+
+def install_stop_handlers() -> None:
+    """SIGTERM stops a command as Ctrl-C does (Terminated, exit 143); both quietly (_quiet_stopping)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _interrupt)
 
 
 class Agepipe(click.Group):
@@ -889,9 +910,7 @@ def main():
     134, after a run that did all its work: apache/arrow#34314, #45017). Code that calls
     `cli.main(...)` itself (the demo, tests) exits normally. SIGTERM stops a command as Ctrl-C
     does (Terminated), with exit 143."""
-    import signal
-
-    signal.signal(signal.SIGTERM, _terminate)
+    install_stop_handlers()
     try:
         cli.main(prog_name="agepipe")
         code = 0
