@@ -82,7 +82,8 @@ def install_stop_handlers() -> None:
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, _interrupt)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where ignored (a shell's `cmd &`)
+        signal.signal(signal.SIGINT, _interrupt)
 
 
 class Agepipe(click.Group):
