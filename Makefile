@@ -20,13 +20,16 @@ $(VENV)/.installed: pyproject.toml
 lowest: $(LOWEST)/.installed
 
 # torch's floor has no CPU wheel on PyPI: this venv holds its CUDA build (about 4.5 GB), which runs on CPUs.
+# Its install runs once more if the registry cuts a connection mid-wheel (CI saw cuDNN's 731 MB stop
+# at 691 MB six times in one install).
 $(LOWEST)/.installed: pyproject.toml .ci/lowest_constraints.py
 	rm -rf $(LOWEST)
 	mkdir -p .cache
 	$(PYTHON) .ci/lowest_constraints.py > .cache/lowest-constraints.txt
 	$(PYTHON) -m venv $(LOWEST)
 	$(LOWEST)/bin/pip install -q --upgrade pip
-	$(LOWEST)/bin/pip install -q -c .cache/lowest-constraints.txt torch
+	$(LOWEST)/bin/pip install -q -c .cache/lowest-constraints.txt torch || \
+		$(LOWEST)/bin/pip install -q -c .cache/lowest-constraints.txt torch
 	$(LOWEST)/bin/pip install -q -c .cache/lowest-constraints.txt -e ".[test-base]"
 	touch $@
 
