@@ -331,9 +331,11 @@ def _last_extract(info: dict) -> str | None:
     done = (f"{', '.join(run['datasets'])}: {run['rows']} rows in {run['wall_seconds']:.1f} s, "
             if "rows" in run else "")
     finished = f", finished {run['finished']}" if "finished" in run else ""
-    # in the order of extract's summary (pipeline.extract.STAGES): feature_set.json sorts its keys
-    order = ("decode", "detect", "align", "embed", "write")
-    times = sorted(run.get("stage_seconds", {}).items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99)
+    from agepipe.pipeline import STAGES  # Dask-free: features show stays light
+
+    # in the order of extract's summary: feature_set.json sorts its keys
+    times = sorted(run.get("stage_seconds", {}).items(),
+                   key=lambda kv: STAGES.index(kv[0]) if kv[0] in STAGES else len(STAGES))
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in times)
     return (f"{done}{run['images_per_second']:.1f} images/s{finished}"
             + (f"; time per stage (summed over workers): {stages}" if stages else ""))

@@ -25,8 +25,7 @@ import pyarrow.parquet as pq
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from agepipe.features import store as fstore
-
-STAGES = ("decode", "detect", "align", "embed", "write")
+from agepipe.pipeline import STAGES
 
 
 @dataclass(frozen=True)

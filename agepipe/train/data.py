@@ -95,6 +95,11 @@ class TaskData:
     warnings: list[str] = field(default_factory=list)  # what the runs must say about these rows
     digest: str | None = field(default=None, init=False, repr=False, compare=False)  # content_digest's, once computed
 
+    @property
+    def left_out(self) -> dict[str, int]:
+        """The reasons that did leave rows out, with their counts: what a run's reports record."""
+        return {k: v for k, v in self.dropped.items() if v}
+
 
 def content_digest(data: TaskData) -> str:
     """Which rows ``data`` holds, however the store's shards cut them and wherever the store lives:

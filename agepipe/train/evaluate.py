@@ -353,7 +353,7 @@ def evaluate_run(run_dir: str | Path, store: str | None = None, mc_samples: int 
     path = run_dir / "metrics.json"
     metrics = read_metrics(run_dir) or {"task": task}
     metrics["split_sizes"] = split.sizes()
-    metrics["left_out"] = {k: v for k, v in data.dropped.items() if v}  # of the store as it is now
+    metrics["left_out"] = data.left_out  # of the store as it is now
     metrics.pop("warning", None)
     said = list(data.warnings)  # labels whose manifest changed since the cut: scored as they are, said
     # The store changed since training (rows added, re-extracted or relabelled): said in the

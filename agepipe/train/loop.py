@@ -349,7 +349,7 @@ def save_run(data: TaskData, split: Split, model: ResMLP, train_cfg: TrainConfig
     write_json(out / "history.json", result)
     metrics = {"task": data.task, "best_epoch": result["best_epoch"], "epochs_run": len(result["history"]),
                "train_seconds": seconds, "train_warnings": warned, "split_sizes": split.sizes(),
-               "left_out": {k: v for k, v in data.dropped.items() if v}}
+               "left_out": data.left_out}
     metrics.update(score_splits(model, data, split, mc_samples, train_cfg.amp, out))
     write_json(out / "metrics.json", metrics)
     if report:
@@ -463,7 +463,7 @@ def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfi
             echo(f"run {len(runs)}/{len(jobs)}: fold {k} seed {s}: test accuracy {metrics['test']['accuracy']:.4f}, "
                  f"balanced {metrics['test']['balanced_accuracy']:.4f} ({metrics['train_seconds']:.1f} s)")
     cv = {"task": data.task, "folds": folds, "seeds": seeds, "batched": batched, "runs": runs,
-          "warnings": sorted(warned), "left_out": {k: v for k, v in data.dropped.items() if v},
+          "warnings": sorted(warned), "left_out": data.left_out,
           "summary": {key: {"mean": float(np.mean([r[key] for r in runs])),
                             "std": float(np.std([r[key] for r in runs]))}
                       for key in runs[0] if key not in ("fold", "seed")}}
