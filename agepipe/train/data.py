@@ -188,6 +188,10 @@ def load_task_data(store: str, feature_set: str, datasets: list[str], task: str,
     if bad.any():
         dropped["nonfinite_embedding"] = int(bad.sum())
         said.append(nonfinite_warning(feats.rows.loc[bad]))
+    if unfolded := int(rows["fold"].isna().sum()):  # agepipe's manifests give every row a fold 0-4
+        first = rows.loc[rows["fold"].isna()].iloc[0]
+        said.append(f"{unfolded} row(s) have no fold (the first: {first['image_id']}): "
+                    "they are never in a test fold, and every cross-validation run trains on them")
     return TaskData(task, x.to(device), torch.from_numpy(y[known]).to(device), rows, dropped, said)
 
 

@@ -35,6 +35,7 @@ def test_load_keeps_ok_rows_with_a_label_above_the_det_score(tmp_path):
     # Each row keeps its own embedding through the filters.
     assert data.x.argmax(1).tolist() == [0, 1, 4, 5, 6, 9]
     assert data.dropped == {"decode_error": 1, "det_score_below_min": 1, "no_face": 1, "unknown_label": 1}
+    assert data.left_out == data.dropped and data.warnings == []
 
 
 def test_no_row_left_to_train_on_says_why(tmp_path):
@@ -58,11 +59,23 @@ def test_a_row_whose_embedding_is_not_finite_is_left_out_and_said(tmp_path):
     data = load_task_data(root, FEATURE_SET, ["adience"], "age")
     assert len(data.x) == 398 and bool(torch.isfinite(data.x).all())
     assert data.dropped == {"unknown_label": 0, "nonfinite_embedding": 2}
+    assert data.left_out == {"nonfinite_embedding": 2}  # the reasons that left a row out
     assert "2 row(s)" in data.warnings[0] and "adience/img0000007.jpg" in data.warnings[0]
     with pytest.warns(UserWarning, match="NaN or infinite"):
         metrics = train(root, ["adience"], "age", tmp_path / "run", mc_samples=0, progress=False, report=False,
                         train_overrides={"epochs": 1, "batch_size": 16})
     assert np.isfinite(metrics["test"]["cross_entropy"])
+
+
+def test_rows_without_a_fold_are_said(tmp_path):
+    # a store agepipe did not write: its rows would train in every CV run, unsaid
+    x = np.eye(5, EMBEDDING_DIM, dtype=np.float32)
+    root = write_store(tmp_path, x, {"gender": np.array([0, 1, 0, 1, 0]),
+                                     "fold": np.array([0, None, 2, None, 4], dtype=object)})
+    data = load_task_data(root, FEATURE_SET, ["adience"], "gender")
+    assert len(data.x) == 5
+    assert data.warnings == ["2 row(s) have no fold (the first: adience/img0000001.jpg): they are never in a "
+                             "test fold, and every cross-validation run trains on them"]
 
 
 def test_content_digest_is_the_rows_whatever_their_order_and_changes_with_any_value(tmp_path):
