@@ -11,7 +11,9 @@ are the rows of fold_k_data.txt (published: 19,370 = 4,484 / 3,730 / 3,894 / 3,4
 user); ``image_id`` is the aligned image's path. ``age`` is the mean of the numbers in the label
 ("(25, 32)" -> 28.5, "35" -> 35) and ``age_bin`` the class whose midpoint is nearest, as in the
 original paper (manifest.age_bin). The raw label stays in ``age_label``; every row names its
-``source_line`` ("fold_0_data.txt:17", the header being line 1).
+``source_line`` ("fold_0_data.txt:17", the header being line 1). The real fold files are ASCII; a
+file is read as UTF-8, or as UTF-16 after a UTF-16 byte-order mark, and one with bytes that are
+neither (Latin-1) is a MetadataError naming its first such line.
 
 Statuses, the first that applies:
     broken_line    the line lacks the fields up to gender, or has extra ones (its labels are not
@@ -34,8 +36,8 @@ import numpy as np
 import pandas as pd
 
 from agepipe.download import RemoteFile
-from agepipe.datasets.manifest import (MetadataError, age_bin, files_on_disk, first_failure,
-                                       is_safe_relpath, mark_duplicates)
+from agepipe.datasets.manifest import (LINE_END, MetadataError, age_bin, decode_text, files_on_disk,
+                                       first_failure, is_safe_relpath, mark_duplicates)
 
 NAME = "adience"
 BASE_URL = ("http://www.cslab.openu.ac.il/download/adiencedb/"
@@ -90,11 +92,11 @@ def read_fold_file(path: Path, fold: int) -> pd.DataFrame:
     try:
         if path.stat().st_size > MAX_FOLD_BYTES:
             raise MetadataError(f"{path}: {path.stat().st_size:,} bytes; an Adience fold file has a few MB", path)
-        text = path.read_text(encoding="utf-8", errors="replace")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise MetadataError(f"{path}: fold file missing") from None
-    lines = re.split(r"\r\n|\n|\r", text)
-    header = [h.strip() for h in lines[0].lstrip("\ufeff").split("\t", MAX_COLUMNS)]
+    lines = LINE_END.split(decode_text(path, data))
+    header = [h.strip() for h in lines[0].split("\t", MAX_COLUMNS)]
     if len(header) > MAX_COLUMNS:
         raise MetadataError(f"{path}: line 1 has more than {MAX_COLUMNS} columns; not an Adience fold header", path)
     missing = [c for c in REQUIRED if c not in header]

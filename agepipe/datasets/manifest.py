@@ -11,8 +11,10 @@ Statuses any dataset may give a row (each dataset module documents its own as we
 """
 from __future__ import annotations
 
+import codecs
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,30 @@ class MetadataError(ValueError):
     def __init__(self, message: str, path: Path | None = None):
         super().__init__(message)
         self.path = path
+
+
+# A byte-order mark says the encoding: Windows' Notepad and Excel write one on a "Unicode" save.
+_BOMS = ((codecs.BOM_UTF8, "utf-8", "UTF-8"), (codecs.BOM_UTF16_LE, "utf-16-le", "UTF-16"),
+         (codecs.BOM_UTF16_BE, "utf-16-be", "UTF-16"))
+LINE_END = re.compile(r"\r\n|\n|\r")
+
+
+def decode_text(path: Path, data: bytes) -> str:
+    """A metadata text file's characters, without its byte-order mark: UTF-16 after a UTF-16 BOM,
+    else UTF-8. Nothing is guessed beyond that: Latin-1 decodes any bytes at all, so a file in
+    another encoding would become wrong names without a word; its first undecodable line is
+    named instead (1-based, as an editor numbers it)."""
+    encoding, label, start = "utf-8", "UTF-8", 0
+    for bom, codec, name in _BOMS:
+        if data.startswith(bom):
+            encoding, label, start = codec, name, len(bom)
+            break
+    try:
+        return data[start:].decode(encoding)
+    except UnicodeDecodeError as e:
+        line = len(LINE_END.split(data[start:start + e.start].decode(encoding)))
+        raise MetadataError(f"{path}: line {line} is not {label} (bytes {e.object[e.start:e.end].hex(' ')}); "
+                            "save the file as UTF-8", path) from None
 
 
 def age_bin(ages) -> np.ndarray:

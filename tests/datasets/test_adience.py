@@ -195,3 +195,29 @@ def test_a_folder_of_images_that_cannot_be_listed_is_named_not_counted_as_missin
     monkeypatch.undo()
     frame = adience.build_manifest(root)  # listed again: its photos are found
     assert (frame["status"] == "ok").any() and not (frame["status"] == "missing_image").all()
+
+
+@pytest.mark.parametrize("encoding, bom", [("utf-16-le", b"\xff\xfe"), ("utf-16-be", b"\xfe\xff")], ids=["le", "be"])
+def test_a_fold_file_saved_as_utf16_with_a_bom_reads_as_its_utf8_copy(tmp_path, encoding, bom):
+    """A fold file saved as "Unicode" (UTF-16 with a byte-order mark, as Notepad and Excel write
+    it) was read as UTF-8 with its undecodable bytes replaced: line 1 held NULs, and the file was
+    'not an Adience fold header'. The BOM now says how to read it."""
+    utf8, utf16 = tmp_path / "utf8" / "adience", tmp_path / "utf16" / "adience"
+    for root in (utf8, utf16):
+        write_files(root, {f"fold_{k}_data.txt": adience_fold_text(k).encode() for k in range(5)})
+    write_files(utf16, {"fold_0_data.txt": bom + adience_fold_text(0).encode(encoding)})
+    pd.testing.assert_frame_equal(adience.build_manifest(utf16), adience.build_manifest(utf8))
+
+
+def test_a_fold_file_that_is_not_utf8_names_its_first_bad_line(tmp_path):
+    """A Latin-1 fold file (an image name with an é) was read with the é replaced by U+FFFD, so
+    its row named an image no one has, a missing_image row with no word of why. Such a file is
+    now a MetadataError naming the file and the line (the header being line 1)."""
+    root = tmp_path / "adience"
+    write_files(root, {f"fold_{k}_data.txt": adience_fold_text(k).encode() for k in range(5)})
+    lines = adience_fold_text(3).split("\n")
+    lines.insert(2, "64504106@N06\tcaf\u00e9_o.jpg\t301\t(48, 53)\tf")
+    write_files(root, {"fold_3_data.txt": "\n".join(lines).encode("latin-1")})
+    with pytest.raises(MetadataError, match=r"fold_3_data.txt: line 3 is not UTF-8 \(bytes e9\); save the file as UTF-8") as e:
+        adience.build_manifest(root)
+    assert e.value.path == root / "fold_3_data.txt"
