@@ -207,9 +207,30 @@ def _where(frame: pd.DataFrame, status: str, shown: int = 3) -> str:
     return f"   ({', '.join(map(str, rows.iloc[:shown]))}{more})"
 
 
+def _subjects_in_several_folds(frame: pd.DataFrame, shown: int = 3) -> list[str]:
+    """Summary lines for the subjects with rows in more than one fold, each with its first row of
+    each fold (by file:line where the metadata has lines). Folds are meant to be
+    subject-exclusive (Adience's official ones are): such a subject's photos can be in both a
+    cross-validation run's training and test folds. Its rows stay as they are; this only says so."""
+    known = frame[frame["subject_id"].notna()]
+    folds = known.groupby("subject_id", sort=False)["fold"].nunique()
+    several = folds.index[folds > 1]
+    if not len(several):
+        return []
+    at = "source_line" if "source_line" in frame else "image_id"
+    lines = [f"  subjects in more than one fold: {len(several):,} (folds are meant to be subject-exclusive; "
+             "their photos can be on both sides of a cross-validation split)"]
+    for subject in several[:shown]:
+        firsts = known[known["subject_id"] == subject].drop_duplicates("fold")
+        lines.append(f"    {subject:<22}{', '.join(map(str, firsts[at]))}")
+    if len(several) > shown:
+        lines.append(f"    ... {len(several) - shown:,} more")
+    return lines
+
+
 def summarize(frame: pd.DataFrame, name: str, published: dict[int, int] | int | None = None) -> str:
-    """Rows per status (where the first unusable ones are), per fold, and per age class and gender
-    among usable rows."""
+    """Rows per status (where the first unusable ones are), per fold (and the subjects in more
+    than one), and per age class and gender among usable rows."""
     n = len(frame)
     lines = [f"{name}: {n:,} rows"]
     if isinstance(published, int) and published != n:
@@ -227,6 +248,7 @@ def summarize(frame: pd.DataFrame, name: str, published: dict[int, int] | int | 
         if isinstance(published, dict) and published.get(int(fold)) not in (None, count):
             note = f"   (published: {published[int(fold)]:,})"
         lines.append(f"    {int(fold):<22}{count:>9,}{note}")
+    lines += _subjects_in_several_folds(frame)
     ok = frame[frame["status"] == "ok"]
     lines.append("  age class (status ok):")
     bins = ok["age_bin"].value_counts()

@@ -221,3 +221,26 @@ def test_a_fold_file_that_is_not_utf8_names_its_first_bad_line(tmp_path):
     with pytest.raises(MetadataError, match=r"fold_3_data.txt: line 3 is not UTF-8 \(bytes e9\); save the file as UTF-8") as e:
         adience.build_manifest(root)
     assert e.value.path == root / "fold_3_data.txt"
+
+
+def test_the_summary_names_a_user_in_two_fold_files(tmp_path):
+    """The official folds never split a user; a user_id in two fold files (an edited or merged copy)
+    puts one person's photos on both sides of a cross-validation split, and nothing said so. The
+    summary now names the user and the first line of it in each fold file; every row stays."""
+    root = tmp_path / "adience"
+    for k in range(5):
+        lines = ["\t".join(builders.ADIENCE_HEADER), f"u{k}\ti{k}.jpg\t1\t35\tf"]
+        if k in (1, 3):
+            lines += [f"shared\tj{k}.jpg\t2\t35\tf", f"shared\tk{k}.jpg\t3\t35\tf"]
+        write_files(root, {f"fold_{k}_data.txt": "\n".join(lines).encode()})
+    frame = adience.build_manifest(root)
+    assert len(frame) == 9 and (frame["status"] == "missing_image").all()
+    lines = summarize(frame, "adience", adience.PUBLISHED_ROWS).splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("  subjects in more than one fold: 1 "))
+    assert lines[at + 1].split() == ["shared", "fold_1_data.txt:3,", "fold_3_data.txt:3"]
+    assert lines[at + 2].startswith("  age class")
+
+
+def test_the_summary_of_subject_exclusive_folds_says_nothing_of_subjects(tmp_path):
+    _, frame = prepare("adience", tmp_path, source=str(write_files(tmp_path / "mine", adience_files())))
+    assert "more than one fold" not in summarize(frame, "adience", adience.PUBLISHED_ROWS)
