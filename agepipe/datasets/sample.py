@@ -17,13 +17,17 @@ estimated from the photo by eye. They do not measure accuracy. Fold 0 holds t1.j
 faces and nothing else, so a model tested on fold 0 (the default) has never seen a face of
 the photo the demo predicts on; the other subjects get folds 1-4 from a hash of subject_id.
 
-Statuses: ok, missing_image (a crop listed in labels.csv is not on disk).
+Statuses: ok, missing_image (a crop listed in labels.csv is not on disk), duplicate (a crop an
+earlier line lists). A labels.csv (a user's own, given through --source) with a value missing or
+malformed is a MetadataError naming the file, the line (as an editor numbers it, the header being
+line 1) and the column.
 """
 from __future__ import annotations
 
 import csv
 import importlib.util
 import io
+import math
 import tarfile
 from pathlib import Path
 
@@ -33,11 +37,14 @@ import pandas as pd
 
 from agepipe.atomic import atomic_path
 from agepipe.download import RemoteFile
-from agepipe.datasets.manifest import age_bin, files_on_disk, subject_fold
+from agepipe.datasets.manifest import (MetadataError, age_bin, decode_text, files_on_disk, mark_duplicates,
+                                       subject_fold)
 
 ARCHIVE = "sample.tar"
 FOLDER = "sample_crop"
 MARGINS = (0.4, 0.8)
+LABEL_COLUMNS = ("full_path", "subject_id", "age", "gender", "x1", "y1", "x2", "y2")
+MAX_AGE = 100
 
 # photo -> (package, path inside it)
 PHOTOS = {
@@ -142,12 +149,72 @@ def sample_folds(subject_ids: pd.Series) -> np.ndarray:
     return np.where(held_out, 0, 1 + subject_fold(subject_ids, 4)).astype(np.int8)
 
 
+def label_value(column: str, text: str) -> str | float | int:
+    """One labels.csv value as the manifest holds it; a ValueError says what is wrong with it."""
+    if not text.strip():
+        raise ValueError("empty")
+    if column in ("full_path", "subject_id"):
+        return text
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if column == "age" and not 0 <= number <= MAX_AGE:
+        raise ValueError(f"{text!r} is not an age in years (0-{MAX_AGE})")
+    if column == "gender":
+        if number not in (0, 1):
+            raise ValueError(f"{text!r} is not a gender (0 female, 1 male)")
+        return int(number)
+    if not math.isfinite(number):
+        raise ValueError(f"{text!r} is not a number")
+    return number
+
+
+def read_labels(path: Path) -> pd.DataFrame:
+    """labels.csv's rows, typed. The file may be a user's own: a missing or malformed value is
+    named by line and column here, where pandas would raise naming neither."""
+    try:
+        text = decode_text(path, path.read_bytes())
+    except FileNotFoundError:
+        raise MetadataError(f"{path}: labels file missing") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, [])
+    missing = [c for c in LABEL_COLUMNS if c not in header]
+    if missing:
+        raise MetadataError(f"{path}: line 1 has no column {', '.join(missing)} (a labels.csv header is "
+                            f"{','.join(LABEL_COLUMNS)})", path)
+    index = {c: header.index(c) for c in LABEL_COLUMNS}
+    rows, line = [], reader.line_num
+    try:
+        for fields in reader:
+            start, line = line + 1, reader.line_num   # a quoted value may span lines: name the row's first
+            if not fields:
+                continue
+            if any(fields[len(header):]):
+                raise MetadataError(f"{path}: line {start}: {len(fields)} values, the header names {len(header)} "
+                                    "(a comma in a value that is not quoted?)", path)
+            row = []
+            for column, i in index.items():
+                try:
+                    row.append(label_value(column, fields[i] if i < len(fields) else ""))
+                except ValueError as e:
+                    raise MetadataError(f"{path}: line {start}, column {column}: {e}", path) from None
+            rows.append(row)
+    except csv.Error as e:
+        raise MetadataError(f"{path}: line {reader.line_num}: {e}", path) from None
+    if not rows:
+        raise MetadataError(f"{path}: lists no crop (its header only)", path)
+    return pd.DataFrame(rows, columns=LABEL_COLUMNS)
+
+
 def build_manifest(root: Path) -> pd.DataFrame:
-    labels = pd.read_csv(Path(root) / FOLDER / "labels.csv")
+    labels = read_labels(Path(root) / FOLDER / "labels.csv")
     image_ids = (FOLDER + "/" + labels["full_path"]).tolist()
     on_disk = files_on_disk(Path(root), FOLDER)
     present = np.array([i in on_disk for i in image_ids])
     ages = labels["age"].to_numpy(np.float32)
+    status = np.where(present, "ok", "missing_image").astype(object)
+    image_ids = mark_duplicates(image_ids, status)   # a crop listed twice: one row keeps its image_id
     return pd.DataFrame({
         "image_id": image_ids,
         "subject_id": labels["subject_id"].astype(str),
@@ -156,5 +223,5 @@ def build_manifest(root: Path) -> pd.DataFrame:
         "age_bin": age_bin(ages),
         "gender": labels["gender"].astype(np.int8),
         "face_hint": [list(map(float, r)) for r in labels[["x1", "y1", "x2", "y2"]].to_numpy()],
-        "status": np.where(present, "ok", "missing_image"),
+        "status": status.astype(str),
     })
