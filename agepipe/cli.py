@@ -564,11 +564,12 @@ def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, i
       agepipe train --dataset adience --task age --init runs/pre
     """
     from agepipe.atomic import only_writer
-    from agepipe.train.loop import TrainingWarning
+    from agepipe.train.loop import TrainingWarning, check_init_kept
     from agepipe.train.loop import train as train_model
 
     _refuse_ignored(("seed", "test_fold") if cv else ("seeds",), cv)
     out = out or os.path.join("runs", f"{task}-{'+'.join(datasets)}-" + ("cv" if cv else f"fold{test_fold}"))
+    check_init_kept(init, out, cv, seeds)  # before only_writer's lock file: nothing written
     model_overrides = {"dropout": dropout, "num_blocks": blocks, "residuals_per_block": residuals_per_block,
                        "batch_norm": False if no_batch_norm else None, "skip": False if no_skip else None}
     train_overrides = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,

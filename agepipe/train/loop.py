@@ -468,8 +468,8 @@ def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfi
                             "std": float(np.std([r[key] for r in runs]))}
                       for key in runs[0] if key not in ("fold", "seed")}}
     kept = {o.name for o in outs}
-    if init and Path(init).resolve().parent == out.resolve():  # the run these started from, as their config says
-        kept.add(Path(init).resolve().name)
+    if init and out.resolve() in Path(init).resolve().parents:  # the run these started from, as their config says
+        kept.add(Path(init).resolve().relative_to(out.resolve()).parts[0])  # or the earlier run holding it
     cv["removed_runs"] = earlier_runs(out, kept)
     # The new record is whole (written atomically) before an earlier run goes: a crash while they are
     # removed leaves this CV's cv.json, which names the folders it did not train, never a folder of
@@ -540,6 +540,23 @@ def check_out(out: str | Path, cv: bool) -> None:
                           "report; give `agepipe train --cv` another --out")
 
 
+def check_init_kept(init: str | None, out: str | Path, cv: bool, seeds: int = 1) -> None:
+    """Refuse an init run that this command writes over: a single run writes OUT; a cross-validation
+    writes OUT/fold{k}-seed{s} for every fold and seed (`--cv --init OUT/fold0-seed0` trained fold 0
+    seed 0 again, replacing the run all five started from). Runs elsewhere in a cross-validation's OUT
+    are not written, and cross_validate keeps the one it starts from."""
+    if not init:
+        return
+    start, out_at = Path(init).resolve(), Path(out).resolve()
+    runs = [out_at / f"fold{k}-seed{s}" for s in range(seeds) for k in range(5)] if cv else [out_at]
+    for folder in [out_at, *runs]:
+        if start == folder or (folder in runs and folder in start.parents):
+            holds = "" if start == folder else ", which holds it"
+            raise FolderError(f"--init {init}: `agepipe train{' --cv' if cv else ''} --out {out}` writes {folder}"
+                              f"{holds}, and the run it starts from must stay as it is. Give another --out, or copy "
+                              "that run elsewhere and --init the copy")
+
+
 def check_init_features(init: str, record: dict) -> None:
     """Refuse to start from a run trained on another recogniser's embeddings: its weights read
     another space, and fine-tuning from them would train on as if they did not."""
@@ -582,6 +599,7 @@ def train(store: str, datasets: list[str], task: str, out: str | Path, *, featur
     stacked model unless ``batched`` is False (their reports are drawn after, by the caller:
     `agepipe train --cv` draws one per run and the CV's report, in parallel)."""
     check_task(task)
+    check_init_kept(init, out, cv, seeds)
     check_out(out, cv)
     datasets = expand_groups(datasets)  # imdb-wiki: imdb and wiki
     feature_set = resolve_feature_set(store, feature_set)

@@ -71,6 +71,29 @@ def test_a_single_run_and_a_cross_validation_do_not_share_a_folder(gaussian_stor
     assert invoke(*common, "--out", tmp_path / "run").exit_code == 0  # a run again into its own folder: as before
 
 
+def test_init_from_a_run_this_command_writes_is_refused_before_any_write(gaussian_store, tmp_path):
+    """`train --cv --init X/fold0-seed0 --out X` trained fold 0 seed 0 again, over the run all five
+    started from; a single run's --init its own --out (or a run inside it) likewise. Each is refused,
+    naming both paths, with every file under them as it was."""
+    import shutil
+
+    store, _ = gaussian_store
+    common = ("train", "--store", store, "--dataset", "adience", "--task", "gender", "--epochs", "1", "--mc-samples", "0")
+    cv, run = tmp_path / "cv", tmp_path / "run"
+    assert invoke(*common, "--cv", "--out", cv).exit_code == 0
+    assert invoke(*common, "--out", run).exit_code == 0
+    shutil.copytree(run, cv / "fold2-seed0" / "pre")
+    shutil.copytree(cv / "fold1-seed0", run / "pre")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for init, out, flags, written in [(cv / "fold0-seed0", cv, ("--cv",), cv / "fold0-seed0"),
+                                      (cv / "fold2-seed0" / "pre", cv, ("--cv",), cv / "fold2-seed0"),
+                                      (run, run, (), run), (run / "pre", run, (), run)]:
+        result = invoke(*common, *flags, "--init", init, "--out", out)
+        assert result.exit_code == 1 and f"Error: --init {init}: " in result.output, result.output
+        assert f"--out {out}` writes {written}" in result.output and "Traceback" not in result.output
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_evaluate_from_another_store_than_the_runs_names_both(gaussian_store, tmp_path):
     """AGEPIPE_STORE (set for another project) overrides the store a run recorded: evaluate said only
     "feature set ... not in OTHER", not that the run came from elsewhere nor why OTHER was read."""

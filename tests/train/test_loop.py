@@ -220,6 +220,38 @@ def test_a_cross_validation_keeps_the_earlier_run_it_started_from(small_store, t
     assert (tmp_path / "fold0-seed1" / "model.safetensors").exists()
 
 
+def test_a_cross_validation_keeps_the_earlier_run_that_holds_the_run_it_started_from(small_store, tmp_path):
+    """--init a run inside an earlier run folder that this cross-validation does not train again:
+    that folder was removed as an earlier run, and the init run with it."""
+    import shutil
+
+    from agepipe.train.loop import TrainingWarning
+
+    def cv(seeds, init=None):
+        return train(small_store, ["adience"], "age", tmp_path, cv=True, seeds=seeds, init=init, mc_samples=0,
+                     progress=False, train_overrides={"epochs": 1},
+                     model_overrides={"num_blocks": 0, "residuals_per_block": 0})
+
+    cv(2)
+    shutil.copytree(tmp_path / "fold0-seed0", tmp_path / "fold3-seed1" / "pre")
+    with pytest.warns(TrainingWarning, match="was trained on the adience rows"):  # said, not the point here
+        result = cv(1, init=str(tmp_path / "fold3-seed1" / "pre"))
+    assert result["removed_runs"] == [f"fold{k}-seed1" for k in (0, 1, 2, 4)]
+    assert (tmp_path / "fold3-seed1" / "pre" / "model.safetensors").exists()
+
+
+def test_an_init_run_the_cross_validation_trains_again_is_refused(small_store, tmp_path):
+    """The API's train() refuses what `agepipe train` does (test_cli), before loading the store."""
+    from agepipe.atomic import FolderError
+
+    train(small_store, ["adience"], "age", tmp_path, cv=True, mc_samples=0, progress=False,
+          train_overrides={"epochs": 1}, model_overrides={"num_blocks": 0, "residuals_per_block": 0})
+    model = (tmp_path / "fold4-seed0" / "model.safetensors").read_bytes()
+    with pytest.raises(FolderError, match=re.escape(f"writes {tmp_path / 'fold4-seed0'}")):
+        train("/nonexistent-store", ["adience"], "age", tmp_path, cv=True, init=str(tmp_path / "fold4-seed0"))
+    assert (tmp_path / "fold4-seed0" / "model.safetensors").read_bytes() == model
+
+
 def test_an_earlier_run_that_cannot_be_removed_is_said_not_a_crash(small_store, tmp_path, monkeypatch):
     """A read-only earlier run folder (root ignores modes, so the refusal is injected): the new
     runs are trained and recorded, and the folder left is named, not a traceback after training."""
