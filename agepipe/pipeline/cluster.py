@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
 
 
@@ -109,6 +110,19 @@ def _workers_start(n: int):
                            "(--workers N, --gpus)") from None
 
 
+def say_no_workers(address: str) -> None:
+    """On stderr: extract's setup checks ask every worker connected now (client.run), so on a cluster
+    with none they pass having run nowhere. A WorkerPlugin would reach workers that join later, but
+    distributed (2026.8) logs a joining worker's failed setup and gives it tasks all the same, and a
+    plugin outlives the run on the scheduler of a cluster that is not agepipe's."""
+    print(f"warning: the Dask scheduler at {address} has no workers yet: the checks made on every worker before "
+          "any shard (that it sees the photos where the manifest says, that its face models load and match this "
+          "machine's) will have run on none. The shards wait for workers to join; each checks its models with its "
+          "first shard (missing or different ones stop the run) but not the photos: a worker that cannot see them "
+          "records its shards' photos as missing_image (rerun with --retry-failed once it can). Start the workers "
+          f"first (`dask worker {address}`) to have them checked", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def open_client(scheduler: str | None = None, gpus: list[str] | None = None, workers: int | None = None):
     """A Client and its Layout for the chosen mode; a cluster we start is closed afterwards."""
@@ -127,6 +141,8 @@ def open_client(scheduler: str | None = None, gpus: list[str] | None = None, wor
                                "(tcp://host:8786)") from None
         try:
             n = len(client.scheduler_info(n_workers=-1)["workers"])
+            if n == 0:
+                say_no_workers(scheduler)
             yield client, Layout("scheduler", n)
         finally:
             client.close()

@@ -52,6 +52,29 @@ def test_a_heartbeat_racing_the_workers_close_is_not_logged():
     assert keep(record("Compute Failed"))
 
 
+def test_a_scheduler_without_workers_says_the_checks_run_on_none(capsys):
+    """`extract --scheduler` on a cluster with no worker yet: the checks on every worker (photos
+    there, models matching) passed having run nowhere, without a word; stderr now says so, and what
+    happens to workers that join. A worker connected (its own process) is checked: no warning."""
+    import logging
+
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=0, processes=True, threads_per_worker=1, host="127.0.0.1",
+                      dashboard_address=None, silence_logs=logging.ERROR) as cluster:
+        address = cluster.scheduler_address
+        with open_client(scheduler=address) as (client, layout):
+            assert layout.workers == 0
+        err = capsys.readouterr().err
+        assert f"warning: the Dask scheduler at {address} has no workers yet" in err, err
+        assert "will have run on none" in err and "missing_image" in err and f"dask worker {address}" in err
+        cluster.scale(1)
+        cluster.wait_for_workers(1, timeout=60)
+        with open_client(scheduler=address) as (client, layout):
+            assert layout.workers == 1 and list(client.run(os.getpid).values()) != [os.getpid()]
+        assert "no workers" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("address", ["closed", "host:port", "http://127.0.0.1:1"])
 def test_a_scheduler_that_does_not_answer_is_one_sentence_and_writes_nothing(tmp_path, address):
     """`extract --scheduler` where no scheduler listens, or at no Dask address: exit 1, one
