@@ -545,9 +545,14 @@ FP32_HELP = ("Train and score in float32. Default: bfloat16 mixed precision wher
 @click.option("--mc-samples", type=click.IntRange(0), default=32, show_default=True,
               help="MC-dropout passes for the test metrics (0: none).")
 @click.option("--fp32", is_flag=True, help=FP32_HELP)
+@click.option("--no-calibrate", is_flag=True,
+              help="Keep the model's own probabilities. Default: temperature scaling, one number T that divides "
+                   "the logits, fitted after training on the validation split to the least negative "
+                   "log-likelihood of the reported prediction; it keeps a deterministic prediction's class and "
+                   "makes its probability mean what it says. config.json records T; evaluate and predict use it.")
 def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, init, epochs, batch_size, lr,
           weight_decay, gamma, patience, dropout, balance, no_batch_norm, no_skip, blocks, residuals_per_block,
-          min_det_score, device, mc_samples, fp32):
+          min_det_score, device, mc_samples, fp32, no_calibrate):
     """Train the MLP of Kim 2021 on cached embeddings from the feature store.
 
     The paper's architecture and hyper-parameters are the defaults: options shown without a
@@ -574,7 +579,7 @@ def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, i
                        "batch_norm": False if no_batch_norm else None, "skip": False if no_skip else None}
     train_overrides = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                        "gamma": gamma, "patience": patience, "seed": seed, "balance": balance or None,
-                       "amp": False if fp32 else None}
+                       "amp": False if fp32 else None, "calibrate": False if no_calibrate else None}
     with only_writer(out, "train"):  # till the CV report is drawn from the runs' folders
         try:
             with warnings.catch_warnings():
@@ -738,7 +743,7 @@ def table(store, feature_set, out, tasks, variants, inits, folds, seeds, epochs,
 
 
 def _echo_metrics(metrics: dict, run: str):
-    from agepipe.train.report import baseline_sentence, in_words
+    from agepipe.train.report import baseline_sentence, calibration_sentence, in_words
 
     test = metrics["test"]
     sizes = metrics.get("split_sizes")
@@ -755,6 +760,8 @@ def _echo_metrics(metrics: dict, run: str):
                + (" (rows: " + ", ".join(f"{split} {n}" for split, n in sizes.items()) + ")" if sizes else ""))
     if metrics.get("left_out"):  # the datasets' other rows, so that every row is accounted for
         click.echo(f"  left out: {in_words(metrics['left_out'])}")
+    if said := calibration_sentence(metrics):
+        click.echo(f"  {said}")
     click.echo("  " + baseline_sentence(metrics.get("task", "this"), test))
     for warning in test.get("warnings", []):
         click.echo(f"warning: {warning}", err=True)

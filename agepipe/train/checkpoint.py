@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -122,6 +123,10 @@ def read_config(run_dir: str | Path) -> dict:
     if not isinstance(config.get("train", {}), dict):
         raise CheckpointError(f"{path}: \"train\" (the run's training settings) is not an object")
     check_data_record(config.get("data", {}), path)
+    t = config.get("temperature", 1.0)  # a run from before temperature scaling: none, as 1
+    if not (_number(t) and 0 < t < math.inf):
+        raise CheckpointError(f"{path}: \"temperature\" is {t!r}, not a finite number > 0 (what the logits are "
+                              "divided by; 1 leaves them as they are)")
     return config
 
 

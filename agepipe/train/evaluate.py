@@ -9,6 +9,7 @@ and took the entropy of the counts, which throws the probabilities away.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass
@@ -60,41 +61,68 @@ class MCResult:
     probs: np.ndarray               # (n, C) mean softmax over the K passes
     predictive_entropy: np.ndarray  # (n,) entropy of the mean, nats
     mutual_information: np.ndarray  # (n,) predictive entropy - mean entropy of each pass
+    probs_at_1: np.ndarray | None = None  # (n, C) the mean at temperature 1, where another was used
+
+
+@contextlib.contextmanager
+def _seeded_passes(model: ResMLP, device: torch.device, amp: bool, seed: int):
+    """Dropout on, BatchNorm on its running statistics, masks from ``seed`` on a fork of torch's
+    generators: MC dropout twice gives the same numbers and flags (unseeded, K=32 moved a test
+    accuracy by 0.007), and the caller's random stream is left as it was."""
+    mc_dropout_mode(model)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast(device, amp):
+            # This device's generator and the CPU's, which fork_rng restores: torch.manual_seed
+            # would reseed every GPU's for good (another model training on one, in this process).
+            torch.random.default_generator.manual_seed(seed)
+            if device.type == "cuda":
+                torch.cuda.default_generators[device.index].manual_seed(seed)
+            yield
+    finally:
+        model.eval()
+
+
+def _passes(model: ResMLP, part: torch.Tensor, samples: int) -> torch.Tensor:
+    """(samples, rows, classes) float32 logits: each of the K copies of a row gets its own masks."""
+    return model(part.repeat(samples, 1)).float().view(samples, len(part), model.config.num_classes)
 
 
 @torch.inference_mode()
 def mc_dropout(model: ResMLP, x: torch.Tensor, samples: int = 32, amp: bool = True,
-               max_rows: int = MC_ROWS, seed: int = 0) -> MCResult:
-    """K dropout samples per row as one batched forward per chunk of rows. The masks come from
-    ``seed``, on a fork of torch's generators: evaluating or predicting twice gives the same
-    numbers and flags (unseeded, K=32 moved a test accuracy by 0.007), and the caller's random
-    stream is left as it was."""
+               max_rows: int = MC_ROWS, seed: int = 0, temperature: float = 1.0) -> MCResult:
+    """K dropout samples per row as one batched forward per chunk of rows (_seeded_passes), each
+    pass's logits divided by ``temperature``. ``probs_at_1`` holds the mean at T = 1 where T is not 1."""
     if samples < 1:
         raise ValueError(f"mc samples must be >= 1, got {samples}")
-    mc_dropout_mode(model)
     n, c = len(x), model.config.num_classes
     mean = torch.empty(n, c, device=x.device)
+    at_1 = torch.empty(n, c, device=x.device) if temperature != 1.0 else None
     h = torch.empty(n, device=x.device)
     mi = torch.empty(n, device=x.device)
     step = max(1, max_rows // samples)
-    try:
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), autocast(x.device, amp):
-            # This device's generator and the CPU's, which fork_rng restores: torch.manual_seed
-            # would reseed every GPU's for good (another model training on one, in this process).
-            torch.random.default_generator.manual_seed(seed)
-            if x.device.type == "cuda":
-                torch.cuda.default_generators[x.device.index].manual_seed(seed)
-            for start in range(0, n, step):
-                part = x[start:start + step]
-                # Each of the K copies of a row gets its own dropout masks.
-                p = torch.softmax(model(part.repeat(samples, 1)).float(), -1).view(samples, len(part), c)
-                m = p.mean(0)
-                mean[start:start + step] = m
-                h[start:start + step] = entropy(m)
-                mi[start:start + step] = (entropy(m) - entropy(p).mean(0)).clamp_min(0)
-    finally:
-        model.eval()
-    return MCResult(mean.cpu().numpy(), h.cpu().numpy(), mi.cpu().numpy())
+    with _seeded_passes(model, x.device, amp, seed):
+        for start in range(0, n, step):
+            logits = _passes(model, x[start:start + step], samples)
+            p = torch.softmax(logits / temperature, -1)
+            m = p.mean(0)
+            mean[start:start + step] = m
+            h[start:start + step] = entropy(m)
+            mi[start:start + step] = (entropy(m) - entropy(p).mean(0)).clamp_min(0)
+            if at_1 is not None:
+                at_1[start:start + step] = torch.softmax(logits, -1).mean(0)
+    return MCResult(mean.cpu().numpy(), h.cpu().numpy(), mi.cpu().numpy(),
+                    None if at_1 is None else at_1.cpu().numpy())
+
+
+@torch.inference_mode()
+def pass_logits(model: ResMLP, x: torch.Tensor, samples: int, amp: bool = True, seed: int = 0) -> torch.Tensor:
+    """(K, n, classes) logits of the prediction a run reports: K MC-dropout passes with mc_dropout's
+    masks (K >= 1), or the one deterministic pass (K = 0, returned as 1 pass)."""
+    if samples == 0:
+        return logits_of(model, x, amp).unsqueeze(0)
+    with _seeded_passes(model, x.device, amp, seed):
+        step = max(1, MC_ROWS // samples)
+        return torch.cat([_passes(model, x[s:s + step], samples) for s in range(0, len(x), step)], 1)
 
 
 # --- metrics on probabilities (numpy) ---------------------------------------------------
@@ -265,21 +293,27 @@ def scores(probs: np.ndarray, y: np.ndarray, task: str, ages: np.ndarray | None)
 
 def evaluate_split(model: ResMLP, x: torch.Tensor, y: torch.Tensor, task: str, ages: np.ndarray | None,
                    mc_samples: int = 32, amp: bool = True, train_y: np.ndarray | None = None,
-                   rows_out: dict | None = None, subjects: np.ndarray | None = None) -> dict:
+                   rows_out: dict | None = None, subjects: np.ndarray | None = None,
+                   temperature: float = 1.0) -> dict:
     """Everything the report shows, for one split: deterministic and MC-dropout scores with
     bootstrap intervals, per-class precision and recall, the majority baseline (the most
     frequent class of ``train_y``), the confusion matrix, reliability bins, the risk-coverage
     curve and warnings. ``rows_out``, when given, receives the per-row columns of
-    predictions.parquet; ``subjects``, each row's subject, makes the bootstrap draw subjects."""
+    predictions.parquet; ``subjects``, each row's subject, makes the bootstrap draw subjects.
+    Every probability is of the logits divided by ``temperature`` (the run's, calibrate.py);
+    where it is not 1, "at_temperature_1" keeps the final prediction's scores without it."""
     y_np = y.cpu().numpy()
     names = class_names(task)
-    probs = torch.softmax(logits_of(model, x, amp), -1).cpu().numpy()
+    logits = logits_of(model, x, amp)
+    probs = torch.softmax(logits / temperature, -1).cpu().numpy()
     out = {"classes": names, **scores(probs, y_np, task, ages)}
     out["reliability"] = reliability(probs, y_np)
+    at_1 = torch.softmax(logits, -1).cpu().numpy() if temperature != 1.0 else None
     mi = None
     if mc_samples > 0 and has_dropout(model):
-        mc = mc_dropout(model, x, mc_samples, amp)
+        mc = mc_dropout(model, x, mc_samples, amp, temperature=temperature)
         final, uncertainty, mi = mc.probs, mc.predictive_entropy, mc.mutual_information
+        at_1 = mc.probs_at_1
         measure = uncertainty_measure(mc_samples)
         out["mc"] = {"samples": mc_samples, **scores(mc.probs, y_np, task, ages),
                      "mean_predictive_entropy": float(mc.predictive_entropy.mean()) if len(y_np) else math.nan,
@@ -288,6 +322,9 @@ def evaluate_split(model: ResMLP, x: torch.Tensor, y: torch.Tensor, task: str, a
     else:  # no MC dropout (none asked for, or an ablation without dropout): softmax entropy ranks rows
         final, uncertainty = probs, entropy(torch.from_numpy(probs)).numpy()
         measure = uncertainty_measure(0)
+    if temperature != 1.0:
+        plain = scores(at_1, y_np, task, ages)
+        out["at_temperature_1"] = {k: plain[k] for k in ("accuracy", "cross_entropy", "ece")}
     pred = final.argmax(1)
     # The headline numbers are those of the final prediction (the MC mean when there is one).
     out["prediction"] = "MC dropout mean" if mi is not None else "deterministic"
@@ -367,15 +404,19 @@ def evaluate_run(run_dir: str | Path, store: str | None = None, mc_samples: int 
     if said:
         metrics["warning"] = "; ".join(said)
     amp = scoring_amp(config, next(model.parameters()).device)  # the precision the run trained in
-    metrics.update(score_splits(model, data, split, mc_samples, amp, run_dir))
+    temperature = config.get("temperature", 1.0)
+    if temperature != 1.0:  # the fit's record is training's metrics.json's; where that is gone, T alone
+        metrics.setdefault("calibration", {"temperature": temperature})
+    metrics.update(score_splits(model, data, split, mc_samples, amp, run_dir, temperature))
     write_json(path, metrics)
     write_report(run_dir)
     return metrics
 
 
-def score_splits(model: ResMLP, data, split, mc_samples: int, amp: bool, run_dir: str | Path) -> dict:
+def score_splits(model: ResMLP, data, split, mc_samples: int, amp: bool, run_dir: str | Path,
+                 temperature: float = 1.0) -> dict:
     """{"val": ..., "test": ...} scored against the training split's majority class, and
-    run_dir/predictions.parquet: one row per val and test photo."""
+    run_dir/predictions.parquet: one row per val and test photo (at ``temperature``)."""
     train_y = data.y[torch.from_numpy(split.train).to(data.x.device)].cpu().numpy()
     out, tables = {}, []
     for name, mc in (("val", 0), ("test", mc_samples)):
@@ -385,7 +426,7 @@ def score_splits(model: ResMLP, data, split, mc_samples: int, amp: bool, run_dir
         ages = true_ages(data.task, rows, data.y[index].cpu().numpy())
         per_row: dict = {}
         out[name] = evaluate_split(model, data.x[index], data.y[index], data.task, ages, mc, amp, train_y, per_row,
-                                   subject_keys(rows))
+                                   subject_keys(rows), temperature)
         tables.append(predictions_table(rows, name, per_row, class_names(data.task)))
     table = pa.concat_tables(tables)
     # The entropy column holds another quantity per split when MC dropout scored the test rows

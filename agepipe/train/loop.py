@@ -30,6 +30,7 @@ from agepipe.datasets import GROUPS, expand_groups
 from agepipe.features import store as fstore
 from agepipe.train import graphs
 from agepipe.train.batched import StackedResMLP, fit_stacked
+from agepipe.train.calibrate import calibrate_run
 from agepipe.train.checkpoint import (CONFIG, CheckpointError, init_from, is_run_folder, model_config_from,
                                       read_config, save_checkpoint, write_json)
 from agepipe.train.data import (NUM_CLASSES, SUBJECTS_ACROSS_DATASETS, VAL_FRACTION, Split, TaskData, check_task,
@@ -50,6 +51,7 @@ class TrainConfig:
     seed: int = 0
     amp: bool = True  # bfloat16 autocast where the device has it natively (model.precision)
     balance: bool = False  # class-balanced loss: see class_weights
+    calibrate: bool = True  # temperature scaling on the validation split after training (calibrate.py)
 
     def __post_init__(self):
         if not 0 < self.gamma <= 1:
@@ -345,12 +347,16 @@ def save_run(data: TaskData, split: Split, model: ResMLP, train_cfg: TrainConfig
     config["warnings"] = warned
     if init:
         config["init_fresh"] = fresh  # tensors not taken from the init run (a head for other classes)
+    val = torch.from_numpy(split.val).to(data.x.device)
+    calibration = (calibrate_run(model, data.x[val], data.y[val], mc_samples, train_cfg.amp) if train_cfg.calibrate
+                   else {"temperature": 1.0, "skipped": "calibration turned off (--no-calibrate)"})
+    config["temperature"] = calibration["temperature"]  # what evaluate and predict divide the logits by
     save_checkpoint(out, model, config)
     write_json(out / "history.json", result)
     metrics = {"task": data.task, "best_epoch": result["best_epoch"], "epochs_run": len(result["history"]),
                "train_seconds": seconds, "train_warnings": warned, "split_sizes": split.sizes(),
-               "left_out": data.left_out}
-    metrics.update(score_splits(model, data, split, mc_samples, train_cfg.amp, out))
+               "left_out": data.left_out, "calibration": calibration}
+    metrics.update(score_splits(model, data, split, mc_samples, train_cfg.amp, out, calibration["temperature"]))
     write_json(out / "metrics.json", metrics)
     if report:
         write_report(out)
@@ -525,6 +531,7 @@ def summary_values(metrics: dict) -> dict:
     out = {f"test_{k}": test[k] for k in CV_METRICS if k in test}
     out.update({f"test_mc_{k}": mc[k] for k in CV_METRICS if k in mc})
     out["val_accuracy"] = metrics["val"]["accuracy"]
+    out["temperature"] = metrics["calibration"]["temperature"]
     return out
 
 

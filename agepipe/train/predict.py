@@ -82,17 +82,18 @@ class Predictor:
         x = torch.from_numpy(np.stack([f.embedding for f in found])).to(self.device)
         out = [{"bbox": [round(float(v), 1) for v in f.bbox], "det_score": round(f.det_score, 4)} for f in found]
         for kind, (model, config) in self.runs.items():
-            probs, h, mi = self._predict(model, x, self.passes[kind], scoring_amp(config, self.device))
+            probs, h, mi = self._predict(model, x, self.passes[kind], scoring_amp(config, self.device),
+                                         config.get("temperature", 1.0))
             for face, p, hi, mii in zip(out, probs, h, mi):
                 face[kind] = describe(config["task"], p, float(hi), mii, uncertainty_measure(self.passes[kind]))
         return out
 
-    def _predict(self, model: ResMLP, x: torch.Tensor, passes: int, amp: bool):
-        """In the run's precision (checkpoint.scoring_amp), as evaluate scores it."""
+    def _predict(self, model: ResMLP, x: torch.Tensor, passes: int, amp: bool, temperature: float):
+        """In the run's precision (checkpoint.scoring_amp) and temperature, as evaluate scores it."""
         if passes > 0:
-            mc = mc_dropout(model, x, passes, amp)
+            mc = mc_dropout(model, x, passes, amp, temperature=temperature)
             return mc.probs, mc.predictive_entropy, mc.mutual_information
-        probs = torch.softmax(logits_of(model, x, amp), -1)
+        probs = torch.softmax(logits_of(model, x, amp) / temperature, -1)
         return probs.cpu().numpy(), entropy(probs).cpu().numpy(), [None] * len(x)
 
 

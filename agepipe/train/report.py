@@ -127,6 +127,8 @@ def write_report(run_dir: str | Path) -> Path:
         lines += [""] + validation
         lines += per_class_section(test.get("per_class"))
         lines += reliability_section(headline_reliability(test))
+        if said := calibration_sentence(metrics):
+            lines[-1:-1] = ["", said]  # before the section's closing blank line
         lines += risk_coverage_section(test["risk_coverage"])
     lines += ["## Plots", ""] + [f"![{title}]({name})" for name, title in PLOTS.items() if (run_dir / name).exists()]
     if (run_dir / "predictions.parquet").exists():
@@ -194,6 +196,25 @@ def warnings_section(warnings: list[str]) -> list[str]:
 def headline(split: dict) -> dict:
     """The final prediction's scores: the MC-dropout mean's when there is one."""
     return split.get("mc", split)
+
+
+def calibration_sentence(metrics: dict) -> str | None:
+    """The run's temperature scaling (calibrate.py) and what it did to the test rows, in words."""
+    cal, test = metrics.get("calibration"), metrics.get("test", {})
+    if not cal:  # a run from before temperature scaling
+        return None
+    if "skipped" in cal:
+        return f"No temperature scaling: {cal['skipped']}."
+    said = f"Temperature scaling: T = {cal['temperature']:.3f}"
+    if "rows" in cal:  # else a metrics.json removed since training: T from config.json only
+        said += (f", fitted on {cal['rows']} validation rows ({cal['prediction']}; their negative log-likelihood "
+                 f"{cal['nll_before']:.4f} -> {cal['nll_after']:.4f}" + (", T at its bound" if cal.get("at_bound") else "")
+                 + ")")
+    plain, h = test.get("at_temperature_1"), headline(test)
+    if plain and test.get("n"):
+        said += (f"; test ECE {plain['ece']:.4f} -> {h['ece']:.4f}, cross-entropy {plain['cross_entropy']:.4f} -> "
+                 f"{h['cross_entropy']:.4f}")
+    return said + "."
 
 
 def baseline_sentence(kind: str, split: dict) -> str:

@@ -9,6 +9,10 @@ def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
+def sizes_val(config: dict) -> int:
+    return config["data"]["split_sizes"]["val"]
+
+
 def test_train_then_evaluate_from_the_command_line(gaussian_store, tmp_path):
     store, _ = gaussian_store
     run = tmp_path / "run"
@@ -21,7 +25,11 @@ def test_train_then_evaluate_from_the_command_line(gaussian_store, tmp_path):
     (run / "report.md").unlink()
     result = invoke("evaluate", run, "--mc-samples", "0")
     assert result.exit_code == 0, result.output
-    assert "MC dropout" not in result.output and (run / "report.md").exists()
+    assert (run / "report.md").exists()
+    assert not [line for line in result.output.splitlines() if line.startswith("  test ") and "MC dropout" in line]
+    # the run's temperature, fitted at training for its K=4 prediction, is applied and said
+    assert f"Temperature scaling: T = {config['temperature']:.3f}, fitted on {sizes_val(config)} validation rows" \
+        in result.output
     sizes = config["data"]["split_sizes"]  # in words, not a Python dict's repr
     assert f"(rows: train {sizes['train']}, val {sizes['val']}, test {sizes['test']})" in result.output
     metrics = json.loads((run / "metrics.json").read_text())

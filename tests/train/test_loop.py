@@ -165,7 +165,10 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
     losses = [h["val_loss"] for h in history["history"]]
     assert history["stopped_early"] and len(losses) == history["best_epoch"] + 2
     assert history["best_epoch"] == 1 + int(np.argmin(losses))
-    assert metrics["val"]["cross_entropy"] == pytest.approx(min(losses), rel=1e-5)
+    # the validation loss of the kept weights, before the temperature fitted on those rows lowers it
+    assert metrics["val"]["at_temperature_1"]["cross_entropy"] == pytest.approx(min(losses), rel=1e-5)
+    assert metrics["val"]["cross_entropy"] == pytest.approx(metrics["calibration"]["nll_after"], rel=1e-5)
+    assert metrics["calibration"]["nll_after"] < metrics["calibration"]["nll_before"]
 
 
 def test_cross_validation_runs_every_fold_and_aggregates(small_store, tmp_path):

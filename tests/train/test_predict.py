@@ -125,10 +125,11 @@ def test_deterministic_prediction_is_the_model_on_the_face_embedding(runs, photo
     image = cv2.imread(str(photos["astronaut"]))
     faces = predictor.faces(image)
     assert len(faces) == 1 and "gender" not in faces[0]
-    model, _ = load_checkpoint(age)
+    model, config = load_checkpoint(age)
+    assert config["temperature"] != 1.0  # the run's temperature scaling: the logits are divided by it
     embedding = torch.from_numpy(embedder.faces(image)[0].embedding[None])
     with torch.no_grad(), autocast(torch.device("cpu")):  # the run's precision (train.amp on)
-        expected = torch.softmax(model(embedding).float(), -1)[0].numpy()
+        expected = torch.softmax(model(embedding).float() / config["temperature"], -1)[0].numpy()
     assert np.allclose(list(faces[0]["age"]["probs"].values()), expected, atol=1e-4)
     assert faces[0]["age"]["mutual_information"] is None
     assert faces[0]["age"]["uncertainty"] == "softmax entropy (deterministic)"
@@ -298,7 +299,7 @@ def test_the_legend_of_a_model_without_dropout_says_one_deterministic_pass(gauss
     lines = legend_lines([{"age": {}, "gender": {}}], predictor.passes)
     assert any("(age: mean of 8 MC-dropout passes; gender: one deterministic pass)" in t for t in lines), lines
     x = torch.from_numpy(np.random.default_rng(0).standard_normal((3, 512), dtype=np.float32))
-    sampled = [predictor._predict(predictor.runs["gender"][0], x, predictor.passes["gender"], False)[0] for _ in range(2)]
+    sampled = [predictor._predict(predictor.runs["gender"][0], x, predictor.passes["gender"], False, 1.0)[0] for _ in range(2)]
     np.testing.assert_array_equal(*sampled)  # the gender model's one pass: the same answer every time
 
 

@@ -1,0 +1,120 @@
+import json
+import math
+
+import pytest
+import torch
+
+from agepipe.train.calibrate import MIN_ROWS, calibrate_run, fit_temperature, nll
+from agepipe.train.checkpoint import CheckpointError, load_checkpoint, read_config
+from agepipe.train.data import load_task_data, make_split
+from agepipe.train.evaluate import evaluate_run
+from agepipe.train.loop import train
+
+
+@pytest.mark.parametrize("true_t", [0.5, 2.5])
+def test_the_temperature_that_drew_the_labels_is_found(true_t):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 6000, 8, generator=g) * 3
+    y = torch.multinomial(torch.softmax(logits[0] / true_t, -1), 1, generator=g).squeeze(1)
+    fitted = fit_temperature(logits, y)
+    assert fitted["temperature"] == pytest.approx(true_t, rel=0.06)
+    assert fitted["nll_after"] < fitted["nll_before"] and "at_bound" not in fitted
+
+
+def test_the_fit_is_a_minimum_of_the_mc_mean_likelihood():
+    # K passes: the likelihood of the mean of their softmaxes, not of each pass
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(8, 500, 5, generator=g) * 4 + torch.randn(1, 500, 5, generator=g) * 4
+    y = torch.multinomial(torch.softmax(logits / 3, -1).mean(0), 1, generator=g).squeeze(1)
+    fitted = fit_temperature(logits, y)
+    t, f = fitted["temperature"], nll(logits, y)
+    assert "at_bound" not in fitted
+    assert f(t) <= min(f(t * 1.02), f(t / 1.02))
+    mean = torch.softmax(logits / t, -1).mean(0)
+    assert f(t) == pytest.approx(float(-torch.log(mean[torch.arange(500), y]).mean()), rel=1e-5)
+
+
+def test_too_few_validation_rows_fit_nothing():
+    fitted = fit_temperature(torch.randn(1, MIN_ROWS - 1, 8), torch.zeros(MIN_ROWS - 1, dtype=torch.long))
+    assert fitted["temperature"] == 1.0 and "fewer than" in fitted["skipped"]
+
+
+@pytest.fixture(scope="module")
+def run(gaussian_store, tmp_path_factory):
+    store, _ = gaussian_store
+    out = tmp_path_factory.mktemp("calibrated") / "age"
+    metrics = train(store, ["adience"], "age", out, mc_samples=0, progress=False, report=False,
+                    train_overrides={"epochs": 3})
+    return out, metrics
+
+
+def test_an_over_confident_model_gets_a_temperature_as_many_times_larger(run, gaussian_store):
+    # Logits scaled by c are the same model c times as sure: the temperature takes the factor back.
+    out, metrics = run
+    model, _ = load_checkpoint(out)
+    x, y = _validation_rows(out, gaussian_store[0])
+    plain = calibrate_run(model, x, y, 0, amp=False)
+    with torch.no_grad():
+        model.head.weight.mul_(4.0)
+        model.head.bias.mul_(4.0)
+    sure = calibrate_run(model, x, y, 0, amp=False)
+    assert sure["temperature"] == pytest.approx(4.0 * plain["temperature"], rel=1e-3)
+    assert sure["nll_after"] == pytest.approx(plain["nll_after"], rel=1e-4)
+    assert sure["nll_before"] > plain["nll_before"]
+
+
+def _validation_rows(out, store):
+    config = read_config(out)
+    rec = config["data"]
+    data = load_task_data(store, rec["feature_set"], rec["datasets"], "age")
+    split = make_split(data.rows, rec["test_fold"], rec["val_fraction"])
+    val = torch.from_numpy(split.val)
+    return data.x[val], data.y[val]
+
+
+def test_a_run_records_its_temperature_and_evaluate_divides_by_it(run, tmp_path):
+    out, metrics = run
+    config = json.loads((out / "config.json").read_text())
+    cal = metrics["calibration"]
+    assert config["temperature"] == cal["temperature"] != 1.0
+    assert cal["rows"] == metrics["split_sizes"]["val"] and cal["prediction"] == "deterministic"
+    # The deterministic prediction keeps its class; its probabilities are the logits over T.
+    assert metrics["test"]["accuracy"] == metrics["test"]["at_temperature_1"]["accuracy"]
+    assert metrics["val"]["cross_entropy"] == pytest.approx(cal["nll_after"], rel=1e-4)
+    again = evaluate_run(out, mc_samples=0)
+    assert again["test"]["cross_entropy"] == pytest.approx(metrics["test"]["cross_entropy"], rel=1e-5)
+    # the same run at T = 1: what "at_temperature_1" said
+    config["temperature"] = 1.0
+    (out / "config.json").write_text(json.dumps(config))
+    try:
+        plain = evaluate_run(out, mc_samples=0)
+    finally:
+        config["temperature"] = cal["temperature"]
+        (out / "config.json").write_text(json.dumps(config))
+    assert "at_temperature_1" not in plain["test"]
+    for key in ("cross_entropy", "ece"):
+        assert plain["test"][key] == pytest.approx(metrics["test"]["at_temperature_1"][key], rel=1e-5)
+    # training's record of the fit gone: the run's T is still applied, and said
+    (out / "metrics.json").unlink()
+    bare = evaluate_run(out, mc_samples=0)
+    assert bare["calibration"] == {"temperature": cal["temperature"]}
+    assert bare["test"]["cross_entropy"] == pytest.approx(metrics["test"]["cross_entropy"], rel=1e-5)
+    assert f"Temperature scaling: T = {cal['temperature']:.3f}; test ECE" in (out / "report.md").read_text()
+
+
+def test_no_calibrate_keeps_the_models_probabilities(gaussian_store, tmp_path):
+    store, _ = gaussian_store
+    metrics = train(store, ["adience"], "age", tmp_path / "run", mc_samples=0, progress=False, report=False,
+                    train_overrides={"epochs": 1, "calibrate": False})
+    assert read_config(tmp_path / "run")["temperature"] == 1.0
+    assert "--no-calibrate" in metrics["calibration"]["skipped"] and "at_temperature_1" not in metrics["test"]
+
+
+@pytest.mark.parametrize("bad", [0, -1.5, "2", None, math.inf])
+def test_a_config_whose_temperature_is_no_positive_number_is_refused(run, tmp_path, bad):
+    out, _ = run
+    config = json.loads((out / "config.json").read_text())
+    config["temperature"] = bad
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r'config.json: "temperature" is .*, not a finite number > 0'):
+        read_config(tmp_path)
