@@ -8,8 +8,8 @@ settings, MC dropout K=32 as `agepipe train --cv` runs it. Each run's test rows 
 and without its own temperature (metrics.json "at_temperature_1"): both columns are the same runs'
 same MC passes; only the division by T differs.
 
-    python bench/calibration_bench.py                      # about 2 minutes on 2 CPU cores
-    python bench/calibration_bench.py --noise 0 0.2 0.4 --seeds 2
+    python bench/calibration_bench.py                      # about 3 minutes on 2 CPU cores
+    python bench/calibration_bench.py --noise 0 0.2 0.4 --epochs 30 --seeds 2
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import json
 import sys
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=3000)
     p.add_argument("--noise", type=float, nargs="+", default=[0.0, 0.3])
+    p.add_argument("--epochs", type=int, nargs="+", default=[30, 2],
+                   help="epoch limits (30: the paper's, early stopping on; 2: a model stopped short)")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--mc-samples", type=int, default=32)
     args = p.parse_args()
@@ -57,23 +60,27 @@ def main() -> None:
             store = noisy_store(Path(tmp) / f"store-{noise}", args.rows, noise)
             data = load_task_data(store, FEATURE_SET, ["adience"], "age")
             record = data_record(store, FEATURE_SET, ["adience"], None, 0.0)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", TrainingWarning)
-                cv = cross_validate(data, paper_config("age", 8), PAPER_TRAIN["age"], Path(tmp) / f"cv-{noise}",
-                                    record, seeds=args.seeds, mc_samples=args.mc_samples, progress=False)
-            runs = [json_metrics(Path(tmp) / f"cv-{noise}" / f"fold{r['fold']}-seed{r['seed']}") for r in cv["runs"]]
-            temps = [m["calibration"]["temperature"] for m in runs]
-            before = [m["test"]["at_temperature_1"] for m in runs]
-            after = [m["test"].get("mc", m["test"]) for m in runs]
-            for key in ("ece", "cross_entropy", "accuracy"):
-                table.append((f"{noise:.0%}", key, mean_std([b[key] for b in before]), mean_std([a[key] for a in after]),
-                              f"{np.mean([a[key] / b[key] for a, b in zip(after, before)]):.3f}"))
-            print(f"label noise {noise:.0%}: {len(runs)} runs, T = {mean_std(temps)} "
-                  f"(min {min(temps):.3f}, max {max(temps):.3f})", flush=True)
+            for epochs in args.epochs:
+                out = Path(tmp) / f"cv-{noise}-{epochs}"
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", TrainingWarning)
+                    cv = cross_validate(data, paper_config("age", 8), replace(PAPER_TRAIN["age"], epochs=epochs), out,
+                                        record, seeds=args.seeds, mc_samples=args.mc_samples, progress=False)
+                runs = [json_metrics(out / f"fold{r['fold']}-seed{r['seed']}") for r in cv["runs"]]
+                temps = [m["calibration"]["temperature"] for m in runs]
+                before = [m["test"]["at_temperature_1"] for m in runs]
+                after = [m["test"].get("mc", m["test"]) for m in runs]
+                for key in ("ece", "cross_entropy", "accuracy"):
+                    table.append((f"{noise:.0%}", str(epochs), key, mean_std([b[key] for b in before]),
+                                  mean_std([a[key] for a in after]),
+                                  f"{np.mean([a[key] / b[key] for a, b in zip(after, before)]):.3f}"))
+                print(f"label noise {noise:.0%}, at most {epochs} epochs: {len(runs)} runs, validation rows "
+                      f"{mean_std([m['calibration']['rows'] for m in runs])}, T = {mean_std(temps)} "
+                      f"(min {min(temps):.3f}, max {max(temps):.3f})", flush=True)
     print(f"\n{args.rows} rows, 5 folds x {args.seeds} seed(s), test rows of each run, final prediction "
           f"(MC dropout mean, K={args.mc_samples}); mean +- std over runs")
-    print("| label noise | metric | T = 1 | the run's T | after / before (mean of runs) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| label noise | epochs | metric | T = 1 | the run's T | after / before (mean of runs) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for row in table:
         print("| " + " | ".join(row) + " |")
 

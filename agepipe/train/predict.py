@@ -82,10 +82,10 @@ class Predictor:
         x = torch.from_numpy(np.stack([f.embedding for f in found])).to(self.device)
         out = [{"bbox": [round(float(v), 1) for v in f.bbox], "det_score": round(f.det_score, 4)} for f in found]
         for kind, (model, config) in self.runs.items():
-            probs, h, mi = self._predict(model, x, self.passes[kind], scoring_amp(config, self.device),
-                                         config.get("temperature", 1.0))
+            t = config.get("temperature", 1.0)
+            probs, h, mi = self._predict(model, x, self.passes[kind], scoring_amp(config, self.device), t)
             for face, p, hi, mii in zip(out, probs, h, mi):
-                face[kind] = describe(config["task"], p, float(hi), mii, uncertainty_measure(self.passes[kind]))
+                face[kind] = describe(config["task"], p, float(hi), mii, uncertainty_measure(self.passes[kind]), t)
         return out
 
     def _predict(self, model: ResMLP, x: torch.Tensor, passes: int, amp: bool, temperature: float):
@@ -119,15 +119,17 @@ def run_caution(kind: str, run: str | Path) -> str | None:
             "held-out fold: treat its answers as a constant guess")
 
 
-def describe(task: str, probs: np.ndarray, h: float, mi: float | None, measure: str) -> dict:
+def describe(task: str, probs: np.ndarray, h: float, mi: float | None, measure: str,
+             temperature: float = 1.0) -> dict:
     """One model's answer for a face; ``measure`` names the entropy ``h`` (evaluate.uncertainty_measure),
-    so JSON of runs with and without MC dropout does not mix two quantities under one key unsaid."""
+    so JSON of runs with and without MC dropout does not mix two quantities under one key unsaid;
+    ``temperature``, the run's, is what its logits were divided by (calibrate.py)."""
     names = class_names(task)
     k = int(probs.argmax())
     share = h / math.log(len(names))
     out = {"task": task, "predicted": names[k], "probability": round(float(probs[k]), 4),
            "predictive_entropy": round(h, 4), "uncertainty": measure, "entropy_share": round(share, 4),
-           "mutual_information": None if mi is None else round(float(mi), 4),
+           "mutual_information": None if mi is None else round(float(mi), 4), "temperature": round(temperature, 4),
            "undecided": bool(share > UNDECIDED_ENTROPY_SHARE or (mi is not None and mi > UNDECIDED_MI))}
     if task == "gender":
         out["p_female"], out["p_male"] = round(float(probs[0]), 4), round(float(probs[1]), 4)

@@ -131,6 +131,7 @@ def test_deterministic_prediction_is_the_model_on_the_face_embedding(runs, photo
     with torch.no_grad(), autocast(torch.device("cpu")):  # the run's precision (train.amp on)
         expected = torch.softmax(model(embedding).float() / config["temperature"], -1)[0].numpy()
     assert np.allclose(list(faces[0]["age"]["probs"].values()), expected, atol=1e-4)
+    assert faces[0]["age"]["temperature"] == round(config["temperature"], 4)
     assert faces[0]["age"]["mutual_information"] is None
     assert faces[0]["age"]["uncertainty"] == "softmax entropy (deterministic)"
 
