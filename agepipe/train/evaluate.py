@@ -324,7 +324,8 @@ def evaluate_split(model: ResMLP, x: torch.Tensor, y: torch.Tensor, task: str, a
         measure = uncertainty_measure(0)
     if temperature != 1.0:
         plain = scores(at_1, y_np, task, ages)
-        out["at_temperature_1"] = {k: plain[k] for k in ("accuracy", "cross_entropy", "ece")}
+        out["at_temperature_1"] = {**{k: plain[k] for k in ("accuracy", "cross_entropy", "ece")},
+                                   "reliability": reliability(at_1, y_np)}
     pred = final.argmax(1)
     # The headline numbers are those of the final prediction (the MC mean when there is one).
     out["prediction"] = "MC dropout mean" if mi is not None else "deterministic"

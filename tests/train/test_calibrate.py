@@ -83,6 +83,12 @@ def test_a_run_records_its_temperature_and_evaluate_divides_by_it(run, tmp_path)
     assert metrics["val"]["cross_entropy"] == pytest.approx(cal["nll_after"], rel=1e-4)
     again = evaluate_run(out, mc_samples=0)
     assert again["test"]["cross_entropy"] == pytest.approx(metrics["test"]["cross_entropy"], rel=1e-5)
+    before = again["test"]["at_temperature_1"]
+    assert before["reliability"]["ece"] == before["ece"] != again["test"]["ece"]
+    report = (out / "report.md").read_text()
+    assert (f"Temperature scaling: T = {cal['temperature']:.3f}, fitted on {cal['rows']} validation rows "
+            f"(deterministic; their negative log-likelihood {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}); "
+            f"test ECE {before['ece']:.4f} -> {again['test']['ece']:.4f}") in report
     # the same run at T = 1: what "at_temperature_1" said
     config["temperature"] = 1.0
     (out / "config.json").write_text(json.dumps(config))
