@@ -67,6 +67,7 @@ class Photo:
 # Markers without a length field: TEM, RST0-7, SOI, EOI.
 _STANDALONE = {0x01, *range(0xD0, 0xDA)}
 _SOF = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC}
+_LOSSLESS = {0xC3, 0xC7, 0xCB, 0xCF}  # an MCU there is one sample, not 8x8 blocks: _scan_blocks does not apply
 _PROGRESSIVE = {0xC2, 0xC6, 0xCA, 0xCE}
 # The marker that ends a scan's entropy-coded data: FF followed by neither a stuffed 00, a restart
 # marker D0-D7 nor a fill byte FF. One C-level search, not a Python step per FF byte: the decode
@@ -136,7 +137,7 @@ def jpeg_structure(data: bytes) -> JpegStructure:
     thumbnail or after the image's end decide nothing: a cut-off file is one whose data ends before
     the decoder would reach EOI (libjpeg then fills the rest with grey and only warns)."""
     size, pos, n, progressive, scans, segments = None, 2, len(data), False, 0, 0
-    frame, interval = [], 0
+    frame, interval, lossless = [], 0, False
 
     def found(complete, damage=""):
         return JpegStructure(size, complete, progressive, scans, segments, damage)
@@ -162,7 +163,7 @@ def jpeg_structure(data: bytes) -> JpegStructure:
         if marker in _SOF and size is None and pos + 9 <= n:  # libjpeg allocates for the first, refuses others
             height, width = struct.unpack(">HH", data[pos + 5:pos + 9])
             size = (width, height)
-            progressive = marker in _PROGRESSIVE
+            progressive, lossless = marker in _PROGRESSIVE, marker in _LOSSLESS
             components = data[pos + 10:pos + 10 + 3 * data[pos + 9]] if pos + 9 < n else b""
             frame = [(components[i], components[i + 1] >> 4, components[i + 1] & 15)
                      for i in range(0, len(components) - 2, 3)]
@@ -181,8 +182,9 @@ def jpeg_structure(data: bytes) -> JpegStructure:
                 return found(False)
             if interval:
                 # The MCU count is judged only where the frame is whole: a height of 0 (set
-                # later by a DNL marker) or sampling factors of 0 leave it to libjpeg.
-                known = size and size[1] and frame and scan and all(h and v for _, h, v in frame)
+                # later by a DNL marker), sampling factors of 0 or a lossless frame leave it to libjpeg.
+                known = (size and size[1] and frame and scan and not lossless
+                         and all(h and v for _, h, v in frame))
                 damage = _restart_damage(data, pos, end.start(), interval,
                                          _scan_blocks(frame, size, scan) if known else None)
                 if damage:

@@ -360,6 +360,20 @@ def test_a_marker_in_a_scan_of_a_jpeg_without_restarts_is_a_decode_error(photos)
     assert e.value.status == "decode_error"
 
 
+def test_a_lossless_jpegs_restarts_are_not_counted_in_8x8_blocks(photos):
+    """A lossless frame's MCU is one sample per component: counting its restarts over 8x8 blocks
+    would refuse every good lossless JPEG with restarts. Here a real photo's frame, its height
+    halved, holds twice the restarts its blocks need: damage in a DCT frame, not judged in a
+    lossless one (the order of the markers still is)."""
+    data = bytearray(restarted(photos["obama"], 4))
+    sof = data.find(b"\xff\xc0")
+    height = struct.unpack(">H", data[sof + 5:sof + 7])[0]
+    data[sof + 5:sof + 7] = struct.pack(">H", height // 2)
+    assert "restart markers in a scan of" in images.jpeg_structure(bytes(data)).damage
+    data[sof + 1] = 0xC3
+    assert images.jpeg_structure(bytes(data)).damage == ""
+
+
 def every_real_photo(photos) -> list:
     """Every photo of the test photos' folder and of the installed packages."""
     from tests.conftest import package_dir
