@@ -45,8 +45,7 @@ def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> dict:
     temperature, rows, nll before (T = 1) and after, and at_bound when T is at a bound."""
     rows = int(logits.shape[1])
     if rows < MIN_ROWS:
-        return {"temperature": 1.0, "rows": rows,
-                "skipped": f"{rows} validation row(s), fewer than {MIN_ROWS}: no temperature fitted"}
+        return too_few(rows)
     f = nll(logits.float(), y.long())
     before = f(1.0)
     low, high = LOG_T_BOUNDS
@@ -62,6 +61,11 @@ def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> dict:
     if best in (0, GRID - 1):
         out["at_bound"] = True
     return out
+
+
+def too_few(rows: int) -> dict:
+    return {"temperature": 1.0, "rows": rows,
+            "skipped": f"{rows} validation row(s), fewer than {MIN_ROWS}: no temperature fitted"}
 
 
 def _golden(f, a: float, b: float) -> float:
@@ -87,6 +91,8 @@ def calibrate_run(model: ResMLP, x: torch.Tensor, y: torch.Tensor, mc_samples: i
     deterministic softmax (0, or a model without dropout). Past FIT_ELEMENTS of logits (IMDB-WIKI's
     validation split for age101 at K=32: 650 MB) a fixed random subset of the rows is used."""
     samples = mc_samples if has_dropout(model) else 0
+    if len(x) < MIN_ROWS:  # no passes for a fit not made (an empty split: no chunks to concatenate)
+        return {**too_few(len(x)), "prediction": f"MC dropout mean (K={samples})" if samples else "deterministic"}
     cap = max(MIN_ROWS, FIT_ELEMENTS // (max(samples, 1) * model.config.num_classes))
     if len(x) > cap:
         keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:cap].to(x.device)

@@ -124,3 +124,14 @@ def test_a_config_whose_temperature_is_no_positive_number_is_refused(run, tmp_pa
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r'config.json: "temperature" is .*, not a finite number > 0'):
         read_config(tmp_path)
+
+
+@pytest.mark.parametrize("rows", [0, MIN_ROWS - 1])
+@pytest.mark.parametrize("samples", [0, 4])
+def test_an_empty_or_small_validation_split_fits_nothing_with_or_without_mc_passes(run, rows, samples):
+    # A training split of one subject has no validation rows: the MC passes of none died in torch.cat.
+    out, _ = run
+    model, _ = load_checkpoint(out)
+    x = torch.randn(rows, model.config.in_features)
+    fitted = calibrate_run(model, x, torch.zeros(rows, dtype=torch.long), samples, amp=False)
+    assert fitted["temperature"] == 1.0 and fitted["rows"] == rows and "fewer than" in fitted["skipped"]
