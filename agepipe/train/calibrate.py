@@ -46,7 +46,13 @@ def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> dict:
     rows = int(logits.shape[1])
     if rows < MIN_ROWS:
         return too_few(rows)
-    f = nll(logits.float(), y.long())
+    logits = logits.float()
+    broken = int((~torch.isfinite(logits)).any(2).any(0).sum())
+    if broken:  # their NaN made every T's likelihood NaN, and min() then took the lowest T
+        return {"temperature": 1.0, "rows": rows,
+                "skipped": f"{broken} of {rows} validation row(s) have logits that are not finite (NaN or inf): "
+                           "no temperature fitted"}
+    f = nll(logits, y.long())
     before = f(1.0)
     low, high = LOG_T_BOUNDS
     grid = [low + (high - low) * i / (GRID - 1) for i in range(GRID)]

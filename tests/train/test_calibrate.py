@@ -135,3 +135,12 @@ def test_an_empty_or_small_validation_split_fits_nothing_with_or_without_mc_pass
     x = torch.randn(rows, model.config.in_features)
     fitted = calibrate_run(model, x, torch.zeros(rows, dtype=torch.long), samples, amp=False)
     assert fitted["temperature"] == 1.0 and fitted["rows"] == rows and "fewer than" in fitted["skipped"]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_logits_that_are_not_finite_fit_no_temperature(bad):
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(4, 100, 3, generator=g)
+    logits[1, 7, 2] = bad
+    fitted = fit_temperature(logits, torch.randint(0, 3, (100,), generator=g))
+    assert fitted["temperature"] == 1.0 and "1 of 100 validation row(s)" in fitted["skipped"]
