@@ -60,7 +60,7 @@ def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> dict:
     best = min(range(GRID), key=lambda i: (losses[i], abs(grid[i])))  # ties: the T nearest 1
     a, b = grid[max(best - 1, 0)], grid[min(best + 1, GRID - 1)]
     u = _golden(lambda u: f(math.exp(u)), a, b)
-    if f(math.exp(u)) > losses[best]:  # the grid point was better (flat or kinked likelihood)
+    if f(math.exp(u)) >= losses[best]:  # the grid point was as good (flat likelihood: the T nearest 1) or better
         u = grid[best]
     t = math.exp(u)
     out = {"temperature": t, "rows": rows, "nll_before": before, "nll_after": f(t)}

@@ -144,3 +144,14 @@ def test_logits_that_are_not_finite_fit_no_temperature(bad):
     logits[1, 7, 2] = bad
     fitted = fit_temperature(logits, torch.randint(0, 3, (100,), generator=g))
     assert fitted["temperature"] == 1.0 and "1 of 100 validation row(s)" in fitted["skipped"]
+
+
+def test_a_likelihood_flat_in_float32_keeps_t_at_1():
+    # Every row right by a margin of 1000: each T's likelihood is 0, nothing to fit. The golden
+    # section over a flat stretch walked to its lower end (T = 0.78), against the tie-break.
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 4, (200,), generator=g)
+    logits = torch.zeros(1, 200, 4)
+    logits[0, torch.arange(200), y] = 1000.0
+    fitted = fit_temperature(logits, y)
+    assert fitted["temperature"] == pytest.approx(1.0, abs=1e-9) and fitted["nll_after"] == 0
