@@ -55,7 +55,14 @@ def test_cv_from_the_command_line(gaussian_store, tmp_path):
                     "--epochs", "1", "--mc-samples", "2")
     assert result.exit_code == 0, result.output
     assert "5 runs" in result.output and "test_accuracy" in result.output
-    assert len(json.loads((tmp_path / "cv.json").read_text())["runs"]) == 5
+    cv = json.loads((tmp_path / "cv.json").read_text())
+    assert len(cv["runs"]) == 5
+    # each run's temperature, fitted on its own validation rows, and their mean: in cv.json and said
+    for r in cv["runs"]:
+        config = json.loads((tmp_path / f"fold{r['fold']}-seed{r['seed']}" / "config.json").read_text())
+        assert r["temperature"] == config["temperature"]
+    t = cv["summary"]["temperature"]
+    assert f"  {'temperature':<24} {t['mean']:.4f} +- {t['std']:.4f}\n" in result.output
     assert "removed 1 run folder(s) of an earlier cross-validation: fold0-seed3\n" in result.output
     assert not (tmp_path / "fold0-seed3").exists()
 
