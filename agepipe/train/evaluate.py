@@ -402,10 +402,18 @@ def evaluate_run(run_dir: str | Path, store: str | None = None, mc_samples: int 
         sizes = f"split sizes {split.sizes()}, training's {rec['split_sizes']}" if resized else "the same split sizes"
         said.insert(0, f"the rows differ from those this run was trained on ({sizes}): the store changed since; "
                        "scored on the rows as they are now")
+    temperature = config.get("temperature", 1.0)
+    fitted_for = metrics.get("calibration", {}).get("prediction", "")
+    mc = mc_samples > 0 and has_dropout(model)
+    if temperature != 1.0 and fitted_for and fitted_for.startswith("MC") != mc:
+        # The MC mean is softer than the one deterministic pass: with --dropout 0.5, T = 0.68 for
+        # the one, 0.96 for the other, and the deterministic test ECE at the MC's T 0.075.
+        said.append(f"the run's temperature T = {temperature:.3f} was fitted for its {fitted_for} prediction; this "
+                    f"evaluate scores the {'MC dropout mean' if mc else 'deterministic'} one (--mc-samples "
+                    f"{mc_samples}), which that T may not calibrate")
     if said:
         metrics["warning"] = "; ".join(said)
     amp = scoring_amp(config, next(model.parameters()).device)  # the precision the run trained in
-    temperature = config.get("temperature", 1.0)
     if temperature != 1.0:  # the fit's record is training's metrics.json's; where that is gone, T alone
         metrics.setdefault("calibration", {"temperature": temperature})
     metrics.update(score_splits(model, data, split, mc_samples, amp, run_dir, temperature))

@@ -155,3 +155,19 @@ def test_a_likelihood_flat_in_float32_keeps_t_at_1():
     logits[0, torch.arange(200), y] = 1000.0
     fitted = fit_temperature(logits, y)
     assert fitted["temperature"] == pytest.approx(1.0, abs=1e-9) and fitted["nll_after"] == 0
+
+
+def test_evaluate_says_when_it_scores_another_prediction_than_the_temperature_was_fitted_for(gaussian_store,
+                                                                                           tmp_path):
+    store, _ = gaussian_store
+    out = tmp_path / "run"
+    metrics = train(store, ["adience"], "age", out, mc_samples=0, progress=False, report=False,
+                    train_overrides={"epochs": 2})
+    assert metrics["calibration"]["prediction"] == "deterministic" and "warning" not in metrics
+    same = evaluate_run(out, mc_samples=0)
+    assert "warning" not in same
+    other = evaluate_run(out, mc_samples=4)  # the MC mean, at the deterministic prediction's T
+    t = metrics["calibration"]["temperature"]
+    assert (f"the run's temperature T = {t:.3f} was fitted for its deterministic prediction; this evaluate scores "
+            "the MC dropout mean one (--mc-samples 4)") in other["warning"]
+    assert "was fitted for its deterministic prediction" in (out / "report.md").read_text()
