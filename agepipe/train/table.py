@@ -293,10 +293,12 @@ def _finished_cell(cell_dir: Path, identity: dict) -> tuple[dict | None, str]:
         if isinstance(old.get(key), dict):
             old[key] = _without_store(old[key])
     new = json.loads(json.dumps(identity))  # tuples and lists alike
-    # amp only asks for bfloat16; "precision" says what ran (float32 both ways on a device without it)
+    # amp only asks for bfloat16; "precision" says what ran (float32 both ways on a device without it).
+    # calibrate: a temperature divides the logits and keeps their argmax, so the table's accuracies; a
+    # cell recorded before temperature scaling (without the key) is as good as a new one.
     for ident in (old, new):
         if isinstance(ident.get("train"), dict):
-            ident["train"] = {k: v for k, v in ident["train"].items() if k != "amp"}
+            ident["train"] = {k: v for k, v in ident["train"].items() if k not in ("amp", "calibrate")}
     changed = [k for k in new if k in old and old[k] != new[k]]
     unrecorded = [k for k in new if k not in old and new[k] is not None]
     why = [f"{', '.join(keys)} {what}" for keys, what in ((changed, "changed"), (unrecorded, "not recorded")) if keys]

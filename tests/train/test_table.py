@@ -424,3 +424,18 @@ def test_a_cell_recorded_without_its_folds_is_trained_again(tmp_path):
     cell.write_text(json.dumps({k: v for k, v in done.items() if k != "folds"}))
     again = invoke(*args)
     assert again.exit_code == 0 and "(again: recorded without its runs' test folds)" in again.output, again.output
+
+
+def test_a_cell_recorded_before_temperature_scaling_is_reused(table_run, tmp_path):
+    """train.calibrate joined the cell's identity with temperature scaling, which leaves the
+    deterministic accuracies of the table as they were: an older cell.json must not train again."""
+    store, *_ = table_run
+    args = ("table", "--store", store, "--out", tmp_path / "t", "--tasks", "gender", "--variants", "no-ic",
+            "--inits", "scratch", "--folds", "0,1", "--seeds", "1", "--epochs", "1", "--device", "cpu")
+    assert invoke(*args).exit_code == 0
+    cell = tmp_path / "t" / "gender" / "scratch" / "no-ic" / "cell.json"
+    done = json.loads(cell.read_text())
+    assert done["identity"]["train"].pop("calibrate") is True
+    cell.write_text(json.dumps(done))  # as a cell trained before temperature scaling
+    again = invoke(*args)
+    assert again.exit_code == 0 and "reused" in again.output and "again:" not in again.output, again.output
