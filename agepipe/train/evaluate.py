@@ -403,6 +403,12 @@ def evaluate_run(run_dir: str | Path, store: str | None = None, mc_samples: int 
         said.insert(0, f"the rows differ from those this run was trained on ({sizes}): the store changed since; "
                        "scored on the rows as they are now")
     temperature = config.get("temperature", 1.0)
+    fit = metrics.get("calibration")
+    fit = fit.get("fit", fit) if fit else None  # training's record, kept whole under "fit" by an evaluate before
+    if fit and fit.get("temperature") != temperature:  # config.json's T set by hand since: that one is used, and said
+        metrics["calibration"] = {"temperature": temperature, "fit": fit}
+    elif fit:
+        metrics["calibration"] = fit
     fitted_for = metrics.get("calibration", {}).get("prediction", "")
     mc = mc_samples > 0 and has_dropout(model)
     if temperature != 1.0 and fitted_for and fitted_for.startswith("MC") != mc:

@@ -210,7 +210,10 @@ def calibration_sentence(metrics: dict) -> str | None:
     if "skipped" in cal:
         return f"No temperature scaling: {cal['skipped']}."
     said = f"Temperature scaling: T = {cal['temperature']:.3f}"
-    if "rows" in cal:  # else a metrics.json removed since training: T from config.json only
+    if "fit" in cal:  # config.json's, set by hand since training's fit
+        said += (", config.json's, set since training " + ("fitted none" if "skipped" in cal["fit"]
+                                                            else f"fitted {cal['fit']['temperature']:.3f}"))
+    elif "rows" in cal:  # else a metrics.json removed since training: T from config.json only
         said += (f", fitted on {cal['rows']} validation rows ({cal['prediction']}; their negative log-likelihood "
                  f"{cal['nll_before']:.4f} -> {cal['nll_after']:.4f}" + (", T at its bound" if cal.get("at_bound") else "")
                  + ")")

@@ -98,6 +98,11 @@ def test_a_run_records_its_temperature_and_evaluate_divides_by_it(run, tmp_path)
         config["temperature"] = cal["temperature"]
         (out / "config.json").write_text(json.dumps(config))
     assert "at_temperature_1" not in plain["test"]
+    # config.json's T set by hand: the report says the T used, not training's fit as if it were
+    assert plain["calibration"]["temperature"] == 1.0 and plain["calibration"]["fit"] == cal
+    assert (f"Temperature scaling: T = 1.000, config.json's, set since training fitted {cal['temperature']:.3f}."
+            in (out / "report.md").read_text())
+    assert evaluate_run(out, mc_samples=0)["calibration"] == cal  # back to training's T: its record again
     for key in ("cross_entropy", "ece"):
         assert plain["test"][key] == pytest.approx(metrics["test"]["at_temperature_1"][key], rel=1e-5)
     # training's record of the fit gone: the run's T is still applied, and said
