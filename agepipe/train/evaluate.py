@@ -409,14 +409,9 @@ def evaluate_run(run_dir: str | Path, store: str | None = None, mc_samples: int 
         metrics["calibration"] = {"temperature": temperature, "fit": fit}
     elif fit:
         metrics["calibration"] = fit
-    fitted_for = metrics.get("calibration", {}).get("prediction", "")
-    mc = mc_samples > 0 and has_dropout(model)
-    if temperature != 1.0 and fitted_for and fitted_for.startswith("MC") != mc:
-        # The MC mean is softer than the one deterministic pass: with --dropout 0.5, T = 0.68 for
-        # the one, 0.96 for the other, and the deterministic test ECE at the MC's T 0.075.
-        said.append(f"the run's temperature T = {temperature:.3f} was fitted for its {fitted_for} prediction; this "
-                    f"evaluate scores the {'MC dropout mean' if mc else 'deterministic'} one (--mc-samples "
-                    f"{mc_samples}), which that T may not calibrate")
+    if other := fitted_for_another(metrics.get("calibration"), temperature,
+                                   mc_samples if has_dropout(model) else 0, "this evaluate"):
+        said.append(other)
     if said:
         metrics["warning"] = "; ".join(said)
     amp = scoring_amp(config, next(model.parameters()).device)  # the precision the run trained in
@@ -426,6 +421,19 @@ def evaluate_run(run_dir: str | Path, store: str | None = None, mc_samples: int 
     write_json(path, metrics)
     write_report(run_dir)
     return metrics
+
+
+def fitted_for_another(calibration: dict | None, temperature: float, passes: int, who: str) -> str | None:
+    """A sentence when the run's T (calibrate.py) was fitted for the MC-dropout mean and ``who``
+    takes the deterministic prediction (``passes`` 0), or the reverse. The MC mean is softer than
+    the one deterministic pass: with --dropout 0.5, T = 0.68 for the one, 0.96 for the other, and
+    the deterministic test ECE at the MC's T 0.075."""
+    fitted_for = (calibration or {}).get("prediction", "")
+    if temperature == 1.0 or not fitted_for or fitted_for.startswith("MC") == (passes > 0):
+        return None
+    return (f"the run's temperature T = {temperature:.3f} was fitted for its {fitted_for} prediction; {who} "
+            f"scores the {'MC dropout mean' if passes else 'deterministic'} one (--mc-samples {passes}), which "
+            "that T may not calibrate")
 
 
 def score_splits(model: ResMLP, data, split, mc_samples: int, amp: bool, run_dir: str | Path,

@@ -19,7 +19,8 @@ from agepipe.features.embed import FaceEmbedder, in_original_pixels
 from agepipe.features.images import ImageError, never_a_photo, read_photo
 from agepipe.train.checkpoint import CheckpointError, load_checkpoint, metrics_error, read_metrics, scoring_amp
 from agepipe.train.data import class_names
-from agepipe.train.evaluate import entropy, expected_age, logits_of, mc_dropout, uncertainty_measure
+from agepipe.train.evaluate import (entropy, expected_age, fitted_for_another, logits_of, mc_dropout,
+                                   uncertainty_measure)
 from agepipe.train.model import ResMLP, has_dropout, resolve_device
 from agepipe.train.report import headline
 
@@ -47,6 +48,12 @@ class Predictor:
         # kind -> why its answers are no better than a constant guess (from the run's own test fold)
         self.cautions = {kind: c for kind, run in (("age", age_run), ("gender", gender_run))
                          if run and (c := run_caution(kind, run))}
+        self.warnings = []  # what the user should know that is not about one model's answers
+        for kind, run in (("age", age_run), ("gender", gender_run)):
+            if run and (other := fitted_for_another(read_metrics(run).get("calibration"),
+                                                     self.runs[kind][1].get("temperature", 1.0), self.passes[kind],
+                                                     "predict")):
+                self.warnings.append(f"the {kind} model: {other}")
         features = [c.get("data", {}).get("features", {}) for _, c in self.runs.values()]
         hashes = {f["recognizer_sha256"] for f in features if "recognizer_sha256" in f}
         names = {str(f["pack"]) for f in features if "pack" in f}
@@ -54,7 +61,6 @@ class Predictor:
             raise CheckpointError("the age and gender runs were trained on embeddings from different face "
                                   f"models ({', '.join(sorted(names))}); one photo's faces cannot serve both")
         recorded = next((f for f in features if f), {})
-        self.warnings = []  # what the user should know that is not about one model's answers
         sizes = {kind: f["det_size"] for kind, f in zip(self.runs, features) if "det_size" in f}
         if det_size is None and len(set(sizes.values())) > 1:
             used = recorded["det_size"]

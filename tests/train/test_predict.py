@@ -316,3 +316,13 @@ def test_a_run_that_held_out_no_fold_is_not_flagged_as_a_constant_guess(gaussian
           train_overrides={"epochs": 1})
     assert json.loads((run / "metrics.json").read_text())["test"]["n"] == 0
     assert run_caution("gender", run) is None
+
+
+def test_predict_warns_when_it_takes_another_prediction_than_the_temperature_was_fitted_for(runs):
+    # the runs were trained with --mc-samples 0: their T is the deterministic softmax's
+    age, gender = runs
+    assert Predictor(str(age), str(gender), mc_samples=0).warnings == []
+    t = json.loads((gender / "config.json").read_text())["temperature"]
+    assert f"the gender model: the run's temperature T = {t:.3f} was fitted for its deterministic prediction; " \
+           "predict scores the MC dropout mean one (--mc-samples 4), which that T may not calibrate" \
+           in Predictor(str(age), str(gender), mc_samples=4).warnings
