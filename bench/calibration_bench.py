@@ -68,8 +68,9 @@ def main() -> None:
                                         record, seeds=args.seeds, mc_samples=args.mc_samples, progress=False)
                 runs = [json_metrics(out / f"fold{r['fold']}-seed{r['seed']}") for r in cv["runs"]]
                 temps = [m["calibration"]["temperature"] for m in runs]
-                before = [m["test"]["at_temperature_1"] for m in runs]
                 after = [m["test"].get("mc", m["test"]) for m in runs]
+                # a run that fitted no T (too few rows, a flat likelihood) is its own "before"
+                before = [m["test"].get("at_temperature_1", a) for m, a in zip(runs, after)]
                 for key in ("ece", "cross_entropy", "accuracy"):
                     table.append((f"{noise:.0%}", str(epochs), key, mean_std([b[key] for b in before]),
                                   mean_std([a[key] for a in after]),
