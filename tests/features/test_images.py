@@ -9,6 +9,7 @@ import time
 import cv2
 import numpy as np
 import pytest
+import PIL
 from PIL import Image
 
 from agepipe.features import images
@@ -343,6 +344,8 @@ def test_jpeg_data_damaged_mid_scan_is_a_decode_error_naming_the_file(photos, ki
         out = io.BytesIO()
         Image.open(photos["obama"]).save(out, "JPEG", progressive=True, restart_marker_blocks=3)
         data = out.getvalue()
+        if not restart_markers(data):  # Pillow before 10.2 ignores the option
+            pytest.skip(f"Pillow {PIL.__version__} writes no restart markers")
     else:
         data = restarted(photos["obama"], progressive=encoder == "opencv progressive")
     broken = damaged(data, kind)
