@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,14 +175,20 @@ def test_a_changed_embedding_trains_its_cell_again_naming_the_rows(tmp_path):
     assert "reused" in invoke(*args).output
 
 
-def test_a_cell_recorded_with_the_store_path_and_cut_trains_again_saying_why(table_run, tmp_path):
-    """A cell.json of an older agepipe: its identity held the store's path and its shards' names."""
-    store, *_ = table_run
+def one_cell(store, tmp_path) -> tuple[tuple, Path, dict]:
+    """A one-cell table (gender, scratch, no-ic, 2 folds, 1 epoch) run once: its arguments, its
+    cell.json and what that holds."""
     args = ("table", "--store", store, "--out", tmp_path / "t", "--tasks", "gender", "--variants", "no-ic",
             "--inits", "scratch", "--folds", "0,1", "--seeds", "1", "--epochs", "1", "--device", "cpu")
     assert invoke(*args).exit_code == 0
     cell = tmp_path / "t" / "gender" / "scratch" / "no-ic" / "cell.json"
-    done = json.loads(cell.read_text())
+    return args, cell, json.loads(cell.read_text())
+
+
+def test_a_cell_recorded_with_the_store_path_and_cut_trains_again_saying_why(table_run, tmp_path):
+    """A cell.json of an older agepipe: its identity held the store's path and its shards' names."""
+    store, *_ = table_run
+    args, cell, done = one_cell(store, tmp_path)
     identity = done["identity"]
     del identity["rows"], identity["pretrain_rows"]
     identity.update(cut="0123456789abcdef", pretrain_cut=None, data={**identity["data"], "store": store})
@@ -430,11 +437,7 @@ def test_a_cell_recorded_before_temperature_scaling_is_reused(table_run, tmp_pat
     """train.calibrate joined the cell's identity with temperature scaling, which leaves the
     deterministic accuracies of the table as they were: an older cell.json must not train again."""
     store, *_ = table_run
-    args = ("table", "--store", store, "--out", tmp_path / "t", "--tasks", "gender", "--variants", "no-ic",
-            "--inits", "scratch", "--folds", "0,1", "--seeds", "1", "--epochs", "1", "--device", "cpu")
-    assert invoke(*args).exit_code == 0
-    cell = tmp_path / "t" / "gender" / "scratch" / "no-ic" / "cell.json"
-    done = json.loads(cell.read_text())
+    args, cell, done = one_cell(store, tmp_path)
     assert done["identity"]["train"].pop("calibrate") is True
     cell.write_text(json.dumps(done))  # as a cell trained before temperature scaling
     again = invoke(*args)
