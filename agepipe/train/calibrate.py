@@ -17,10 +17,11 @@ import math
 
 import torch
 
+from agepipe.train.data import MIN_VAL_ROWS
 from agepipe.train.evaluate import pass_logits
 from agepipe.train.model import ResMLP, has_dropout
 
-MIN_ROWS = 20                    # fewer validation rows than this fit no temperature (T stays 1)
+MIN_ROWS = MIN_VAL_ROWS          # fewer validation rows than this fit no temperature (T stays 1)
 LOG_T_BOUNDS = (math.log(1 / 20), math.log(20))
 GRID = 25                        # log T points first (steps of 0.25); the golden section then refines
 FIT_ELEMENTS = 1 << 24           # passes x rows x classes of logits held while fitting (64 MB)

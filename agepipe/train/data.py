@@ -34,6 +34,9 @@ AGE_BIN_MIDPOINTS = CLASS_MIDPOINTS.astype(np.float32)
 GENDERS = ("female", "male")
 
 VAL_FRACTION = 0.1
+# A validation split of fewer rows gives a loss too noisy to pick the best epoch by (training warns)
+# or to fit a temperature to (calibrate.py fits none).
+MIN_VAL_ROWS = 50
 
 
 def check_task(task: str) -> str:

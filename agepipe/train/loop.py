@@ -33,8 +33,8 @@ from agepipe.train.batched import StackedResMLP, fit_stacked
 from agepipe.train.calibrate import calibrate_run
 from agepipe.train.checkpoint import (CONFIG, CheckpointError, init_from, is_run_folder, model_config_from,
                                       read_config, save_checkpoint, write_json)
-from agepipe.train.data import (NUM_CLASSES, SUBJECTS_ACROSS_DATASETS, VAL_FRACTION, Split, TaskData, check_task,
-                                content_digest, load_task_data, make_split, resolve_feature_set)
+from agepipe.train.data import (MIN_VAL_ROWS, NUM_CLASSES, SUBJECTS_ACROSS_DATASETS, VAL_FRACTION, Split, TaskData,
+                                check_task, content_digest, load_task_data, make_split, resolve_feature_set)
 from agepipe.train.evaluate import logits_of, score_splits
 from agepipe.train.model import ModelConfig, ResMLP, autocast, paper_config, precision, resolve_device
 from agepipe.train.report import PLOTS, write_cv_table, write_report
@@ -96,10 +96,9 @@ def class_weights(y_train: torch.Tensor, num_classes: int) -> torch.Tensor:
     return weights
 
 
-# Below these an epoch cannot follow the schedule, or the validation loss cannot pick an epoch.
+# Below these an epoch cannot follow the schedule (and data.MIN_VAL_ROWS: the validation loss cannot pick one).
 MIN_STEPS_PER_EPOCH = 10
 MIN_USEFUL_STEPS = 100
-MIN_VAL_ROWS = 50
 
 
 def training_warnings(n_train: int, n_val: int, cfg: TrainConfig) -> list[str]:
