@@ -98,12 +98,12 @@ def calibrate_run(model: ResMLP, x: torch.Tensor, y: torch.Tensor, mc_samples: i
     deterministic softmax (0, or a model without dropout). Past FIT_ELEMENTS of logits (IMDB-WIKI's
     validation split for age101 at K=32: 650 MB) a fixed random subset of the rows is used."""
     samples = mc_samples if has_dropout(model) else 0
+    prediction = f"MC dropout mean (K={samples})" if samples else "deterministic"
     if len(x) < MIN_ROWS:  # no passes for a fit not made (an empty split: no chunks to concatenate)
-        return {**too_few(len(x)), "prediction": f"MC dropout mean (K={samples})" if samples else "deterministic"}
+        return {**too_few(len(x)), "prediction": prediction}
     cap = max(MIN_ROWS, FIT_ELEMENTS // (max(samples, 1) * model.config.num_classes))
     if len(x) > cap:
         keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:cap].to(x.device)
         x, y = x[keep], y[keep]
     record = fit_temperature(pass_logits(model, x, samples, amp), y)
-    record["prediction"] = f"MC dropout mean (K={samples})" if samples else "deterministic"
-    return record
+    return {**record, "prediction": prediction}

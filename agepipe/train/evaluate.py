@@ -409,14 +409,14 @@ def evaluate_run(run_dir: str | Path, store: str | None = None, mc_samples: int 
         metrics["calibration"] = {"temperature": temperature, "fit": fit}
     elif fit:
         metrics["calibration"] = fit
+    elif temperature != 1.0:  # training's record of the fit is gone with its metrics.json: T alone
+        metrics["calibration"] = {"temperature": temperature}
     if other := fitted_for_another(metrics.get("calibration"), temperature,
                                    mc_samples if has_dropout(model) else 0, "this evaluate"):
         said.append(other)
     if said:
         metrics["warning"] = "; ".join(said)
     amp = scoring_amp(config, next(model.parameters()).device)  # the precision the run trained in
-    if temperature != 1.0:  # the fit's record is training's metrics.json's; where that is gone, T alone
-        metrics.setdefault("calibration", {"temperature": temperature})
     metrics.update(score_splits(model, data, split, mc_samples, amp, run_dir, temperature))
     write_json(path, metrics)
     write_report(run_dir)

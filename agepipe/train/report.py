@@ -89,9 +89,9 @@ def write_report(run_dir: str | Path) -> Path:
         if "mc" in test:
             curves.append((f"MC dropout K={test['mc']['samples']}", test["mc"]["reliability"]))
         if "reliability" in test.get("at_temperature_1", {}):  # the final prediction before the run's T
-            t = metrics["calibration"]["temperature"]
+            t, final = metrics["calibration"]["temperature"], curves[-1][0]
             curves = [(f"{label}, T = {t:.2f}", rel) for label, rel in curves]
-            curves.insert(-1, (f"{curves[-1][0].rsplit(',', 1)[0]}, T = 1", test["at_temperature_1"]["reliability"]))
+            curves.insert(-1, (f"{final}, T = 1", test["at_temperature_1"]["reliability"]))
         plot_reliability(curves, run_dir / "reliability.png")
         plot_risk_coverage([("this run", test["risk_coverage"])], test["risk_coverage"]["measure"]
                            if "measure" in test["risk_coverage"] else "predictive entropy",
