@@ -6,10 +6,13 @@ replaced by random classes (Adience's age labels are a rater's guess; IMDB-WIKI'
 birth dates and photo years, often wrong), a 5-fold cross-validation with the paper's age
 settings, MC dropout K=32 as `agepipe train --cv` runs it. Each run's test rows are scored with
 and without its own temperature (metrics.json "at_temperature_1"): both columns are the same runs'
-same MC passes; only the division by T differs.
+same MC passes; only the division by T differs. A second table scores the runs' deterministic
+softmax on the same test rows at T = 1, at the MC mean's T (what a run used for it before it had
+its own) and at its own T ("deterministic_temperature").
 
     python bench/calibration_bench.py                      # about 3 minutes on 2 CPU cores
     python bench/calibration_bench.py --noise 0 0.2 0.4 --epochs 30 --seeds 2
+    python bench/calibration_bench.py --noise 0 --dropout 0.5        # where the two T part
 """
 from __future__ import annotations
 
@@ -22,9 +25,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from agepipe.train.data import load_task_data  # noqa: E402
+from agepipe.train.checkpoint import load_checkpoint, scoring_amp, temperature_for  # noqa: E402
+from agepipe.train.data import load_task_data, make_split  # noqa: E402
+from agepipe.train.evaluate import logits_of, reliability  # noqa: E402
 from agepipe.train.loop import PAPER_TRAIN, TrainingWarning, cross_validate, data_record  # noqa: E402
 from agepipe.train.model import paper_config  # noqa: E402
 from tests.train.synthetic_store import FEATURE_SET, Mixture, adience_like, write_store  # noqa: E402
@@ -41,6 +47,21 @@ def json_metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
 
+def deterministic_scores(run: Path, data) -> dict:
+    """The run's deterministic softmax on its test rows: (ECE, cross-entropy) at each T."""
+    model, config = load_checkpoint(run)
+    rec = config["data"]
+    test = torch.from_numpy(make_split(data.rows, rec["test_fold"], rec["val_fraction"]).test)
+    logits, y = logits_of(model, data.x[test], scoring_amp(config, torch.device("cpu"))), data.y[test].numpy()
+    out = {}
+    for name, t in (("T = 1", 1.0), ("the MC mean's T", config["temperature"]),
+                    ("its own T", temperature_for(config, 0))):
+        probs = torch.softmax(logits / t, -1).numpy()
+        likelihood = np.clip(probs[np.arange(len(y)), y], 1e-12, None)
+        out[name] = (reliability(probs, y)["ece"], float(-np.log(likelihood).mean()))
+    return out
+
+
 def mean_std(values) -> str:
     return f"{np.mean(values):.4f} +- {np.std(values):.4f}"
 
@@ -53,8 +74,13 @@ def main() -> None:
                    help="epoch limits (30: the paper's, early stopping on; 2: a model stopped short)")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--mc-samples", type=int, default=32)
+    p.add_argument("--dropout", type=float, default=None,
+                   help="the model's dropout (default: the paper's, 0.05; the MC mean and the deterministic softmax "
+                        "part further the higher it is)")
     args = p.parse_args()
-    table = []
+    table, det_table = [], []
+    model = paper_config("age", 8)
+    model = model if args.dropout is None else replace(model, dropout=args.dropout)
     with tempfile.TemporaryDirectory() as tmp:
         for noise in args.noise:
             store = noisy_store(Path(tmp) / f"store-{noise}", args.rows, noise)
@@ -64,7 +90,7 @@ def main() -> None:
                 out = Path(tmp) / f"cv-{noise}-{epochs}"
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", TrainingWarning)
-                    cv = cross_validate(data, paper_config("age", 8), replace(PAPER_TRAIN["age"], epochs=epochs), out,
+                    cv = cross_validate(data, model, replace(PAPER_TRAIN["age"], epochs=epochs), out,
                                         record, seeds=args.seeds, mc_samples=args.mc_samples, progress=False)
                 runs = [json_metrics(out / f"fold{r['fold']}-seed{r['seed']}") for r in cv["runs"]]
                 temps = [m["calibration"]["temperature"] for m in runs]
@@ -75,14 +101,25 @@ def main() -> None:
                     table.append((f"{noise:.0%}", str(epochs), key, mean_std([b[key] for b in before]),
                                   mean_std([a[key] for a in after]),
                                   f"{np.mean([a[key] / b[key] for a, b in zip(after, before)]):.3f}"))
+                det = [deterministic_scores(out / f"fold{r['fold']}-seed{r['seed']}", data) for r in cv["runs"]]
+                for i, key in enumerate(("ece", "cross_entropy")):
+                    det_table.append((f"{noise:.0%}", str(epochs), key,
+                                      *(mean_std([d[name][i] for d in det]) for name in det[0])))
+                own = [m["calibration"].get("deterministic", {}).get("temperature", 1.0) for m in runs]
                 print(f"label noise {noise:.0%}, at most {epochs} epochs: {len(runs)} runs, validation rows "
                       f"{mean_std([m['calibration']['rows'] for m in runs])}, T = {mean_std(temps)} "
-                      f"(min {min(temps):.3f}, max {max(temps):.3f})", flush=True)
-    print(f"\n{args.rows} rows, 5 folds x {args.seeds} seed(s), test rows of each run, final prediction "
-          f"(MC dropout mean, K={args.mc_samples}); mean +- std over runs")
+                      f"(min {min(temps):.3f}, max {max(temps):.3f}); the deterministic softmax's T = {mean_std(own)}",
+                      flush=True)
+    print(f"\n{args.rows} rows, dropout {model.dropout}, 5 folds x {args.seeds} seed(s), test rows of each run, "
+          f"final prediction (MC dropout mean, K={args.mc_samples}); mean +- std over runs")
     print("| label noise | epochs | metric | T = 1 | the run's T | after / before (mean of runs) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for row in table:
+        print("| " + " | ".join(row) + " |")
+    print("\nThe same runs' deterministic softmax on the same test rows")
+    print("| label noise | epochs | metric | T = 1 | the MC mean's T | its own T |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for row in det_table:
         print("| " + " | ".join(row) + " |")
 
 

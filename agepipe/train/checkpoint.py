@@ -123,11 +123,21 @@ def read_config(run_dir: str | Path) -> dict:
     if not isinstance(config.get("train", {}), dict):
         raise CheckpointError(f"{path}: \"train\" (the run's training settings) is not an object")
     check_data_record(config.get("data", {}), path)
-    t = config.get("temperature", 1.0)  # a run from before temperature scaling: none, as 1
-    if not (_number(t) and 0 < t < math.inf):
-        raise CheckpointError(f"{path}: \"temperature\" is {t!r}, not a finite number > 0 (what the logits are "
-                              "divided by; 1 leaves them as they are)")
+    for key in ("temperature", "deterministic_temperature"):  # a run from before temperature scaling: none, as 1
+        t = config.get(key, 1.0)
+        if not (_number(t) and 0 < t < math.inf):
+            raise CheckpointError(f"{path}: \"{key}\" is {t!r}, not a finite number > 0 (what the logits are "
+                                  "divided by; 1 leaves them as they are)")
     return config
+
+
+def temperature_for(config: dict, passes: int) -> float:
+    """The T (calibrate.py) that divides the logits of a prediction of ``passes`` MC-dropout passes
+    (0: the deterministic one). "temperature" was fitted for the prediction the run reports; a run
+    that reports the MC mean has the deterministic softmax's own T beside it (not one from before)."""
+    if passes == 0 and "deterministic_temperature" in config:
+        return config["deterministic_temperature"]
+    return config.get("temperature", 1.0)
 
 
 def _number(v) -> bool:

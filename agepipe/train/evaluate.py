@@ -22,7 +22,7 @@ import torch
 
 from agepipe.atomic import atomic_path
 from agepipe.train.checkpoint import (CONFIG, CheckpointError, load_checkpoint, read_metrics, scoring_amp,
-                                      write_json)
+                                      temperature_for, write_json)
 from agepipe.train.data import (SUBJECTS_ACROSS_DATASETS, class_ages, class_names, content_digest, load_task_data,
                                 make_split, subject_keys, true_ages)
 from agepipe.train.model import ResMLP, autocast, has_dropout, mc_dropout_mode, resolve_device
@@ -294,14 +294,15 @@ def scores(probs: np.ndarray, y: np.ndarray, task: str, ages: np.ndarray | None)
 def evaluate_split(model: ResMLP, x: torch.Tensor, y: torch.Tensor, task: str, ages: np.ndarray | None,
                    mc_samples: int = 32, amp: bool = True, train_y: np.ndarray | None = None,
                    rows_out: dict | None = None, subjects: np.ndarray | None = None,
-                   temperature: float = 1.0) -> dict:
+                   temperature: float = 1.0, mc_temperature: float | None = None) -> dict:
     """Everything the report shows, for one split: deterministic and MC-dropout scores with
     bootstrap intervals, per-class precision and recall, the majority baseline (the most
     frequent class of ``train_y``), the confusion matrix, reliability bins, the risk-coverage
     curve and warnings. ``rows_out``, when given, receives the per-row columns of
     predictions.parquet; ``subjects``, each row's subject, makes the bootstrap draw subjects.
-    Every probability is of the logits divided by ``temperature`` (the run's, calibrate.py);
-    where it is not 1, "at_temperature_1" keeps the final prediction's scores without it."""
+    Every probability is of the logits divided by the run's T (calibrate.py): ``temperature``
+    for the deterministic pass, ``mc_temperature`` (default the same) for each MC pass; where the
+    final prediction's is not 1, "at_temperature_1" keeps its scores without it."""
     y_np = y.cpu().numpy()
     names = class_names(task)
     logits = logits_of(model, x, amp)
@@ -311,6 +312,7 @@ def evaluate_split(model: ResMLP, x: torch.Tensor, y: torch.Tensor, task: str, a
     at_1 = torch.softmax(logits, -1).cpu().numpy() if temperature != 1.0 else None
     mi = None
     if mc_samples > 0 and has_dropout(model):
+        temperature = temperature if mc_temperature is None else mc_temperature  # the final prediction's from here
         mc = mc_dropout(model, x, mc_samples, amp, temperature=temperature)
         final, uncertainty, mi = mc.probs, mc.predictive_entropy, mc.mutual_information
         at_1 = mc.probs_at_1
@@ -402,34 +404,47 @@ def evaluate_run(run_dir: str | Path, store: str | None = None, mc_samples: int 
         sizes = f"split sizes {split.sizes()}, training's {rec['split_sizes']}" if resized else "the same split sizes"
         said.insert(0, f"the rows differ from those this run was trained on ({sizes}): the store changed since; "
                        "scored on the rows as they are now")
-    temperature = config.get("temperature", 1.0)
-    fit = metrics.get("calibration")
+    fit = metrics.pop("calibration", None)
     fit = fit.get("fit", fit) if fit else None  # training's record, kept whole under "fit" by an evaluate before
-    if fit and fit.get("temperature") != temperature:  # config.json's T set by hand since: that one is used, and said
-        metrics["calibration"] = {"temperature": temperature, "fit": fit}
-    elif fit:
-        metrics["calibration"] = fit
-    elif temperature != 1.0:  # training's record of the fit is gone with its metrics.json: T alone
-        metrics["calibration"] = {"temperature": temperature}
-    if other := fitted_for_another(metrics.get("calibration"), temperature,
-                                   mc_samples if has_dropout(model) else 0, "this evaluate"):
+    if calibration := calibration_record(config, fit):
+        metrics["calibration"] = calibration
+    if other := fitted_for_another(calibration, config, mc_samples if has_dropout(model) else 0, "this evaluate"):
         said.append(other)
     if said:
         metrics["warning"] = "; ".join(said)
     amp = scoring_amp(config, next(model.parameters()).device)  # the precision the run trained in
-    metrics.update(score_splits(model, data, split, mc_samples, amp, run_dir, temperature))
+    metrics.update(score_splits(model, data, split, mc_samples, amp, run_dir, config))
     write_json(path, metrics)
     write_report(run_dir)
     return metrics
 
 
-def fitted_for_another(calibration: dict | None, temperature: float, passes: int, who: str) -> str | None:
-    """A sentence when the run's T (calibrate.py) was fitted for the MC-dropout mean and ``who``
-    takes the deterministic prediction (``passes`` 0), or the reverse. The MC mean is softer than
-    the one deterministic pass: with --dropout 0.5, T = 0.68 for the one, 0.96 for the other, and
-    the deterministic test ECE at the MC's T 0.075."""
+def calibration_record(config: dict, fit: dict | None) -> dict | None:
+    """metrics.json's "calibration" for the temperatures config.json holds now: training's ``fit``
+    (calibrate.py) where they are its; else those T, with the fit under "fit" (set by hand since)
+    or alone (training's metrics.json is gone); None for a run that has neither."""
+    used = {"temperature": config.get("temperature", 1.0)}
+    if "deterministic_temperature" in config:
+        used["deterministic"] = {"temperature": config["deterministic_temperature"]}
+    if fit is None:
+        return None if used == {"temperature": 1.0} else used
+    fitted = {"temperature": fit.get("temperature")}
+    if "deterministic" in fit:
+        fitted["deterministic"] = {"temperature": fit["deterministic"].get("temperature")}
+    return fit if fitted == used else {**used, "fit": fit}
+
+
+def fitted_for_another(calibration: dict | None, config: dict, passes: int, who: str) -> str | None:
+    """A sentence when the T that ``who`` divides by (checkpoint.temperature_for) was fitted for the
+    MC-dropout mean and ``who`` takes the deterministic prediction (``passes`` 0), or the reverse: a
+    run from before the deterministic softmax had its own T, or one fitted for the deterministic
+    softmax alone (--mc-samples 0). The MC mean is softer than the one deterministic pass: with
+    --dropout 0.5, T = 0.50 for the one, 0.77 for the other, and the deterministic test ECE 0.075 at
+    the MC mean's T, 0.041 at its own (bench/calibration_bench.py --noise 0 --dropout 0.5)."""
     fitted_for = (calibration or {}).get("prediction", "")
-    if temperature == 1.0 or not fitted_for or fitted_for.startswith("MC") == (passes > 0):
+    temperature = temperature_for(config, passes)
+    if (temperature == 1.0 or not fitted_for or fitted_for.startswith("MC") == (passes > 0)
+            or "deterministic_temperature" in config):  # a run fitted for the MC mean has both
         return None
     return (f"the run's temperature T = {temperature:.3f} was fitted for its {fitted_for} prediction; {who} "
             f"scores the {'MC dropout mean' if passes else 'deterministic'} one (--mc-samples {passes}), which "
@@ -437,9 +452,11 @@ def fitted_for_another(calibration: dict | None, temperature: float, passes: int
 
 
 def score_splits(model: ResMLP, data, split, mc_samples: int, amp: bool, run_dir: str | Path,
-                 temperature: float = 1.0) -> dict:
+                 config: dict | None = None) -> dict:
     """{"val": ..., "test": ...} scored against the training split's majority class, and
-    run_dir/predictions.parquet: one row per val and test photo (at ``temperature``)."""
+    run_dir/predictions.parquet: one row per val and test photo (at the temperatures of the run's
+    ``config``, checkpoint.temperature_for)."""
+    config = config or {}
     train_y = data.y[torch.from_numpy(split.train).to(data.x.device)].cpu().numpy()
     out, tables = {}, []
     for name, mc in (("val", 0), ("test", mc_samples)):
@@ -449,7 +466,7 @@ def score_splits(model: ResMLP, data, split, mc_samples: int, amp: bool, run_dir
         ages = true_ages(data.task, rows, data.y[index].cpu().numpy())
         per_row: dict = {}
         out[name] = evaluate_split(model, data.x[index], data.y[index], data.task, ages, mc, amp, train_y, per_row,
-                                   subject_keys(rows), temperature)
+                                   subject_keys(rows), temperature_for(config, 0), temperature_for(config, mc))
         tables.append(predictions_table(rows, name, per_row, class_names(data.task)))
     table = pa.concat_tables(tables)
     # The entropy column holds another quantity per split when MC dropout scored the test rows

@@ -350,12 +350,14 @@ def save_run(data: TaskData, split: Split, model: ResMLP, train_cfg: TrainConfig
     calibration = (calibrate_run(model, data.x[val], data.y[val], mc_samples, train_cfg.amp) if train_cfg.calibrate
                    else {"temperature": 1.0, "skipped": "calibration turned off (--no-calibrate)"})
     config["temperature"] = calibration["temperature"]  # what evaluate and predict divide the logits by
+    if "deterministic" in calibration:  # checkpoint.temperature_for: an MC run's deterministic softmax has its own
+        config["deterministic_temperature"] = calibration["deterministic"]["temperature"]
     save_checkpoint(out, model, config)
     write_json(out / "history.json", result)
     metrics = {"task": data.task, "best_epoch": result["best_epoch"], "epochs_run": len(result["history"]),
                "train_seconds": seconds, "train_warnings": warned, "split_sizes": split.sizes(),
                "left_out": data.left_out, "calibration": calibration}
-    metrics.update(score_splits(model, data, split, mc_samples, train_cfg.amp, out, calibration["temperature"]))
+    metrics.update(score_splits(model, data, split, mc_samples, train_cfg.amp, out, config))
     write_json(out / "metrics.json", metrics)
     if report:
         write_report(out)
@@ -530,7 +532,10 @@ def summary_values(metrics: dict) -> dict:
     out = {f"test_{k}": test[k] for k in CV_METRICS if k in test}
     out.update({f"test_mc_{k}": mc[k] for k in CV_METRICS if k in mc})
     out["val_accuracy"] = metrics["val"]["accuracy"]
-    out["temperature"] = metrics["calibration"]["temperature"]
+    cal = metrics["calibration"]
+    out["temperature"] = cal["temperature"]
+    if cal.get("prediction", "").startswith("MC"):  # the deterministic softmax's own T (1 where none was fitted)
+        out["deterministic_temperature"] = cal.get("deterministic", {}).get("temperature", 1.0)
     return out
 
 

@@ -17,7 +17,8 @@ import torch
 from agepipe import atomic
 from agepipe.features.embed import FaceEmbedder, in_original_pixels
 from agepipe.features.images import ImageError, never_a_photo, read_photo
-from agepipe.train.checkpoint import CheckpointError, load_checkpoint, metrics_error, read_metrics, scoring_amp
+from agepipe.train.checkpoint import (CheckpointError, load_checkpoint, metrics_error, read_metrics, scoring_amp,
+                                      temperature_for)
 from agepipe.train.data import class_names
 from agepipe.train.evaluate import (entropy, expected_age, fitted_for_another, logits_of, mc_dropout,
                                    uncertainty_measure)
@@ -35,24 +36,21 @@ class Predictor:
         if not age_run and not gender_run:
             raise ValueError("give --age-model RUN, --gender-model RUN or both")
         self.device = resolve_device(device)
-        self.runs = {}
+        self.runs, recorded = {}, {}  # kind -> (model, config); kind -> (run folder, its metrics.json)
         for kind, run, tasks in (("age", age_run, AGE_TASKS), ("gender", gender_run, ("gender",))):
             if run:
                 model, config = load_checkpoint(run, self.device)
                 if config["task"] not in tasks:
                     raise CheckpointError(f"{run}: a run for task {config['task']}; "
                                           f"--{kind}-model needs one for {' or '.join(tasks)}")
-                self.runs[kind] = (model, config)
+                self.runs[kind], recorded[kind] = (model, config), (run, read_metrics(run))
         # A model without dropout (--dropout 0) has nothing to sample: one deterministic pass, as the legend says.
         self.passes = {kind: mc_samples if has_dropout(model) else 0 for kind, (model, _) in self.runs.items()}
         # kind -> why its answers are no better than a constant guess (from the run's own test fold)
-        self.cautions = {kind: c for kind, run in (("age", age_run), ("gender", gender_run))
-                         if run and (c := run_caution(kind, run))}
+        self.cautions = {kind: c for kind, (run, metrics) in recorded.items() if (c := run_caution(kind, run, metrics))}
         self.warnings = []  # what the user should know that is not about one model's answers
-        for kind, run in (("age", age_run), ("gender", gender_run)):
-            if run and (other := fitted_for_another(read_metrics(run).get("calibration"),
-                                                     self.runs[kind][1].get("temperature", 1.0), self.passes[kind],
-                                                     "predict")):
+        for kind, (run, metrics) in recorded.items():
+            if other := fitted_for_another(metrics.get("calibration"), self.runs[kind][1], self.passes[kind], "predict"):
                 self.warnings.append(f"the {kind} model: {other}")
         features = [c.get("data", {}).get("features", {}) for _, c in self.runs.values()]
         hashes = {f["recognizer_sha256"] for f in features if "recognizer_sha256" in f}
@@ -88,7 +86,7 @@ class Predictor:
         x = torch.from_numpy(np.stack([f.embedding for f in found])).to(self.device)
         out = [{"bbox": [round(float(v), 1) for v in f.bbox], "det_score": round(f.det_score, 4)} for f in found]
         for kind, (model, config) in self.runs.items():
-            t = config.get("temperature", 1.0)
+            t = temperature_for(config, self.passes[kind])
             probs, h, mi = self._predict(model, x, self.passes[kind], scoring_amp(config, self.device), t)
             for face, p, hi, mii in zip(out, probs, h, mi):
                 face[kind] = describe(config["task"], p, float(hi), mii, uncertainty_measure(self.passes[kind]), t)
@@ -110,11 +108,11 @@ UNDECIDED_ENTROPY_SHARE = 0.75
 UNDECIDED_MI = 0.05
 
 
-def run_caution(kind: str, run: str | Path) -> str | None:
+def run_caution(kind: str, run: str | Path, metrics: dict | None = None) -> str | None:
     """A sentence when the run's own test fold says its predictions are no better than a
-    constant guess (from its metrics.json; None when it beats its majority baseline, or held
-    out no rows to say so: a table's pretrain run, whose scores are NaN)."""
-    test = read_metrics(run).get("test", {})
+    constant guess (from its metrics.json, or ``metrics`` read from it; None when it beats its
+    majority baseline, or held out no rows to say so: a table's pretrain run, whose scores are NaN)."""
+    test = (read_metrics(run) if metrics is None else metrics).get("test", {})
     try:
         base = test.get("majority_baseline")
         if not base or not test.get("n", 1) or headline(test)["balanced_accuracy"] > base["balanced_accuracy"]:

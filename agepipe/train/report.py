@@ -217,6 +217,9 @@ def calibration_sentence(metrics: dict) -> str | None:
         said += (f", fitted on {cal['rows']} validation rows ({cal['prediction']}; their negative log-likelihood "
                  f"{cal['nll_before']:.4f} -> {cal['nll_after']:.4f}" + (", T at its bound" if cal.get("at_bound") else "")
                  + ")")
+    if det := cal.get("deterministic"):  # the deterministic softmax's own T, beside the MC mean's
+        said += f"; T = {det['temperature']:.3f} for the deterministic softmax" + (
+            f" (negative log-likelihood {det['nll_before']:.4f} -> {det['nll_after']:.4f})" if "nll_after" in det else "")
     plain, h = test.get("at_temperature_1"), headline(test)
     if plain and test.get("n"):
         said += (f"; test ECE {plain['ece']:.4f} -> {h['ece']:.4f}, cross-entropy {plain['cross_entropy']:.4f} -> "

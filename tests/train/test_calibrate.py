@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from agepipe.train.calibrate import MIN_ROWS, calibrate_run, fit_temperature, nll
-from agepipe.train.checkpoint import CheckpointError, load_checkpoint, read_config
+from agepipe.train.checkpoint import CheckpointError, load_checkpoint, read_config, temperature_for
 from agepipe.train.data import load_task_data, make_split
 from agepipe.train.evaluate import evaluate_run
 from agepipe.train.loop import train
@@ -113,6 +113,41 @@ def test_a_run_records_its_temperature_and_evaluate_divides_by_it(run, tmp_path)
     assert f"Temperature scaling: T = {cal['temperature']:.3f}; test ECE" in (out / "report.md").read_text()
 
 
+def test_a_run_reporting_the_mc_mean_fits_the_deterministic_softmax_its_own_temperature(gaussian_store, tmp_path):
+    # The mean of K passes is softer than the one deterministic pass: one T cannot calibrate both.
+    store, _ = gaussian_store
+    out = tmp_path / "mc"
+    metrics = train(store, ["adience"], "age", out, mc_samples=8, progress=False, report=False,
+                    train_overrides={"epochs": 2}, model_overrides={"dropout": 0.5})
+    cal, config = metrics["calibration"], read_config(out)
+    det = cal["deterministic"]
+    assert cal["prediction"] == "MC dropout mean (K=8)" and "warning" not in metrics
+    assert config["temperature"] == cal["temperature"] and config["deterministic_temperature"] == det["temperature"]
+    assert abs(math.log(det["temperature"] / cal["temperature"])) > 0.05  # two fits, not one T written twice
+    assert temperature_for(config, 0) == det["temperature"] and temperature_for(config, 8) == cal["temperature"]
+    # the deterministic scores at their own T: the validation rows' cross-entropy is that fit's NLL
+    assert metrics["val"]["cross_entropy"] == pytest.approx(det["nll_after"], rel=1e-4)
+    model, _ = load_checkpoint(out)
+    x, y = _validation_rows(out, store)
+    assert calibrate_run(model, x, y, 0, amp=False)["temperature"] == pytest.approx(det["temperature"], rel=1e-4)
+    # an evaluate of the deterministic prediction takes its T, says nothing, and scores as training did
+    plain = evaluate_run(out, mc_samples=0)
+    assert "warning" not in plain and plain["calibration"] == cal
+    for key in ("cross_entropy", "ece"):
+        assert plain["test"][key] == pytest.approx(metrics["test"][key], rel=1e-5)
+    assert (f"; T = {det['temperature']:.3f} for the deterministic softmax (negative log-likelihood "
+            f"{det['nll_before']:.4f} -> {det['nll_after']:.4f})") in (out / "report.md").read_text()
+    # the deterministic T set by hand: used, and said as config.json's
+    config["deterministic_temperature"] = 1.0
+    (out / "config.json").write_text(json.dumps(config))
+    edited = evaluate_run(out, mc_samples=8)
+    assert edited["calibration"] == {"temperature": cal["temperature"], "deterministic": {"temperature": 1.0},
+                                     "fit": cal}
+    assert edited["test"]["ece"] != pytest.approx(metrics["test"]["ece"], rel=1e-3)
+    assert edited["test"]["mc"]["ece"] == pytest.approx(metrics["test"]["mc"]["ece"], rel=1e-5)  # the MC mean's T kept
+    assert "config.json's, set since training" in (out / "report.md").read_text()
+
+
 def test_no_calibrate_keeps_the_models_probabilities(gaussian_store, tmp_path):
     store, _ = gaussian_store
     metrics = train(store, ["adience"], "age", tmp_path / "run", mc_samples=0, progress=False, report=False,
@@ -121,13 +156,14 @@ def test_no_calibrate_keeps_the_models_probabilities(gaussian_store, tmp_path):
     assert "--no-calibrate" in metrics["calibration"]["skipped"] and "at_temperature_1" not in metrics["test"]
 
 
+@pytest.mark.parametrize("key", ["temperature", "deterministic_temperature"])
 @pytest.mark.parametrize("bad", [0, -1.5, "2", None, math.inf])
-def test_a_config_whose_temperature_is_no_positive_number_is_refused(run, tmp_path, bad):
+def test_a_config_whose_temperature_is_no_positive_number_is_refused(run, tmp_path, bad, key):
     out, _ = run
     config = json.loads((out / "config.json").read_text())
-    config["temperature"] = bad
+    config[key] = bad
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r'config.json: "temperature" is .*, not a finite number > 0'):
+    with pytest.raises(CheckpointError, match=rf'config.json: "{key}" is .*, not a finite number > 0'):
         read_config(tmp_path)
 
 
