@@ -131,12 +131,16 @@ def _det_size(ctx, param, value):
         raise click.BadParameter(str(e)) from None
 
 
-def models_options(device_default: str | None = "cpu", device_help: str = DEVICE_HELP):
+# embed's photos go through FaceEmbedder whatever the runtime; only extract runs features/gpu.py's pipeline.
+RUNTIME_HELP = "What runs the ONNX files: onnxruntime, or torch (the same files in PyTorch)."
+
+
+def models_options(device_default: str | None = "cpu", device_help: str = DEVICE_HELP,
+                   runtime_help: str = RUNTIME_HELP):
     """--models, --det-size, --device and --runtime: which face models run, and how."""
     def decorate(f):
         f = click.option("--runtime", type=click.Choice(["onnxruntime", "torch"]), default="onnxruntime",
-                         show_default=True,
-                         help="What runs the ONNX files: onnxruntime, or torch (the batched device pipeline for GPUs).")(f)
+                         show_default=True, help=runtime_help)(f)
         f = click.option("--device", type=click.Choice(["cpu", "cuda"]), default=device_default,
                          show_default=device_default is not None, help=device_help)(f)
         f = click.option("--det-size", type=click.IntRange(32, 4096), default=640, show_default=True,
@@ -439,7 +443,8 @@ def download(dataset, data_dir, source, workers, no_extract):
 @click.option("--retry-failed", is_flag=True,
               help="Redo rows whose status was a transient failure (error, worker_lost) or whose photo was missing.")
 @models_options(device_default=None,
-                device_help="Where the face models run (default: cuda with --gpus, else cpu). " + CUDA_HELP)
+                device_help="Where the face models run (default: cuda with --gpus, else cpu). " + CUDA_HELP,
+                runtime_help="What runs the ONNX files: onnxruntime, or torch (the batched device pipeline for GPUs).")
 def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, batch_size, decoders, limit,
             retry_failed, pack, det_size, runtime, device):
     """Detect, align and embed every manifest row into the feature store.

@@ -86,3 +86,10 @@ def test_embed_batch_size_refuses_zero(tmp_path):
                                       "--batch-size", "0"])
     assert result.exit_code == 2 and "0 is not in the range x>=1" in result.output
     assert "[default: 16; x>=1]" in " ".join(help_of("embed").split())
+
+
+def test_only_extract_says_runtime_torch_is_the_device_pipeline():
+    # embed's --runtime torch runs the ONNX files in PyTorch through FaceEmbedder, photo batches as
+    # with onnxruntime; only extract's runs features/gpu.py, yet embed's help once said it did.
+    assert "device pipeline" not in " ".join(help_of("embed").split())
+    assert "the batched device pipeline for GPUs" in " ".join(help_of("extract").split())
