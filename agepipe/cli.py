@@ -578,7 +578,7 @@ def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, i
     from agepipe.train.loop import train as train_model
 
     _refuse_ignored(("seed", "test_fold") if cv else ("seeds",), cv)
-    out = out or os.path.join("runs", f"{task}-{'+'.join(datasets)}-" + ("cv" if cv else f"fold{test_fold}"))
+    out = out or default_run_dir(task, datasets, cv, test_fold)
     check_init_kept(init, out, cv, seeds)  # before only_writer's lock file: nothing written
     model_overrides = {"dropout": dropout, "num_blocks": blocks, "residuals_per_block": residuals_per_block,
                        "batch_norm": False if no_batch_norm else None, "skip": False if no_skip else None}
@@ -617,6 +617,11 @@ def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, i
                 click.echo(f"  left out: {in_words(result['left_out'])}")
             return
         _echo_metrics(result, out)
+
+
+def default_run_dir(task: str, datasets, cv: bool, test_fold: int) -> str:
+    """train's --out when none is given: runs/TASK-DATASETS-foldK, or runs/TASK-DATASETS-cv."""
+    return os.path.join("runs", f"{task}-{'+'.join(datasets)}-" + ("cv" if cv else f"fold{test_fold}"))
 
 
 def _refuse_ignored(names: tuple[str, ...], cv: bool) -> None:

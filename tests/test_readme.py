@@ -60,3 +60,28 @@ def test_the_readme_does_not_install_onnxruntime_gpu_beside_onnxruntime():
     text = README.read_text()
     assert 'pip uninstall -y onnxruntime && pip install onnxruntime-gpu' in text
     assert 'onnxruntime && pip install "agepipe[gpu]"' not in text
+
+
+def test_every_run_a_readme_block_names_was_trained_earlier_in_it():
+    """A block's `--init RUN`, `--age-model RUN`, `--gender-model RUN` and `evaluate RUN` name a run
+    folder (or a run inside a cross-validation's) that an earlier `agepipe train` of the same block
+    wrote, at its --out or train's default: the workflow once predicted with a runs/gender no line trained."""
+    import shlex
+
+    from agepipe.cli import default_run_dir
+
+    for block in re.findall(r"```\w*\n(.*?)```", README.read_text(), flags=re.S):
+        written = []
+        for line in block.splitlines():
+            if not line.startswith("agepipe "):
+                continue
+            words = shlex.split(line.split("#")[0].replace("$(", "(").replace('"$', '"'))
+            value = {w: words[i + 1] for i, w in enumerate(words[:-1]) if w.startswith("-")}
+            named = [value[o] for o in ("--init", "--age-model", "--gender-model") if o in value]
+            named += [words[2]] if words[1] == "evaluate" else []
+            for run in named:
+                assert any(run == w or Path(run).parent == Path(w) for w in written), f"README: no run {run}: {line}"
+            if words[1] == "train":
+                datasets = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--dataset"]
+                written.append(value.get("--out") or default_run_dir(value["--task"], datasets, "--cv" in words,
+                                                                     int(value.get("--test-fold", 0))))
