@@ -350,13 +350,15 @@ def models():
     """Model packs: fetch buffalo_l (and record its sha256) ahead of time."""
 
 
-@models.command("fetch", short_help="Download a pack into insightface's cache; print its sha256.")
+@models.command("fetch", short_help="Download buffalo_l into insightface's cache; print its sha256.")
 @click.argument("pack", default="buffalo_l")
 @click.option("--url", default=None, help="Download buffalo_l.zip from this URL (a mirror) instead of insightface's GitHub release "
                    "(env AGEPIPE_MODEL_URL).")
 def models_fetch(pack, url):
     """Download PACK (default buffalo_l) into insightface's model cache and print each file's
-    sha256; the first sha256 seen is recorded and checked on every later use."""
+    sha256; the first sha256 seen is recorded and checked on every later use. buffalo_l is the
+    only pack that downloads: for buffalo_s or a folder, the files are found and their sha256
+    printed."""
     from agepipe.features.models import file_sha256, resolve_pack
 
     p = resolve_pack(pack, model_url=url)

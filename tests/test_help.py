@@ -93,3 +93,11 @@ def test_only_extract_says_runtime_torch_is_the_device_pipeline():
     # with onnxruntime; only extract's runs features/gpu.py, yet embed's help once said it did.
     assert "device pipeline" not in " ".join(help_of("embed").split())
     assert "the batched device pipeline for GPUs" in " ".join(help_of("extract").split())
+
+
+def test_models_fetch_says_only_buffalo_l_downloads(tmp_path):
+    # its help said any PACK is downloaded into insightface's cache; buffalo_s is only found in its wheel
+    result = CliRunner().invoke(cli, ["models", "fetch", "buffalo_s"], env={"INSIGHTFACE_HOME": str(tmp_path)})
+    assert result.exit_code == 0 and result.output.count("sha256") == 2, result.output
+    assert not list(tmp_path.iterdir())
+    assert "buffalo_l is the only pack that downloads" in " ".join(help_of("models", "fetch").split())
