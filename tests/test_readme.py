@@ -85,3 +85,10 @@ def test_every_run_a_readme_block_names_was_trained_earlier_in_it():
                 datasets = [words[i + 1] for i, w in enumerate(words[:-1]) if w == "--dataset"]
                 written.append(value.get("--out") or default_run_dir(value["--task"], datasets, "--cv" in words,
                                                                      int(value.get("--test-fold", 0))))
+
+
+def test_how_the_code_fits_together_names_every_features_module():
+    # "features/ holds one job per module: ..." once left out decoders.py
+    section = README.read_text().split("## How the code fits together")[1].split("\n## ")[0]
+    modules = {p.name for p in (README.parent / "agepipe" / "features").glob("*.py")} - {"__init__.py"}
+    assert not {m for m in modules if f"`{m}`" not in section}
