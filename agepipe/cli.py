@@ -504,8 +504,8 @@ def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, bat
 # --- commands: train, evaluate, predict ---
 
 MLP_DEVICE_HELP = "Where the MLP runs: auto is cuda when torch sees a GPU, else cpu."
-FP32_HELP = ("Train and score in float32. Default: bfloat16 mixed precision where the device has it "
-             "natively (CUDA GPUs; CPUs with AVX512-BF16 or AMX), float32 elsewhere; config.json records which ran.")
+FP32_HELP = ("Train and score in float32. Default: bfloat16 mixed precision on CUDA GPUs and on CPUs with "
+             "AVX512-BF16 or AMX, float32 elsewhere; config.json records which ran.")
 
 
 @cli.command(context_settings={"show_default": True})
