@@ -197,9 +197,9 @@ def write_parquet_atomic(table, out: str):
 def embed(images, out, batch_size, pack, det_size, device, runtime):
     """Embed every face of IMAGES (files or folders) into one Parquet file.
 
-    One row per face: image, face_index, det_score, bbox, landmarks, embedding
-    (L2-normalised, 512 floats), embedding_norm. A photo with no face or that cannot be
-    read gets one row whose status says why.
+    One row per face: image, face_index, status, error, det_score, bbox, landmarks,
+    embedding (L2-normalised, 512 floats), embedding_norm. A photo with no face or that
+    cannot be read gets one row whose status says why.
 
     \b
     Example:

@@ -101,3 +101,11 @@ def test_models_fetch_says_only_buffalo_l_downloads(tmp_path):
     assert result.exit_code == 0 and result.output.count("sha256") == 2, result.output
     assert not list(tmp_path.iterdir())
     assert "buffalo_l is the only pack that downloads" in " ".join(help_of("models", "fetch").split())
+
+
+def test_embed_help_names_every_column_it_writes():
+    # its list once left out status and error
+    from agepipe.features.embed import FACES_SCHEMA_FIELDS
+
+    text = " ".join(help_of("embed").split()).split("One row per face:")[1].split(".")[0]
+    assert [c for c in FACES_SCHEMA_FIELDS if c not in re.findall(r"\w+", text)] == []
