@@ -92,3 +92,19 @@ def test_how_the_code_fits_together_names_every_features_module():
     section = README.read_text().split("## How the code fits together")[1].split("\n## ")[0]
     modules = {p.name for p in (README.parent / "agepipe" / "features").glob("*.py")} - {"__init__.py"}
     assert not {m for m in modules if f"`{m}`" not in section}
+
+
+def test_supported_versions_table_gives_pyproject_floors():
+    # the table is what .ci/run's lowest-versions environment pins; pyproject.toml is its source
+    project = (README.parent / "pyproject.toml").read_text()
+    dependencies = project.split("dependencies = [")[1].split("]\n")[0]
+    floors = dict(re.findall(r'^\s*"([A-Za-z0-9_.-]+)(?:\[\w+\])?>=([\w.]+)"', dependencies, flags=re.M))
+    assert len(floors) > 10
+    section = README.read_text().split("**Supported versions.**")[1].split("\n\n")[1]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    for package, floor in floors.items():
+        cells = [c.strip() for row in rows for c in row.split("|")]
+        where = [i for i, c in enumerate(cells) if package in re.split(r"[ ,/]+", c)]
+        assert where, package
+        # the floor is in the next cell (onnx / onnxruntime share one: "1.14.0 / 1.16.0")
+        assert any(floor in re.split(r"[ /(]+", cells[i + 1]) for i in where), (package, floor)
