@@ -109,3 +109,25 @@ def test_embed_help_names_every_column_it_writes():
 
     text = " ".join(help_of("embed").split()).split("One row per face:")[1].split(".")[0]
     assert [c for c in FACES_SCHEMA_FIELDS if c not in re.findall(r"\w+", text)] == []
+
+
+def test_every_example_in_a_help_gives_options_its_command_has():
+    import shlex
+
+    import click
+
+    def commands(command, path):
+        yield path, command
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                yield from commands(sub, [*path, name])
+
+    examples = [line.strip() for path, command in commands(cli, []) for line in help_of(*path).splitlines()
+                if line.strip().startswith("agepipe ")]
+    assert len(examples) > 10
+    for line in examples:
+        words, command = shlex.split(line)[1:], cli
+        while isinstance(command, click.Group) and words and words[0] in command.commands:
+            command = command.commands[words.pop(0)]
+        names = {o for p in command.params for o in getattr(p, "opts", []) + getattr(p, "secondary_opts", [])}
+        assert not [w for w in words if w.startswith("-") and w.split("=")[0] not in names], line
