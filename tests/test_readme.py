@@ -30,6 +30,18 @@ def test_readme_examples_run(tmp_path):
     assert (tmp_path / "faces.parquet").exists()
     assert (tmp_path / "annotated.jpg").stat().st_size > 10_000
     assert (tmp_path / "runs" / "gender" / "report.md").exists()
+    # the columns the README lists are those the files have, in their order
+    import pyarrow.parquet as pq
+
+    text = " ".join(README.read_text().split())
+    listed = re.findall(r"`(\w+)`", text.split("`predictions.parquet`: one row per validation and test photo with")[1]
+                        .split("to study the errors")[0])
+    assert listed == pq.read_schema(tmp_path / "runs" / "gender" / "predictions.parquet").names
+    listed = re.findall(r"`(\w+)`", text.split("Each shard holds the manifest's columns")[1]
+                        .split("`status` is the truth")[0])
+    manifest = pq.read_schema(tmp_path / "data" / "sample" / "manifest.parquet").names
+    [shard] = list((tmp_path / "store").glob("*/sample/part-00000-*.parquet"))
+    assert listed == manifest + [c for c in pq.read_schema(shard).names if c not in manifest]
 
 
 def test_every_option_the_readme_gives_a_command_exists():
