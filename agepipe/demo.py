@@ -82,5 +82,5 @@ def run_demo(workdir: Path, run: Callable[[list[str]], None], echo=click.echo) -
     echo("  agepipe download --dataset imdb-wiki && agepipe extract --dataset imdb-wiki --models buffalo_l "
          "--gpus all --runtime torch")
     echo("  agepipe train --dataset imdb --dataset wiki --task age --out runs/pre")
-    echo("  agepipe train --dataset adience --task age --init runs/pre --cv")
+    echo("  agepipe train --dataset adience --task age --init runs/pre --cv --out runs/age-pre-cv")
     return {**out, "seconds": total, "step_seconds": timings, "verdicts": verdicts}
