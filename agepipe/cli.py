@@ -465,11 +465,13 @@ def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, bat
     from agepipe.pipeline.cluster import parse_gpus
     from agepipe.pipeline.extract import run_extract
 
+    # options that do not go together: usage errors (exit 2), as train's --seeds without --cv
     if gpus and scheduler:
-        fail("--gpus starts its own workers; with --scheduler, start GPU workers on the cluster instead")
+        raise click.UsageError("--gpus starts its own workers; with --scheduler, start GPU workers on the cluster "
+                               "instead")
     if decoders and runtime != "torch":
-        fail(f"--decoders chooses what decodes beside the device pipeline of --runtime torch; {runtime} "
-             "decodes in its own threads")
+        raise click.UsageError(f"--decoders chooses what decodes beside the device pipeline of --runtime torch; "
+                               f"{runtime} decodes in its own threads")
     try:
         gpu_ids = parse_gpus(gpus)
     except ValueError as e:

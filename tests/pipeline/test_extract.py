@@ -777,5 +777,9 @@ def test_decoders_without_the_device_pipeline_are_refused_before_any_work(mini_d
     result = CliRunner().invoke(cli, ["extract", "--dataset", "mini", "--data-dir", str(mini_data),
                                       "--store", str(tmp_path / "store"), "--decoders", "processes"])
     said = "--decoders chooses what decodes beside the device pipeline of --runtime torch; onnxruntime decodes"
-    assert result.exit_code == 1 and said in result.output, result.output
+    assert result.exit_code == 2 and said in result.output, result.output  # a usage error, as train's
+    assert not (tmp_path / "store").exists()
+    result = CliRunner().invoke(cli, ["extract", "--dataset", "mini", "--data-dir", str(mini_data),
+                                      "--store", str(tmp_path / "store"), "--gpus", "0", "--scheduler", "tcp://127.0.0.1:1"])
+    assert result.exit_code == 2 and "--gpus starts its own workers" in result.output, result.output
     assert not (tmp_path / "store").exists()
