@@ -485,10 +485,12 @@ def extract(datasets, data_dir, store, gpus, scheduler, workers, shard_rows, bat
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     stats = result["stats"]
-    click.echo(f"\nthis run: {stats['rows']} rows in {stats['wall_seconds']:.1f} s"
-               + (f" ({stats['images_per_second']:.1f} images/s)" if stats["rows"] > stats["kept"] else "")
-               + (f"; {stats['kept']} of them kept from finished shards" if stats["kept"] else ""))
-    if stats["rows"]:
+    if not stats["rows"]:  # every shard finished before: not "0 rows in 0.0 s" over a full store
+        click.echo("\nthis run: nothing to extract; the rows below are in the store from earlier runs")
+    else:
+        click.echo(f"\nthis run: {stats['rows']} rows in {stats['wall_seconds']:.1f} s"
+                   + (f" ({stats['images_per_second']:.1f} images/s)" if stats["rows"] > stats["kept"] else "")
+                   + (f"; {stats['kept']} of them kept from finished shards" if stats["kept"] else ""))
         click.echo("  time per stage (summed over workers): " + ", ".join(
             f"{k} {v:.1f} s" for k, v in stats["stage_seconds"].items()))
         click.echo(f"  photos whose face only face rescue found: {stats['faces_rescued']}")

@@ -297,7 +297,11 @@ def test_features_show_keeps_the_last_extract_that_ran_photos_over_a_rerun_with_
     of 0 images/s and 0 s per stage, in place of the extract that made the feature set."""
     store = tmp_path / "store"
     for _ in range(2):
-        assert extract(mini_data, store, "--workers", 1, "--limit", 2).exit_code == 0
+        rerun = extract(mini_data, store, "--workers", 1, "--limit", 2)
+        assert rerun.exit_code == 0
+    # the rerun's own summary: not "0 rows in 0.0 s" over a store that holds them
+    assert "this run: nothing to extract; the rows below are in the store from earlier runs" in rerun.output
+    assert "mini: 2 rows in the store" in rerun.output, rerun.output
     result = CliRunner().invoke(cli, ["features", "show", the_feature_set(store), "--store", str(store)])
     assert result.exit_code == 0, result.output
     [line] = [s for s in result.output.splitlines() if "last extract" in s]
