@@ -672,15 +672,21 @@ def run_stats(results: list[dict], wall: float) -> dict:
 
 def run_environment(cfg: ExtractConfig, layout, workers_env: dict) -> dict:
     """What ran an extract (recorded with each run; feature_set.json's top level keeps the last)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import cv2
+
     import agepipe
 
     versions = {}
-    for name in ("onnxruntime", "numpy", "pyarrow", "dask", "opencv-python", "torch"):
+    for name in ("onnxruntime", "numpy", "pyarrow", "dask", "torch"):
         try:
-            from importlib.metadata import version
             versions[name] = version(name)
-        except Exception:
+        except PackageNotFoundError:
             continue
+    # OpenCV resizes and warps every face: its own version, whichever of its wheels (opencv-python,
+    # -headless, -contrib) installed it; a version by distribution name missed all but one.
+    versions["opencv"] = cv2.__version__
     return {"runtime": cfg.runtime, "device": cfg.device, "agepipe_version": agepipe.__version__,
             "versions": versions,
             "cluster": {"mode": layout.mode, "workers": layout.workers, "worker_env": workers_env}}

@@ -9,6 +9,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -290,6 +291,7 @@ def test_feature_set_json_keeps_its_creation_time(mini_data, tmp_path):
     # What ran each extract is its run's (the top level keeps only the last run's)
     assert [(r["runtime"], r["device"], r["cluster"]["workers"]) for r in info["runs"]] == [("onnxruntime", "cpu", 1)] * 2
     assert all(r["versions"]["pyarrow"] == info["versions"]["pyarrow"] for r in info["runs"])
+    assert info["versions"]["opencv"] == cv2.__version__
 
 
 def test_features_show_keeps_the_last_extract_that_ran_photos_over_a_rerun_with_nothing_to_do(mini_data, tmp_path):
