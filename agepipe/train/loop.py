@@ -453,6 +453,10 @@ def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfi
     splits = {k: make_split(data.rows, k, record["val_fraction"]) for k in folds}
     outs = [out / f"fold{k}-seed{s}" for k, s in jobs]
     records = [{**record, "test_fold": k} for k, _ in jobs]
+    # As save_run does for a run: a CV stopped while its runs are saved must not leave the earlier
+    # CV's summary (cv.json, cv.md, the report `train --cv` draws) beside runs it no longer describes.
+    for name in ("cv.json", "cv.md", "report.md", *PLOTS):
+        (out / name).unlink(missing_ok=True)
     if batched:
         all_metrics = train_runs_batched(data, [(splits[k], s) for k, s in jobs], model_cfg, train_cfg, outs,
                                          records, init, mc_samples, cuda_graphs)

@@ -206,6 +206,36 @@ def test_a_cross_validation_into_the_folder_of_an_earlier_one_removes_its_other_
     assert (tmp_path / "notes.txt").read_text() == "the user's"
 
 
+def test_a_cross_validation_stopped_part_way_leaves_no_earlier_summary_beside_its_runs(small_store, tmp_path,
+                                                                                         monkeypatch):
+    """A --cv into an earlier one's folder, interrupted while its runs were saved: the earlier cv.json,
+    cv.md and report (its plots) stayed, summarising runs that were partly replaced by the new settings'."""
+    import agepipe.train.loop as loop
+    from agepipe.train.report import PLOTS, write_cv_report
+
+    def cv(lr):
+        return train(small_store, ["adience"], "age", tmp_path, cv=True, mc_samples=0, progress=False,
+                     train_overrides={"epochs": 1, "lr": lr},
+                     model_overrides={"num_blocks": 0, "residuals_per_block": 0})
+
+    cv(0.001)
+    write_cv_report(tmp_path, [tmp_path / f"fold{k}-seed0" for k in range(5)])  # as `train --cv` draws it
+    real, saved = loop.save_run, []
+
+    def interrupted(*args, **kwargs):
+        if len(saved) == 2:
+            raise KeyboardInterrupt  # Ctrl-C (or a divergence) while the third run is saved
+        saved.append(real(*args, **kwargs))
+        return saved[-1]
+
+    monkeypatch.setattr(loop, "save_run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cv(0.05)
+    assert json.loads((tmp_path / "fold0-seed0" / "config.json").read_text())["train"]["lr"] == 0.05
+    left = [name for name in ("cv.json", "cv.md", "report.md", *PLOTS) if (tmp_path / name).exists()]
+    assert left == []
+
+
 def test_a_cross_validation_keeps_the_earlier_run_it_started_from(small_store, tmp_path):
     """--init a run of the earlier cross-validation in OUT: it was removed, though every new run's
     config.json names it as where its weights came from."""
