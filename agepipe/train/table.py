@@ -304,7 +304,23 @@ def _finished_cell(cell_dir: Path, identity: dict) -> tuple[dict | None, str]:
     why = [f"{', '.join(keys)} {what}" for keys, what in ((changed, "changed"), (unrecorded, "not recorded")) if keys]
     if "folds" not in done:  # the confidence interval is over the folds' means
         why.append("recorded without its runs' test folds")
+    elif not why:
+        why = _runs_replaced(cell_dir, done)
     return (done, "") if not why else (None, "; ".join(why))
+
+
+def _runs_replaced(cell_dir: Path, done: dict) -> list[str]:
+    """Why the cell's folder no longer holds the runs cell.json recorded: a `train --cv --out` into it
+    since (other settings or seeds) replaced them and cv.json, or was stopped part-way (no cv.json)."""
+    path = cell_dir / "cv.json"
+    try:
+        runs = [(r["fold"], r["test_accuracy"]) for r in json.loads(path.read_text())["runs"]]
+    except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
+        return [f"{path} is missing or not a cross-validation's record ({type(e).__name__}: {e})"]
+    # as JSON: a NaN accuracy equals itself there
+    if json.dumps(runs) != json.dumps(list(zip(done["folds"], done["accuracy"]))):
+        return [f"{path} records other runs than cell.json (a cross-validation trained there since)"]
+    return []
 
 
 def _read_cell(path: Path) -> tuple[dict | None, str]:

@@ -442,3 +442,19 @@ def test_a_cell_recorded_before_temperature_scaling_is_reused(table_run, tmp_pat
     cell.write_text(json.dumps(done))  # as a cell trained before temperature scaling
     again = invoke(*args)
     assert again.exit_code == 0 and "reused" in again.output and "again:" not in again.output, again.output
+
+
+def test_a_cell_whose_runs_a_later_cross_validation_replaced_is_trained_again(table_run, tmp_path):
+    """`train --cv --out` into a finished cell (other settings, other seeds) replaced its runs and
+    cv.json, and the table reused cell.json all the same: its accuracies, of runs no longer there."""
+    store, *_ = table_run
+    args, cell, done = one_cell(store, tmp_path)
+    result = invoke("train", "--store", store, "--dataset", "adience", "--task", "gender", "--cv", "--out",
+                    cell.parent, "--epochs", "1", "--lr", "0.0001", "--mc-samples", "0", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    again = invoke(*args)
+    assert again.exit_code == 0, again.output
+    assert f"(again: {cell.parent / 'cv.json'} records other runs" in again.output and "reused" not in again.output
+    cv = json.loads((cell.parent / "cv.json").read_text())
+    assert [r["test_accuracy"] for r in cv["runs"]] == json.loads(cell.read_text())["accuracy"]
+    assert "reused" in invoke(*args).output
