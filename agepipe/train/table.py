@@ -214,8 +214,10 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
                     # A `train --cv --out` into this cell meanwhile would write its runs among these.
                     with only_writer(cell_dir, "table"):
                         # The old record goes first: a retrain stopped part-way leaves the folder holding new
-                        # runs, which a rerun with the old settings must not pass off as the recorded cell.
-                        (cell_dir / "cell.json").unlink(missing_ok=True)
+                        # runs, which a rerun with the old settings must not pass off as the recorded cell;
+                        # nor may the earlier table.md and table.csv, which give that record's numbers.
+                        for path in (cell_dir / "cell.json", out / "table.md", out / "table.csv"):
+                            path.unlink(missing_ok=True)
                         cell_start, pretrain_seconds, init_run = time.perf_counter(), None, None
                         if init == "pretrained":
                             init_run = cell_dir / "pretrain"

@@ -458,3 +458,23 @@ def test_a_cell_whose_runs_a_later_cross_validation_replaced_is_trained_again(ta
     cv = json.loads((cell.parent / "cv.json").read_text())
     assert [r["test_accuracy"] for r in cv["runs"]] == json.loads(cell.read_text())["accuracy"]
     assert "reused" in invoke(*args).output
+
+
+def test_a_table_stopped_while_a_cell_trains_again_leaves_no_earlier_table(table_run, tmp_path, monkeypatch):
+    """A rerun with other settings, stopped part-way (Ctrl-C, a cell that diverged): table.md and
+    table.csv of the earlier settings stayed, their numbers those of runs the rerun had replaced."""
+    import agepipe.train.table as table
+
+    store, *_ = table_run
+    args = ("table", "--store", store, "--out", tmp_path / "t", "--tasks", "gender", "--variants", "no-ic",
+            "--inits", "scratch", "--folds", "0,1", "--seeds", "1", "--device", "cpu")
+    assert invoke(*args, "--epochs", "1").exit_code == 0
+    real = table.cross_validate
+
+    def stopped_after_the_runs(*a, **k):
+        real(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(table, "cross_validate", stopped_after_the_runs)
+    assert invoke(*args, "--epochs", "2").exit_code == 130
+    assert not (tmp_path / "t" / "table.md").exists() and not (tmp_path / "t" / "table.csv").exists()
