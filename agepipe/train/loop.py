@@ -15,6 +15,7 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -299,15 +300,18 @@ def run_config(task: str, train_cfg: TrainConfig, data_record: dict, init: str |
 
 def train_run(data: TaskData, split: Split, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path,
               data_record: dict, init: str | None = None, mc_samples: int = 32, report: bool = True,
-              progress: bool = False) -> dict:
+              progress: bool = False, before_saving: Callable[[], None] | None = None) -> dict:
     """Fit one model on ``split``, save the run folder (checkpoint, history, metrics and,
-    when ``report``, report.md with plots) and return its metrics."""
+    when ``report``, report.md with plots) and return its metrics. ``before_saving``: called
+    once the model is fitted, before the folder is written."""
     model, fresh = initial_model(model_cfg, train_cfg.seed, init, data.x.device)
     warned = warn_before(data, split, train_cfg, init, data_record)
     index = {k: torch.from_numpy(v) for k, v in vars(split).items()}
     start = time.perf_counter()
     result = fit(model, data.x, data.y, index["train"], index["val"], train_cfg, progress)
     seconds = time.perf_counter() - start
+    if before_saving:
+        before_saving()
     return save_run(data, split, model, train_cfg, out, data_record, init, fresh, result, seconds, warned,
                     mc_samples, report)
 
@@ -378,8 +382,10 @@ def check_finite(model: ResMLP, out: Path, result: dict) -> None:
 
 def train_runs_batched(data: TaskData, jobs: list[tuple[Split, int]], model_cfg: ModelConfig,
                        train_cfg: TrainConfig, outs: list[Path], records: list[dict], init: str | None = None,
-                       mc_samples: int = 32, cuda_graphs: bool = False) -> list[dict]:
-    """The runs ``jobs`` (split, seed) as one stacked model (batched.py); each saved as train_run saves it."""
+                       mc_samples: int = 32, cuda_graphs: bool = False,
+                       before_saving: Callable[[], None] | None = None) -> list[dict]:
+    """The runs ``jobs`` (split, seed) as one stacked model (batched.py); each saved as train_run saves it
+    (``before_saving`` called once, after the fit)."""
     device = data.x.device
     starts = [initial_model(model_cfg, seed, init, device) for _, seed in jobs]
     warned = [warn_before(data, split, train_cfg, init, rec) for (split, _), rec in zip(jobs, records)]
@@ -392,6 +398,8 @@ def train_runs_batched(data: TaskData, jobs: list[tuple[Split, int]], model_cfg:
     results = fit_stacked(stacked, data.x, data.y, train_idx, [torch.from_numpy(s.val) for s, _ in jobs],
                           train_cfg, [seed for _, seed in jobs], weight, cuda_graphs)
     seconds = (time.perf_counter() - start) / len(jobs)  # each run's share of the wall time
+    if before_saving:
+        before_saving()
     metrics = []
     for r, ((split, seed), result) in enumerate(zip(jobs, results)):
         model = ResMLP.from_state(model_cfg, result.pop("state")).to(device).eval()
@@ -455,14 +463,18 @@ def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfi
     records = [{**record, "test_fold": k} for k, _ in jobs]
     # As save_run does for a run: a CV stopped while its runs are saved must not leave the earlier
     # CV's summary (cv.json, cv.md, the report `train --cv` draws) beside runs it no longer describes.
-    for name in ("cv.json", "cv.md", "report.md", *PLOTS):
-        (out / name).unlink(missing_ok=True)
+    # Removed once the first run is to be saved: a setup error (an --init of another architecture)
+    # leaves the earlier CV whole.
+    def forget_earlier() -> None:
+        for name in ("cv.json", "cv.md", "report.md", *PLOTS):
+            (out / name).unlink(missing_ok=True)
+
     if batched:
         all_metrics = train_runs_batched(data, [(splits[k], s) for k, s in jobs], model_cfg, train_cfg, outs,
-                                         records, init, mc_samples, cuda_graphs)
+                                         records, init, mc_samples, cuda_graphs, forget_earlier)
     else:
         all_metrics = [train_run(data, splits[k], model_cfg, dataclasses.replace(train_cfg, seed=s), o, rec, init,
-                                 mc_samples, report=False)
+                                 mc_samples, report=False, before_saving=forget_earlier)
                        for (k, s), o, rec in tqdm(list(zip(jobs, outs, records)), desc="cross-validation",
                                                   unit="run", disable=not progress)]
     runs, warned = [], set()

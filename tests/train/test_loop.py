@@ -236,6 +236,23 @@ def test_a_cross_validation_stopped_part_way_leaves_no_earlier_summary_beside_it
     assert left == []
 
 
+def test_a_cross_validation_refused_at_setup_leaves_the_earlier_one_whole(small_store, tmp_path):
+    """--init a run of another architecture: refused before any run trains, the earlier CV in OUT
+    keeps its cv.json and cv.md (they went, with the runs they describe left as they were)."""
+    from agepipe.train.checkpoint import CheckpointError
+
+    common = dict(cv=True, mc_samples=0, progress=False, train_overrides={"epochs": 1})
+    train(small_store, ["adience"], "age", tmp_path / "cv", **common,
+          model_overrides={"num_blocks": 0, "residuals_per_block": 0})
+    before = (tmp_path / "cv" / "cv.json").read_text()
+    train(small_store, ["adience"], "age", tmp_path / "pre", mc_samples=0, report=False, progress=False,
+          train_overrides={"epochs": 1}, model_overrides={"num_blocks": 0, "residuals_per_block": 0})
+    with pytest.raises(CheckpointError, match="--init needs its architecture"):
+        train(small_store, ["adience"], "age", tmp_path / "cv", init=str(tmp_path / "pre"), **common,
+              model_overrides={"num_blocks": 1})
+    assert (tmp_path / "cv" / "cv.json").read_text() == before and (tmp_path / "cv" / "cv.md").exists()
+
+
 def test_a_cross_validation_keeps_the_earlier_run_it_started_from(small_store, tmp_path):
     """--init a run of the earlier cross-validation in OUT: it was removed, though every new run's
     config.json names it as where its weights came from."""
