@@ -56,6 +56,9 @@ def save_checkpoint(run_dir: str | Path, model: ResMLP, config: dict) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    # An earlier run's config.json goes before its weights are replaced: stopped between the two
+    # writes, the folder is no run, not the new weights under the old run's settings.
+    (run_dir / CONFIG).unlink(missing_ok=True)
     # One metadata key only: safetensors orders several in its header at random, and the same
     # training run should give the same file, byte for byte.
     with atomic_path(run_dir / WEIGHTS) as tmp:

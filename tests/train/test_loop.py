@@ -143,6 +143,32 @@ def test_a_run_trained_again_never_shows_the_last_runs_results(small_store, tmp_
     assert [name for name in results if (run / name).exists()] == ["history.json"]  # the old scores are not
 
 
+def test_a_run_stopped_between_its_weights_and_config_is_no_run(small_store, tmp_path, monkeypatch):
+    """The weights are written, then config.json: a run trained again into its folder (another test
+    fold) and stopped between the two left the new weights beside the old config.json, which
+    evaluate and predict loaded as one run (scoring the new model on the old test fold, rows it
+    trained on, at the old temperature)."""
+    import agepipe.train.checkpoint as checkpoint
+    from agepipe.train.checkpoint import CheckpointError
+
+    run = tmp_path / "run"
+    train(small_store, ["adience"], "age", run, mc_samples=0, report=False, progress=False,
+          train_overrides={"epochs": 1})
+    real = checkpoint.write_json
+
+    def stopped_at_the_config(path, obj):
+        if path.name == "config.json":
+            raise KeyboardInterrupt  # a kill between the two writes
+        real(path, obj)
+
+    monkeypatch.setattr(checkpoint, "write_json", stopped_at_the_config)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_store, ["adience"], "age", run, test_fold=1, mc_samples=0, report=False, progress=False,
+              train_overrides={"epochs": 1})
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_checkpoint(run)
+
+
 def test_a_run_that_diverges_stops_loudly_and_saves_nothing(small_store, tmp_path):
     # Weights NaN from the first epoch: no better epoch to restore. The run used to save the NaN
     # checkpoint and crash in scoring ("'list' argument must have no negative elements").
