@@ -442,6 +442,14 @@ def train_config_for(task: str, **overrides) -> TrainConfig:
     return dataclasses.replace(PAPER_TRAIN[task], **{k: v for k, v in overrides.items() if v is not None})
 
 
+def check_folds(data: TaskData) -> list[int]:
+    """Folds 0-4, which a cross-validation needs its rows to hold; a ValueError naming those they hold."""
+    present = sorted(int(f) for f in data.rows["fold"].dropna().unique())
+    if present != list(range(5)):
+        raise ValueError(f"cross-validation needs rows in folds 0-4; these rows have folds {present}")
+    return present
+
+
 def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfig, out: str | Path,
                    record: dict, seeds: int = 1, init: str | None = None, mc_samples: int = 32,
                    progress: bool = True, echo=None, batched: bool = True, folds: list[int] | None = None,
@@ -453,9 +461,7 @@ def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfi
     ``batched``: all runs trained at once as one stacked model (batched.py); else one after another.
     ``cuda_graphs``: the stack's step as one CUDA graph replay (fit_stacked)."""
     out = Path(out)
-    present = sorted(int(f) for f in data.rows["fold"].dropna().unique())
-    if present != list(range(5)):
-        raise ValueError(f"cross-validation needs rows in folds 0-4; these rows have folds {present}")
+    present = check_folds(data)
     folds = present if folds is None else sorted(set(folds))
     jobs = [(k, s) for s in range(seeds) for k in folds]
     splits = {k: make_split(data.rows, k, record["val_fraction"]) for k in folds}

@@ -32,7 +32,8 @@ from agepipe.datasets import expand_groups
 from agepipe.train.checkpoint import write_json
 from agepipe.train.data import (VAL_FRACTION, check_datasets_held, content_digest, load_task_data, make_split,
                                 resolve_feature_set, subject_keys)
-from agepipe.train.loop import (cross_validate, data_record, model_config_for, train_config_for, train_run)
+from agepipe.train.loop import (check_folds, cross_validate, data_record, model_config_for, train_config_for,
+                                train_run)
 from agepipe.train.model import precision, resolve_device
 
 TASKS = ("age", "gender")
@@ -184,6 +185,7 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
         # A cell is reused only on the same rows: digested from the rows loaded, so an extract that
         # commits meanwhile cannot make the record name other rows than the ones trained on.
         data = load_task_data(store, feature_set, datasets, task, min_det_score, dev)
+        check_folds(data)  # before any cell pre-trains, not after
         record = data_record(store, feature_set, datasets, None, min_det_score)
         digest = content_digest(data)
         pre = pre_record = pre_digest = None

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from agepipe.cli import cli
 from agepipe.train.table import accuracy_stats, cell_train_overrides, parse_settings
-from tests.train.synthetic_store import age_gender_store
+from tests.train.synthetic_store import AGE_BIN_MIDPOINTS, Mixture, adience_like, age_gender_store, write_store
 
 # The original's numbers as issue 12 quotes them: (task, variant, init) -> "mean +- std".
 QUOTED = {("gender", "full", "pretrained"): "0.8887 +- 0.0255",
@@ -361,6 +361,24 @@ def test_pretraining_on_the_people_of_the_cross_validation_is_refused(tmp_path):
                     "--device", "cpu", "--pretrain-dataset", "adience")
     assert result.exit_code == 1
     assert "subject(s) of the cross-validation rows are in the pre-training rows too" in result.output
+    assert not (tmp_path / "t").exists()
+
+
+def test_rows_without_every_fold_are_refused_before_any_cell_pre_trains(tmp_path):
+    # The cross-validation found it, after the first pre-trained cell had pre-trained for nothing.
+    mixture = Mixture.make(classes=16)
+    x, y = mixture.sample(200, seed=1)
+    rows = adience_like(y // 2)
+    rows["fold"] = rows["fold"] % 4
+    write_store(tmp_path / "store", x, rows, dataset="adience")
+    x, y = mixture.sample(100, seed=2)
+    write_store(tmp_path / "store", x, {"subject_id": np.array([f"imdb{i}" for i in range(100)]),
+                                        "age": AGE_BIN_MIDPOINTS[y // 2], "gender": y % 2}, dataset="imdb")
+    result = invoke("table", "--store", tmp_path / "store", "--out", tmp_path / "t", "--tasks", "gender",
+                    "--variants", "full", "--inits", "pretrained", "--seeds", "1", "--epochs", "1", "--device", "cpu",
+                    "--pretrain-dataset", "imdb")
+    assert result.exit_code == 1 and "cross-validation needs rows in folds 0-4; these rows have folds [0, 1, 2, 3]" \
+        in result.output, result.output
     assert not (tmp_path / "t").exists()
 
 
