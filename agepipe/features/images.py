@@ -234,6 +234,14 @@ def _exif_orientation(data: bytes) -> int:
     return value if value in range(1, 9) else 1
 
 
+def _is_avif(data: bytes) -> bool:
+    """An AVIF: an ISOBMFF file whose ftyp box names the avif or avis brand."""
+    if data[4:8] != b"ftyp":
+        return False
+    brands = data[8:min(struct.unpack(">I", data[:4])[0], 1024)]
+    return any(brands[i:i + 4] in (b"avif", b"avis") for i in range(0, len(brands), 4))
+
+
 def _oriented(pixels: np.ndarray, orientation: int) -> np.ndarray:
     """``pixels`` as EXIF ``orientation`` says they are shown (what OpenCV does for a JPEG)."""
     if orientation in (5, 6, 7, 8):  # the stored rows are the shown columns
@@ -287,8 +295,10 @@ def decode_image(data: bytes, name: str = "<bytes>", max_side: int = MAX_SIDE) -
         raise ImageError("too_large", f"{name}: {size[0]}x{size[1]} pixels, progressive or multi-scan (decoded "
                          f"whole whatever the reduction), more than the {MAX_PIXELS:,} pixels agepipe decodes")
     buf = np.frombuffer(data, dtype=np.uint8)
-    webp = data[:4] == b"RIFF" and data[8:12] == b"WEBP"
-    if webp:  # OpenCV 5 turns a WebP by its EXIF orientation, OpenCV 4 does not: agepipe does it
+    # OpenCV 5 turns a WebP by its EXIF orientation, OpenCV 4 does not, and OpenCV (5.1) does not turn
+    # an AVIF by its irot/imir boxes (PIL reads them as its EXIF orientation): agepipe turns both itself
+    turn_here = (data[:4] == b"RIFF" and data[8:12] == b"WEBP") or _is_avif(data)
+    if turn_here:
         flag |= cv2.IMREAD_IGNORE_ORIENTATION
     try:
         pixels = cv2.imdecode(buf, flag)
@@ -296,7 +306,7 @@ def decode_image(data: bytes, name: str = "<bytes>", max_side: int = MAX_SIDE) -
         raise ImageError("decode_error", f"{name}: {str(e).strip().splitlines()[-1]}") from None
     if pixels is None:
         raise ImageError("decode_error", f"{name}: not a readable image")
-    if webp:
+    if turn_here:
         pixels = _oriented(pixels, _exif_orientation(data))
     scale = float(reduce)
     if reduce > 1:

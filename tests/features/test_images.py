@@ -131,6 +131,38 @@ def test_every_exif_orientation_is_applied_the_same_in_every_opencv(fmt, orienta
     assert np.array_equal(decode_image(out.getvalue()).pixels, shown[..., ::-1])  # BGR
 
 
+def avif_of(image: Image.Image, orientation: int) -> bytes:
+    """``image`` as an AVIF that says it is shown at EXIF ``orientation`` (Pillow writes irot/imir
+    boxes for it); skips where Pillow cannot write an AVIF or OpenCV cannot read one."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    try:
+        image.save(out, "AVIF", exif=exif.tobytes(), quality=95)
+    except (KeyError, OSError, ValueError):
+        pytest.skip("this Pillow writes no AVIF")
+    if cv2.imdecode(np.frombuffer(out.getvalue(), np.uint8), cv2.IMREAD_COLOR) is None:
+        pytest.skip("this OpenCV reads no AVIF")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_an_avif_is_turned_as_its_irot_and_imir_boxes_say(orientation):
+    """OpenCV ignores the boxes in which an AVIF says how it is shown (irot, imir; PIL reads them as
+    the EXIF orientation): a photo taken sideways was detected lying on its side, its boxes in the
+    stored frame, not the one shown."""
+    from PIL import ImageOps
+
+    y, x = np.mgrid[0:48, 0:80]
+    stored = np.stack([x * 3, y * 5, np.full_like(x, 90)], -1).astype(np.uint8)
+    stored[4:16, 4:24] = 255  # a corner that tells every turn and flip apart
+    data = avif_of(Image.fromarray(stored), orientation)
+    shown = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))[..., ::-1]
+    pixels = decode_image(data, "turned.avif").pixels
+    assert pixels.shape == shown.shape
+    assert np.abs(pixels.astype(int) - shown).mean() < 4  # the same photo, up to PIL's and OpenCV's YUV
+
+
 def test_a_tiff_is_bounded_by_its_tiles_not_just_its_size():
     """OpenCV decodes a tiled TIFF a whole tile at a time, whatever the image's size: 260 kB of
     16x16 pixels in one 16368x16368 tile took 770 MB (63 kB in an 8016x8016 tile: 190 MB)."""
