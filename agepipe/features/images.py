@@ -42,9 +42,10 @@ MAX_SEGMENTS = 10_000
 # Decoded photos waiting for the caller: 64 photos of 500x625 hold 60 MB, but 64 of 4096x4096
 # (a JPEG of one colour, 0.3 MB, decodes to that) held 3.2 GB.
 PREFETCH_BYTES = 512 << 20
-# Every format read_photo decodes (a GIF's first frame, with OpenCV 4.11 or later: before, a GIF is
-# a decode_error row); a folder walk skipped .gif and .jfif files that were read when given by name.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+# Every format read_photo decodes (a GIF's first frame, with OpenCV 4.11 or later, and an AVIF where
+# OpenCV was built with libavif: elsewhere such a file is a decode_error row); a folder walk skipped
+# .gif, .jfif and .avif files that were read when given by name.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".avif")
 
 
 class ImageError(Exception):

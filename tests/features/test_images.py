@@ -256,7 +256,7 @@ def test_a_gif_size_costs_no_seconds_of_the_gil():
 
 
 def test_a_folder_walk_finds_every_format_a_photo_given_by_name_is_read_from(tmp_path, photos):
-    """.gif and .jfif photos given by name were read, and skipped without a word in a folder."""
+    """.gif, .jfif and .avif photos given by name were read, and skipped without a word in a folder."""
     image = cv2.imread(str(photos["t1"]))
     Image.fromarray(image[:, :, ::-1]).save(tmp_path / "a.gif")
     cv2.imwrite(str(tmp_path / "b.jpg"), image)
@@ -264,6 +264,8 @@ def test_a_folder_walk_finds_every_format_a_photo_given_by_name_is_read_from(tmp
     (tmp_path / "notes.txt").write_text("not a photo")
     found = images.find_images([str(tmp_path)])
     assert found == [str(tmp_path / "a.gif"), str(tmp_path / "b.jfif")]
+    (tmp_path / "c.AVIF").write_bytes(b"")  # read where OpenCV reads AVIF; else a decode_error row, not silence
+    assert images.find_images([str(tmp_path)])[2:] == [str(tmp_path / "c.AVIF")]
     # each gets a row: a photo, or (a GIF where OpenCV is older than 4.11) a decode_error naming it
     (_, gif), (_, jfif) = images.read_photos(found)
     assert jfif.pixels.shape[2] == 3

@@ -155,7 +155,7 @@ def test_a_folder_without_photos_says_what_predict_and_embed_look_for(runs, tmp_
         result = CliRunner().invoke(cli, args)
         assert result.exit_code == 1, result.output
         assert f"no images found in {tmp_path}: give photo files, or folders holding .jpg" in result.output
-        assert ".gif files" in result.output
+        assert ".gif, .avif files" in result.output
 
 
 def run_with_features(run, folder, **features):
