@@ -130,16 +130,16 @@ def embed_files(paths: list[str], embedder: FaceEmbedder, batch_size: int = 16, 
     import pyarrow as pa
     from tqdm import tqdm
 
-    from agepipe.features.images import ImageError, read_photos
+    from agepipe.features.images import ImageError, as_text, read_photos
     from agepipe.features.store import fixed_list
 
     rows = {k: [] for k in FACES_SCHEMA_FIELDS}
 
     def add(image, index, status, error=None, face=None):
-        rows["image"].append(image)
+        rows["image"].append(as_text(image))
         rows["face_index"].append(index)
         rows["status"].append(status)
-        rows["error"].append(error)
+        rows["error"].append(error and as_text(error))
         rows["det_score"].append(face.det_score if face else None)
         rows["bbox"].append(face.bbox if face else np.zeros(4, np.float32))
         rows["landmarks"].append(face.landmarks.reshape(-1) if face else np.zeros(10, np.float32))

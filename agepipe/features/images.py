@@ -369,6 +369,13 @@ def read_image(path: str) -> np.ndarray:
     return read_photo(path, max_side=1 << 30).pixels
 
 
+def as_text(text: str) -> str:
+    """A photo's path, or a message naming it, as text any writer takes: a file name's bytes that are
+    not UTF-8 (a name from a Latin-1 system), which Python holds as lone surrogates that a Parquet
+    string and a UTF-8 stdout refuse, become backslash escapes (caf\\xe9.jpg)."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
 def never_a_photo(targets: list, photos: list[str], option: str) -> None:
     """ValueError where an output is one of the photos read: `embed me.jpg --out me.jpg`,
     `predict me.jpg --annotate me.jpg`, or a folder annotated into again (a.jpg drawn over the

@@ -88,6 +88,25 @@ def test_missing_path_and_empty_folder(tmp_path, photos):
     assert result.exit_code != 0 and "no images found" in result.output
 
 
+def test_a_photo_whose_name_is_not_utf8_gets_its_rows(tmp_path, photos):
+    """A file name in another system's encoding (Latin-1 'café.jpg') is held by Python as lone
+    surrogates, which a Parquet string cannot hold: embed died in a UnicodeEncodeError after embedding
+    every photo, one odd name costing the whole run. The name's undecodable bytes are now \\xNN."""
+    import os
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(photos["biden"], folder / os.fsdecode(b"caf\xe9.jpg"))
+    (folder / os.fsdecode(b"na\xefve.jpg")).write_bytes(b"not a photo")
+    out = tmp_path / "faces.parquet"
+    result = run("embed", folder, "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = {r["image"]: r for r in pq.read_table(out).to_pylist()}
+    assert rows[f"{folder}/caf\\xe9.jpg"]["status"] == "ok"
+    broken = rows[f"{folder}/na\\xefve.jpg"]
+    assert broken["status"] == "decode_error" and broken["error"].startswith(f"{folder}/na\\xefve.jpg: ")
+
+
 def test_an_out_that_cannot_be_written_is_one_sentence(tmp_path, photos):
     (tmp_path / "taken").write_text("a file")
     out = tmp_path / "taken" / "faces.parquet"
