@@ -16,7 +16,7 @@ import torch
 
 from agepipe import atomic
 from agepipe.features.embed import FaceEmbedder, in_original_pixels
-from agepipe.features.images import ImageError, never_a_photo, read_photo
+from agepipe.features.images import ImageError, as_text, never_a_photo, read_photo
 from agepipe.train.checkpoint import (CheckpointError, load_checkpoint, metrics_error, read_metrics, scoring_amp,
                                       temperature_for)
 from agepipe.train.data import class_names
@@ -315,16 +315,16 @@ def predict_images(paths: list[str], predictor: Predictor, annotate_to: str | No
         try:
             photo = read_photo(path)
         except ImageError as e:
-            results.append({"image": path, "error": str(e), "faces": []})
+            results.append({"image": as_text(path), "error": as_text(str(e)), "faces": []})
             continue
         faces = predictor.faces(photo.pixels, photo.scale)
-        result = {"image": path, "faces": faces}
+        result = {"image": as_text(path), "faces": faces}
         if target is not None:
             try:
                 write_image(target, annotate(photo.pixels, faces, predictor.passes, predictor.cautions, photo.scale))
             except OSError as e:
                 raise ValueError(f"{atomic.cannot_write(target, e)}; give another --annotate") from None
-            result["annotated"] = str(target)
+            result["annotated"] = as_text(str(target))
         results.append(result)
     return results
 

@@ -148,6 +148,32 @@ def test_unreadable_photos_are_reported_and_the_rest_predicted(runs, photos, tmp
     assert f"{broken}: {broken}" not in result.output  # the path once: the error names it
 
 
+def test_a_photo_whose_name_is_not_utf8_is_predicted_and_named(runs, photos, tmp_path):
+    """A file name in another system's encoding (Latin-1 'café.jpg') is held by Python as lone
+    surrogates, which a UTF-8 stdout refuses: predict died in a traceback at the first such photo's
+    line after all the work, and its --json wrote them as \\udcXX escapes a strict reader refuses.
+    The name's undecodable bytes are now given as \\xNN, in text and JSON alike."""
+    import os
+    import shutil
+
+    age, _ = runs
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(photos["astronaut"], folder / os.fsdecode(b"caf\xe9.jpg"))
+    shown = str(folder / "caf\\xe9.jpg")
+    for args in ([], ["--json"]):
+        result = CliRunner().invoke(cli, ["predict", str(folder), "--age-model", str(age), "--mc-samples", "0",
+                                          *args, "--annotate", f"{tmp_path / 'out'}/"])
+        assert result.exit_code == 0, result.output
+        if args:
+            record = json.loads(result.output.strip().splitlines()[-1])
+            assert record["image"] == shown and len(record["faces"]) == 1
+            assert record["annotated"] == str(tmp_path / "out" / "caf\\xe9.annotated.jpg")
+        else:
+            assert f"{shown}: 1 face(s)" in result.output
+    assert (tmp_path / "out" / os.fsdecode(b"caf\xe9.annotated.jpg")).exists()  # written under its own name
+
+
 def test_a_folder_without_photos_says_what_predict_and_embed_look_for(runs, tmp_path):
     age, _ = runs
     (tmp_path / "notes.txt").write_text("no photo")
