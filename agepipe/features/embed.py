@@ -130,7 +130,7 @@ def embed_files(paths: list[str], embedder: FaceEmbedder, batch_size: int = 16, 
     import pyarrow as pa
     from tqdm import tqdm
 
-    from agepipe.features.images import ImageError, as_text, read_photos
+    from agepipe.features.images import ImageError, as_text, read_photo_once, read_photos
     from agepipe.features.store import fixed_list
 
     rows = {k: [] for k in FACES_SCHEMA_FIELDS}
@@ -156,7 +156,7 @@ def embed_files(paths: list[str], embedder: FaceEmbedder, batch_size: int = 16, 
 
     batch = []
     bar = tqdm(total=len(paths), unit="img", desc="embed", disable=not progress)
-    for path, photo in read_photos(paths):
+    for path, photo in read_photos(paths, read=read_photo_once):
         if isinstance(photo, ImageError):
             add(path, None, photo.status, str(photo))
         else:

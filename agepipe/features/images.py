@@ -364,6 +364,16 @@ def read_photo(path: str, max_side: int = MAX_SIDE) -> Photo:
     return decode_image(read_bytes(path), path, max_side)
 
 
+def read_photo_once(path: str, max_side: int = MAX_SIDE) -> Photo:
+    """read_photo for a command that has no redo (embed, predict): a read the machine failed
+    (_MACHINE_ERRNOS: EIO from a bad sector or a cloud file not on this machine, a mount that
+    dropped), which extract raises to redo the photo, is the photo's read_error, not the run's end."""
+    try:
+        return read_photo(path, max_side)
+    except OSError as e:
+        raise ImageError("read_error", f"{path}: {e.strerror or e}") from None
+
+
 def read_image(path: str) -> np.ndarray:
     """BGR uint8 pixels of a photo at full size, or ImageError with a reason."""
     return read_photo(path, max_side=1 << 30).pixels
@@ -406,8 +416,10 @@ def find_images(paths: list[str]) -> list[str]:
     return found
 
 
-def read_photos(paths: list[str], threads: int = 4, max_side: int = MAX_SIDE, prefetch: int = 64):
-    """(path, Photo or ImageError) in input order, decoded ahead by a thread pool so decoding
+def read_photos(paths: list[str], threads: int = 4, max_side: int = MAX_SIDE, prefetch: int = 64,
+                read=read_photo):
+    """(path, Photo or ImageError) in input order, each from ``read`` (read_photo_once where the
+    machine's read errors are the photos'), decoded ahead by a thread pool so decoding
     overlaps the caller's inference (OpenCV releases the GIL while it decodes). At most
     ``prefetch`` photos wait decoded, and a decode thread starts no photo while those waiting
     hold PREFETCH_BYTES of pixels (the photo the caller waits for excepted), so memory stays
@@ -423,7 +435,7 @@ def read_photos(paths: list[str], threads: int = 4, max_side: int = MAX_SIDE, pr
         with room:
             room.wait_for(lambda: held[0] < PREFETCH_BYTES or index == taken[0] or stopped[0])
         try:
-            photo = read_photo(path, max_side)
+            photo = read(path, max_side)
         except ImageError as e:
             return path, e
         with room:

@@ -16,7 +16,7 @@ import torch
 
 from agepipe import atomic
 from agepipe.features.embed import FaceEmbedder, in_original_pixels
-from agepipe.features.images import ImageError, as_text, never_a_photo, read_photo
+from agepipe.features.images import ImageError, as_text, never_a_photo, read_photo_once
 from agepipe.train.checkpoint import (CheckpointError, load_checkpoint, metrics_error, read_metrics, scoring_amp,
                                       temperature_for)
 from agepipe.train.data import class_names
@@ -313,7 +313,7 @@ def predict_images(paths: list[str], predictor: Predictor, annotate_to: str | No
     targets = annotation_paths(annotate_to, paths) if annotate_to else [None] * len(paths)
     for path, target in zip(paths, targets):
         try:
-            photo = read_photo(path)
+            photo = read_photo_once(path)
         except ImageError as e:
             results.append({"image": as_text(path), "error": as_text(str(e)), "faces": []})
             continue

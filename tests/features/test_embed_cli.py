@@ -107,6 +107,33 @@ def test_a_photo_whose_name_is_not_utf8_gets_its_rows(tmp_path, photos):
     assert broken["status"] == "decode_error" and broken["error"].startswith(f"{folder}/na\\xefve.jpg: ")
 
 
+def test_a_photo_the_disk_cannot_read_costs_that_photo_not_the_run(tmp_path, photos, monkeypatch):
+    """EIO (a bad sector, a cloud-synced file not on this machine) is raised as it is for extract,
+    which redoes the photo; embed has no redo, and one such photo ended the run in a traceback with
+    no table. It is now that photo's read_error row, naming it."""
+    import errno
+    import os
+
+    from agepipe.features import images
+
+    bad = tmp_path / "bad.jpg"
+    shutil.copy(photos["biden"], bad)
+    opening = os.open
+
+    def open_(p, *args, **kwargs):
+        if str(p) == str(bad):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(p))
+        return opening(p, *args, **kwargs)
+
+    monkeypatch.setattr(images.os, "open", open_)
+    out = tmp_path / "faces.parquet"
+    result = run("embed", bad, photos["obama"], "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(out).to_pylist()
+    assert [r["status"] for r in rows] == ["read_error", "ok"]
+    assert rows[0]["error"] == f"{bad}: Input/output error"
+
+
 def test_an_out_that_cannot_be_written_is_one_sentence(tmp_path, photos):
     (tmp_path / "taken").write_text("a file")
     out = tmp_path / "taken" / "faces.parquet"

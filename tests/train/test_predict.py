@@ -174,6 +174,30 @@ def test_a_photo_whose_name_is_not_utf8_is_predicted_and_named(runs, photos, tmp
     assert (tmp_path / "out" / os.fsdecode(b"caf\xe9.annotated.jpg")).exists()  # written under its own name
 
 
+def test_a_photo_the_disk_cannot_read_is_reported_and_the_rest_predicted(runs, photos, tmp_path, monkeypatch):
+    """EIO (a bad sector, a cloud-synced file not on this machine) ended predict in a traceback
+    before any answer; it is now that photo's error, as an unreadable photo's is."""
+    import errno
+    import os
+
+    from agepipe.features import images
+
+    age, _ = runs
+    opening = os.open
+
+    def open_(p, *args, **kwargs):
+        if str(p) == str(photos["obama"]):
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(p))
+        return opening(p, *args, **kwargs)
+
+    monkeypatch.setattr(images.os, "open", open_)
+    result = CliRunner().invoke(cli, ["predict", str(photos["obama"]), str(photos["astronaut"]), "--age-model",
+                                      str(age), "--mc-samples", "0"])
+    assert result.exit_code == 1, result.output
+    assert f"{photos['obama']}: Input/output error\n" in result.output
+    assert "astronaut.png: 1 face(s)" in result.output and "1 of 2 images could not be read" in result.output
+
+
 def test_a_folder_without_photos_says_what_predict_and_embed_look_for(runs, tmp_path):
     age, _ = runs
     (tmp_path / "notes.txt").write_text("no photo")
