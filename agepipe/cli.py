@@ -846,7 +846,7 @@ def predict(images, age_model, gender_model, mc_samples, as_json, json_out, anno
     from agepipe.atomic import cannot_write
     from agepipe.features.images import find_images
     from agepipe.train.checkpoint import write_json
-    from agepipe.train.predict import Predictor, predict_images, summary_line
+    from agepipe.train.predict import Predictor, json_out_apart, predict_images, summary_line
 
     paths = find_images(list(images))
     if not paths:
@@ -854,6 +854,8 @@ def predict(images, age_model, gender_model, mc_samples, as_json, json_out, anno
     if json_out:
         not_a_photo_given(json_out, paths, "--json-out")
     try:
+        if json_out and annotate:
+            json_out_apart(json_out, annotate, paths)
         predictor = Predictor(age_model, gender_model, pack, det_size, mc_samples, device)
         results = predict_images(paths, predictor, annotate)
     except ValueError as e:

@@ -304,6 +304,14 @@ def annotation_paths(annotate_to: str, images: list[str]) -> list[Path]:
     return paths
 
 
+def json_out_apart(json_out: str, annotate_to: str, images: list[str]) -> None:
+    """ValueError where --json-out is a file --annotate writes: the JSON was written over the annotated
+    photo, which predict said it had written there."""
+    if os.path.realpath(json_out) in {os.path.realpath(t) for t in annotation_paths(annotate_to, images)}:
+        raise ValueError(f"{json_out}: both --json-out and --annotate would write this file; give them "
+                         "different names")
+
+
 def predict_images(paths: list[str], predictor: Predictor, annotate_to: str | None = None) -> list[dict]:
     """One result per photo: its faces, or the error that kept it from being read. Photos are
     read as embed and extract read them (a large one reduced to images.MAX_SIDE, as its features

@@ -308,6 +308,20 @@ def test_json_out_never_writes_over_a_photo_it_was_given(runs, photos, tmp_path)
     assert photo.read_bytes() == before
 
 
+@pytest.mark.parametrize("annotate, json_out", [("r.jpg", "r.jpg"), ("out/", "out/t1.annotated.jpg")])
+def test_json_out_and_annotate_never_write_one_file(runs, photos, tmp_path, monkeypatch, annotate, json_out):
+    """`predict t1.jpg --annotate r.jpg --json-out r.jpg` wrote the annotated photo, then the JSON
+    over it, and said 'annotated -> r.jpg' of a file that held JSON."""
+    age, _ = runs
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["predict", str(photos["t1"]), "--age-model", str(age), "--mc-samples", "0",
+                                      "--annotate", annotate, "--json-out", json_out])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    assert (f"Error: {json_out}: both --json-out and --annotate would write this file; give them different "
+            "names") in result.output
+    assert not (tmp_path / json_out).exists()
+
+
 @pytest.mark.parametrize("option", ["--annotate", "--json-out"])
 def test_an_output_that_cannot_be_written_is_one_sentence(runs, photos, tmp_path, option):
     age, _ = runs
