@@ -184,8 +184,9 @@ def write_parquet_atomic(table, out: str):
 
     from agepipe.atomic import atomic_path
 
-    with atomic_path(out) as tmp:
-        pq.write_table(table, tmp)
+    # Opened by Python, not by Arrow, which refuses a name that is not UTF-8 (a Latin-1 --out)
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        pq.write_table(table, f)
 
 
 @cli.command()
@@ -209,7 +210,7 @@ def embed(images, out, batch_size, pack, det_size, device, runtime):
 
     from agepipe.atomic import cannot_write
     from agepipe.features.embed import embed_files
-    from agepipe.features.images import find_images
+    from agepipe.features.images import as_text, find_images
 
     paths = find_images(list(images))
     if not paths:
@@ -226,7 +227,7 @@ def embed(images, out, batch_size, pack, det_size, device, runtime):
     statuses = table["status"].to_pylist()
     counts = Counter(s for s, i in zip(statuses, table["face_index"].to_pylist()) if i in (None, 0))
     faces = statuses.count("ok")
-    click.echo(f"{len(paths)} images, {faces} faces -> {out}")
+    click.echo(f"{len(paths)} images, {faces} faces -> {as_text(out)}")
     for status, n in sorted(counts.items()):
         click.echo(f"  {status:<14} {n} images")
     for status, error in zip(statuses, table["error"].to_pylist()):

@@ -105,6 +105,11 @@ def test_a_photo_whose_name_is_not_utf8_gets_its_rows(tmp_path, photos):
     assert rows[f"{folder}/caf\\xe9.jpg"]["status"] == "ok"
     broken = rows[f"{folder}/na\\xefve.jpg"]
     assert broken["status"] == "decode_error" and broken["error"].startswith(f"{folder}/na\\xefve.jpg: ")
+    out = tmp_path / os.fsdecode(b"r\xe9sum\xe9.parquet")  # and an --out so named: written, and said so
+    result = run("embed", folder, "--out", out)
+    assert result.exit_code == 0 and f"-> {tmp_path}/r\\xe9sum\\xe9.parquet" in result.output, result.output
+    with open(out, "rb") as f:  # Arrow opens no such name itself
+        assert pq.read_table(f).num_rows == 2
 
 
 def test_a_photo_the_disk_cannot_read_costs_that_photo_not_the_run(tmp_path, photos, monkeypatch):
