@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -285,7 +286,7 @@ def annotation_paths(annotate_to: str, images: list[str]) -> list[Path]:
         raise ValueError(f"{annotate_to}: a file, not a folder; with {len(images)} photos --annotate needs a "
                          "folder to write one annotated photo each into")
     stems = [Path(p).stem for p in images]
-    repeated = {s for s in stems if stems.count(s) > 1}
+    repeated = {s for s, n in Counter(stems).items() if n > 1}  # not stems.count: minutes on 100,000 photos
     if repeated:
         common = os.path.commonpath([os.path.abspath(p) for p in images])
         stems = [s if s not in repeated else
