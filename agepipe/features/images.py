@@ -330,6 +330,9 @@ _MACHINE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errn
                    errno.ENETUNREACH, errno.ECONNRESET}
 
 
+_EXHAUSTED_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}  # the machine's, not one photo's
+
+
 def _read_error(path: str, e: OSError) -> Exception:
     return e if e.errno in _MACHINE_ERRNOS else ImageError("read_error", f"{path}: {e.strerror or e}")
 
@@ -367,10 +370,13 @@ def read_photo(path: str, max_side: int = MAX_SIDE) -> Photo:
 def read_photo_once(path: str, max_side: int = MAX_SIDE) -> Photo:
     """read_photo for a command that has no redo (embed, predict): a read the machine failed
     (_MACHINE_ERRNOS: EIO from a bad sector or a cloud file not on this machine, a mount that
-    dropped), which extract raises to redo the photo, is the photo's read_error, not the run's end."""
+    dropped), which extract raises to redo the photo, is the photo's read_error, not the run's end.
+    A machine out of file handles or memory fails every photo after it: that stops the run."""
     try:
         return read_photo(path, max_side)
     except OSError as e:
+        if e.errno in _EXHAUSTED_ERRNOS:
+            raise
         raise ImageError("read_error", f"{path}: {e.strerror or e}") from None
 
 

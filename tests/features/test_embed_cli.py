@@ -137,6 +137,16 @@ def test_a_photo_the_disk_cannot_read_costs_that_photo_not_the_run(tmp_path, pho
     rows = pq.read_table(out).to_pylist()
     assert [r["status"] for r in rows] == ["read_error", "ok"]
     assert rows[0]["error"] == f"{bad}: Input/output error"
+    # out of file handles is the machine's: every photo after would fail too, so the run stops
+    def exhausted(p, *args, **kwargs):  # the photo's open only: os.open is every module's (torch imports lazily)
+        if str(p) == str(photos["obama"]):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE), str(p))
+        return opening(p, *args, **kwargs)
+
+    monkeypatch.setattr(images.os, "open", exhausted)
+    result = CliRunner().invoke(cli, ["embed", str(photos["obama"]), "--out", str(tmp_path / "none.parquet")])
+    assert isinstance(result.exception, OSError) and result.exception.errno == errno.EMFILE
+    assert not (tmp_path / "none.parquet").exists()
 
 
 def test_an_out_that_cannot_be_written_is_one_sentence(tmp_path, photos):
