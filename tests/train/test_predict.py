@@ -255,6 +255,15 @@ def test_annotate_to_a_folder_with_one_photo_writes_into_the_folder(tmp_path):
     assert annotation_paths(str(tmp_path / "one.jpg"), [photo]) == [tmp_path / "one.jpg"]
 
 
+def test_photos_sharing_a_name_are_annotated_under_their_folders_names(tmp_path):
+    from agepipe.train.predict import annotation_paths
+
+    photos = [f"/photos/{i // 3}/IMG_{i:04d}.jpg" for i in range(9)] + ["/elsewhere/IMG_0000.jpg"]
+    names = [p.name for p in annotation_paths(str(tmp_path / "out") + "/", photos)]
+    assert names[0] == "photos_0_IMG_0000.annotated.jpg" and names[-1] == "elsewhere_IMG_0000.annotated.jpg"
+    assert names[1:-1] == [f"IMG_{i:04d}.annotated.jpg" for i in range(1, 9)]  # a name no other photo has: as it is
+
+
 def test_annotate_to_a_name_that_cannot_hold_the_image_is_one_sentence(runs, photos, tmp_path):
     age, _ = runs
     taken = tmp_path / "taken.jpg"
