@@ -237,10 +237,21 @@ def _exif_orientation(data: bytes) -> int:
 
 def _is_avif(data: bytes) -> bool:
     """An AVIF: an ISOBMFF file whose ftyp box names the avif or avis brand."""
-    if data[4:8] != b"ftyp":
+    return _has_brand(data, (b"avif", b"avis"))
+
+
+def _is_heif(data: bytes) -> bool:
+    """A HEIC/HEIF (an iPhone's photo): its ftyp box names a HEVC or HEIF brand."""
+    return _has_brand(data, (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")) \
+        and not _is_avif(data)  # an AVIF names mif1 too
+
+
+def _has_brand(data: bytes, brands: tuple[bytes, ...]) -> bool:
+    """Whether an ISOBMFF file's ftyp box (major brand, version, compatible brands) names one of ``brands``."""
+    if data[4:8] != b"ftyp" or len(data) < 12:
         return False
-    brands = data[8:min(struct.unpack(">I", data[:4])[0], 1024)]
-    return any(brands[i:i + 4] in (b"avif", b"avis") for i in range(0, len(brands), 4))
+    box = data[8:min(struct.unpack(">I", data[:4])[0], 1024)]
+    return any(box[i:i + 4] in brands for i in range(0, len(box), 4))
 
 
 def _oriented(pixels: np.ndarray, orientation: int) -> np.ndarray:
@@ -278,6 +289,9 @@ def decode_image(data: bytes, name: str = "<bytes>", max_side: int = MAX_SIDE) -
     else:
         size = _header_size(data, name)
     if size is None:
+        if _is_heif(data):  # a phone's photo: say what it is, not "no known header"
+            raise ImageError("decode_error", f"{name}: a HEIC/HEIF photo, which OpenCV does not decode; "
+                             "convert it to JPEG")
         raise ImageError("decode_error", f"{name}: not a readable image (no known image header)")
     flag = cv2.IMREAD_COLOR
     reduce = 1

@@ -486,3 +486,16 @@ def test_restart_markers_by_the_thousand_cost_no_python_step_each(photos):
     finally:
         sys.settrace(previous)
     assert len(steps) < 1_000
+
+
+def test_a_heic_photo_is_named_as_such_not_as_a_file_without_a_header():
+    # a phone's photo: "no known image header" left the user guessing what was wrong with it
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 200
+    with pytest.raises(ImageError, match=r"x\.heic: a HEIC/HEIF photo, which OpenCV does not decode") as e:
+        decode_image(heic, "x.heic")
+    assert e.value.status == "decode_error"
+    # an AVIF names mif1 too; where no decoder reads it, it is not called a HEIC
+    avif = b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf" + b"\x00" * 200
+    with pytest.raises(ImageError) as e:
+        decode_image(avif, "x.avif")
+    assert "HEIC" not in str(e.value)
