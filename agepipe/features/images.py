@@ -46,6 +46,9 @@ PREFETCH_BYTES = 512 << 20
 # OpenCV was built with libavif: elsewhere such a file is a decode_error row); a folder walk skipped
 # .gif, .jfif and .avif files that were read when given by name.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".avif")
+# A folder walk takes a phone's HEIC/HEIF too, which no OpenCV reads: its decode_error row says so,
+# where a folder of them was skipped as "no images found".
+WALKED_SUFFIXES = IMAGE_SUFFIXES + (".heic", ".heif")
 
 
 class ImageError(Exception):
@@ -430,7 +433,7 @@ def find_images(paths: list[str]) -> list[str]:
             for root, dirs, files in os.walk(path, onerror=unlisted):
                 dirs.sort()
                 found += [os.path.join(root, f) for f in sorted(files)
-                          if f.lower().endswith(IMAGE_SUFFIXES)]
+                          if f.lower().endswith(WALKED_SUFFIXES)]
         else:
             found.append(path)
     return found

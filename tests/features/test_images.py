@@ -265,7 +265,8 @@ def test_a_folder_walk_finds_every_format_a_photo_given_by_name_is_read_from(tmp
     found = images.find_images([str(tmp_path)])
     assert found == [str(tmp_path / "a.gif"), str(tmp_path / "b.jfif")]
     (tmp_path / "c.AVIF").write_bytes(b"")  # read where OpenCV reads AVIF; else a decode_error row, not silence
-    assert images.find_images([str(tmp_path)])[2:] == [str(tmp_path / "c.AVIF")]
+    (tmp_path / "d.heic").write_bytes(b"")  # read by none: a decode_error row saying so, not silence
+    assert images.find_images([str(tmp_path)])[2:] == [str(tmp_path / "c.AVIF"), str(tmp_path / "d.heic")]
     # each gets a row: a photo, or (a GIF where OpenCV is older than 4.11) a decode_error naming it
     (_, gif), (_, jfif) = images.read_photos(found)
     assert jfif.pixels.shape[2] == 3
