@@ -368,13 +368,18 @@ def save_run(data: TaskData, split: Split, model: ResMLP, train_cfg: TrainConfig
     return metrics
 
 
+class Diverged(ValueError):
+    """A run whose weights went NaN or infinite: its settings' failure (a learning rate too high),
+    which `agepipe table` records for that cell and goes on from."""
+
+
 def check_finite(model: ResMLP, out: Path, result: dict) -> None:
     """Refuse a model whose weights went NaN or infinite (training diverged, with no earlier epoch's
     weights to fall back on): saved, it would crash scoring and `evaluate` would refuse it."""
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         losses = [h["train_loss"] for h in result["history"]]
-        raise ValueError(f"{out}: training diverged: after {len(losses)} epoch(s) (train loss {losses}) the "
+        raise Diverged(f"{out}: training diverged: after {len(losses)} epoch(s) (train loss {losses}) the "
                          f"weights hold NaN or infinite values ({bad[0]}"
                          + (f" and {len(bad) - 1} more" if len(bad) > 1 else "") +
                          "); nothing was saved. Train with a lower learning rate")

@@ -32,8 +32,8 @@ from agepipe.datasets import expand_groups
 from agepipe.train.checkpoint import write_json
 from agepipe.train.data import (VAL_FRACTION, check_datasets_held, content_digest, load_task_data, make_split,
                                 resolve_feature_set, subject_keys)
-from agepipe.train.loop import (check_folds, cross_validate, data_record, model_config_for, train_config_for,
-                                train_run)
+from agepipe.train.loop import (Diverged, check_folds, cross_validate, data_record, model_config_for,
+                                train_config_for, train_run)
 from agepipe.train.model import precision, resolve_device
 
 TASKS = ("age", "gender")
@@ -92,7 +92,7 @@ PUBLISHED = {
 
 CSV_COLUMNS = ["task", "variant", "init", "runs", "accuracy_mean", "accuracy_std", "ci95_low", "ci95_high", "ci95_over",
                "published_mean", "published_std", "seconds", "pretrain_seconds", "lr", "weight_decay", "gamma",
-               "batch_size", "dropout", "batch_norm", "skip"]
+               "batch_size", "dropout", "batch_norm", "skip", "diverged"]
 
 
 def parse_settings(items: list[str]) -> list[tuple[str, str, object]]:
@@ -180,7 +180,7 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
     datasets, pretrain_datasets = expand_groups(list(datasets)), expand_groups(list(pretrain_datasets))
     check_datasets_held(store, feature_set, datasets + (pretrain_datasets if "pretrained" in grid.inits else []))
     dev = resolve_device(device)
-    cells, rows, said = grid.cells(), [], set()
+    cells, rows, said, diverged = grid.cells(), [], set(), []
     for task in grid.tasks:
         # A cell is reused only on the same rows: digested from the rows loaded, so an extract that
         # commits meanwhile cannot make the record name other rows than the ones trained on.
@@ -212,49 +212,68 @@ def run_table(store: str, out: str | Path, grid: Grid, *, feature_set: str | Non
                             "pretrain_data": _without_store(pre_record) if init == "pretrained" else None,
                             "pretrain_rows": pre_digest if init == "pretrained" else None, "mc_samples": mc_samples}
                 done, why = _finished_cell(cell_dir, identity)
+                failed = None  # why the cell has no runs: its training diverged
                 if done is None:
-                    # A `train --cv --out` into this cell meanwhile would write its runs among these.
-                    with only_writer(cell_dir, "table"):
-                        # The old record goes first: a retrain stopped part-way leaves the folder holding new
-                        # runs, which a rerun with the old settings must not pass off as the recorded cell;
-                        # nor may the earlier table.md and table.csv, which give that record's numbers.
-                        for path in (cell_dir / "cell.json", out / "table.md", out / "table.csv"):
-                            path.unlink(missing_ok=True)
-                        cell_start, pretrain_seconds, init_run = time.perf_counter(), None, None
-                        if init == "pretrained":
-                            init_run = cell_dir / "pretrain"
-                            split = make_split(pre.rows, None, VAL_FRACTION)
-                            t0 = time.perf_counter()
-                            train_run(pre, split, model_cfg, train_cfg, init_run, pre_record, None, 0, report=False)
-                            pretrain_seconds = time.perf_counter() - t0
-                            echo(f"  {task} {variant}: pre-trained on {'+'.join(pretrain_datasets)} "
-                                 f"({len(pre.rows)} rows) in {pretrain_seconds:.1f} s")
-                            model_cfg = model_config_for(task, str(init_run), **VARIANTS[variant])
-                        cv = cross_validate(data, model_cfg, train_cfg, cell_dir, record, grid.seeds,
-                                            str(init_run) if init_run else None, mc_samples, progress=False,
-                                            folds=grid.folds, cuda_graphs=cuda_graphs)
-                        done = {"identity": identity, "seconds": time.perf_counter() - cell_start,
-                                "pretrain_seconds": pretrain_seconds,
-                                "accuracy": [r["test_accuracy"] for r in cv["runs"]],
-                                "folds": [r["fold"] for r in cv["runs"]]}
-                        write_json(cell_dir / "cell.json", done)
-                        how = f"trained in {done['seconds']:.1f} s" + (f" (again: {why})" if why else "")
+                    cell_start, pretrain_seconds = time.perf_counter(), None
+                    try:
+                        # A `train --cv --out` into this cell meanwhile would write its runs among these.
+                        with only_writer(cell_dir, "table"):
+                            # The old record goes first: a retrain stopped part-way leaves the folder holding new
+                            # runs, which a rerun with the old settings must not pass off as the recorded cell;
+                            # nor may the earlier table.md and table.csv, which give that record's numbers.
+                            for path in (cell_dir / "cell.json", out / "table.md", out / "table.csv"):
+                                path.unlink(missing_ok=True)
+                            init_run = None
+                            if init == "pretrained":
+                                init_run = cell_dir / "pretrain"
+                                split = make_split(pre.rows, None, VAL_FRACTION)
+                                t0 = time.perf_counter()
+                                train_run(pre, split, model_cfg, train_cfg, init_run, pre_record, None, 0, report=False)
+                                pretrain_seconds = time.perf_counter() - t0
+                                echo(f"  {task} {variant}: pre-trained on {'+'.join(pretrain_datasets)} "
+                                     f"({len(pre.rows)} rows) in {pretrain_seconds:.1f} s")
+                                model_cfg = model_config_for(task, str(init_run), **VARIANTS[variant])
+                            cv = cross_validate(data, model_cfg, train_cfg, cell_dir, record, grid.seeds,
+                                                str(init_run) if init_run else None, mc_samples, progress=False,
+                                                folds=grid.folds, cuda_graphs=cuda_graphs)
+                            done = {"identity": identity, "seconds": time.perf_counter() - cell_start,
+                                    "pretrain_seconds": pretrain_seconds,
+                                    "accuracy": [r["test_accuracy"] for r in cv["runs"]],
+                                    "folds": [r["fold"] for r in cv["runs"]]}
+                            write_json(cell_dir / "cell.json", done)
+                            how = f"trained in {done['seconds']:.1f} s" + (f" (again: {why})" if why else "")
+                    except Diverged as e:  # this cell's settings failed, not the table: the other cells go on
+                        failed = str(e)
+                        diverged.append(f"{task} {init} {variant}: {e}")
+                        done = {"seconds": time.perf_counter() - cell_start, "pretrain_seconds": pretrain_seconds}
                 else:
                     how = f"reused (trained in {done['seconds']:.1f} s before)"
-                row = {"task": task, "variant": variant, "init": init, **accuracy_stats(done["accuracy"], done["folds"])}
+                stats = accuracy_stats(done["accuracy"], done["folds"]) if "accuracy" in done else no_runs()
+                row = {"task": task, "variant": variant, "init": init, **stats, "diverged": failed}
                 published = PUBLISHED.get((task, variant, init))
                 row["published_mean"], row["published_std"] = published if published else (None, None)
                 row.update(seconds=done["seconds"], pretrain_seconds=done.get("pretrain_seconds"),
                            **{k: train_cfg.to_dict()[k] for k in ("lr", "weight_decay", "gamma", "batch_size")},
                            **{k: model_cfg.to_dict()[k] for k in ("dropout", "batch_norm", "skip")})
                 rows.append(row)
-                echo(f"[{len(rows)}/{len(cells)}] {task} {init} {variant}: accuracy {_mean_std(row)} "
-                     f"over {row['runs']} run{'s' if row['runs'] > 1 else ''}, {how}"
+                result = (f"its training diverged after {done['seconds']:.1f} s, no runs" if failed else
+                          f"accuracy {_mean_std(row)} over {row['runs']} run{'s' if row['runs'] > 1 else ''}, {how}")
+                echo(f"[{len(rows)}/{len(cells)}] {task} {init} {variant}: {result}"
                      + (f" (original {published[0]:.4f} +- {published[1]:.4f})" if published else ""))
     wall = time.perf_counter() - start
     write_table(out, rows, grid, wall, f"{dev} ({precision(dev, amp)})", feature_set)
     echo(f"{len(rows)} cells in {wall:.1f} s -> {out / 'table.md'}, {out / 'table.csv'}")
+    if diverged:  # after the table: the other cells are done and recorded; a rerun trains only these again
+        raise Diverged(f"{len(diverged)} of {len(cells)} cell(s) diverged (table.md marks them; a rerun trains only "
+                       "them again): " + "; ".join(diverged) + ". In a table, a cell's learning rate is --set "
+                       "VARIANT.lr=VALUE (or task:variant.lr=VALUE)")
     return rows
+
+
+def no_runs() -> dict:
+    """accuracy_stats of a cell that has none (its training diverged)."""
+    return {"runs": 0, "accuracy_mean": math.nan, "accuracy_std": math.nan, "ci95_low": math.nan,
+            "ci95_high": math.nan, "ci95_over": ""}
 
 
 def _folds_key(folds: list[int] | None) -> list[int] | None:
@@ -355,6 +374,8 @@ def _num(v, digits: int = 4) -> str:
 
 def _mean_std(row: dict) -> str:
     """"mean +- std", or the mean alone for one run (it has no spread to show)."""
+    if row.get("diverged"):
+        return "diverged"
     std = row["accuracy_std"]
     return f"{row['accuracy_mean']:.4f}" + (f" +- {std:.4f}" if math.isfinite(std) else "")
 
@@ -391,6 +412,9 @@ def write_table(out: Path, rows: list[dict], grid: Grid, wall_seconds: float, de
             lines.append(f"| {r['variant']} | {r['init']} | {_mean_std(r)} "
                          f"| {ci} | {original} | {r['runs']} | {r['lr']:g} | {seconds} |")
         lines.append("")
+    if failed := [r for r in rows if r.get("diverged")]:
+        lines += ["Cells whose training diverged (no runs; a rerun trains them again): "
+                  + "; ".join(f"{r['task']} {r['init']} {r['variant']}: {r['diverged']}" for r in failed), ""]
     lines += ["Variants: " + "; ".join(f"{v}: {VARIANT_HELP[v]}" for v in grid.variants) + ".", "",
               f"Total wall time: {wall_seconds:.1f} s for this command; the cells took "
               f"{sum(r['seconds'] for r in rows):.1f} s when trained (a reused cell keeps the time of the run "

@@ -382,6 +382,28 @@ def test_rows_without_every_fold_are_refused_before_any_cell_pre_trains(tmp_path
     assert not (tmp_path / "t").exists()
 
 
+def test_a_cell_that_diverges_is_marked_and_the_other_cells_go_on(tmp_path):
+    # One cell's learning rate stopped the whole table, the cells after it never trained.
+    store = age_gender_store(tmp_path / "store", n_adience=300, n_imdb=50, n_wiki=50)
+    args = ("table", "--store", store, "--out", tmp_path / "t", "--tasks", "gender", "--variants", "full,no-ic",
+            "--inits", "scratch", "--folds", "0,1", "--seeds", "1", "--epochs", "2", "--device", "cpu")
+    result = invoke(*args, "--set", "full.lr=1e8")
+    assert result.exit_code == 1, result.output
+    assert "1 of 2 cell(s) diverged (table.md marks them; a rerun trains only them again): gender scratch full: " \
+        in result.output and "a cell's learning rate is --set VARIANT.lr=VALUE" in result.output
+    full, no_ic = read_csv(tmp_path / "t" / "table.csv")
+    assert "training diverged" in full["diverged"] and full["runs"] == "0" and full["accuracy_mean"] == ""
+    assert no_ic["diverged"] == "" and no_ic["runs"] == "2" and float(no_ic["accuracy_mean"]) > 0
+    md = (tmp_path / "t" / "table.md").read_text()
+    assert "| full | scratch | diverged |" in md and "Cells whose training diverged" in md
+    # a rerun with a learning rate that trains: the diverged cell trains, the other is reused
+    again = invoke(*args)
+    assert again.exit_code == 0, again.output
+    assert "gender scratch full: its training diverged after" in result.output
+    assert "gender scratch no-ic: accuracy" in again.output and "reused" in again.output.split("no-ic")[-1]
+    assert all(r["diverged"] == "" and r["runs"] == "2" for r in read_csv(tmp_path / "t" / "table.csv"))
+
+
 def test_a_cell_whose_retraining_stopped_is_not_reused_as_its_old_record(table_run, tmp_path, monkeypatch):
     """Settings changed, the cell trains again and stops part-way (Ctrl-C) after its runs were
     replaced: a rerun with the old settings reused the old cell.json, whose numbers then sat in
