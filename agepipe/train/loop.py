@@ -447,6 +447,18 @@ def train_config_for(task: str, **overrides) -> TrainConfig:
     return dataclasses.replace(PAPER_TRAIN[task], **{k: v for k, v in overrides.items() if v is not None})
 
 
+def summarise(values: list[float]) -> dict:
+    """cv.json's mean and std over the runs that have a value, and their count ("runs") where some
+    have none: a run without validation rows has no val_accuracy, and one NaN made the whole
+    cross-validation's "nan +- nan"."""
+    v = np.asarray(values, dtype=np.float64)
+    have = v[np.isfinite(v)]
+    out = {"mean": float(have.mean()) if len(have) else math.nan, "std": float(have.std()) if len(have) else math.nan}
+    if len(have) < len(v):
+        out["runs"] = len(have)
+    return out
+
+
 def check_folds(data: TaskData) -> list[int]:
     """Folds 0-4, which a cross-validation needs its rows to hold; a ValueError naming those they hold."""
     present = sorted(int(f) for f in data.rows["fold"].dropna().unique())
@@ -498,9 +510,7 @@ def cross_validate(data: TaskData, model_cfg: ModelConfig, train_cfg: TrainConfi
                  f"balanced {metrics['test']['balanced_accuracy']:.4f} ({metrics['train_seconds']:.1f} s)")
     cv = {"task": data.task, "folds": folds, "seeds": seeds, "batched": batched, "runs": runs,
           "warnings": sorted(warned), "left_out": data.left_out,
-          "summary": {key: {"mean": float(np.mean([r[key] for r in runs])),
-                            "std": float(np.std([r[key] for r in runs]))}
-                      for key in runs[0] if key not in ("fold", "seed")}}
+          "summary": {key: summarise([r[key] for r in runs]) for key in runs[0] if key not in ("fold", "seed")}}
     kept = {o.name for o in outs}
     if init and out.resolve() in Path(init).resolve().parents:  # the run these started from, as their config says
         kept.add(Path(init).resolve().relative_to(out.resolve()).parts[0])  # or the earlier run holding it

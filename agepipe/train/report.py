@@ -399,7 +399,9 @@ def write_cv_table(path: Path, cv: dict) -> None:
     keys = [k for k in cv["summary"] if k not in ("best_epoch", "epochs_run", "train_seconds")]
     lines = [f"# Cross-validation: {cv['task']}, folds {cv['folds']}, {cv['seeds']} seed(s), "
              f"{len(cv['runs'])} runs", "", "| metric | mean +- std |", "| --- | --- |"]
-    lines += [f"| {k} | {cv['summary'][k]['mean']:.4f} +- {cv['summary'][k]['std']:.4f} |" for k in keys]
+    def spread(s: dict) -> str:  # "runs": how many have the value, where some have none (loop.summarise)
+        return f"{s['mean']:.4f} +- {s['std']:.4f}" + (f" ({s['runs']} of {len(cv['runs'])} runs)" if "runs" in s else "")
+    lines += [f"| {k} | {spread(cv['summary'][k])} |" for k in keys]
     lines += ["", "| fold | seed | best epoch | " + " | ".join(keys) + " |",
               "| --- | --- | --- | " + " | ".join("---" for _ in keys) + " |"]
     lines += [f"| {r['fold']} | {r['seed']} | {r['best_epoch']} | " + " | ".join(_fmt(r[k]) for k in keys) + " |"

@@ -1,4 +1,5 @@
 import json
+import math
 import re
 
 import numpy as np
@@ -195,6 +196,21 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
     assert metrics["val"]["at_temperature_1"]["cross_entropy"] == pytest.approx(min(losses), rel=1e-5)
     assert metrics["val"]["cross_entropy"] == pytest.approx(metrics["calibration"]["nll_after"], rel=1e-5)
     assert metrics["calibration"]["nll_after"] < metrics["calibration"]["nll_before"]
+
+
+def test_a_value_some_runs_lack_is_summarised_over_those_that_have_it(tmp_path):
+    # A run without validation rows has no val_accuracy: one NaN made the whole CV's "nan +- nan".
+    from agepipe.train.loop import summarise
+    from agepipe.train.report import write_cv_table
+
+    assert summarise([0.5, 0.7]) == {"mean": pytest.approx(0.6), "std": pytest.approx(0.1)}
+    partial = summarise([0.5, math.nan, 0.7])
+    assert partial == {"mean": pytest.approx(0.6), "std": pytest.approx(0.1), "runs": 2}
+    assert math.isnan(summarise([math.nan])["mean"]) and summarise([math.nan])["runs"] == 0
+    runs = [{"fold": k, "seed": 0, "best_epoch": 1, "val_accuracy": v} for k, v in enumerate((0.5, math.nan, 0.7))]
+    write_cv_table(tmp_path / "cv.md", {"task": "age", "folds": [0, 1, 2], "seeds": 1, "runs": runs,
+                                        "summary": {"val_accuracy": partial}})
+    assert "| val_accuracy | 0.6000 +- 0.1000 (2 of 3 runs) |" in (tmp_path / "cv.md").read_text()
 
 
 def test_cross_validation_runs_every_fold_and_aggregates(small_store, tmp_path):
