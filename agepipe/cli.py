@@ -855,11 +855,25 @@ def predict(images, age_model, gender_model, mc_samples, as_json, json_out, anno
         fail(no_images(images))
     if json_out:
         not_a_photo_given(json_out, paths, "--json-out")
+    results = []
     try:
         if json_out and annotate:
             json_out_apart(json_out, annotate, paths)
         predictor = Predictor(age_model, gender_model, pack, det_size, mc_samples, device)
-        results = predict_images(paths, predictor, annotate)
+        for caution in [*predictor.warnings, *predictor.cautions.values()]:
+            click.echo(f"warning: {caution}", err=True)
+        for result in predict_images(paths, predictor, annotate):  # each photo said as it is done, not at the end
+            results.append(result)
+            if as_json:
+                click.echo(json.dumps(result))
+            elif "error" in result:  # the error names the file itself
+                error = result["error"]
+                click.echo(error if error.startswith(result["image"]) else f"{result['image']}: {error}")
+            else:
+                click.echo(f"{result['image']}: {len(result['faces'])} face(s)"
+                           + (f", annotated -> {result['annotated']}" if "annotated" in result else ""))
+                for i, face in enumerate(result["faces"]):
+                    click.echo(f"  face {i}: {summary_line(face)}")
     except ValueError as e:
         raise click.ClickException(str(e)) from None
     if json_out:
@@ -867,19 +881,6 @@ def predict(images, age_model, gender_model, mc_samples, as_json, json_out, anno
             write_json(json_out, results)
         except OSError as e:
             fail(f"{cannot_write(json_out, e)}; give another --json-out")
-    for caution in [*predictor.warnings, *predictor.cautions.values()]:
-        click.echo(f"warning: {caution}", err=True)
-    for result in results:
-        if as_json:
-            click.echo(json.dumps(result))
-        elif "error" in result:  # the error names the file itself
-            error = result["error"]
-            click.echo(error if error.startswith(result["image"]) else f"{result['image']}: {error}")
-        else:
-            click.echo(f"{result['image']}: {len(result['faces'])} face(s)"
-                       + (f", annotated -> {result['annotated']}" if "annotated" in result else ""))
-            for i, face in enumerate(result["faces"]):
-                click.echo(f"  face {i}: {summary_line(face)}")
     failed = [r for r in results if "error" in r]
     if failed:
         click.echo(f"{len(failed)} of {len(results)} images could not be read", err=True)

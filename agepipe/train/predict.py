@@ -313,18 +313,17 @@ def json_out_apart(json_out: str, annotate_to: str, images: list[str]) -> None:
                          "different names")
 
 
-def predict_images(paths: list[str], predictor: Predictor, annotate_to: str | None = None) -> list[dict]:
-    """One result per photo: its faces, or the error that kept it from being read. Photos are
-    read as embed and extract read them (a large one reduced to images.MAX_SIDE, as its features
-    were made; boxes in its own pixels), so a photo they take is one predict takes, with the same
-    faces; the annotated copy is the reduced photo."""
-    results = []
+def predict_images(paths: list[str], predictor: Predictor, annotate_to: str | None = None):
+    """One result per photo, yielded as each is done: its faces, or the error that kept it from
+    being read. Photos are read as embed and extract read them (a large one reduced to
+    images.MAX_SIDE, as its features were made; boxes in its own pixels), so a photo they take is
+    one predict takes, with the same faces; the annotated copy is the reduced photo."""
     targets = annotation_paths(annotate_to, paths) if annotate_to else [None] * len(paths)
     for path, target in zip(paths, targets):
         try:
             photo = read_photo_once(path)
         except ImageError as e:
-            results.append({"image": as_text(path), "error": as_text(str(e)), "faces": []})
+            yield {"image": as_text(path), "error": as_text(str(e)), "faces": []}
             continue
         faces = predictor.faces(photo.pixels, photo.scale)
         result = {"image": as_text(path), "faces": faces}
@@ -334,8 +333,7 @@ def predict_images(paths: list[str], predictor: Predictor, annotate_to: str | No
             except OSError as e:
                 raise ValueError(f"{atomic.cannot_write(target, e)}; give another --annotate") from None
             result["annotated"] = as_text(str(target))
-        results.append(result)
-    return results
+        yield result
 
 
 def _wrap(text: str, width: int, scale: float, thick: int) -> list[str]:

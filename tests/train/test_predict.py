@@ -278,6 +278,18 @@ def test_annotate_to_a_name_that_cannot_hold_the_image_is_one_sentence(runs, pho
     assert taken.read_bytes() == b"a file" and not (tmp_path / "out.txt").exists()
 
 
+def test_each_photo_is_said_as_it_is_done_before_a_later_one_fails(runs, photos, tmp_path):
+    # Every answer was printed at the end: a failure (here the second photo's annotated copy,
+    # where a folder holds its name) or a Ctrl-C lost the answers already worked out.
+    age, _ = runs
+    (tmp_path / "out" / "astronaut.annotated.jpg").mkdir(parents=True)
+    result = CliRunner().invoke(cli, ["predict", str(photos["t1"]), str(photos["astronaut"]), "--age-model", str(age),
+                                      "--mc-samples", "0", "--annotate", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    assert f"{photos['t1']}: 6 face(s), annotated -> {tmp_path / 'out' / 't1.annotated.jpg'}" in result.output
+    assert result.output.index("6 face(s)") < result.output.index("astronaut.annotated.jpg: cannot write")
+
+
 def test_annotate_never_writes_over_a_photo_it_was_given(runs, photos, tmp_path):
     """`predict me.jpg --annotate me.jpg` replaced the user's photo with the drawing, and a second
     `predict pics --annotate pics` drew a.jpg over a.annotated.jpg, which it had been given too."""
