@@ -617,7 +617,7 @@ def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, i
             click.echo(f"{len(result['runs'])} runs -> {write_cv_report(out, runs)} (a report.md per run too)")
             for key, s in result["summary"].items():
                 if key.startswith(("test_", "val_")) or key.endswith("temperature"):  # each run's own, fitted on its val rows
-                    click.echo(f"  {key:<24} {s['mean']:.4f} +- {s['std']:.4f}"
+                    click.echo(f"  {key:<26} {s['mean']:.4f} +- {s['std']:.4f}"
                                + (f" ({s['runs']} of {len(result['runs'])} runs have it)" if "runs" in s else ""))
             if result["left_out"]:  # the same rows for every run
                 from agepipe.train.report import in_words
