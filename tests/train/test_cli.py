@@ -61,8 +61,10 @@ def test_cv_from_the_command_line(gaussian_store, tmp_path):
     for r in cv["runs"]:
         config = json.loads((tmp_path / f"fold{r['fold']}-seed{r['seed']}" / "config.json").read_text())
         assert r["temperature"] == config["temperature"]
-    t = cv["summary"]["temperature"]
-    assert f"  {'temperature':<24} {t['mean']:.4f} +- {t['std']:.4f}\n" in result.output
+        assert r["deterministic_temperature"] == config.get("deterministic_temperature", 1.0)  # 1: none fitted
+    for key in ("temperature", "deterministic_temperature"):
+        t = cv["summary"][key]
+        assert f"  {key:<26} {t['mean']:.4f} +- {t['std']:.4f}\n" in result.output
     assert "removed 1 run folder(s) of an earlier cross-validation: fold0-seed3\n" in result.output
     assert not (tmp_path / "fold0-seed3").exists()
 
