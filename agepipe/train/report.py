@@ -89,8 +89,10 @@ def write_report(run_dir: str | Path) -> Path:
         if "mc" in test:
             curves.append((f"MC dropout K={test['mc']['samples']}", test["mc"]["reliability"]))
         if "reliability" in test.get("at_temperature_1", {}):  # the final prediction before the run's T
-            t, final = metrics["calibration"]["temperature"], curves[-1][0]
-            curves = [(f"{label}, T = {t:.2f}", rel) for label, rel in curves]
+            cal, final = metrics["calibration"], curves[-1][0]
+            # each curve at the T that divided it: an MC run's deterministic softmax has its own
+            ts = [cal.get("deterministic", cal)["temperature"], cal["temperature"]]
+            curves = [(f"{label}, T = {t:.2f}", rel) for (label, rel), t in zip(curves, ts)]
             curves.insert(-1, (f"{final}, T = 1", test["at_temperature_1"]["reliability"]))
         plot_reliability(curves, run_dir / "reliability.png")
         plot_risk_coverage([("this run", test["risk_coverage"])], test["risk_coverage"]["measure"]

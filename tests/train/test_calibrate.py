@@ -1,14 +1,17 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
 
+from agepipe.train import report
 from agepipe.train.calibrate import MIN_ROWS, calibrate_run, fit_temperature, nll
 from agepipe.train.checkpoint import CheckpointError, load_checkpoint, read_config, temperature_for
 from agepipe.train.data import load_task_data, make_split
 from agepipe.train.evaluate import evaluate_run
 from agepipe.train.loop import train
+from agepipe.train.report import write_report
 
 
 @pytest.mark.parametrize("true_t", [0.5, 2.5])
@@ -212,3 +215,35 @@ def test_evaluate_says_when_it_scores_another_prediction_than_the_temperature_wa
     assert (f"the run's temperature T = {t:.3f} was fitted for its deterministic prediction; this evaluate scores "
             "the MC dropout mean one (--mc-samples 4)") in other["warning"]
     assert "was fitted for its deterministic prediction" in (out / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def mc_run(gaussian_store, tmp_path_factory):
+    """A run that reports the MC mean at dropout 0.5: two T, the MC mean's and the deterministic softmax's."""
+    out = tmp_path_factory.mktemp("mc") / "run"
+    train(gaussian_store[0], ["adience"], "age", out, mc_samples=8, progress=False, report=False,
+          train_overrides={"epochs": 2}, model_overrides={"dropout": 0.5})
+    return out
+
+
+def _copy(run, tmp_path, edit=None):
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    if edit:
+        config = json.loads((out / "config.json").read_text())
+        edit(config)
+        (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_the_reliability_diagram_labels_each_curve_with_the_t_that_divided_it(mc_run, tmp_path, monkeypatch):
+    # The deterministic curve was labelled with the MC mean's T, though its own divided it.
+    out = _copy(mc_run, tmp_path)
+    drawn = []
+    monkeypatch.setattr(report, "plot_reliability", lambda curves, path: drawn.append([c[0] for c in curves]))
+    write_report(out)
+    config = read_config(out)
+    t, det = config["temperature"], config["deterministic_temperature"]
+    assert drawn[-1] == [f"deterministic, T = {det:.2f}", "MC dropout K=8, T = 1", f"MC dropout K=8, T = {t:.2f}"]
+    evaluate_run(out, mc_samples=0)  # the deterministic prediction alone, at its own T
+    assert drawn[-1] == ["deterministic, T = 1", f"deterministic, T = {det:.2f}"]
