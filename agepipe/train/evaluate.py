@@ -441,10 +441,12 @@ def fitted_for_another(calibration: dict | None, config: dict, passes: int, who:
     softmax alone (--mc-samples 0). The MC mean is softer than the one deterministic pass: with
     --dropout 0.5, T = 0.50 for the one, 0.77 for the other, and the deterministic test ECE 0.075 at
     the MC mean's T, 0.041 at its own (bench/calibration_bench.py --noise 0 --dropout 0.5)."""
-    fitted_for = (calibration or {}).get("prediction", "")
+    fit = (calibration or {}).get("fit", calibration or {})  # training's, kept under "fit" where config.json changed
+    fitted_for = fit.get("prediction", "")
     temperature = temperature_for(config, passes)
-    if (temperature == 1.0 or not fitted_for or fitted_for.startswith("MC") == (passes > 0)
-            or "deterministic_temperature" in config):  # a run fitted for the MC mean has both
+    if (temperature == 1.0 or temperature != fit.get("temperature")  # a T set by hand was fitted for nothing
+            or not fitted_for or fitted_for.startswith("MC") == (passes > 0)
+            or (passes == 0 and "deterministic_temperature" in config)):  # the deterministic prediction's own
         return None
     return (f"the run's temperature T = {temperature:.3f} was fitted for its {fitted_for} prediction; {who} "
             f"scores the {'MC dropout mean' if passes else 'deterministic'} one (--mc-samples {passes}), which "

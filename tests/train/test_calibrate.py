@@ -11,6 +11,7 @@ from agepipe.train.checkpoint import CheckpointError, load_checkpoint, read_conf
 from agepipe.train.data import load_task_data, make_split
 from agepipe.train.evaluate import evaluate_run
 from agepipe.train.loop import train
+from agepipe.train.predict import Predictor
 from agepipe.train.report import write_report
 
 
@@ -215,6 +216,11 @@ def test_evaluate_says_when_it_scores_another_prediction_than_the_temperature_wa
     assert (f"the run's temperature T = {t:.3f} was fitted for its deterministic prediction; this evaluate scores "
             "the MC dropout mean one (--mc-samples 4)") in other["warning"]
     assert "was fitted for its deterministic prediction" in (out / "report.md").read_text()
+    # a deterministic T given by hand is the deterministic prediction's: the MC mean still takes the other
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "deterministic_temperature": 1.0}))
+    assert "was fitted for its deterministic prediction" in evaluate_run(out, mc_samples=4)["warning"]
+    assert "warning" not in evaluate_run(out, mc_samples=0)
 
 
 @pytest.fixture(scope="module")
@@ -247,3 +253,14 @@ def test_the_reliability_diagram_labels_each_curve_with_the_t_that_divided_it(mc
     assert drawn[-1] == [f"deterministic, T = {det:.2f}", "MC dropout K=8, T = 1", f"MC dropout K=8, T = {t:.2f}"]
     evaluate_run(out, mc_samples=0)  # the deterministic prediction alone, at its own T
     assert drawn[-1] == ["deterministic, T = 1", f"deterministic, T = {det:.2f}"]
+
+
+def test_the_warning_of_a_t_fitted_for_another_prediction_survives_an_evaluate(mc_run, tmp_path):
+    # The T under "fit" (config.json changed since training) is still the one fitted for the other
+    # prediction: an evaluate's record of it silenced the warning, and predict's after it.
+    gone = _copy(mc_run, tmp_path, lambda c: c.pop("deterministic_temperature"))
+    t = read_config(gone)["temperature"]
+    for _ in range(2):  # the deterministic softmax at the MC mean's T, as a run from before took it
+        said = evaluate_run(gone, mc_samples=0)["warning"]
+        assert f"T = {t:.3f} was fitted for its MC dropout mean (K=8) prediction" in said
+    assert "was fitted for its MC dropout mean" in Predictor(str(gone), None, mc_samples=0, device="cpu").warnings[0]
