@@ -221,7 +221,8 @@ def calibration_sentence(metrics: dict) -> str | None:
                  + ")")
     if det := cal.get("deterministic"):  # the deterministic softmax's own T, beside the MC mean's
         said += f"; T = {det['temperature']:.3f} for the deterministic softmax" + (
-            f" (negative log-likelihood {det['nll_before']:.4f} -> {det['nll_after']:.4f})" if "nll_after" in det else "")
+            f" (negative log-likelihood {det['nll_before']:.4f} -> {det['nll_after']:.4f}"
+            + (", T at its bound" if det.get("at_bound") else "") + ")" if "nll_after" in det else "")
     plain, h = test.get("at_temperature_1"), headline(test)
     if plain and test.get("n"):
         said += (f"; test ECE {plain['ece']:.4f} -> {h['ece']:.4f}, cross-entropy {plain['cross_entropy']:.4f} -> "

@@ -264,3 +264,13 @@ def test_the_warning_of_a_t_fitted_for_another_prediction_survives_an_evaluate(m
         said = evaluate_run(gone, mc_samples=0)["warning"]
         assert f"T = {t:.3f} was fitted for its MC dropout mean (K=8) prediction" in said
     assert "was fitted for its MC dropout mean" in Predictor(str(gone), None, mc_samples=0, device="cpu").warnings[0]
+
+
+def test_the_calibration_sentence_says_when_the_deterministic_t_is_at_its_bound():
+    # The MC mean's T at a bound was said; the deterministic softmax's, its own fit, was not.
+    fit = {"temperature": 20.0, "rows": 60, "nll_before": 2.0, "nll_after": 1.5, "at_bound": True}
+    cal = {**fit, "temperature": 3.0, "prediction": "MC dropout mean (K=8)", "deterministic": fit}
+    del cal["at_bound"]
+    said = report.calibration_sentence({"calibration": cal, "test": {}})
+    assert "K=8); their negative log-likelihood 2.0000 -> 1.5000)" in said
+    assert "T = 20.000 for the deterministic softmax (negative log-likelihood 2.0000 -> 1.5000, T at its bound)" in said
