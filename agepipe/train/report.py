@@ -212,17 +212,26 @@ def calibration_sentence(metrics: dict) -> str | None:
     if "skipped" in cal:
         return f"No temperature scaling: {cal['skipped']}."
     said = f"Temperature scaling: T = {cal['temperature']:.3f}"
-    if "fit" in cal:  # config.json's, set by hand since training's fit
-        said += (", config.json's, set since training " + ("fitted none" if "skipped" in cal["fit"]
-                                                            else f"fitted {cal['fit']['temperature']:.3f}"))
-    elif "rows" in cal:  # else a metrics.json removed since training: T from config.json only
-        said += (f", fitted on {cal['rows']} validation rows ({cal['prediction']}; their negative log-likelihood "
-                 f"{cal['nll_before']:.4f} -> {cal['nll_after']:.4f}" + (", T at its bound" if cal.get("at_bound") else "")
+    # Training's record, under "fit" where config.json's T were set by hand since (evaluate.calibration_record);
+    # either T may have been, alone: each is said as set by hand only where it is not training's.
+    fit = cal.get("fit", cal)
+    if "skipped" in fit or fit["temperature"] != cal["temperature"]:  # config.json's, set by hand since
+        said += (", config.json's, set since training " + ("fitted none" if "skipped" in fit
+                                                            else f"fitted {fit['temperature']:.3f}"))
+    elif "rows" in fit:  # else a metrics.json removed since training: T from config.json only
+        said += (f", fitted on {fit['rows']} validation rows ({fit['prediction']}; their negative log-likelihood "
+                 f"{fit['nll_before']:.4f} -> {fit['nll_after']:.4f}" + (", T at its bound" if fit.get("at_bound") else "")
                  + ")")
+    fitted = fit.get("deterministic", {}).get("temperature")
     if det := cal.get("deterministic"):  # the deterministic softmax's own T, beside the MC mean's
         said += f"; T = {det['temperature']:.3f} for the deterministic softmax" + (
             f" (negative log-likelihood {det['nll_before']:.4f} -> {det['nll_after']:.4f}"
             + (", T at its bound" if det.get("at_bound") else "") + ")" if "nll_after" in det else "")
+        if det["temperature"] != fitted and "fit" in cal:
+            said += ", config.json's, set since training" + (f" fitted {fitted:.3f}" if fitted is not None else "")
+    elif fitted is not None:  # removed from config.json: the deterministic softmax divides by T
+        said += (f"; the deterministic softmax takes it too (config.json holds no deterministic_temperature since "
+                 f"training fitted {fitted:.3f})")
     plain, h = test.get("at_temperature_1"), headline(test)
     if plain and test.get("n"):
         said += (f"; test ECE {plain['ece']:.4f} -> {h['ece']:.4f}, cross-entropy {plain['cross_entropy']:.4f} -> "

@@ -9,7 +9,7 @@ from agepipe.train import report
 from agepipe.train.calibrate import MIN_ROWS, calibrate_run, fit_temperature, nll
 from agepipe.train.checkpoint import CheckpointError, load_checkpoint, read_config, temperature_for
 from agepipe.train.data import load_task_data, make_split
-from agepipe.train.evaluate import evaluate_run
+from agepipe.train.evaluate import calibration_record, evaluate_run
 from agepipe.train.loop import train
 from agepipe.train.predict import Predictor
 from agepipe.train.report import write_report
@@ -274,3 +274,24 @@ def test_the_calibration_sentence_says_when_the_deterministic_t_is_at_its_bound(
     said = report.calibration_sentence({"calibration": cal, "test": {}})
     assert "K=8); their negative log-likelihood 2.0000 -> 1.5000)" in said
     assert "T = 20.000 for the deterministic softmax (negative log-likelihood 2.0000 -> 1.5000, T at its bound)" in said
+
+
+def test_the_calibration_sentence_says_which_t_was_set_by_hand():
+    # A deterministic T set by hand was said as the MC mean's ("T = 0.600, config.json's, set since
+    # training fitted 0.600"), and a removed one not at all, the deterministic softmax then at the MC mean's T.
+    det = {"temperature": 0.9, "rows": 300, "nll_before": 1.3, "nll_after": 1.2}
+    fit = {"temperature": 0.6, "rows": 300, "nll_before": 1.4, "nll_after": 1.1, "prediction": "MC dropout mean (K=8)",
+           "deterministic": det}
+    fitted = ("T = 0.600, fitted on 300 validation rows (MC dropout mean (K=8); their negative log-likelihood "
+              "1.4000 -> 1.1000)")
+    said = report.calibration_sentence({"calibration": calibration_record(
+        {"temperature": 0.6, "deterministic_temperature": 1.0}, fit), "test": {}})
+    assert said == f"Temperature scaling: {fitted}; T = 1.000 for the deterministic softmax, config.json's, set " \
+                   "since training fitted 0.900."
+    said = report.calibration_sentence({"calibration": calibration_record({"temperature": 0.6}, fit), "test": {}})
+    assert said == (f"Temperature scaling: {fitted}; the deterministic softmax takes it too (config.json holds no "
+                    "deterministic_temperature since training fitted 0.900).")
+    said = report.calibration_sentence({"calibration": calibration_record(
+        {"temperature": 1.0, "deterministic_temperature": 0.9}, fit), "test": {}})
+    assert said == ("Temperature scaling: T = 1.000, config.json's, set since training fitted 0.600; "
+                    "T = 0.900 for the deterministic softmax.")
