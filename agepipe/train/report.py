@@ -218,7 +218,7 @@ def calibration_sentence(metrics: dict) -> str | None:
     if "skipped" in fit or fit["temperature"] != cal["temperature"]:  # config.json's, set by hand since
         said += (", config.json's, set since training " + ("fitted none" if "skipped" in fit
                                                             else f"fitted {fit['temperature']:.3f}"))
-    elif "rows" in fit:  # else a metrics.json removed since training: T from config.json only
+    elif "rows" in fit:  # training's fit (none: a metrics.json removed since training, T from config.json only)
         said += (f", fitted on {fit['rows']} validation rows ({fit['prediction']}; their negative log-likelihood "
                  f"{fit['nll_before']:.4f} -> {fit['nll_after']:.4f}" + (", T at its bound" if fit.get("at_bound") else "")
                  + ")")
