@@ -561,7 +561,8 @@ FP32_HELP = ("Train and score in float32. Default: bfloat16 mixed precision on C
               help="Keep the model's own probabilities. Default: temperature scaling, one number T that divides "
                    "the logits, fitted after training on the validation split to the least negative "
                    "log-likelihood of the reported prediction; it keeps a deterministic prediction's class and "
-                   "makes its probability mean what it says. config.json records T; evaluate and predict use it.")
+                   "makes its probability mean what it says (a run reporting the MC mean fits its deterministic "
+                   "softmax a T of its own too). config.json records T; evaluate and predict use it.")
 def train(store, feature_set, datasets, task, out, test_fold, cv, seeds, seed, init, epochs, batch_size, lr,
           weight_decay, gamma, patience, dropout, balance, no_batch_norm, no_skip, blocks, residuals_per_block,
           min_det_score, device, mc_samples, fp32, no_calibrate):
