@@ -208,6 +208,9 @@ def _embed_on_device(pipeline, paths, hints, todo: np.ndarray, status, feats: di
 
     errors, packed = pipeline.extract(paths, hints, timings)
     decoded = np.array([e is None for e in errors], dtype=bool)
+    if "worker_lost" in errors and not decoded.any():
+        raise DecodersLost(f"{errors.count('worker_lost')} of {len(errors)} photos crashed their decode process, "
+                           "none was decoded")
     status[todo[~decoded]] = [e for e in errors if e is not None]
     found = unpack(packed)
     feats["n_faces"][todo[decoded]] = found["n_faces"][decoded]
@@ -216,6 +219,13 @@ def _embed_on_device(pipeline, paths, hints, todo: np.ndarray, status, feats: di
     for name, column in found.items():
         if name != "n_faces":
             feats[name][todo[face]] = column[face]
+
+
+class DecodersLost(Exception):
+    """Every photo of a call that its decode processes took crashed them, none decoded: the decoders
+    are broken (/dev/shm filled after its check makes each write to a slot a SIGBUS), not the photos.
+    Raised as a dead worker would fail the task, so run_tasks's policy for those applies: redone photo
+    by photo, each such photo worker_lost, and a shard none of whose photos gets through stops the run."""
 
 
 def shard_table(rows: pa.Table, status, feats: dict) -> pa.Table:
@@ -635,7 +645,7 @@ def _rescue_shard(client, task: dict, error: Exception) -> dict:
             if _is_setup_error(e):
                 client.cancel(futures)
                 raise ExtractError(f"{row['image_id']}: {type(e).__name__}: {e}") from None
-            status = "worker_lost" if isinstance(e, KilledWorker) else "error"
+            status = "worker_lost" if isinstance(e, (KilledWorker, DecodersLost)) else "error"
             lost.append({"image_id": row["image_id"], "status": status, "error": f"{type(e).__name__}: {e}"})
             rows = pa.Table.from_pylist([row], schema=fstore.MANIFEST_SCHEMA)
             tables.append(shard_table(rows, np.array([status], dtype=object), _blank_features(1)))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tests.pipeline.test_extract import assert_each_manifest_row_once, assert_matches_embed, extract, the_feature_set
+from tests.test_faults import run_inprocess
 
 
 @pytest.mark.parametrize("decoders", ["threads", "processes"])  # processes: spawned by the Dask GPU worker
@@ -27,3 +28,43 @@ def test_gpus_runtime_torch_matches_onnxruntime_row_for_row(mini_data, tmp_path,
     info = json.loads((store / the_feature_set(store) / "feature_set.json").read_text())
     stages = info["stats"]["stage_seconds"]
     assert stages["detect"] > 0 and stages["embed"] > 0 and stages["write"] > 0
+
+
+@pytest.mark.parametrize("crashing", [3, 1])
+def test_decoders_that_crash_on_every_photo_stop_the_run(photos, tmp_path, monkeypatch, crashing):
+    """A decode process that dies on every photo (/dev/shm filled by another process after its check:
+    each write to the shared slot a SIGBUS) made each row worker_lost, and the run ended as if done,
+    where on the CPU path a crash on every photo stops the run (not the photos' fault). Now a call
+    none of whose photos got decoded, some crashing, fails as a dead worker would: redone photo by
+    photo, each such photo a lost worker, and a shard none of whose photos gets through stops the run.
+    One crashing photo among decoded ones is still that photo's worker_lost row."""
+    import functools
+
+    from agepipe.features import decoders, gpu
+    from agepipe.pipeline import extract as ex
+    from tests.features import crashing_decoder
+    from tests.pipeline.conftest import write_manifest
+
+    root = tmp_path / "data" / "mini"
+    root.mkdir(parents=True)
+    names = [f"{'crash' if i < crashing else 'fine'}-{i}.jpg" for i in range(3)]
+    for name in names:
+        (root / name).write_bytes(photos["obama"].read_bytes())
+    write_manifest(root, [{"image_id": name, "subject_id": "s", "fold": 0, "age": 30.0, "age_bin": 4,
+                           "gender": 1, "face_hint": None, "status": "ok"} for name in names])
+    monkeypatch.setattr(ex, "_EMBEDDERS", {})
+    monkeypatch.setattr(gpu, "ProcessDecoders", functools.partial(decoders.ProcessDecoders,
+                                                                   decode=crashing_decoder.decode_into))
+    cfg = ex.ExtractConfig(pack="buffalo_s", runtime="torch", batch_size=2, decode_threads=1, decoders="processes")
+    store = tmp_path / "store"
+    try:
+        if crashing == 1:
+            [result] = run_inprocess(tmp_path / "data", store, cfg)
+            assert result["status"] == {"worker_lost": 1, "ok": 2}
+            return
+        with pytest.raises(ex.ExtractError, match="every photo that reached the models failed"):
+            run_inprocess(tmp_path / "data", store, cfg)
+    finally:
+        for pipeline in ex._EMBEDDERS.values():
+            pipeline.close()
+    assert not list(store.glob("**/part-*.parquet"))
