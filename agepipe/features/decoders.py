@@ -365,6 +365,7 @@ class ProcessDecoders:
                   self.locks, self.current_shm.name, self.decode, os.getpid()))
         proc.start()
         self.procs[i] = proc  # once started: _stop can join it
+        self.started = time.monotonic_ns()  # progress, for _check_progress: it has its tasks to take yet
 
     def submit(self, slot: HostSlot, paths: list[str], hints: list) -> _Pending:
         pending = _Pending(slot, paths)
@@ -395,12 +396,15 @@ class ProcessDecoders:
         if pending.seq not in self.inflight:
             return
         try:
+            replied = time.monotonic_ns()
             while pending.waiting:
                 try:
                     index, seq, error, digests = self.replies.get(timeout=0.5)
                 except queue.Empty:
                     self._replace_dead()
+                    self._check_progress(replied)
                     continue
+                replied = time.monotonic_ns()
                 if error:
                     raise RuntimeError(f"a decode process failed:\n{error}")
                 self.inflight[seq].waiting.discard(index)
@@ -416,6 +420,15 @@ class ProcessDecoders:
                 # fails, and is redone photo by photo, each decoded once
                 raise ImageError("read_error", f"{pending.paths[j]}: changed while it was decoded")
             pending.overflow[j] = pixels
+
+    def _check_progress(self, replied: int):
+        """RuntimeError when no decoder has replied or started a photo for ``photo_timeout_s``: one
+        killed inside a lock (a slot's, or the replies queue's) left it held, and the others wait
+        on it for good on no photo, where neither a dead nor a hung decoder is seen."""
+        last = max(replied, int(self.since.max()), self.started)
+        if time.monotonic_ns() - last > self.photo_timeout_s * 1e9:
+            raise RuntimeError(f"the decode processes stalled: no photo started and no reply in "
+                               f"{self.photo_timeout_s:g} s (a lock left held by a killed decoder)")
 
     def _replace_dead(self):
         now = time.monotonic_ns()

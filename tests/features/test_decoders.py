@@ -407,3 +407,41 @@ def test_a_photo_that_hangs_its_decoder_costs_that_photo_only(photos, tmp_path):
     finally:
         pool.close()
         slot.close()
+
+
+def test_a_decoder_killed_holding_its_slots_lock_fails_the_wait_not_hangs_it(photos, tmp_path):
+    """Killed inside a slot's lock (the OOM killer strikes anywhere), a decoder left the lock held:
+    its replacement, and every other decoder, blocked on it for good on no photo, so neither the
+    dead-process nor the hung-photo check fired and the batch's wait, and the run, never ended.
+    Now a wait in which no photo started and no decoder replied for the photo limit fails (every
+    decoder restarted with new locks), and the next batch decodes."""
+    import threading
+
+    from tests.features import locked_decoder
+
+    paths = [str(p) for p in photos.values()]
+    paths.insert(1, str(tmp_path / "locked.jpg"))
+    os.link(photos["obama"], paths[1])
+    slot = HostSlot(len(paths), SIZE, pin=False, shared=True)
+    pool = ProcessDecoders(1, [slot], decode=locked_decoder.decode_into, photo_timeout_s=3)
+    errors = []
+
+    def wait():
+        try:
+            pool.wait(pending)
+        except BaseException as e:
+            errors.append(e)
+
+    try:
+        pending = pool.submit(slot, paths, [None] * len(paths))
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        waiter.join(timeout=60)
+        assert not waiter.is_alive(), "the batch's wait never ended"
+        assert len(errors) == 1 and "no photo started" in str(errors[0])
+        fine = [p for p in paths if "locked" not in p]
+        pool.wait(pool.submit(slot, fine, [None] * len(fine)))
+        assert np.isin(slot.status_np[:len(fine)], (decoders.OK, decoders.OVERFLOW)).all()
+    finally:
+        pool.close()
+        slot.close()
