@@ -322,6 +322,10 @@ def _decoder_main(index: int, tasks, replies, slot_names: list[str], geometry: t
             current[index] = -1
             replies.put((index, seq, traceback.format_exc(), {}))
         del flat
+    if os.getppid() != parent:  # the pipeline was killed: its segments (GBs in RAM) are left to its decoders
+        for shm in [slot[0] for slot in slots] + [current_shm] + [shm for _, shm in flats.values()]:
+            with contextlib.suppress(FileNotFoundError):  # another decoder's already
+                shm.unlink()
 
 
 class ProcessDecoders:

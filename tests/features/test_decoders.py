@@ -445,3 +445,32 @@ def test_a_decoder_killed_holding_its_slots_lock_fails_the_wait_not_hangs_it(pho
     finally:
         pool.close()
         slot.close()
+
+
+def test_a_killed_pipeline_leaves_no_shared_memory_behind(photos):
+    """A Dask worker killed outright (the OOM killer's usual choice) could not unlink its slots: they
+    stayed in /dev/shm (GBs at batch 256, in RAM) until the run's client exited, its resource tracker
+    being the nanny's, and the restarted worker's slots came on top. Now its decoders, which notice
+    it gone, unlink them as they exit."""
+    import multiprocessing
+    import signal
+    import time
+
+    from tests.features import killed_pipeline
+
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    proc = ctx.Process(target=killed_pipeline.main, args=(theirs, str(photos["obama"])))
+    proc.start()
+    try:
+        assert ours.poll(120), "the pipeline did not start"
+        names, children = ours.recv()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+    assert len(names) == 5 and all(os.path.exists(f"/dev/shm/{n}") for n in names)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (any(alive(pid) for pid in children)
+                                           or any(os.path.exists(f"/dev/shm/{n}") for n in names)):
+        time.sleep(0.2)
+    assert not [n for n in names if os.path.exists(f"/dev/shm/{n}")]
