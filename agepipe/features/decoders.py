@@ -418,6 +418,10 @@ class ProcessDecoders:
             self._restart()
             raise
         del self.inflight[pending.seq]
+        status = pending.slot.status_np[:len(pending.paths)]
+        for j in np.flatnonzero(status == OVERFLOW):
+            if int(j) not in pending.digests:  # its decoder died before it replied: its pixels cannot be
+                status[j] = CRASHED            # checked, and unplaced its crop would sample other bytes
         for j, digest in pending.digests.items():  # decoded a moment ago
             pixels = read_photo(pending.paths[j]).pixels
             if pixels_digest(pixels) != digest:  # not what the canvas and meta were made from: the shard

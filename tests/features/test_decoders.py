@@ -474,3 +474,25 @@ def test_a_killed_pipeline_leaves_no_shared_memory_behind(photos):
                                            or any(os.path.exists(f"/dev/shm/{n}") for n in names)):
         time.sleep(0.2)
     assert not [n for n in names if os.path.exists(f"/dev/shm/{n}")]
+
+
+def test_a_photo_that_overflowed_before_its_decoder_crashed_is_not_left_unplaced(photos, tmp_path):
+    """A decode process tells the pipeline the digests of the photos that did not fit the flat
+    buffer when it finishes its share: one that died on a later photo never told, so an overflowed
+    photo had its canvas but no pixels placed in flat, and the crop was sampled from whatever bytes
+    were there (an ok row with another photo's or a black face). Now such a photo is one its decoder
+    was lost on (worker_lost, redone by --retry-failed)."""
+    paths = [str(photos["obama"]), str(tmp_path / "crash.jpg")]
+    os.link(photos["biden"], paths[1])
+    slot = HostSlot(len(paths), SIZE, pin=False, shared=True, flat_bytes=1000)
+    pool = ProcessDecoders(1, [slot], decode=crashing_decoder.decode_into)
+    try:
+        pending = pool.submit(slot, paths, [None] * len(paths))
+        pool.wait(pending)
+        status = slot.status_np[:len(paths)]
+        assert status[1] == decoders.CRASHED
+        assert all(int(j) in pending.overflow for j in np.flatnonzero(status == decoders.OVERFLOW))
+        assert status[0] == decoders.CRASHED
+    finally:
+        pool.close()
+        slot.close()
