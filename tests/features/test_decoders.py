@@ -373,19 +373,19 @@ def test_a_pool_that_fails_to_start_leaves_nothing_behind(monkeypatch):
     assert made and not any(os.path.exists(f"/dev/shm/{name}") for name in made)
 
 
-def test_a_photo_that_hangs_its_decoder_costs_that_photo_only(photos, tmp_path):
-    """A decoder stuck in one photo (a codec spinning on a pathological file) neither replied nor
-    died, so the batch's wait, and the run, never ended. Now a decoder on one photo longer than the
-    limit is killed and replaced, the photo marked crashed (a worker_lost row) with a warning."""
+def photos_with_one_named(photos, path, at: int) -> list[str]:
+    """The packaged photos with obama.jpg, linked as ``path``, at ``at``: the test decoders act on the name."""
+    paths = [str(p) for p in photos.values()]
+    paths.insert(at, str(path))
+    os.link(photos["obama"], path)
+    return paths
+
+
+def wait_at_most(pool, pending, seconds: float) -> list[BaseException]:
+    """pool.wait(pending) on a thread, failing the test if it has not ended in ``seconds`` (a hung
+    wait would hang the suite); what it raised, if anything."""
     import threading
 
-    from tests.features import slow_decoder
-
-    paths = [str(p) for p in photos.values()]
-    paths.insert(2, str(tmp_path / "hang.jpg"))
-    os.link(photos["obama"], paths[2])
-    slot = HostSlot(len(paths), SIZE, pin=False, shared=True)
-    pool = ProcessDecoders(2, [slot], decode=slow_decoder.decode_into, photo_timeout_s=3)
     errors = []
 
     def wait():
@@ -394,13 +394,26 @@ def test_a_photo_that_hangs_its_decoder_costs_that_photo_only(photos, tmp_path):
         except BaseException as e:
             errors.append(e)
 
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    waiter.join(timeout=seconds)
+    assert not waiter.is_alive(), "the batch's wait never ended"
+    return errors
+
+
+def test_a_photo_that_hangs_its_decoder_costs_that_photo_only(photos, tmp_path):
+    """A decoder stuck in one photo (a codec spinning on a pathological file) neither replied nor
+    died, so the batch's wait, and the run, never ended. Now a decoder on one photo longer than the
+    limit is killed and replaced, the photo marked crashed (a worker_lost row) with a warning."""
+    from tests.features import slow_decoder
+
+    paths = photos_with_one_named(photos, tmp_path / "hang.jpg", 2)
+    slot = HostSlot(len(paths), SIZE, pin=False, shared=True)
+    pool = ProcessDecoders(2, [slot], decode=slow_decoder.decode_into, photo_timeout_s=3)
     try:
         pending = pool.submit(slot, paths, [None] * len(paths))
-        waiter = threading.Thread(target=wait, daemon=True)
         with pytest.warns(UserWarning, match="hang.jpg: not decoded in 3 s, its decode process was killed"):
-            waiter.start()
-            waiter.join(timeout=60)
-        assert not waiter.is_alive(), "the batch's wait never ended"
+            errors = wait_at_most(pool, pending, 60)
         assert not errors
         names = [decoders.STATUSES[c] for c in slot.status_np[:len(paths)]]
         assert names[2] == "crashed" and all(n in ("ok", "overflow") for n in names[:2] + names[3:])
@@ -415,29 +428,13 @@ def test_a_decoder_killed_holding_its_slots_lock_fails_the_wait_not_hangs_it(pho
     dead-process nor the hung-photo check fired and the batch's wait, and the run, never ended.
     Now a wait in which no photo started and no decoder replied for the photo limit fails (every
     decoder restarted with new locks), and the next batch decodes."""
-    import threading
-
     from tests.features import locked_decoder
 
-    paths = [str(p) for p in photos.values()]
-    paths.insert(1, str(tmp_path / "locked.jpg"))
-    os.link(photos["obama"], paths[1])
+    paths = photos_with_one_named(photos, tmp_path / "locked.jpg", 1)
     slot = HostSlot(len(paths), SIZE, pin=False, shared=True)
     pool = ProcessDecoders(1, [slot], decode=locked_decoder.decode_into, photo_timeout_s=3)
-    errors = []
-
-    def wait():
-        try:
-            pool.wait(pending)
-        except BaseException as e:
-            errors.append(e)
-
     try:
-        pending = pool.submit(slot, paths, [None] * len(paths))
-        waiter = threading.Thread(target=wait, daemon=True)
-        waiter.start()
-        waiter.join(timeout=60)
-        assert not waiter.is_alive(), "the batch's wait never ended"
+        errors = wait_at_most(pool, pool.submit(slot, paths, [None] * len(paths)), 60)
         assert len(errors) == 1 and "no photo started" in str(errors[0])
         fine = [p for p in paths if "locked" not in p]
         pool.wait(pool.submit(slot, fine, [None] * len(fine)))

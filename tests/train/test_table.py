@@ -404,15 +404,11 @@ def test_a_cell_that_diverges_is_marked_and_the_other_cells_go_on(tmp_path):
     assert all(r["diverged"] == "" and r["runs"] == "2" for r in read_csv(tmp_path / "t" / "table.csv"))
 
 
-def test_a_cell_whose_retraining_stopped_is_not_reused_as_its_old_record(table_run, tmp_path, monkeypatch):
-    """Settings changed, the cell trains again and stops part-way (Ctrl-C) after its runs were
-    replaced: a rerun with the old settings reused the old cell.json, whose numbers then sat in
-    table.md beside a folder of the new settings' runs."""
+def retrain_stopped_after_its_runs(args: tuple, monkeypatch) -> None:
+    """``args`` run at 1 epoch, then again at 2 (other settings: the cell trains again), stopped
+    (Ctrl-C) once the cell's runs are replaced and before its record is written."""
     import agepipe.train.table as table
 
-    store, *_ = table_run
-    args = ("table", "--store", store, "--out", tmp_path / "t", "--tasks", "gender", "--variants", "full",
-            "--inits", "scratch", "--folds", "0,1", "--seeds", "1", "--device", "cpu")
     assert invoke(*args, "--epochs", "1").exit_code == 0
     real = table.cross_validate
 
@@ -423,6 +419,16 @@ def test_a_cell_whose_retraining_stopped_is_not_reused_as_its_old_record(table_r
     monkeypatch.setattr(table, "cross_validate", stopped_after_the_runs)
     assert invoke(*args, "--epochs", "2").exit_code == 130
     monkeypatch.setattr(table, "cross_validate", real)
+
+
+def test_a_cell_whose_retraining_stopped_is_not_reused_as_its_old_record(table_run, tmp_path, monkeypatch):
+    """Settings changed, the cell trains again and stops part-way (Ctrl-C) after its runs were
+    replaced: a rerun with the old settings reused the old cell.json, whose numbers then sat in
+    table.md beside a folder of the new settings' runs."""
+    store, *_ = table_run
+    args = ("table", "--store", store, "--out", tmp_path / "t", "--tasks", "gender", "--variants", "full",
+            "--inits", "scratch", "--folds", "0,1", "--seeds", "1", "--device", "cpu")
+    retrain_stopped_after_its_runs(args, monkeypatch)
     again = invoke(*args, "--epochs", "1")
     assert again.exit_code == 0 and "reused" not in again.output
     cv = json.loads((tmp_path / "t" / "gender" / "scratch" / "full" / "cv.json").read_text())
@@ -503,18 +509,8 @@ def test_a_cell_whose_runs_a_later_cross_validation_replaced_is_trained_again(ta
 def test_a_table_stopped_while_a_cell_trains_again_leaves_no_earlier_table(table_run, tmp_path, monkeypatch):
     """A rerun with other settings, stopped part-way (Ctrl-C, a cell that diverged): table.md and
     table.csv of the earlier settings stayed, their numbers those of runs the rerun had replaced."""
-    import agepipe.train.table as table
-
     store, *_ = table_run
     args = ("table", "--store", store, "--out", tmp_path / "t", "--tasks", "gender", "--variants", "no-ic",
             "--inits", "scratch", "--folds", "0,1", "--seeds", "1", "--device", "cpu")
-    assert invoke(*args, "--epochs", "1").exit_code == 0
-    real = table.cross_validate
-
-    def stopped_after_the_runs(*a, **k):
-        real(*a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(table, "cross_validate", stopped_after_the_runs)
-    assert invoke(*args, "--epochs", "2").exit_code == 130
+    retrain_stopped_after_its_runs(args, monkeypatch)
     assert not (tmp_path / "t" / "table.md").exists() and not (tmp_path / "t" / "table.csv").exists()
