@@ -380,9 +380,9 @@ def check_finite(model: ResMLP, out: Path, result: dict) -> None:
     if bad:
         losses = [h["train_loss"] for h in result["history"]]
         raise Diverged(f"{out}: training diverged: after {len(losses)} epoch(s) (train loss {losses}) the "
-                         f"weights hold NaN or infinite values ({bad[0]}"
-                         + (f" and {len(bad) - 1} more" if len(bad) > 1 else "") +
-                         "); nothing was saved. Train with a lower learning rate")
+                       f"weights hold NaN or infinite values ({bad[0]}"
+                       + (f" and {len(bad) - 1} more" if len(bad) > 1 else "") +
+                       "); nothing was saved. Train with a lower learning rate")
 
 
 def train_runs_batched(data: TaskData, jobs: list[tuple[Split, int]], model_cfg: ModelConfig,
