@@ -342,12 +342,10 @@ def decode_image(data: bytes, name: str = "<bytes>", max_side: int = MAX_SIDE) -
 # not answer). A photo's read_error is kept for good (--retry-failed redoes only transient rows),
 # so these are raised as they are: the shard's photos are redone one by one, a photo that fails
 # again is a transient "error" row, and a shard of which every photo fails stops the run.
-_MACHINE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.ENOTCONN, errno.ESTALE,
-                   errno.EIO, errno.ETIMEDOUT, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENETDOWN,
-                   errno.ENETUNREACH, errno.ECONNRESET}
-
-
-_EXHAUSTED_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}  # the machine's, not one photo's
+# Of those, the ones that fail every photo after them too (read_photo_once lets them stop the run).
+_EXHAUSTED_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_MACHINE_ERRNOS = _EXHAUSTED_ERRNOS | {errno.ENOTCONN, errno.ESTALE, errno.EIO, errno.ETIMEDOUT, errno.EHOSTDOWN,
+                                       errno.EHOSTUNREACH, errno.ENETDOWN, errno.ENETUNREACH, errno.ECONNRESET}
 
 
 def _read_error(path: str, e: OSError) -> Exception:

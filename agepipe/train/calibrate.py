@@ -5,9 +5,10 @@ validation split, to the least negative log-likelihood of the prediction the run
 mean of the MC-dropout passes, or the one deterministic softmax). A run that reports the MC mean
 fits a second T for its deterministic softmax, which is sharper than the mean of K passes (the
 paper's age settings with --dropout 0.5: T = 0.50 for the MC mean, 0.77 for the deterministic
-softmax; bench/calibration_bench.py); config.json keeps it as "deterministic_temperature". A deterministic prediction keeps its argmax, so its accuracy;
-what changes is how sure it says it is. A network trained to a low cross-entropy on its training
-rows is over-confident on others (T > 1 softens it).
+softmax; bench/calibration_bench.py); config.json keeps it as "deterministic_temperature". A
+deterministic prediction keeps its argmax, so its accuracy; what changes is how sure it says it
+is. A network trained to a low cross-entropy on its training rows is over-confident on others
+(T > 1 softens it).
 
 The likelihood is searched over log T on a grid and then by golden section: no learning rate,
 no random start, the same T on every machine for the same logits. T stays within

@@ -219,14 +219,11 @@ def calibration_sentence(metrics: dict) -> str | None:
         said += (", config.json's, set since training " + ("fitted none" if "skipped" in fit
                                                             else f"fitted {fit['temperature']:.3f}"))
     elif "rows" in fit:  # training's fit (none: a metrics.json removed since training, T from config.json only)
-        said += (f", fitted on {fit['rows']} validation rows ({fit['prediction']}; their negative log-likelihood "
-                 f"{fit['nll_before']:.4f} -> {fit['nll_after']:.4f}" + (", T at its bound" if fit.get("at_bound") else "")
-                 + ")")
+        said += f", fitted on {fit['rows']} validation rows ({fit['prediction']}; their {_likelihood(fit)})"
     fitted = fit.get("deterministic", {}).get("temperature")
     if det := cal.get("deterministic"):  # the deterministic softmax's own T, beside the MC mean's
         said += f"; T = {det['temperature']:.3f} for the deterministic softmax" + (
-            f" (negative log-likelihood {det['nll_before']:.4f} -> {det['nll_after']:.4f}"
-            + (", T at its bound" if det.get("at_bound") else "") + ")" if "nll_after" in det else "")
+            f" ({_likelihood(det)})" if "nll_after" in det else "")
         if det["temperature"] != fitted and "fit" in cal:
             said += ", config.json's, set since training" + (f" fitted {fitted:.3f}" if fitted is not None else "")
     elif fitted is not None:  # removed from config.json: the deterministic softmax divides by T
@@ -237,6 +234,12 @@ def calibration_sentence(metrics: dict) -> str | None:
         said += (f"; test ECE {plain['ece']:.4f} -> {h['ece']:.4f}, cross-entropy {plain['cross_entropy']:.4f} -> "
                  f"{h['cross_entropy']:.4f}")
     return said + "."
+
+
+def _likelihood(fit: dict) -> str:
+    """A temperature fit's validation NLL before and after it (calibrate.fit_temperature's record)."""
+    return (f"negative log-likelihood {fit['nll_before']:.4f} -> {fit['nll_after']:.4f}"
+            + (", T at its bound" if fit.get("at_bound") else ""))
 
 
 def baseline_sentence(kind: str, split: dict) -> str:
